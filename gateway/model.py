@@ -1,0 +1,139 @@
+"""The shapes that cross stage boundaries.
+
+Every source turns what it receives into one ``Message``; routing turns a
+``Message`` into zero or more ``Record``s; the buffer and the Kafka sink move
+``Record``s.  An ``Ack`` joins the fate of all records of one message and calls
+the source back once, when the message is safe or has failed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import msgspec
+
+from gateway.errors import GatewayError
+
+Source = Literal["mqtt", "http", "bridge"]
+
+
+class Message(msgspec.Struct, kw_only=True):
+    """One publish as a source received it, before routing."""
+
+    source: str  # "mqtt" | "http" | "bridge"
+    topic: str
+    payload: bytes
+    qos: int = 0
+    retain: bool = False
+    client_id: str = ""
+    username: str | None = None
+    # Identity proven by a client certificate (subject CN), when mTLS is on.
+    cert_identity: str | None = None
+    # MQTT 5 properties that rules and headers may use.
+    user_properties: list[tuple[str, str]] = []
+    content_type: str | None = None
+    payload_format: int | None = None  # 1 = UTF-8 declared
+    message_expiry: int | None = None
+    correlation_data: bytes | None = None
+    response_topic: str | None = None
+    # Explicit Kafka hints (HTTP batch / REST Proxy records may carry them).
+    key: bytes | None = None
+    headers: list[tuple[str, bytes]] = []
+    partition: int | None = None
+    received_at: float = 0.0
+
+
+class Record(msgspec.Struct, kw_only=True):
+    """One Kafka record to produce, after routing."""
+
+    cluster: str
+    topic: str
+    value: bytes
+    key: bytes | None = None
+    headers: list[tuple[str, bytes]] = []
+    partition: int | None = None
+    # Not serialised: joins this record back to its message's ack.
+    ack: Ack | None = None
+
+
+class Delivery(msgspec.Struct, kw_only=True):
+    """Where one record went, as reported back to the client."""
+
+    cluster: str
+    topic: str
+    partition: int = -1
+    offset: int = -1
+    spooled: bool = False  # safe on local disk, not yet in Kafka
+
+
+class Outcome(msgspec.Struct, kw_only=True):
+    """The final word on one message, handed to the source exactly once."""
+
+    ok: bool
+    deliveries: list[Delivery] = []
+    error: GatewayError | None = None
+    # Set when routing dropped the message on purpose (action: drop).
+    dropped: bool = False
+    dead_lettered: bool = False
+    rule: str = ""
+
+
+class Ack:
+    """Resolves once every record of a message is safe, or on the first failure.
+
+    Records call ``record_safe`` / ``record_failed`` (from the event loop).  The
+    callback runs exactly once.
+    """
+
+    __slots__ = ("_callback", "_deliveries", "_done", "_remaining", "dead_lettered", "rule")
+
+    def __init__(self, callback: Callable[[Outcome], None], expected: int, rule: str = "") -> None:
+        self._callback = callback
+        self._remaining = expected
+        self._deliveries: list[Delivery] = []
+        self._done = False
+        self.rule = rule
+        self.dead_lettered = False
+        if expected == 0:
+            self._finish(Outcome(ok=True, rule=rule))
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def record_safe(self, delivery: Delivery) -> None:
+        if self._done:
+            return
+        self._deliveries.append(delivery)
+        self._remaining -= 1
+        if self._remaining <= 0:
+            self._finish(
+                Outcome(
+                    ok=True,
+                    deliveries=self._deliveries,
+                    rule=self.rule,
+                    dead_lettered=self.dead_lettered,
+                )
+            )
+
+    def record_failed(self, error: GatewayError) -> None:
+        if self._done:
+            return
+        self._finish(
+            Outcome(ok=False, error=error, deliveries=self._deliveries, rule=self.rule)
+        )
+
+    def _finish(self, outcome: Outcome) -> None:
+        self._done = True
+        self._callback(outcome)
+
+
+def record_size(record: Record) -> int:
+    """Bytes a record occupies for buffer accounting (payload, key, headers, overhead)."""
+    size = len(record.value) + 64
+    if record.key is not None:
+        size += len(record.key)
+    for name, value in record.headers:
+        size += len(name) + len(value)
+    return size
