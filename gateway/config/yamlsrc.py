@@ -1,0 +1,132 @@
+"""YAML with line numbers, and msgspec errors mapped back to file:line:key.
+
+Operators edit YAML by hand; an error that says only "expected int" is useless.
+We compose the YAML into nodes (which remember their marks), build plain Python
+data, and keep a map from key path to line so that a msgspec ValidationError
+(which reports a path like ``$.listeners.mqtt.port``) can name the line.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+import yaml
+
+from gateway.errors import ConfigError
+
+T = TypeVar("T")
+
+PathKey = tuple[str | int, ...]
+
+
+class SourceMap:
+    """Key path -> 1-based line, for one YAML document."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.lines: dict[PathKey, int] = {}
+
+    def line_of(self, path: PathKey) -> int | None:
+        # Walk up until a known node: an unknown key's parent is still a good hint.
+        while True:
+            if path in self.lines:
+                return self.lines[path]
+            if not path:
+                return None
+            path = path[:-1]
+
+    def error(self, message: str, path: PathKey = ()) -> ConfigError:
+        return ConfigError(message, file=self.file, line=self.line_of(path), key=format_path(path))
+
+
+def format_path(path: PathKey) -> str:
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else part
+    return out
+
+
+def _build(node: yaml.Node, path: PathKey, smap: SourceMap) -> Any:
+    smap.lines.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        result: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = yaml.safe_load(yaml.serialize(key_node)) if key_node.tag != "tag:yaml.org,2002:str" else key_node.value
+            if key in result:
+                raise ConfigError(
+                    "duplicate key", file=smap.file, line=key_node.start_mark.line + 1,
+                    key=format_path((*path, str(key))),
+                )
+            child = (*path, str(key))
+            smap.lines[child] = key_node.start_mark.line + 1
+            result[key] = _build(value_node, child, smap)
+        return result
+    if isinstance(node, yaml.SequenceNode):
+        return [_build(item, (*path, i), smap) for i, item in enumerate(node.value)]
+    # Scalars: let PyYAML's safe resolver pick the type (int, bool, null...).
+    return yaml.safe_load(yaml.serialize(node))
+
+
+def parse_yaml(text: str, file: str) -> tuple[Any, SourceMap]:
+    """Parse one YAML document; return plain data and its source map."""
+    smap = SourceMap(file)
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"invalid YAML: {problem}", file=file, line=line) from exc
+    if node is None:
+        return {}, smap
+    return _build(node, (), smap), smap
+
+
+_PATH_RE = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+_TOKEN_RE = re.compile(r"\.([A-Za-z_][\w-]*)|\[(\d+)\]|\['([^']*)'\]")
+_UNKNOWN_RE = re.compile(r"Object contains unknown field `(?P<field>[^`]+)`")
+
+
+def _split_error(text: str) -> tuple[str, PathKey]:
+    path: PathKey = ()
+    m = _PATH_RE.search(text)
+    if m:
+        text = text[: m.start()]
+        parts: list[str | int] = []
+        for attr, index, quoted in _TOKEN_RE.findall(m.group("path")):
+            if index:
+                parts.append(int(index))
+            else:
+                parts.append(attr or quoted)
+        path = tuple(parts)
+    unknown = _UNKNOWN_RE.search(text)
+    if unknown:
+        path = (*path, unknown.group("field"))
+        text = "unknown key"
+    return text, path
+
+
+def convert(data: Any, kind: type[T], smap: SourceMap, base: PathKey = ()) -> T:
+    """msgspec.convert with errors naming file, line and key path."""
+    try:
+        return msgspec.convert(data, kind, strict=False)
+    except msgspec.ValidationError as exc:
+        message, path = _split_error(str(exc))
+        raise smap.error(message, (*base, *path)) from exc
+
+
+def load_file(path: str | Path, kind: type[T]) -> T:
+    """Read, parse and validate one YAML file into ``kind``."""
+    file = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read file: {exc.strerror}", file=file) from exc
+    data, smap = parse_yaml(text, file)
+    return convert(data, kind, smap)
