@@ -49,6 +49,7 @@ class ConfigError(GatewayError):
         if where:
             text = f"{where}: {text}"
         super().__init__(text)
+        self.reason = message
         self.file = file
         self.line = line
         self.key = key

@@ -1,0 +1,165 @@
+"""Gateway configuration: load config/gateway.yaml, apply env overrides, validate.
+
+Environment overrides (values parsed as YAML scalars):
+
+- ``LASTMILE_<SECTION>__<KEY>...`` sets any key by its path, e.g.
+  ``LASTMILE_LISTENERS__MQTT__PORT=1884`` or
+  ``LASTMILE_KAFKA__CLUSTERS__DEFAULT__BOOTSTRAP_SERVERS=kafka-1:9092``.
+- Shorthands for what changes per deployment: ``LASTMILE_BOOTSTRAP_SERVERS``
+  (the ``default`` cluster), ``LASTMILE_MQTT_PORT``, ``LASTMILE_HTTP_PORT``,
+  ``LASTMILE_WORKERS``, ``LASTMILE_SPOOL_DIR``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gateway.config.schema import Cluster, Config
+from gateway.config.yamlsrc import SourceMap, convert, parse_yaml
+from gateway.errors import ConfigError
+
+__all__ = ["Config", "ConfigError", "load_config", "producer_settings"]
+
+ENV_PREFIX = "LASTMILE_"
+SHORTHANDS: dict[str, tuple[str, ...]] = {
+    "LASTMILE_BOOTSTRAP_SERVERS": ("kafka", "clusters", "default", "bootstrap_servers"),
+    "LASTMILE_MQTT_PORT": ("listeners", "mqtt", "port"),
+    "LASTMILE_HTTP_PORT": ("listeners", "http", "port"),
+    "LASTMILE_WORKERS": ("workers",),
+    "LASTMILE_SPOOL_DIR": ("spool", "dir"),
+}
+
+
+def _env_overrides(env: Mapping[str, str]) -> list[tuple[str, tuple[str, ...], Any]]:
+    found = []
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        if name in SHORTHANDS:
+            path = SHORTHANDS[name]
+        elif "__" in name:
+            path = tuple(p.lower() for p in name[len(ENV_PREFIX):].split("__"))
+        else:
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"invalid value {raw!r}", file=f"${name}") from exc
+        found.append((name, path, value))
+    return found
+
+
+def _apply(data: dict[str, Any], path: tuple[str, ...], value: Any, name: str) -> None:
+    node = data
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError("cannot override inside a non-mapping", file=f"${name}")
+        node = child
+    node[path[-1]] = value
+
+
+def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -> Config:
+    """Load and validate the gateway config; ``path=None`` means all defaults."""
+    env = os.environ if env is None else env
+    file = str(path) if path is not None else "<defaults>"
+    if path is None:
+        data: Any = {}
+        smap = SourceMap(file)
+    else:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read config: {exc.strerror}", file=file) from exc
+        data, smap = parse_yaml(text, file)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise smap.error("the config must be a mapping of sections")
+    overrides = _env_overrides(env)
+    for name, key_path, value in overrides:
+        _apply(data, key_path, value, name)
+    try:
+        config = convert(data, Config, smap)
+    except ConfigError as exc:
+        # Name the env var when the bad key came from one.
+        for name, key_path, _ in overrides:
+            if exc.key == ".".join(key_path):
+                raise ConfigError(exc.reason, file=f"${name}", key=exc.key) from exc
+        raise
+    _check(config, smap)
+    return config
+
+
+def _check(config: Config, smap: SourceMap) -> None:
+    """Cross-field checks msgspec cannot express."""
+    if config.workers < 1:
+        raise smap.error("must be at least 1", ("workers",))
+    if not config.kafka.clusters:
+        raise smap.error("at least one cluster is required", ("kafka", "clusters"))
+    for section in ("mqtt", "mqtts", "http", "metrics"):
+        listener = getattr(config.listeners, section)
+        if not 0 <= listener.port <= 65535:
+            raise smap.error("port out of range 0-65535", ("listeners", section, "port"))
+    tls = config.listeners.mqtts
+    if tls.enabled and not (tls.certfile and tls.keyfile):
+        raise smap.error("certfile and keyfile are required", ("listeners", "mqtts"))
+    if config.buffer.low_water_bytes >= config.buffer.high_water_bytes:
+        raise smap.error("must be below high_water_bytes", ("buffer", "low_water_bytes"))
+    for name, cluster in config.kafka.clusters.items():
+        try:
+            producer_settings(cluster)
+        except ConfigError as exc:
+            raise smap.error(exc.reason, ("kafka", "clusters", name, "producer", exc.key)) from exc
+        if not cluster.bootstrap_servers.strip():
+            raise smap.error("must not be empty", ("kafka", "clusters", name, "bootstrap_servers"))
+
+
+# librdkafka keys that a typed setting owns; giving both ways is an error.
+_TYPED_KEYS = {
+    "bootstrap.servers": "bootstrap_servers",
+    "metadata.broker.list": "bootstrap_servers",
+    "acks": "acks",
+    "request.required.acks": "acks",
+    "enable.idempotence": "idempotence",
+    "linger.ms": "linger_ms",
+    "queue.buffering.max.ms": "linger_ms",
+    "compression.type": "compression",
+    "compression.codec": "compression",
+    "message.timeout.ms": "message_timeout_ms",
+    "delivery.timeout.ms": "message_timeout_ms",
+    "queue.buffering.max.kbytes": "queue_max_kbytes",
+    "queue.buffering.max.messages": "queue_max_messages",
+}
+# Keys the gateway must own for its delivery contract.
+_FORBIDDEN_KEYS = {"on_delivery", "error_cb", "dr_cb", "dr_msg_cb", "delivery.report.only.error"}
+
+
+def producer_settings(cluster: Cluster, bootstrap: str | None = None) -> dict[str, Any]:
+    """librdkafka settings for one cluster: typed settings plus checked passthrough."""
+    for key in cluster.producer:
+        if key in _TYPED_KEYS:
+            raise ConfigError(
+                f"'{key}' conflicts with the typed setting '{_TYPED_KEYS[key]}'; set it there",
+                key=key,
+            )
+        if key in _FORBIDDEN_KEYS:
+            raise ConfigError(f"'{key}' is managed by the gateway", key=key)
+    settings: dict[str, Any] = {
+        "bootstrap.servers": bootstrap or cluster.bootstrap_servers,
+        "acks": cluster.acks,
+        "enable.idempotence": cluster.idempotence,
+        "linger.ms": cluster.linger_ms,
+        "compression.type": cluster.compression,
+        "message.timeout.ms": cluster.message_timeout_ms,
+        "queue.buffering.max.kbytes": cluster.queue_max_kbytes,
+        "queue.buffering.max.messages": cluster.queue_max_messages,
+        "socket.nagle.disable": True,
+    }
+    settings.update(cluster.producer)
+    return settings

@@ -57,7 +57,7 @@ def _build(node: yaml.Node, path: PathKey, smap: SourceMap) -> Any:
     if isinstance(node, yaml.MappingNode):
         result: dict[Any, Any] = {}
         for key_node, value_node in node.value:
-            key = yaml.safe_load(yaml.serialize(key_node)) if key_node.tag != "tag:yaml.org,2002:str" else key_node.value
+            key = _scalar(key_node)
             if key in result:
                 raise ConfigError(
                     "duplicate key", file=smap.file, line=key_node.start_mark.line + 1,
@@ -69,7 +69,13 @@ def _build(node: yaml.Node, path: PathKey, smap: SourceMap) -> Any:
         return result
     if isinstance(node, yaml.SequenceNode):
         return [_build(item, (*path, i), smap) for i, item in enumerate(node.value)]
-    # Scalars: let PyYAML's safe resolver pick the type (int, bool, null...).
+    return _scalar(node)
+
+
+def _scalar(node: yaml.Node) -> Any:
+    # Let PyYAML's safe resolver pick the type (int, bool, null...).
+    if node.tag == "tag:yaml.org,2002:str":
+        return node.value
     return yaml.safe_load(yaml.serialize(node))
 
 

@@ -1,0 +1,28 @@
+"""Between routing and the Kafka sinks: the bounded queue and the durable spool.
+
+Every buffer implements the same small surface (``Buffer``) so the pipeline does
+not care whether records are only in memory or also on disk.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from gateway.buffer.flow import FlowControl
+from gateway.model import Record
+
+__all__ = ["Buffer", "FlowControl"]
+
+
+class Buffer(Protocol):
+    flow: FlowControl
+
+    def submit(self, record: Record) -> None:
+        """Take one record (with ``record.ack`` set); resolve its ack when safe or failed."""
+
+    async def start(self) -> None: ...
+
+    async def close(self, timeout: float) -> None:
+        """Stop, flush what can be flushed within ``timeout``, fail the rest."""
+
+    def stats(self) -> dict[str, int]: ...

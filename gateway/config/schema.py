@@ -1,0 +1,126 @@
+"""Schema of config/gateway.yaml.
+
+Every key has a default that serves; unknown keys are errors (forbid_unknown_fields).
+Durations are plain numbers in the unit their name says (``_ms``, ``_s``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+
+class Listener(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    enabled: bool = True
+    host: str = "0.0.0.0"
+    port: int = 0
+
+
+class TlsListener(Listener, forbid_unknown_fields=True, kw_only=True):
+    enabled: bool = False
+    certfile: str | None = None
+    keyfile: str | None = None
+    cafile: str | None = None
+    require_client_cert: bool = False
+
+
+class WebSocketListener(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """MQTT over WebSocket, served on the HTTP listener."""
+
+    enabled: bool = True
+    path: str = "/mqtt"
+
+
+class Listeners(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    mqtt: Listener = msgspec.field(default_factory=lambda: Listener(port=1883))
+    mqtts: TlsListener = msgspec.field(default_factory=lambda: TlsListener(port=8883))
+    http: Listener = msgspec.field(default_factory=lambda: Listener(port=8080))
+    ws: WebSocketListener = msgspec.field(default_factory=WebSocketListener)
+    metrics: Listener = msgspec.field(default_factory=lambda: Listener(port=9100))
+
+
+class Cluster(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # "embedded" starts the dev-only tansu broker; anything else is a real bootstrap list.
+    bootstrap_servers: str = "embedded"
+    acks: Literal["all", "1", "0", "-1"] = "all"
+    idempotence: bool = True
+    linger_ms: int = 5
+    compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "lz4"
+    message_timeout_ms: int = 30_000
+    queue_max_kbytes: int = 262_144
+    queue_max_messages: int = 500_000
+    connect_timeout_s: float = 10.0
+    # librdkafka settings passed through unchanged (checked for conflicts).
+    producer: dict[str, str | int | float | bool] = {}
+
+
+class Embedded(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    host: str = "127.0.0.1"
+    port: int = 9092
+
+
+class Kafka(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    clusters: dict[str, Cluster] = msgspec.field(default_factory=lambda: {"default": Cluster()})
+    embedded: Embedded = msgspec.field(default_factory=Embedded)
+
+
+class Rules(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    dir: str = "bridge-rules"
+    watch: bool = True
+
+
+class Spool(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    enabled: bool = True
+    dir: str = "var/spool"
+    # "kafka": ack on the Kafka delivery report, spool only what Kafka cannot take now.
+    # "write-ahead": ack after the spool fsync, for every message.
+    mode: Literal["kafka", "write-ahead"] = "kafka"
+    max_bytes: int = 1 << 30
+    segment_bytes: int = 64 << 20
+    fsync_interval_ms: float = 5.0
+    # Hand a record to the spool when Kafka has not confirmed it within this time.
+    spill_after_ms: int = 2_000
+
+
+class Buffer(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # Bytes in flight to Kafka (or the spool) above which device reads pause.
+    high_water_bytes: int = 64 << 20
+    low_water_bytes: int = 32 << 20
+
+
+class Limits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    max_connections: int = 100_000
+    max_packet_size: int = 1 << 20
+    max_inflight: int = 1000  # MQTT 5 Receive Maximum and the 3.1.1 inflight bound
+    connect_timeout_s: float = 10.0
+    max_keepalive_s: int = 0  # 0: accept the client's; else MQTT 5 Server Keep Alive cap
+    topic_alias_maximum: int = 65_535
+    http_max_body_bytes: int = 1 << 20
+    http_max_batch_records: int = 1_000
+    http_rate_per_client: float = 0.0  # requests/s; 0 = unlimited
+    http_body_timeout_s: float = 30.0
+    idempotency_window_s: float = 300.0
+
+
+class Auth(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    allow_anonymous: bool = True
+    password_file: str | None = None
+
+
+class Log(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    workers: int = 1
+    shutdown_timeout_s: float = 15.0
+    listeners: Listeners = msgspec.field(default_factory=Listeners)
+    kafka: Kafka = msgspec.field(default_factory=Kafka)
+    rules: Rules = msgspec.field(default_factory=Rules)
+    spool: Spool = msgspec.field(default_factory=Spool)
+    buffer: Buffer = msgspec.field(default_factory=Buffer)
+    limits: Limits = msgspec.field(default_factory=Limits)
+    auth: Auth = msgspec.field(default_factory=Auth)
+    log: Log = msgspec.field(default_factory=Log)

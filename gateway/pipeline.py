@@ -1,0 +1,84 @@
+"""Message -> routing -> Records -> buffer, and the one ack back to the source.
+
+This is the only door into the gateway for every source (MQTT, HTTP, bridge)::
+
+    pipeline.publish(message, on_done)   # on_done(Outcome) runs exactly once
+    pipeline.flow.paused                 # True: stop reading from clients
+    pipeline.flow.subscribe(listener)    # listener(True) pause / listener(False) resume
+
+``on_done`` may run synchronously (a rule rejected or dropped the message) or
+later on the event loop (when every record is safe or one failed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import structlog
+
+from gateway.buffer import Buffer, FlowControl
+from gateway.errors import GatewayError, ShuttingDown
+from gateway.model import Ack, Message, Outcome, Record
+
+log = structlog.get_logger("lastmile.pipeline")
+
+
+class RouteResultLike(Protocol):
+    records: list[Record]
+    error: GatewayError | None
+    dropped: bool
+    dead_lettered: bool
+    rule: str
+
+
+class RouterLike(Protocol):
+    def route(self, message: Message) -> RouteResultLike: ...
+
+
+class Pipeline:
+    __slots__ = ("_closing", "buffer", "counters", "flow", "router")
+
+    def __init__(self, router: RouterLike, buffer: Buffer) -> None:
+        self.router = router
+        self.buffer = buffer
+        self.flow: FlowControl = buffer.flow
+        self._closing = False
+        self.counters: dict[str, int] = {
+            "messages": 0, "records": 0, "rejected": 0, "dropped": 0, "dead_lettered": 0,
+        }
+
+    def publish(self, message: Message, on_done: Callable[[Outcome], None]) -> None:
+        counters = self.counters
+        counters["messages"] += 1
+        if self._closing:
+            on_done(Outcome(ok=False, error=ShuttingDown()))
+            return
+        try:
+            result = self.router.route(message)
+        except GatewayError as exc:
+            counters["rejected"] += 1
+            on_done(Outcome(ok=False, error=exc))
+            return
+        if result.error is not None:
+            counters["rejected"] += 1
+            on_done(Outcome(ok=False, error=result.error, rule=result.rule))
+            return
+        if result.dropped:
+            counters["dropped"] += 1
+            on_done(Outcome(ok=True, dropped=True, rule=result.rule))
+            return
+        records = result.records
+        ack = Ack(on_done, len(records), result.rule)
+        if result.dead_lettered:
+            counters["dead_lettered"] += 1
+            ack.dead_lettered = True
+        counters["records"] += len(records)
+        submit = self.buffer.submit
+        for record in records:
+            record.ack = ack
+            submit(record)
+
+    def stop_intake(self) -> None:
+        """New publishes fail with ShuttingDown; records already taken still resolve."""
+        self._closing = True

@@ -1,0 +1,207 @@
+"""The Kafka sink: one confluent-kafka Producer per cluster per worker process.
+
+``produce()`` is a C call made on the event loop.  Delivery reports are served
+by ``poll()`` on one thread per producer; the thread collects them and hands
+them back to the loop in batches (one ``call_soon_threadsafe`` per batch), where
+each record's callback runs.  Device connections never reach this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka.admin import AdminClient
+
+from gateway.config import producer_settings
+from gateway.config.schema import Cluster
+from gateway.errors import DeliveryFailed, GatewayError, ShuttingDown, Unavailable
+from gateway.model import Delivery, Record
+
+log = structlog.get_logger("lastmile.kafka")
+
+# (record, delivery or None, error or None), always called on the event loop.
+DeliveryCallback = Callable[[Record, Delivery | None, GatewayError | None], None]
+
+# Errors that will not go away by retrying the same record.
+_PERMANENT = {
+    KafkaError.MSG_SIZE_TOO_LARGE,
+    KafkaError.INVALID_MSG_SIZE,
+    KafkaError.UNKNOWN_TOPIC_OR_PART,
+    KafkaError._UNKNOWN_TOPIC,
+    KafkaError._UNKNOWN_PARTITION,
+    KafkaError.TOPIC_AUTHORIZATION_FAILED,
+    KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+    KafkaError.INVALID_RECORD,
+    KafkaError.TOPIC_EXCEPTION,
+    KafkaError.RECORD_LIST_TOO_LARGE,
+}
+
+
+def classify(err: KafkaError) -> DeliveryFailed:
+    """Turn a librdkafka error into our error with a retriable hint."""
+    permanent = err.code() in _PERMANENT or err.fatal()
+    return DeliveryFailed(
+        f"Kafka refused the record: {err.str()}",
+        retriable=not permanent,
+        kafka_code=err.name(),
+    )
+
+
+class KafkaSink:
+    """Produces records to one cluster; reports each record's fate on the loop."""
+
+    def __init__(self, name: str, cluster: Cluster, bootstrap: str | None = None) -> None:
+        self.name = name
+        self.bootstrap = bootstrap or cluster.bootstrap_servers
+        self._settings = producer_settings(cluster, self.bootstrap)
+        self._connect_timeout = cluster.connect_timeout_s
+        self._producer: Producer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self._reports: list[tuple[Record, DeliveryCallback, Any, Any]] = []
+        self._lock = threading.Lock()
+        # Records librdkafka's queue could not take yet (BufferError); retried in order.
+        self._backlog: deque[tuple[Record, DeliveryCallback]] = deque()
+        self.in_flight = 0
+        self.delivered = 0
+        self.failed = 0
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Create the producer and check the cluster answers metadata in time."""
+        self._loop = asyncio.get_running_loop()
+        self._producer = Producer({**self._settings, "error_cb": self._on_error})
+        await self._loop.run_in_executor(None, self._check_metadata)
+        self._running = True
+        self._thread = threading.Thread(target=self._poll_forever, name=f"kafka-{self.name}",
+                                        daemon=True)
+        self._thread.start()
+        log.info("kafka_sink_started", cluster=self.name, bootstrap=self.bootstrap)
+
+    def _check_metadata(self) -> None:
+        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        try:
+            md = admin.list_topics(timeout=self._connect_timeout)
+        except KafkaException as exc:
+            raise Unavailable(
+                f"Kafka cluster '{self.name}' at {self.bootstrap} did not answer within "
+                f"{self._connect_timeout:g}s: {exc.args[0].str() if exc.args else exc}"
+            ) from exc
+        log.info("kafka_cluster_reachable", cluster=self.name, brokers=len(md.brokers))
+
+    async def close(self, timeout: float) -> int:
+        """Flush with a deadline; fail what is left. Returns the count not delivered."""
+        assert self._loop is not None
+        self._running = False
+        if self._thread is not None:
+            await self._loop.run_in_executor(None, self._thread.join)
+        left = 0
+        if self._producer is not None:
+            self._drain_backlog()
+            left = await self._loop.run_in_executor(None, self._producer.flush, timeout)
+            self._dispatch(self._take_reports())
+        for record, callback in self._backlog:
+            callback(record, None, ShuttingDown("not sent to Kafka before shutdown"))
+        left += len(self._backlog)
+        self._backlog.clear()
+        if left:
+            log.warning("kafka_sink_undelivered_at_shutdown", cluster=self.name, records=left)
+        log.info("kafka_sink_stopped", cluster=self.name, delivered=self.delivered,
+                 failed=self.failed)
+        return left
+
+    # --- produce path (event loop) ----------------------------------------------
+
+    def produce(self, record: Record, callback: DeliveryCallback) -> None:
+        """Hand one record to librdkafka; ``callback`` runs later on the loop."""
+        self.in_flight += 1
+        if self._backlog:
+            self._backlog.append((record, callback))
+            return
+        self._produce_one(record, callback)
+
+    def _produce_one(self, record: Record, callback: DeliveryCallback) -> bool:
+        assert self._producer is not None
+        reports = self._reports
+        lock = self._lock
+
+        def on_delivery(err: Any, msg: Any) -> None:
+            with lock:
+                reports.append((record, callback, err, msg))
+
+        kwargs: dict[str, Any] = {"key": record.key, "headers": record.headers or None,
+                                  "on_delivery": on_delivery}
+        if record.partition is not None:
+            kwargs["partition"] = record.partition
+        try:
+            self._producer.produce(record.topic, record.value, **kwargs)
+        except BufferError:
+            self._backlog.append((record, callback))
+            return False
+        except KafkaException as exc:
+            self._finish(record, callback, None, classify(exc.args[0]))
+        return True
+
+    def _drain_backlog(self) -> None:
+        while self._backlog:
+            record, callback = self._backlog.popleft()
+            if not self._produce_one(record, callback):
+                # Put it back at the front: order matters.
+                self._backlog.appendleft(self._backlog.pop())
+                return
+
+    # --- delivery reports --------------------------------------------------------
+
+    def _poll_forever(self) -> None:
+        assert self._producer is not None and self._loop is not None
+        producer, loop = self._producer, self._loop
+        while self._running:
+            producer.poll(0.05)
+            batch = self._take_reports()
+            if batch:
+                try:
+                    loop.call_soon_threadsafe(self._dispatch, batch)
+                except RuntimeError:  # loop closed during shutdown
+                    return
+
+    def _take_reports(self) -> list[tuple[Record, DeliveryCallback, Any, Any]]:
+        with self._lock:
+            batch, self._reports = self._reports, []
+        return batch
+
+    def _dispatch(self, batch: list[tuple[Record, DeliveryCallback, Any, Any]]) -> None:
+        for record, callback, err, msg in batch:
+            if err is None:
+                delivery = Delivery(cluster=self.name, topic=msg.topic(),
+                                    partition=msg.partition(), offset=msg.offset())
+                self._finish(record, callback, delivery, None)
+            else:
+                self._finish(record, callback, None, classify(err))
+        if self._backlog:
+            self._drain_backlog()
+
+    def _finish(self, record: Record, callback: DeliveryCallback,
+                delivery: Delivery | None, error: GatewayError | None) -> None:
+        self.in_flight -= 1
+        if error is None:
+            self.delivered += 1
+        else:
+            self.failed += 1
+        try:
+            callback(record, delivery, error)
+        except Exception:  # a callback bug must not stop other deliveries
+            log.exception("delivery_callback_failed", cluster=self.name, topic=record.topic)
+
+    def _on_error(self, err: KafkaError) -> None:
+        # Called from the poll thread; librdkafka retries transient errors itself.
+        log.warning("kafka_client_error", cluster=self.name, code=err.name(), reason=err.str(),
+                    fatal=err.fatal(), at=time.time())
