@@ -1,0 +1,1 @@
+"""Lastmile benchmarks: MQTT load generator, Kafka checker, runner."""

@@ -1,0 +1,88 @@
+"""Small helpers shared by the load generator, the Kafka checker and the runner."""
+
+from __future__ import annotations
+
+import os
+import resource
+from collections.abc import Sequence
+
+
+def percentile(sorted_values: Sequence[float], p: float) -> float | None:
+    """Nearest-rank percentile of an already sorted sequence (None if empty)."""
+    n = len(sorted_values)
+    if not n:
+        return None
+    k = min(n - 1, max(0, int(round(p / 100.0 * n + 0.5)) - 1))
+    return float(sorted_values[k])
+
+
+def summarize(values: Sequence[float], scale: float = 1.0, digits: int = 3) -> dict[str, object]:
+    """count, p50, p99, p999, max of values multiplied by scale."""
+    s = sorted(values)
+    out: dict[str, object] = {"count": len(s)}
+    for name, p in (("p50", 50.0), ("p99", 99.0), ("p999", 99.9)):
+        v = percentile(s, p)
+        out[name] = None if v is None else round(v * scale, digits)
+    out["max"] = round(s[-1] * scale, digits) if s else None
+    return out
+
+
+def raise_nofile() -> int:
+    """Raise this process's open-file soft limit to its hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    return soft
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of one process (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return 0
+    return 0
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants (via /proc/*/stat parent links)."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, ()))
+    return out
+
+
+def tree_rss(pid: int) -> int:
+    """Summed RSS of a process and its descendants."""
+    return sum(rss_bytes(p) for p in process_tree(pid))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its descendants."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / tick
