@@ -1,0 +1,223 @@
+"""Validated rule specs -> an immutable ``RuleTable`` the router reads without locks.
+
+Everything that can be decided before a message arrives is decided here:
+filters go into the trie, globs become regexes, templates are parsed, and
+every inconsistency becomes a located load error instead of a runtime surprise.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import msgspec
+
+from gateway.model import Message
+from gateway.routing.rules import MatchSpec, Path, RuleSpec
+from gateway.routing.templates import (
+    Template,
+    TemplateError,
+    check_kafka_topic_template,
+    compile_template,
+    valid_kafka_topic,
+)
+from gateway.routing.trie import Allow, FilterError, Glob, TopicFilter, Trie, parse_filter
+
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+DEFAULT_KEY = "{client_id}"
+
+Problem = tuple[str, Path]  # message, key path relative to the rule
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    cluster: str
+    topic: str
+
+
+class CompiledRule:
+    """One rule, ready to apply.  Immutable by convention; shared across reloads never."""
+
+    __slots__ = (
+        "action", "allow", "client_id", "cluster", "continue_", "dead_letter_invalid",
+        "file", "filter", "headers", "index", "key", "line", "max_bytes", "name",
+        "payload_json", "reason", "sources", "topic", "username",
+    )  # fmt: skip
+
+    def __init__(self, spec: RuleSpec, index: int, file: str, line: int | None) -> None:
+        self.index = index
+        self.name = spec.name
+        self.file = file
+        self.line = line
+        self.action = spec.action
+        self.continue_ = spec.continue_
+        self.reason = spec.reason or f"rejected by rule {spec.name}"
+        self.filter: TopicFilter = TopicFilter("", (), ())
+        self.sources: frozenset[str] | None = None
+        self.client_id: Glob | None = None
+        self.username: Glob | None = None
+        self.allow: Allow | None = None
+        self.payload_json = spec.payload is not None and spec.payload.format == "json"
+        self.max_bytes = spec.payload.max_bytes if spec.payload else None
+        self.dead_letter_invalid = False
+        self.cluster = spec.kafka.cluster if spec.kafka else ""
+        self.topic: Template | None = None
+        self.key: Template | None = None
+        self.headers: tuple[tuple[str, Template], ...] = ()
+
+    def applies(self, message: Message) -> bool:
+        """The match conditions beside the topic filter (source, client id, username)."""
+        if self.sources is not None and message.source not in self.sources:
+            return False
+        if self.client_id is not None and not self.client_id.matches(message.client_id):
+            return False
+        return self.username is None or self.username.matches(message.username)
+
+
+class RuleTable:
+    """The compiled rule set; replaced whole on reload, never mutated."""
+
+    def __init__(
+        self,
+        entries: list[CompiledRule],
+        *,
+        version: str = "",
+        files: tuple[str, ...] = (),
+        dead_letter: DeadLetter | None = None,
+        unmatched: str = "reject",
+    ) -> None:
+        self.entries = tuple(entries)
+        self.rules = len(self.entries)  # a count, for logs and `rules check`
+        self.version = version
+        self.files = files
+        self.dead_letter = dead_letter
+        self.unmatched = unmatched
+        self.trie = Trie((r.index, r.filter.levels) for r in self.entries)
+        clusters = {r.cluster for r in self.entries if r.action == "kafka"}
+        if dead_letter is not None:
+            clusters.add(dead_letter.cluster)
+        # The app checks these against config/gateway.yaml's kafka clusters at startup.
+        self.clusters = frozenset(clusters)
+
+
+def _as_list(value: str | Sequence[str] | None) -> list[str] | None:
+    if value is None:
+        return None
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _compile_match(rule: CompiledRule, spec: RuleSpec, problems: list[Problem]) -> None:
+    match = spec.match if isinstance(spec.match, MatchSpec) else MatchSpec(topic=spec.match)
+    where: Path = ("match", "topic") if isinstance(spec.match, MatchSpec) else ("match",)
+    try:
+        rule.filter = parse_filter(match.topic)
+    except FilterError as exc:
+        problems.append((str(exc), where))
+    sources = _as_list(match.source)
+    rule.sources = frozenset(sources) if sources is not None else None
+    client_ids = _as_list(match.client_id)
+    rule.client_id = Glob(client_ids) if client_ids is not None else None
+    usernames = _as_list(match.username)
+    rule.username = Glob(usernames) if usernames is not None else None
+
+
+def _check_action(spec: RuleSpec, problems: list[Problem]) -> None:
+    if spec.action == "kafka":
+        if spec.kafka is None:
+            problems.append(("action kafka needs a 'kafka:' block with a topic", ("kafka",)))
+        if spec.reason is not None:
+            problems.append(("'reason' is only for action reject", ("reason",)))
+        return
+    # drop and reject never reach Kafka, so these keys would silently do nothing.
+    for key in ("kafka", "payload", "allow"):
+        if getattr(spec, key) is not None:
+            problems.append((f"'{key}' has no effect with action {spec.action}", (key,)))
+    if spec.continue_:
+        problems.append((f"'continue' has no effect with action {spec.action}", ("continue",)))
+    if spec.action == "drop" and spec.reason is not None:
+        problems.append(("'reason' is only for action reject", ("reason",)))
+
+
+def _template(
+    source: str, rule: CompiledRule, where: Path, problems: list[Problem], allow_json: bool = True
+) -> Template | None:
+    names = [n for n, _ in rule.filter.captures]
+    try:
+        template = compile_template(source, names, allow_json)
+    except TemplateError as exc:
+        problems.append((str(exc), where))
+        return None
+    if template.uses_json and not rule.payload_json:
+        problems.append(("{json:...} needs 'payload: {format: json}' on this rule", where))
+    return template
+
+
+def _compile_kafka(rule: CompiledRule, spec: RuleSpec, problems: list[Problem]) -> None:
+    kafka = spec.kafka
+    if kafka is None or spec.action != "kafka":
+        return
+    if not kafka.cluster:
+        problems.append(("cluster must not be empty", ("kafka", "cluster")))
+    where: Path = ("kafka", "topic")
+    rule.topic = _template(kafka.topic, rule, where, problems, allow_json=False)
+    if rule.topic is not None:
+        try:
+            check_kafka_topic_template(rule.topic)
+        except TemplateError as exc:
+            problems.append((str(exc), where))
+    key = DEFAULT_KEY if kafka.key is msgspec.UNSET else kafka.key
+    if key is not None:
+        rule.key = _template(key, rule, ("kafka", "key"), problems)
+    headers = []
+    for name, source in kafka.headers.items():
+        template = _template(source, rule, ("kafka", "headers", name), problems)
+        if template is not None:
+            headers.append((name, template))
+    rule.headers = tuple(headers)
+
+
+def _compile_payload_and_allow(
+    rule: CompiledRule, spec: RuleSpec, has_dead_letter: bool, problems: list[Problem]
+) -> None:
+    if spec.payload is not None:
+        if spec.payload.max_bytes is not None and spec.payload.max_bytes <= 0:
+            problems.append(("max_bytes must be a positive number", ("payload", "max_bytes")))
+        on_invalid = spec.payload.on_invalid
+        if on_invalid == "dead-letter" and not has_dead_letter:
+            where: Path = ("payload", "on_invalid")
+            problems.append(("on_invalid: dead-letter needs a global dead_letter", where))
+        rule.dead_letter_invalid = has_dead_letter and on_invalid != "reject"
+    else:
+        rule.dead_letter_invalid = has_dead_letter
+    if spec.allow is not None:
+        allow = spec.allow
+        if not (allow.usernames or allow.client_ids or allow.identities):
+            problems.append(
+                ("allow lists nobody; give usernames, client_ids or identities", ("allow",))
+            )
+        rule.allow = Allow(allow.usernames, allow.client_ids, allow.identities)
+
+
+def compile_rule(
+    spec: RuleSpec, index: int, file: str, line: int | None, has_dead_letter: bool
+) -> tuple[CompiledRule, list[Problem]]:
+    """Compile one rule; the rule is only usable when the problem list is empty."""
+    problems: list[Problem] = []
+    if not _NAME.fullmatch(spec.name):
+        problems.append(("rule names use letters, digits, '.', '_' and '-'", ("name",)))
+    rule = CompiledRule(spec, index, file, line)
+    _compile_match(rule, spec, problems)
+    _check_action(spec, problems)
+    _compile_payload_and_allow(rule, spec, has_dead_letter, problems)
+    _compile_kafka(rule, spec, problems)
+    return rule, problems
+
+
+def check_dead_letter(cluster: str, topic: str) -> list[Problem]:
+    problems: list[Problem] = []
+    if not valid_kafka_topic(topic):
+        problems.append((f"invalid Kafka topic name {topic!r}", ("dead_letter", "topic")))
+    if not cluster:
+        problems.append(("cluster must not be empty", ("dead_letter", "cluster")))
+    return problems

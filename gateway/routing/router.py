@@ -1,0 +1,195 @@
+"""Message -> RouteResult: pure, no I/O, one read of the current table per message.
+
+Semantics, in the order operators read them in docs/rules.md:
+- candidates come from the trie in rule order; a rule whose extra conditions
+  (source, client id, username) fail is skipped as if its filter had not matched;
+- the first applying rule decides; a kafka rule with ``continue: true`` adds its
+  record and lets later rules add theirs (fan-out);
+- a refusal anywhere (reject, allow, payload check) refuses the whole message:
+  no partial fan-out, only the dead-letter record when the rule sends it there;
+- drop ends evaluation; records already added by ``continue`` rules stand.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from gateway.errors import (
+    GatewayError,
+    NoMatchingRule,
+    NotAuthorized,
+    PayloadInvalid,
+    PayloadTooLarge,
+    Rejected,
+    TopicInvalid,
+)
+from gateway.model import Message, Record
+from gateway.routing.compile import CompiledRule, RuleTable
+from gateway.routing.templates import Context, valid_kafka_topic
+
+_json_decode = msgspec.json.Decoder().decode
+
+
+class RouteResult(msgspec.Struct):
+    records: list[Record]
+    error: GatewayError | None = None
+    dropped: bool = False
+    dead_lettered: bool = False
+    rule: str = ""
+
+
+class _Invalid(Exception):
+    """A payload or rendered value the rule refuses; may go to the dead-letter topic."""
+
+    def __init__(self, error: GatewayError, rule: CompiledRule) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.rule = rule
+
+
+def _check_payload(rule: CompiledRule, message: Message, ctx: Context) -> None:
+    if rule.max_bytes is not None and len(message.payload) > rule.max_bytes:
+        raise _Invalid(
+            PayloadTooLarge(
+                f"payload is {len(message.payload)} bytes; rule allows {rule.max_bytes}"
+            ),
+            rule,
+        )
+    if rule.payload_json and ctx.document is None:
+        try:
+            ctx.document = _json_decode(message.payload)
+        except msgspec.DecodeError as exc:
+            raise _Invalid(PayloadInvalid(f"payload is not valid JSON: {exc}"), rule) from exc
+
+
+def _record(rule: CompiledRule, message: Message, ctx: Context) -> Record:
+    assert rule.topic is not None  # compile guarantees it for action kafka
+    try:
+        topic = rule.topic.render(ctx)
+        key = rule.key.render(ctx) if rule.key is not None else ""
+        headers = []
+        for name, template in rule.headers:
+            # Left out when empty: an optional user property absent on this publish.
+            if value := template.render(ctx):
+                headers.append((name, value.encode()))
+    except LookupError as exc:
+        raise _Invalid(PayloadInvalid(str(exc)), rule) from exc
+    if rule.topic.constant is None and not valid_kafka_topic(topic):
+        raise _Invalid(TopicInvalid(f"rendered Kafka topic {topic!r} is not a legal name"), rule)
+    if message.headers:
+        headers.extend(message.headers)  # explicit hints extend what templates produce
+    return Record(
+        cluster=rule.cluster,
+        topic=topic,
+        value=message.payload,
+        # An explicit key (HTTP batch, REST proxy) wins; an empty key means "no key".
+        key=message.key if message.key is not None else (key.encode() or None),
+        headers=headers,
+        partition=message.partition,
+    )
+
+
+def _captures(rule: CompiledRule, levels: list[str]) -> dict[str, str]:
+    return {name: levels[i] for name, i in rule.filter.captures}
+
+
+def route(table: RuleTable, message: Message) -> RouteResult:
+    """Apply ``table`` to ``message``.  Pure: the result says what to do."""
+    levels = message.topic.split("/")
+    entries = table.entries
+    records: list[Record] = []
+    first = ""
+    ctx = Context(message, {}, None)
+    for index in table.trie.match(levels):
+        rule = entries[index]
+        if not rule.applies(message):
+            continue
+        first = first or rule.name
+        if rule.allow is not None and not rule.allow.permits(message):
+            return _refuse(NotAuthorized(f"not allowed to publish by rule {rule.name}"), first)
+        if rule.action == "drop":
+            return RouteResult(records, dropped=not records, rule=first)
+        if rule.action == "reject":
+            return _refuse(Rejected(rule.reason), first)
+        ctx.captures = _captures(rule, levels) if rule.filter.captures else {}
+        try:
+            _check_payload(rule, message, ctx)
+            records.append(_record(rule, message, ctx))
+        except _Invalid as invalid:
+            if invalid.rule.dead_letter_invalid:
+                return _dead_letter(table, message, invalid.error, first, invalid.rule.name)
+            return _refuse(invalid.error, first)
+        if not rule.continue_:
+            break
+    if first:
+        return RouteResult(records, rule=first)
+    return _unmatched(table, message)
+
+
+def _unmatched(table: RuleTable, message: Message) -> RouteResult:
+    error = NoMatchingRule(f"no rule routes topic {message.topic!r}")
+    if table.unmatched == "drop":
+        return RouteResult([], dropped=True)
+    if table.unmatched == "dead-letter":
+        return _dead_letter(table, message, error, "", "")
+    return _refuse(error, "")
+
+
+def _refuse(error: GatewayError, rule: str) -> RouteResult:
+    return RouteResult([], error=error, rule=rule)
+
+
+def _dead_letter(
+    table: RuleTable, message: Message, error: GatewayError, first: str, rule: str
+) -> RouteResult:
+    dead = table.dead_letter
+    assert dead is not None  # compile only enables dead-lettering when it is configured
+    headers = [
+        ("lastmile-reason", error.code.encode()),
+        ("lastmile-detail", error.message.encode()),
+        ("lastmile-rule", rule.encode()),
+        ("lastmile-topic", message.topic.encode()),
+        ("lastmile-client-id", message.client_id.encode()),
+        ("lastmile-source", message.source.encode()),
+        *message.headers,
+    ]
+    key = message.key if message.key is not None else (message.client_id.encode() or None)
+    record = Record(
+        cluster=dead.cluster, topic=dead.topic, value=message.payload, key=key, headers=headers
+    )
+    return RouteResult([record], dead_lettered=True, rule=first)
+
+
+class Router:
+    """Holds the current table.  ``swap`` is one attribute assignment, so a
+    message in flight finishes on the table it started with."""
+
+    def __init__(self, table: RuleTable) -> None:
+        self.table = table
+        self.routed = 0
+        self.dropped = 0
+        self.dead_lettered = 0
+        self.refused_by_reason: dict[str, int] = {}
+
+    def route(self, message: Message) -> RouteResult:
+        result = route(self.table, message)
+        if result.records and not result.dead_lettered:
+            self.routed += 1
+        elif result.dropped:
+            self.dropped += 1
+        if result.dead_lettered:
+            self.dead_lettered += 1
+        if result.error is not None or result.dead_lettered:
+            reason = result.error.code if result.error is not None else _dl_reason(result)
+            self.refused_by_reason[reason] = self.refused_by_reason.get(reason, 0) + 1
+        return result
+
+    def swap(self, table: RuleTable) -> None:
+        self.table = table
+
+
+def _dl_reason(result: RouteResult) -> str:
+    for name, value in result.records[0].headers:
+        if name == "lastmile-reason":
+            return value.decode()
+    return "dead_letter"
