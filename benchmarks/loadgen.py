@@ -13,7 +13,6 @@ Every run is bounded: connect timeout, duration or hold, message cap, grace.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import multiprocessing as mp
 import os
@@ -45,7 +44,7 @@ class Settings:
     version: int = w.MQTT311
     keepalive: int = 60
     inflight: int = 100  # QoS 1 window per connection
-    connect_concurrency: int = 200  # per process
+    connect_concurrency: int = 32  # in-flight connects per process
     connect_timeout: float = 30.0
     grace: float = 5.0  # wait for outstanding PUBACKs after the run
     max_messages: int = 50_000_000

@@ -8,6 +8,7 @@ Reports go back on a multiprocessing queue as plain dicts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from array import array
@@ -179,7 +180,8 @@ async def _connect(s: dict[str, Any], idx: int, wg: WorkerState, sem: asyncio.Se
 
 
 async def _wait_event(ev: Any, poll: float = 0.05) -> None:
-    while not ev.is_set():
+    """Wait for a multiprocessing.Event without blocking the loop."""
+    while not ev.is_set():  # noqa: ASYNC110 (a process-shared event, not an asyncio one)
         await asyncio.sleep(poll)
 
 
@@ -233,11 +235,9 @@ async def _publish(s: dict[str, Any], conns: list[Conn], wg: WorkerState, share:
             await asyncio.sleep(0.002)
         elif not progressed:
             wg.event.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(0.05):
                     await wg.event.wait()
-            except TimeoutError:
-                pass
         else:
             await asyncio.sleep(0)
     return time.monotonic() - t0
@@ -267,7 +267,10 @@ async def _worker(s: dict[str, Any], wid: int, lo: int, hi: int, q: Any, start: 
         final["pub_seconds"] = await _publish(s, conns, wg, share, cap)
         grace_end = time.monotonic() + s["grace"]
         while any(c.inflight and not c.lost for c in conns) and time.monotonic() < grace_end:
-            await asyncio.sleep(0.02)
+            wg.event.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.05):
+                    await wg.event.wait()
     for c in conns:
         c.closing = True
         if not c.lost:
