@@ -40,10 +40,26 @@ class CompiledRule:
     """One rule, ready to apply.  Immutable by convention; shared across reloads never."""
 
     __slots__ = (
-        "action", "allow", "client_id", "cluster", "continue_", "dead_letter_invalid",
-        "file", "filter", "headers", "index", "key", "line", "max_bytes", "name",
-        "payload_json", "reason", "sources", "topic", "username",
-    )  # fmt: skip
+        "action",
+        "allow",
+        "client_id",
+        "cluster",
+        "continue_",
+        "dead_letter_invalid",
+        "file",
+        "filter",
+        "headers",
+        "index",
+        "key",
+        "line",
+        "max_bytes",
+        "name",
+        "payload_json",
+        "reason",
+        "sources",
+        "topic",
+        "username",
+    )
 
     def __init__(self, spec: RuleSpec, index: int, file: str, line: int | None) -> None:
         self.index = index

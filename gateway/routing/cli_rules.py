@@ -1,0 +1,248 @@
+"""`lastmile rules check` and `lastmile rules test`: what operators run before deploying.
+
+Both print for a person by default and one JSON document with ``--json``.
+Exit codes: 0 when the rules are valid (for ``test``: whatever the outcome, it is
+in the output), 1 when the rules are invalid or the input cannot be read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from gateway.errors import ConfigError, GatewayError
+from gateway.model import Message
+from gateway.routing.compile import RuleTable
+from gateway.routing.load import load_rules
+from gateway.routing.router import RouteResult, route
+from gateway.routing.rules import RuleError, RulesError
+
+DEFAULT_DIR = "bridge-rules"
+DEFAULT_CLIENT_ID = "lastmile-cli"
+
+
+def _error_dict(error: ConfigError) -> dict[str, object]:
+    if isinstance(error, RuleError):
+        return error.to_dict()
+    return {
+        "file": error.file,
+        "line": error.line,
+        "rule": "",
+        "key": error.key,
+        "message": str(error),
+    }
+
+
+def _load(directory: str, json_out: bool) -> RuleTable | None:
+    try:
+        return load_rules(directory)
+    except RulesError as exc:
+        if json_out:
+            errors = [_error_dict(e) for e in exc.errors]
+            print(json.dumps({"ok": False, "errors": errors}, indent=2))
+        else:
+            for error in exc.errors:
+                print(error)
+            print(f"{len(exc.errors)} error(s) in {directory}; the running rules are unchanged")
+        return None
+
+
+def rules_check(directory: str = DEFAULT_DIR, json_out: bool = False) -> int:
+    table = _load(directory, json_out)
+    if table is None:
+        return 1
+    summary = {
+        "ok": True,
+        "version": table.version,
+        "files": list(table.files),
+        "rules": table.rules,
+        "clusters": sorted(table.clusters),
+        "dead_letter": _dead_letter_dict(table),
+        "unmatched": table.unmatched,
+    }
+    if json_out:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(
+            f"ok: {table.rules} rules in {len(table.files)} files, version {table.version}; "
+            f"clusters: {', '.join(sorted(table.clusters)) or '-'}; unmatched: {table.unmatched}"
+        )
+    return 0
+
+
+def _dead_letter_dict(table: RuleTable) -> dict[str, str] | None:
+    if table.dead_letter is None:
+        return None
+    return {"cluster": table.dead_letter.cluster, "topic": table.dead_letter.topic}
+
+
+def _read_payload(payload: str | None) -> bytes:
+    if payload is None:
+        return b""
+    if payload.startswith("@"):
+        return Path(payload[1:]).read_bytes()
+    return payload.encode()
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("utf-8", "backslashreplace")
+
+
+def _outcome(result: RouteResult) -> str:
+    if result.error is not None:
+        return "refused"
+    if result.dead_lettered:
+        return "dead-letter"
+    if result.dropped:
+        return "dropped"
+    return "kafka"
+
+
+def _error_json(error: GatewayError) -> dict[str, object]:
+    return {**error.to_json(), "mqtt_reason": error.mqtt_reason, "http_status": error.http_status}
+
+
+def _result_json(table: RuleTable, result: RouteResult) -> dict[str, Any]:
+    records = [
+        {
+            "cluster": r.cluster,
+            "topic": r.topic,
+            "key": _text(r.key),
+            "headers": [[name, _text(value)] for name, value in r.headers],
+            "partition": r.partition,
+        }
+        for r in result.records
+    ]
+    return {
+        "version": table.version,
+        "rule": result.rule,
+        "outcome": _outcome(result),
+        "records": records,
+        "error": _error_json(result.error) if result.error is not None else None,
+    }
+
+
+def _print_result(table: RuleTable, message: Message, result: RouteResult) -> None:
+    print(
+        f"rules version {table.version}: {message.source} publish to {message.topic!r} "
+        f"by client {message.client_id!r}, username {message.username!r}"
+    )
+    where = {r.name: f"{r.file}:{r.line}" for r in table.entries}
+    print(f"rule: {result.rule} ({where[result.rule]})" if result.rule else "rule: (none matched)")
+    if result.error is not None:
+        e = result.error
+        print(
+            f"refused: {e.code}: {e.message} (MQTT reason 0x{e.mqtt_reason:02x}, "
+            f"HTTP {e.http_status})"
+        )
+    elif result.dropped:
+        print("dropped: acknowledged to the client and not produced")
+    for record in result.records:
+        label = "dead-letter" if result.dead_lettered else "kafka"
+        print(
+            f"{label}: cluster {record.cluster} topic {record.topic} key {_text(record.key)!r}"
+            + (f" partition {record.partition}" if record.partition is not None else "")
+        )
+        for name, value in record.headers:
+            print(f"  header {name}: {_text(value)}")
+
+
+def rules_test(
+    directory: str,
+    topic: str,
+    payload: str | None = None,
+    client_id: str = DEFAULT_CLIENT_ID,
+    username: str | None = None,
+    source: str = "mqtt",
+    qos: int = 0,
+    json_out: bool = False,
+    user_properties: list[tuple[str, str]] | None = None,
+) -> int:
+    """Route one imaginary publish through the rules in ``directory`` and show the result."""
+    table = _load(directory, json_out)
+    if table is None:
+        return 1
+    try:
+        body = _read_payload(payload)
+    except OSError as exc:
+        print(f"cannot read payload file: {exc}", file=sys.stderr)
+        return 1
+    message = Message(
+        source=source,
+        topic=topic,
+        payload=body,
+        qos=qos,
+        client_id=client_id,
+        username=username,
+        user_properties=user_properties or [],
+    )
+    result = route(table, message)
+    if json_out:
+        print(json.dumps(_result_json(table, result), indent=2))
+    else:
+        _print_result(table, message, result)
+    return 0
+
+
+def _user_property(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError("expected NAME=VALUE")
+    return name, value
+
+
+def add_rules_parser(subparsers: Any) -> None:
+    """Register ``rules check`` and ``rules test`` on an argparse subparsers object."""
+    rules = subparsers.add_parser("rules", help="check routing rules, or test a topic")
+    sub = rules.add_subparsers(dest="rules_command", required=True)
+
+    check = sub.add_parser("check", help="validate every rule file; list every error")
+    check.add_argument("directory", nargs="?", default=DEFAULT_DIR)
+    check.add_argument("--json", action="store_true", help="one JSON document for scripts")
+    check.set_defaults(func=lambda a: rules_check(a.directory, a.json))
+
+    test = sub.add_parser("test", help="show exactly where a publish to TOPIC would go")
+    test.add_argument("topic")
+    test.add_argument("--payload", help="payload text, or @FILE to read a file")
+    test.add_argument("--client-id", default=DEFAULT_CLIENT_ID)
+    test.add_argument("--username")
+    test.add_argument("--source", default="mqtt", choices=["mqtt", "http", "bridge"])
+    test.add_argument("--qos", type=int, default=0, choices=[0, 1, 2])
+    test.add_argument(
+        "--user-property",
+        type=_user_property,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an MQTT 5 user property (repeatable)",
+    )
+    test.add_argument("--rules", default=DEFAULT_DIR, metavar="DIR")
+    test.add_argument("--json", action="store_true", help="one JSON document for scripts")
+    test.set_defaults(
+        func=lambda a: rules_test(
+            a.rules,
+            a.topic,
+            a.payload,
+            a.client_id,
+            a.username,
+            a.source,
+            a.qos,
+            a.json,
+            a.user_property,
+        )
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lastmile")
+    add_rules_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
