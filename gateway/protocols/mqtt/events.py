@@ -1,0 +1,94 @@
+"""What a session tells its I/O layer, and the limits the I/O layer gives it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from gateway.protocols.mqtt.packets import Publish, Will
+from gateway.protocols.mqtt.properties import Properties
+
+if TYPE_CHECKING:
+    from gateway.protocols.mqtt.session import MqttSession
+
+
+@dataclass(frozen=True, slots=True)
+class MqttLimits:
+    """Per-connection limits; the server builds it from ``config`` (``limits:``).
+
+    ``receive_maximum`` is both the MQTT 5 Receive Maximum advertised in CONNACK
+    (exceeding it is protocol error 0x93) and, for every version, the number of
+    unacknowledged publishes after which the server stops reading the socket.
+    """
+
+    max_packet_size: int = 1024 * 1024
+    receive_maximum: int = 64
+    connect_timeout: float = 10.0
+    # Client keep alives above this are replaced (MQTT 5 Server Keep Alive); 0 = no cap.
+    max_keep_alive: int = 0
+    # When set, every MQTT 5 client is told to use this keep alive instead of its own.
+    server_keep_alive: int | None = None
+    topic_alias_maximum: int = 16
+    # Upper bound for state kept after a disconnect (3.1.1 clean session 0 asks "forever").
+    max_session_expiry: int = 24 * 3600
+
+
+class PublishToken:
+    """One received PUBLISH waiting for the application's verdict.
+
+    The I/O layer passes it back to ``token.session.ack(...)``.  ``session`` is
+    re-pointed when a reconnecting client retransmits an unreleased QoS 2
+    packet, so the verdict lands on the connection that now waits for it.
+    """
+
+    __slots__ = ("done", "packet_id", "qos", "reason_code", "reason_string", "sent", "session")
+
+    def __init__(self, session: MqttSession, qos: int, packet_id: int) -> None:
+        self.session = session
+        self.qos = qos
+        self.packet_id = packet_id
+        self.done = False  # the application has answered
+        self.sent = False  # the PUBACK / PUBREC has been written
+        self.reason_code = 0
+        self.reason_string: str | None = None
+
+    def __repr__(self) -> str:
+        return f"PublishToken(qos={self.qos}, packet_id={self.packet_id}, done={self.done})"
+
+
+class Connected(msgspec.Struct, kw_only=True):
+    """CONNACK (success) has been queued; the server registers ``client_id``."""
+
+    client_id: str
+    version: int
+    clean_start: bool
+    session_present: bool
+    keep_alive: int
+    username: str | None
+    password: bytes | None
+    will: Will | None
+    properties: Properties | None
+
+
+class PublishReceived(msgspec.Struct, kw_only=True):
+    """A PUBLISH to hand to the pipeline; answer with ``token.session.ack``.
+
+    ``publish.topic`` is already resolved from a topic alias.
+    """
+
+    token: PublishToken
+    publish: Publish
+
+
+class Disconnected(msgspec.Struct, kw_only=True):
+    """The session is over; the I/O layer writes what is left and closes."""
+
+    reason_code: int  # MQTT 5 reason (also used for 3.1.1 logging)
+    reason: str
+    by_client: bool = False
+    will_due: bool = False  # the will should be published (presence feature, later)
+
+
+Event = Connected | PublishReceived | Disconnected

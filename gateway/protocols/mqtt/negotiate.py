@@ -1,0 +1,59 @@
+"""What CONNECT negotiates: keep alive, session expiry, client id, CONNACK properties.
+
+Pure functions of the CONNECT and the server's limits, kept apart from the
+session's state machine so each rule reads (and is tested) on its own.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from gateway.protocols.mqtt import packets as p
+from gateway.protocols.mqtt.events import MqttLimits
+from gateway.protocols.mqtt.properties import EMPTY, Properties
+
+
+def default_client_id() -> str:
+    """An id for a client that sent none (3.1.1 clean session, or any 5.0 client)."""
+    return "lastmile-" + secrets.token_hex(8)
+
+
+def keep_alive(asked: int, level: int, limits: MqttLimits) -> tuple[int, int | None]:
+    """The keep alive in force and, when it differs, the MQTT 5 Server Keep Alive to send."""
+    if level != 5:
+        return asked, None  # 3.1.1 has no way to tell the client another value
+    server = limits.server_keep_alive
+    cap = limits.max_keep_alive
+    if server is None and cap and (not asked or asked > cap):
+        server = cap
+    if server is None or server == asked:
+        return asked, None
+    return server, server
+
+
+def session_expiry(pk: p.Connect, limits: MqttLimits) -> int:
+    """Seconds to keep the client's state after the connection ends."""
+    if pk.protocol_level == 5:
+        asked = (pk.properties or EMPTY).session_expiry_interval or 0
+    else:
+        asked = 0 if pk.clean_start else 0xFFFFFFFF  # 3.1.1 clean session 0: "forever"
+    return min(asked, limits.max_session_expiry)
+
+
+def connack_properties(
+    pk: p.Connect, limits: MqttLimits, assigned: str | None, server_keep: int | None, expiry: int
+) -> Properties:
+    """MQTT 5 CONNACK properties: what the server grants and what it does not offer."""
+    asked = (pk.properties or EMPTY).session_expiry_interval
+    return Properties(
+        assigned_client_identifier=assigned,
+        server_keep_alive=server_keep,
+        receive_maximum=limits.receive_maximum,
+        topic_alias_maximum=limits.topic_alias_maximum or None,
+        maximum_packet_size=limits.max_packet_size,
+        # Only said when we keep the state for less than the client asked.
+        session_expiry_interval=expiry if asked is not None and asked != expiry else None,
+        wildcard_subscription_available=0,
+        subscription_identifier_available=0,
+        shared_subscription_available=0,
+    )

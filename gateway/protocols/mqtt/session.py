@@ -1,0 +1,410 @@
+"""One MQTT connection's protocol state, sans-IO (in the manner of h11).
+
+The I/O layer feeds bytes with ``receive_data(data, now)`` and gets events
+(``events.py``); it writes ``data_to_send()`` and closes the transport once
+``closing`` is true.  Time comes in as ``now``; the server's one sweep compares
+``deadline`` with its clock and calls ``expire(now)``.  Nothing here raises on
+hostile input: every protocol error becomes a clean close (MQTT 5: DISCONNECT
+0x81 / 0x82 / 0x93 / 0x94 / 0x95 ...; 3.1.1: close without a packet).
+
+Acknowledgements.  Each PUBLISH yields a ``PublishToken``; the application
+answers with ``ack(token, reason_code)`` when the message is safe (or failed).
+PUBACK / PUBREC leave in the order the PUBLISHes arrived: a verdict for a
+later message waits behind an earlier one still in flight.
+
+MQTT 3.1.1 has no reason codes on PUBACK / PUBREC.  A failed QoS 1/2 message
+there closes the connection instead of acknowledging it: a PUBACK promises the
+message is safe, and without one the client retransmits after reconnecting.
+(A message sent to the dead-letter topic counts as safe: the application
+answers 0x00.)
+
+Downlink (designed, not built): sending PUBLISH needs the client's limits,
+which ``_on_connect`` already keeps (``client_receive_maximum``,
+``client_max_packet_size``, ``client_topic_alias_maximum``), an outbound packet
+id allocator, and an outbound map packet id -> message answered by PUBACK /
+PUBREC / PUBCOMP, which today are refused as protocol errors.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+import msgspec
+
+from gateway.errors import GatewayError, ProtocolError
+from gateway.protocols.mqtt import packets as p
+from gateway.protocols.mqtt.codec import UnsupportedProtocolVersion, decode_packets, encode
+from gateway.protocols.mqtt.events import (
+    Connected,
+    Disconnected,
+    Event,
+    MqttLimits,
+    PublishReceived,
+    PublishToken,
+)
+from gateway.protocols.mqtt.negotiate import (
+    connack_properties,
+    default_client_id,
+    keep_alive,
+    session_expiry,
+)
+from gateway.protocols.mqtt.properties import EMPTY, Properties
+from gateway.protocols.mqtt.store import ClientState, SessionStore
+
+AWAIT_CONNECT, CONNECTED, CLOSED = "AWAIT_CONNECT", "CONNECTED", "CLOSED"
+NO_DEADLINE = float("inf")
+SUBSCRIBE_UNSUPPORTED = "subscriptions are not supported yet"
+
+
+class _Refusal(ProtocolError):
+    """A protocol error with its own MQTT 5 reason code."""
+
+    def __init__(self, reason: int, message: str) -> None:
+        super().__init__(message)
+        self.mqtt_reason = reason
+
+
+class MqttSession:
+    __slots__ = (
+        "_aliases", "_buf", "_client", "_events", "_expiry", "_grace", "_inflight", "_limits",
+        "_new_client_id", "_order", "_out", "_store", "client_id", "client_max_packet_size",
+        "client_receive_maximum", "client_topic_alias_maximum", "close_reason", "context",
+        "keep_alive", "last_received", "pending", "problem_info", "state", "username", "version",
+        "will",
+    )
+
+    def __init__(
+        self,
+        limits: MqttLimits,
+        store: SessionStore,
+        now: float,
+        new_client_id: Callable[[], str] = default_client_id,
+    ) -> None:
+        self._limits = limits
+        self._store = store
+        self._new_client_id = new_client_id
+        self._buf = bytearray()
+        self._out: list[bytes] = []
+        self._events: list[Event] = []
+        self._order: deque[PublishToken] = deque()  # acks to send, in arrival order
+        self._aliases: dict[int, str] = {}
+        self._client: ClientState | None = None
+        self._inflight = 0  # QoS 1/2 not yet PUBACKed / PUBCOMPed (Receive Maximum)
+        self._expiry = 0  # seconds to keep the client state after close
+        self._grace = limits.connect_timeout
+        self.state = AWAIT_CONNECT
+        self.version = 0
+        self.client_id = ""
+        self.username: str | None = None
+        self.will: p.Will | None = None  # kept for presence events (later)
+        self.keep_alive = 0
+        self.last_received = now
+        self.pending = 0  # tokens of any QoS not answered yet (the server's inflight bound)
+        self.problem_info = True
+        self.client_receive_maximum = 65535
+        self.client_max_packet_size = 0  # 0: no limit
+        self.client_topic_alias_maximum = 0
+        self.close_reason = ""
+        self.context: object = None  # the I/O layer's connection object
+
+    # --- I/O layer API -----------------------------------------------------------
+
+    @property
+    def closing(self) -> bool:
+        return self.state is CLOSED
+
+    @property
+    def deadline(self) -> float:
+        """When the sweep must call ``expire`` (CONNECT timeout or 1.5 x keep alive)."""
+        return self.last_received + self._grace
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    def data_to_send(self) -> bytes:
+        out = b"".join(self._out)
+        self._out.clear()
+        return out
+
+    def receive_data(self, data: bytes, now: float) -> list[Event]:
+        """Feed bytes; get every event the complete packets in them produce."""
+        events = self._events = []
+        if self.state is CLOSED:
+            return events
+        if self.state is CONNECTED:
+            self.last_received = now  # before CONNECT the deadline is fixed
+        # The usual chunk holds whole packets: parse it in place, copy only a tail.
+        src: bytes | bytearray = data
+        if self._buf:
+            self._buf += data
+            src = self._buf
+        try:
+            while True:
+                version = self.version
+                packets, used = decode_packets(src, version, self._limits.max_packet_size)
+                for packet in packets:
+                    self._handle(packet, now)
+                    if self.state is CLOSED:
+                        return events
+                if src is self._buf:
+                    del self._buf[:used]
+                else:
+                    src = src[used:]
+                if version or not packets or not src:
+                    break  # only the CONNECT pass needs a second round
+            if src and src is not self._buf:
+                self._buf += src
+        except UnsupportedProtocolVersion as exc:
+            self._refuse(0x84 if exc.level > 5 else 0x01, exc.message, exc.level)
+        except GatewayError as exc:
+            self._fail(exc.mqtt_reason, exc.message)
+        return events
+
+    def ack(self, token: PublishToken, reason_code: int = 0, reason: str | None = None) -> None:
+        """The application's verdict on ``token``: 0x00 safe, >= 0x80 failed."""
+        if token.done:
+            return
+        token.done = True
+        token.reason_code = reason_code
+        token.reason_string = reason
+        self.pending -= 1
+        if token.qos and self.state is CONNECTED:
+            self._flush_acks()
+
+    def expire(self, now: float) -> list[Event]:
+        """Called by the sweep once ``now >= deadline``."""
+        self._events = []
+        if self.state is CONNECTED and now >= self.deadline:
+            self._fail(0x8D, "keep alive timeout")
+        elif self.state is AWAIT_CONNECT and now >= self.deadline:
+            self._close(0x8D, "no CONNECT in time", will_due=False)
+        return self._events
+
+    def takeover(self) -> list[Event]:
+        """Another connection has the same client id: it wins (MQTT 5: 0x8E)."""
+        self._events = []
+        if self.state is CONNECTED:
+            self._fail(0x8E, "session taken over")
+        return self._events
+
+    def connection_lost(self, now: float) -> list[Event]:
+        """The transport closed; keep the client's state for the session expiry."""
+        self._events = []
+        if self.state is not CLOSED:
+            self._close(0x80, "connection lost", will_due=self.state is CONNECTED)
+        if self._client is not None:
+            self._store.release(self.client_id, self._client, self, self._expiry, now)
+            self._client = None
+        return self._events
+
+    # --- packets -------------------------------------------------------------------
+
+    def _handle(self, packet: p.AnyPacket, now: float) -> None:
+        if isinstance(packet, p.Publish):
+            if self.state is CONNECTED:
+                return self._on_publish(packet)
+        elif isinstance(packet, p.Connect):
+            if self.state is AWAIT_CONNECT:
+                return self._on_connect(packet, now)
+        elif isinstance(packet, p.Pubrel):
+            return self._on_pubrel(packet)
+        elif isinstance(packet, p.Pingreq):
+            return self._send(p.Pingresp())
+        elif isinstance(packet, p.Subscribe):
+            return self._on_subscribe(packet)
+        elif isinstance(packet, p.Unsubscribe):
+            codes = [0x11] * len(packet.topic_filters) if self.version == 5 else []
+            return self._send(p.Unsuback(packet_id=packet.packet_id, reason_codes=codes))
+        elif isinstance(packet, p.Disconnect):
+            return self._on_disconnect(packet)
+        raise ProtocolError(f"unexpected {type(packet).__name__} in state {self.state}")
+
+    def _on_publish(self, pk: p.Publish) -> None:
+        props = pk.properties
+        if props is not None:
+            if props.topic_alias is not None:
+                pk.topic = self._resolve_alias(pk.topic, props.topic_alias)
+            elif not pk.topic:
+                raise ProtocolError("empty topic name without a topic alias")
+        qos = pk.qos
+        client = self._client
+        assert client is not None
+        if qos == 2 and pk.packet_id in client.qos2:
+            return self._on_duplicate_qos2(client.qos2[pk.packet_id])
+        if qos and self.version == 5 and self._inflight >= self._limits.receive_maximum:
+            raise _Refusal(0x93, "receive maximum exceeded")
+        bad_utf8 = props is not None and props.payload_format_indicator == 1 and not _is_utf8(
+            pk.payload
+        )
+        if bad_utf8 and not qos:
+            raise _Refusal(0x99, "payload is not the UTF-8 its format indicator declares")
+        token = PublishToken(self, qos, pk.packet_id)
+        self.pending += 1
+        if qos:
+            self._inflight += 1
+            self._order.append(token)
+            if qos == 2:
+                client.qos2[pk.packet_id] = token
+        if bad_utf8:
+            return self.ack(token, 0x99, "payload is not valid UTF-8")
+        self._events.append(PublishReceived(token=token, publish=pk))
+
+    def _resolve_alias(self, topic: str, alias: int) -> str:
+        if not 0 < alias <= self._limits.topic_alias_maximum:
+            raise _Refusal(0x94, f"topic alias {alias} out of range")
+        if topic:
+            self._aliases[alias] = topic
+            return topic
+        known = self._aliases.get(alias)
+        if known is None:
+            raise ProtocolError(f"topic alias {alias} was never set")
+        return known
+
+    def _on_duplicate_qos2(self, token: PublishToken) -> None:
+        """A retransmitted, unreleased QoS 2 PUBLISH: answer it, never produce it again."""
+        if token.sent:
+            self._send(p.Pubrec(packet_id=token.packet_id, reason_code=token.reason_code))
+        elif token.session is not self:
+            # Still pending from the previous connection: its verdict comes here now.
+            token.session = self
+            self._order.append(token)
+            if token.done:
+                self._flush_acks()
+
+    def _on_pubrel(self, pk: p.Pubrel) -> None:
+        client = self._client
+        assert client is not None
+        token = client.qos2.get(pk.packet_id)
+        if token is None:
+            self._send(p.Pubcomp(packet_id=pk.packet_id, reason_code=0x92))
+            return
+        if not token.sent:
+            raise ProtocolError(f"PUBREL for packet {pk.packet_id} before PUBREC")
+        del client.qos2[pk.packet_id]
+        self._inflight -= 1
+        self._send(p.Pubcomp(packet_id=pk.packet_id))
+
+    def _on_subscribe(self, pk: p.Subscribe) -> None:
+        props = None
+        if self.version == 5 and self.problem_info:
+            props = Properties(reason_string=SUBSCRIBE_UNSUPPORTED)
+        code = 0x83 if self.version == 5 else 0x80
+        codes = [code] * len(pk.subscriptions)
+        self._send(p.Suback(packet_id=pk.packet_id, reason_codes=codes, properties=props))
+
+    def _on_disconnect(self, pk: p.Disconnect) -> None:
+        props = pk.properties
+        if props is not None and props.session_expiry_interval is not None:
+            if self._expiry == 0 and props.session_expiry_interval:
+                raise ProtocolError("DISCONNECT sets a session expiry after CONNECT said 0")
+            self._expiry = min(props.session_expiry_interval, self._limits.max_session_expiry)
+        self._close(pk.reason_code, "client disconnected", will_due=pk.reason_code == 0x04,
+                    by_client=True)
+
+    # --- CONNECT -------------------------------------------------------------------
+
+    def _on_connect(self, pk: p.Connect, now: float) -> None:
+        self.version = level = pk.protocol_level
+        props = pk.properties or EMPTY
+        if props.authentication_method is not None:
+            return self._refuse(0x8C, "enhanced authentication is not supported", level)
+        client_id = pk.client_id
+        assigned = None
+        if not client_id:
+            if level == 4 and not pk.clean_start:
+                return self._refuse(0x02, "empty client id needs clean session", level)
+            client_id = assigned = self._new_client_id()
+        limits = self._limits
+        self.client_id, self.username, self.will = client_id, pk.username, pk.will
+        self.client_receive_maximum = props.receive_maximum or 65535
+        self.client_max_packet_size = props.maximum_packet_size or 0
+        self.client_topic_alias_maximum = props.topic_alias_maximum or 0
+        self.problem_info = props.request_problem_information != 0
+        keep, server_keep = keep_alive(pk.keep_alive, level, limits)
+        self.keep_alive = keep
+        self._grace = keep * 1.5 if keep else NO_DEADLINE
+        self._expiry = session_expiry(pk, limits)
+        self._client, present = self._store.open(client_id, pk.clean_start, self, now)
+        self.last_received = now
+        self._inflight = len(self._client.qos2)
+        self.state = CONNECTED
+        connack_props = None
+        if level == 5:
+            connack_props = connack_properties(pk, limits, assigned, server_keep, self._expiry)
+        self._send(p.Connack(session_present=present, properties=connack_props))
+        self._events.append(Connected(
+            client_id=client_id, version=level, clean_start=pk.clean_start,
+            session_present=present, keep_alive=keep, username=pk.username,
+            password=pk.password, will=pk.will, properties=pk.properties,
+        ))
+
+    # --- output and closing ------------------------------------------------------
+
+    def _flush_acks(self) -> None:
+        order = self._order
+        while order and order[0].done:
+            token = order.popleft()
+            code = token.reason_code
+            if code >= 0x80 and self.version == 4:
+                return self._fail(code, f"message {token.packet_id} failed (0x{code:02X})")
+            token.sent = True
+            props = None
+            if code >= 0x80 and token.reason_string and self.problem_info:
+                props = Properties(reason_string=token.reason_string)
+            if token.qos == 1:
+                self._inflight -= 1
+                self._send(p.Puback(packet_id=token.packet_id, reason_code=code, properties=props))
+                continue
+            if code >= 0x80 and self._client is not None:
+                # A failed QoS 2 exchange ends here: the id is free again.
+                self._client.qos2.pop(token.packet_id, None)
+                self._inflight -= 1
+            self._send(p.Pubrec(packet_id=token.packet_id, reason_code=code, properties=props))
+
+    def _send(self, packet: p.AnyPacket) -> None:
+        data = encode(packet, self.version or 4)
+        limit = self.client_max_packet_size
+        if limit and len(data) > limit and getattr(packet, "properties", None) is not None:
+            # Reason strings and user properties are the parts MQTT 5 lets us drop.
+            data = encode(msgspec.structs.replace(packet, properties=None), self.version)
+        if not limit or len(data) <= limit:
+            self._out.append(data)
+
+    def _refuse(self, reason_v5: int, message: str, level: int) -> None:
+        """Answer CONNECT with a failure CONNACK in the client's dialect, then close."""
+        if level == 5 or reason_v5 == 0x84:
+            self.version = 5
+            code = reason_v5
+        else:
+            self.version = 4
+            code = {0x84: 0x01, 0x01: 0x01, 0x02: 0x02}.get(reason_v5, 0x01)
+        self._send(p.Connack(reason_code=code))
+        self._close(code, message, will_due=False)
+
+    def _fail(self, reason: int, message: str) -> None:
+        """Close for a protocol-level reason; MQTT 5 clients get a DISCONNECT first."""
+        if self.state is CONNECTED and self.version == 5:
+            props = Properties(reason_string=message) if self.problem_info else None
+            self._send(p.Disconnect(reason_code=reason, properties=props))
+        self._close(reason, message, will_due=self.state is CONNECTED)
+
+    def _close(self, reason: int, message: str, *, will_due: bool, by_client: bool = False) -> None:
+        if self.state is CLOSED:
+            return
+        self.state = CLOSED
+        self.close_reason = message
+        self._buf.clear()
+        self._events.append(Disconnected(
+            reason_code=reason, reason=message, by_client=by_client, will_due=will_due,
+        ))
+
+
+def _is_utf8(payload: bytes) -> bool:
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
