@@ -202,7 +202,7 @@ def _compile_payload_and_allow(
         on_invalid = spec.payload.on_invalid
         if on_invalid == "dead-letter" and not has_dead_letter:
             where: Path = ("payload", "on_invalid")
-            problems.append(("on_invalid: dead-letter needs a global dead_letter", where))
+            problems.append(("dead-letter needs a global dead_letter", where))
         rule.dead_letter_invalid = has_dead_letter and on_invalid != "reject"
     else:
         rule.dead_letter_invalid = has_dead_letter

@@ -27,6 +27,7 @@ from gateway.routing.rules import (
     SourceMap,
     Unmatched,
     convert,
+    format_path,
     parse_yaml,
 )
 
@@ -69,14 +70,22 @@ def _read_file(path: FsPath, found: _Collected) -> None:
         found.errors.append(RuleError("expected a mapping with 'rules:'", file=file, line=1))
         return
     spec = convert(data, FileSpec, smap, ())
+    labels: list[str] = []
     if spec is not None:
         _collect_globals(spec, smap, found)
         for i, item in enumerate(spec.rules):
             name = item.get("name") if isinstance(item, dict) else None
-            label = name if isinstance(name, str) else f"rules[{i}]"
-            rule = convert(item, RuleSpec, smap, ("rules", i), label)
+            labels.append(name if isinstance(name, str) else f"rules[{i}]")
+            rule = convert(item, RuleSpec, smap, ("rules", i), labels[i])
             if rule is not None:
                 found.rules.append((rule, smap, i))
+    for dup, line in smap.duplicates:
+        index = dup[1] if len(dup) > 2 and dup[0] == "rules" else None
+        label = labels[index] if isinstance(index, int) and index < len(labels) else ""
+        key = format_path(dup[2:] if index is not None else dup)
+        smap.errors.append(
+            RuleError("duplicate key", file=smap.file, line=line, rule=label, key=key)
+        )
     found.errors.extend(smap.errors)
 
 
@@ -107,9 +116,7 @@ def _globals(found: _Collected) -> tuple[DeadLetter | None, str]:
         data, smap = found.globals["unmatched"]
         value = convert(data, Unmatched, smap, ("unmatched",))  # type: ignore[arg-type]
         if value == "dead-letter" and "dead_letter" not in found.globals:
-            smap.errors.append(
-                smap.error("unmatched: dead-letter needs dead_letter", ("unmatched",))
-            )
+            smap.errors.append(smap.error("dead-letter needs a global dead_letter", ("unmatched",)))
         unmatched = value or unmatched
     for _, smap in found.globals.values():
         found.errors.extend(e for e in smap.errors if e not in found.errors)
@@ -150,6 +157,8 @@ def load_rules(directory: str | FsPath) -> RuleTable:
     dead_letter, unmatched = _globals(found)
     compiled = _compile_all(found, dead_letter is not None)
     if found.errors:
+        # File then line order reads like the files themselves.
+        found.errors.sort(key=lambda e: (e.file, e.line or 0))
         raise RulesError(found.errors)
     return RuleTable(
         compiled,

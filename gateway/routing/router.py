@@ -67,13 +67,17 @@ def _record(rule: CompiledRule, message: Message, ctx: Context) -> Record:
     try:
         topic = rule.topic.render(ctx)
         key = rule.key.render(ctx) if rule.key is not None else ""
-        headers = []
-        for name, template in rule.headers:
-            # Left out when empty: an optional user property absent on this publish.
-            if value := template.render(ctx):
-                headers.append((name, value.encode()))
     except LookupError as exc:
+        # The key decides partition and order; a key that cannot be built is a payload error.
         raise _Invalid(PayloadInvalid(str(exc)), rule) from exc
+    headers = []
+    for name, template in rule.headers:
+        try:
+            value = template.render(ctx)
+        except LookupError:
+            continue  # an optional JSON field absent from this payload
+        if value:  # left out when empty, e.g. a user property absent on this publish
+            headers.append((name, value.encode()))
     if rule.topic.constant is None and not valid_kafka_topic(topic):
         raise _Invalid(TopicInvalid(f"rendered Kafka topic {topic!r} is not a legal name"), rule)
     if message.headers:

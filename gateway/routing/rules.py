@@ -116,6 +116,7 @@ class SourceMap:
         self.file = file
         self.lines: dict[Path, int] = {}
         self.errors: list[ConfigError] = []
+        self.duplicates: list[tuple[Path, int]] = []  # reported once rule names are known
 
     def line_of(self, path: Path) -> int | None:
         # An unknown or missing key has no node; its parent's line is the best hint.
@@ -155,10 +156,7 @@ def _build(node: yaml.Node, path: Path, smap: SourceMap) -> Any:
             child = (*path, str(key))
             if key in result:
                 # PyYAML keeps the last duplicate silently; an operator never means that.
-                line = key_node.start_mark.line + 1
-                smap.errors.append(
-                    RuleError("duplicate key", file=smap.file, line=line, key=format_path(child))
-                )
+                smap.duplicates.append((child, key_node.start_mark.line + 1))
             smap.lines[child] = key_node.start_mark.line + 1
             result[key] = _build(value_node, child, smap)
         return result
@@ -183,6 +181,10 @@ def parse_yaml(text: str, file: str) -> tuple[Any, SourceMap]:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         problem = getattr(exc, "problem", None) or str(exc)
+        # For an unclosed quote or bracket the error is at the end; where it began helps more.
+        context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        if context and context_mark is not None:
+            problem = f"{problem} ({context} at line {context_mark.line + 1})"
         raise RuleError(f"invalid YAML: {problem}", file=file, line=line) from exc
     if node is None:
         return {}, smap
