@@ -95,7 +95,7 @@ def parse_yaml(text: str, file: str) -> tuple[Any, SourceMap]:
 
 
 _PATH_RE = re.compile(r" - at `\$(?P<path>[^`]*)`$")
-_TOKEN_RE = re.compile(r"\.([A-Za-z_][\w-]*)|\[(\d+)\]|\['([^']*)'\]")
+_TOKEN_RE = re.compile(r"\.([A-Za-z_][\w-]*)|\[(\d+)\]|\['([^']*)'\]|(\[\.\.\.\])")
 _UNKNOWN_RE = re.compile(r"Object contains unknown field `(?P<field>[^`]+)`")
 
 
@@ -105,8 +105,10 @@ def _split_error(text: str) -> tuple[str, PathKey]:
     if m:
         text = text[: m.start()]
         parts: list[str | int] = []
-        for attr, index, quoted in _TOKEN_RE.findall(m.group("path")):
-            if index:
+        for attr, index, quoted, anykey in _TOKEN_RE.findall(m.group("path")):
+            if anykey:
+                parts.append(ANY_KEY)
+            elif index:
                 parts.append(int(index))
             else:
                 parts.append(attr or quoted)
@@ -118,12 +120,52 @@ def _split_error(text: str) -> tuple[str, PathKey]:
     return text, path
 
 
+ANY_KEY = "[...]"
+
+
+def _resolve_any_key(data: Any, path: PathKey, message: str) -> PathKey:
+    """msgspec reports a bad dict entry as ``[...]``; find which key it was."""
+    out: list[str | int] = []
+    node = data
+    for i, part in enumerate(path):
+        if part == ANY_KEY and isinstance(node, dict):
+            rest = path[i + 1:]
+            candidates = [k for k, v in node.items() if _has_path(v, rest)] or list(node)
+            quoted = [k for k in candidates if repr(_get(node[k], rest)) in message]
+            part = (quoted or candidates or [part])[0]
+        out.append(part)
+        node = _get(node, (part,))
+    return tuple(out)
+
+
+def _get(node: Any, path: PathKey) -> Any:
+    for part in path:
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return node
+
+
+def _has_path(node: Any, path: PathKey) -> bool:
+    for part in path:
+        if part == ANY_KEY:
+            return isinstance(node, dict)
+        if (isinstance(node, dict) and part in node) or (isinstance(node, list) and isinstance(part, int) and part < len(node)):
+            node = node[part]
+        else:
+            return False
+    return True
+
+
 def convert(data: Any, kind: type[T], smap: SourceMap, base: PathKey = ()) -> T:
     """msgspec.convert with errors naming file, line and key path."""
     try:
         return msgspec.convert(data, kind, strict=False)
     except msgspec.ValidationError as exc:
         message, path = _split_error(str(exc))
+        if ANY_KEY in path:
+            path = _resolve_any_key(data, path, message)
         raise smap.error(message, (*base, *path)) from exc
 
 

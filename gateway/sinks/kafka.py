@@ -119,6 +119,9 @@ class KafkaSink:
                  failed=self.failed)
         return left
 
+    async def close_quietly(self, timeout: float) -> None:
+        await self.close(timeout)
+
     # --- produce path (event loop) ----------------------------------------------
 
     def produce(self, record: Record, callback: DeliveryCallback) -> None:
@@ -131,12 +134,12 @@ class KafkaSink:
 
     def _produce_one(self, record: Record, callback: DeliveryCallback) -> bool:
         assert self._producer is not None
-        reports = self._reports
-        lock = self._lock
+        sink = self
 
         def on_delivery(err: Any, msg: Any) -> None:
-            with lock:
-                reports.append((record, callback, err, msg))
+            # Runs on the poll thread, inside poll(); _take_reports swaps the list.
+            with sink._lock:
+                sink._reports.append((record, callback, err, msg))
 
         kwargs: dict[str, Any] = {"key": record.key, "headers": record.headers or None,
                                   "on_delivery": on_delivery}

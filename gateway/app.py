@@ -1,0 +1,185 @@
+"""One gateway process: staged startup, the main wait, staged shutdown.
+
+Startup order: embedded broker (dev only) -> rules -> Kafka sinks -> buffer ->
+pipeline -> listeners.  Shutdown runs the same stages in reverse with one
+deadline: stop accepting, stop intake, let in-flight acks finish, flush Kafka,
+stop the embedded broker.  Every teardown step runs even if an earlier one
+failed (errors are logged, not swallowed silently).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import structlog
+
+from gateway.buffer import Buffer
+from gateway.buffer.queue import MemoryBuffer
+from gateway.config.schema import Config
+from gateway.pipeline import Pipeline
+from gateway.routing import Router, RulesReloader, load_rules
+from gateway.sinks.embedded import EmbeddedBroker
+from gateway.sinks.kafka import KafkaSink
+
+log = structlog.get_logger("lastmile.app")
+
+Cleanup = Callable[[float], Awaitable[None]]
+
+
+class App:
+    def __init__(self, config: Config, rules_dir: str | None = None, worker_id: int = 0,
+                 bootstrap: dict[str, str] | None = None, reuse_port: bool = False) -> None:
+        self.config = config
+        self.rules_dir = rules_dir or config.rules.dir
+        self.worker_id = worker_id
+        # Resolved bootstrap per cluster (the supervisor resolves "embedded" once).
+        self.bootstrap = dict(bootstrap or {})
+        self.reuse_port = reuse_port
+        self.embedded: EmbeddedBroker | None = None
+        self.sinks: dict[str, KafkaSink] = {}
+        self.router: Router | None = None
+        self.reloader: RulesReloader | None = None
+        self.buffer: Buffer | None = None
+        self.pipeline: Pipeline | None = None
+        self.servers: dict[str, object] = {}
+        self._cleanups: list[tuple[str, Cleanup]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stop = asyncio.Event()
+        self._signals = 0
+
+    # --- startup ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        try:
+            await self._start_kafka()
+            self._start_rules()
+            await self._start_buffer()
+            await self._start_sources()
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("gateway_started", worker=self.worker_id,
+                 rules_version=self.router.table.version if self.router else None)
+
+    def resolve_embedded(self) -> None:
+        """Start the dev broker when a cluster says ``embedded`` and nobody resolved it."""
+        for name, cluster in self.config.kafka.clusters.items():
+            if cluster.bootstrap_servers != "embedded" or name in self.bootstrap:
+                continue
+            if self.embedded is None:
+                emb = self.config.kafka.embedded
+                self.embedded = EmbeddedBroker(emb.host, emb.port)
+                self.embedded.start_sync()
+                broker = self.embedded
+                self._cleanups.append(("embedded broker", lambda _t: _sync(broker.stop)))
+            self.bootstrap[name] = self.embedded.bootstrap
+
+    async def _start_kafka(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.resolve_embedded)
+        for name, cluster in self.config.kafka.clusters.items():
+            sink = KafkaSink(name, cluster, self.bootstrap.get(name))
+            await sink.start()
+            self.sinks[name] = sink
+            self._cleanups.append((f"kafka sink {name}", sink.close_quietly))
+
+    def _start_rules(self) -> None:
+        table = load_rules(self.rules_dir)
+        self.router = Router(table)
+        if self.config.rules.watch:
+            self.reloader = RulesReloader(self.rules_dir, self.router)
+            self._tasks.append(asyncio.create_task(self.reloader.run(), name="rules-watch"))
+
+    async def _start_buffer(self) -> None:
+        cfg = self.config
+        if cfg.spool.enabled:
+            from gateway.buffer.spooled import SpoolBuffer
+
+            spool_dir = Path(cfg.spool.dir) / f"worker-{self.worker_id}"
+            self.buffer = SpoolBuffer(self.sinks, cfg.spool, cfg.buffer, spool_dir)
+        else:
+            self.buffer = MemoryBuffer(self.sinks, cfg.buffer.high_water_bytes,
+                                       cfg.buffer.low_water_bytes)
+        await self.buffer.start()
+        self._cleanups.append(("buffer", self.buffer.close))
+        assert self.router is not None
+        self.pipeline = Pipeline(self.router, self.buffer)
+
+    async def _start_sources(self) -> None:
+        from gateway.sources import start_sources
+
+        await start_sources(self)
+
+    def add_cleanup(self, name: str, cleanup: Cleanup) -> None:
+        self._cleanups.append((name, cleanup))
+
+    # --- running -----------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self.reload_rules)
+
+    def _on_stop_signal(self, sig: signal.Signals) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            log.warning("forced_exit", signal=sig.name)
+            raise SystemExit(130)  # propagates out of the loop: no graceful drain
+        log.info("shutdown_requested", signal=sig.name)
+        self._stop.set()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def reload_rules(self) -> None:
+        if self.reloader is not None:
+            self.reloader.reload()
+        elif self.router is not None:
+            RulesReloader(self.rules_dir, self.router).reload()
+
+    async def wait(self) -> None:
+        await self._stop.wait()
+
+    # --- shutdown ----------------------------------------------------------------
+
+    async def stop(self) -> None:
+        deadline = time.monotonic() + self.config.shutdown_timeout_s
+        if self.pipeline is not None:
+            self.pipeline.stop_intake()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        while self._cleanups:
+            name, cleanup = self._cleanups.pop()
+            left = max(0.5, deadline - time.monotonic())
+            try:
+                await cleanup(left)
+            except Exception:
+                log.exception("shutdown_step_failed", step=name)
+        log.info("gateway_stopped", worker=self.worker_id)
+
+
+async def _sync(fn: Callable[[], None]) -> None:
+    await asyncio.get_running_loop().run_in_executor(None, fn)
+
+
+async def serve(config: Config, rules_dir: str | None = None, worker_id: int = 0,
+                bootstrap: dict[str, str] | None = None, reuse_port: bool = False,
+                ready: Callable[[App], None] | None = None) -> None:
+    app = App(config, rules_dir, worker_id, bootstrap, reuse_port)
+    app.install_signal_handlers()
+    await app.start()
+    if ready is not None:
+        ready(app)
+    try:
+        await app.wait()
+    finally:
+        await app.stop()

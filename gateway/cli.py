@@ -1,0 +1,109 @@
+"""The ``lastmile`` command. The only place in the package that exits."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import structlog
+
+from gateway.errors import ConfigError, GatewayError
+
+DEFAULT_CONFIG = "config/gateway.yaml"
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from gateway.config import load_config
+    from gateway.observability import configure_logging
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"lastmile: config error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.log.level, config.log.format)
+    rules_dir = args.rules or config.rules.dir
+    if config.workers > 1:
+        from gateway.supervisor import run_supervisor
+
+        return run_supervisor(config, rules_dir, args.config)
+    return run_worker(config, rules_dir)
+
+
+def run_worker(config: object, rules_dir: str, worker_id: int = 0,
+               bootstrap: dict[str, str] | None = None, reuse_port: bool = False) -> int:
+    import uvloop
+
+    from gateway.app import serve
+    from gateway.config.schema import Config
+
+    assert isinstance(config, Config)
+    log = structlog.get_logger("lastmile")
+    try:
+        uvloop.run(serve(config, rules_dir, worker_id, bootstrap, reuse_port))
+    except ConfigError as exc:
+        log.error("startup_failed", error=str(exc))
+        print(f"lastmile: {exc}", file=sys.stderr)
+        return 2
+    except GatewayError as exc:
+        log.error("startup_failed", error=str(exc))
+        print(f"lastmile: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        log.error("startup_failed", error=str(exc))
+        print(f"lastmile: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _spool_inspect(args: argparse.Namespace) -> int:
+    from gateway.buffer.inspect import main_inspect
+
+    directory = args.dir
+    if directory is None:
+        from gateway.config import load_config
+
+        directory = load_config(args.config).spool.dir
+    return main_inspect(directory, args.json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lastmile", description="MQTT/HTTP-to-Kafka last-mile gateway")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", default=DEFAULT_CONFIG, help="gateway settings YAML")
+    serve.add_argument("--rules", default=None, help="rules directory (default: rules.dir)")
+    serve.set_defaults(func=_serve)
+
+    from gateway.routing.cli_rules import add_rules_parser
+
+    add_rules_parser(sub)
+
+    spool = sub.add_parser("spool", help="inspect the durable spool")
+    spool_sub = spool.add_subparsers(dest="spool_command", metavar="COMMAND", required=True)
+    inspect = spool_sub.add_parser("inspect", help="records, bytes and age per Kafka topic")
+    inspect.add_argument("dir", nargs="?", default=None, help="spool directory")
+    inspect.add_argument("--config", default=DEFAULT_CONFIG)
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    inspect.set_defaults(func=_spool_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code = args.func(args)
+    except ConfigError as exc:
+        print(f"lastmile: {exc}", file=sys.stderr)
+        code = 2
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""The metrics listener: /metrics (Prometheus), /healthz (alive), /readyz (can take traffic)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+if TYPE_CHECKING:
+    from gateway.app import App
+
+log = structlog.get_logger("lastmile.metrics")
+
+
+def _ready(app: App) -> tuple[bool, dict[str, object]]:
+    detail: dict[str, object] = {"worker": app.worker_id}
+    pipeline = app.pipeline
+    ok = pipeline is not None and not pipeline.flow.paused
+    if app.router is not None:
+        detail["rules_version"] = app.router.table.version
+    if pipeline is not None:
+        detail["paused"] = pipeline.flow.paused
+        detail["buffer"] = pipeline.buffer.stats()
+        detail["counters"] = dict(pipeline.counters)
+    return ok, detail
+
+
+async def start_metrics(app: App) -> None:
+    listener = app.config.listeners.metrics
+    if not listener.enabled:
+        return
+
+    async def metrics(_request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(REGISTRY),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(_request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(_request: web.Request) -> web.Response:
+        ok, detail = _ready(app)
+        return web.json_response({"ready": ok, **detail}, status=200 if ok else 503)
+
+    web_app = web.Application()
+    web_app.router.add_get("/metrics", metrics)
+    web_app.router.add_get("/healthz", healthz)
+    web_app.router.add_get("/readyz", readyz)
+    runner = web.AppRunner(web_app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, listener.host, listener.port, reuse_port=app.reuse_port or None)
+    await site.start()
+    log.info("metrics_listening", host=listener.host, port=listener.port)
+
+    async def cleanup(_timeout: float) -> None:
+        await runner.cleanup()
+
+    app.add_cleanup("metrics listener", cleanup)

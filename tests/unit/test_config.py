@@ -1,0 +1,90 @@
+"""config/gateway.yaml: defaults, strict errors with file:line:key, env overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.config import load_config, producer_settings
+from gateway.errors import ConfigError
+from tests.helpers import ROOT
+
+pytestmark = pytest.mark.unit
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_serve_without_a_file() -> None:
+    config = load_config(None, env={})
+    assert config.listeners.mqtt.port == 1883
+    assert config.listeners.http.port == 8080
+    assert config.kafka.clusters["default"].bootstrap_servers == "embedded"
+    assert config.rules.dir == "bridge-rules"
+    assert config.spool.dir == "var/spool"
+
+
+def test_shipped_config_loads() -> None:
+    config = load_config(ROOT / "config" / "gateway.yaml", env={})
+    assert config.kafka.clusters["default"].bootstrap_servers == "embedded"
+    assert config.kafka.clusters["default"].acks == "all"
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "key", "fragment"),
+    [
+        ("listeners:\n  mqtt:\n    prot: 1884\n", 3, "listeners.mqtt.prot", "unknown key"),
+        ("listeners:\n  mqtt:\n    port: abc\n", 3, "listeners.mqtt.port", "Expected `int`"),
+        ("listeners:\n  mqtt:\n    port: 70000\n", 3, "listeners.mqtt.port", "out of range"),
+        ("kafka:\n  clusters:\n    edge:\n      acks: maybe\n", 4,
+         "kafka.clusters.edge.acks", "Invalid enum value"),
+        ("spool:\n  enabled: true\n  mode: sometimes\n", 3, "spool.mode", "Invalid enum"),
+        ("workers: 0\n", 1, "workers", "at least 1"),
+        ("kafka:\n  clusters:\n    default:\n      producer:\n        linger.ms: 10\n", 5,
+         "kafka.clusters.default.producer.linger.ms", "conflicts with the typed setting"),
+        ("log:\n  level: info\n  level: debug\n", 3, "log.level", "duplicate key"),
+        ("listeners: [1, 2\n", 2, "", "invalid YAML"),
+    ],
+)
+def test_errors_name_file_line_and_key(
+    tmp_path: Path, text: str, line: int, key: str, fragment: str
+) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    err = info.value
+    assert err.file == str(path)
+    assert err.line == line, str(err)
+    assert err.key == key
+    assert fragment in str(err)
+    assert str(err).startswith(f"{path}:{line}: ")
+
+
+def test_env_overrides_apply_and_name_the_variable_on_error(tmp_path: Path) -> None:
+    path = write(tmp_path, "listeners:\n  mqtt: {port: 1883}\n")
+    config = load_config(path, env={
+        "LASTMILE_BOOTSTRAP_SERVERS": "kafka-1:9092,kafka-2:9092",
+        "LASTMILE_MQTT_PORT": "1884",
+        "LASTMILE_HTTP_PORT": "8081",
+        "LASTMILE_SPOOL__FSYNC_INTERVAL_MS": "2.5",
+        "UNRELATED": "x",
+    })
+    assert config.kafka.clusters["default"].bootstrap_servers == "kafka-1:9092,kafka-2:9092"
+    assert config.listeners.mqtt.port == 1884
+    assert config.listeners.http.port == 8081
+    assert config.spool.fsync_interval_ms == 2.5
+    with pytest.raises(ConfigError, match=r"^\$LASTMILE_MQTT_PORT: listeners.mqtt.port"):
+        load_config(path, env={"LASTMILE_MQTT_PORT": "not-a-port"})
+
+
+def test_librdkafka_passthrough_and_typed_settings() -> None:
+    config = load_config(None, env={"LASTMILE_KAFKA__CLUSTERS__DEFAULT__PRODUCER":
+                                    "{batch.num.messages: 5000, client.id: edge-gw}"})
+    settings = producer_settings(config.kafka.clusters["default"], "k:9092")
+    assert settings["bootstrap.servers"] == "k:9092"
+    assert settings["acks"] == "all" and settings["enable.idempotence"] is True
+    assert settings["batch.num.messages"] == 5000 and settings["client.id"] == "edge-gw"
