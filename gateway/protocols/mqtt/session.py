@@ -184,9 +184,15 @@ class MqttSession:
 
     def takeover(self) -> list[Event]:
         """Another connection has the same client id: it wins (MQTT 5: 0x8E)."""
+        return self.server_disconnect(0x8E, "session taken over")
+
+    def server_disconnect(self, reason_code: int, message: str) -> list[Event]:
+        """End the session from the server side (MQTT 5: DISCONNECT ``reason_code``)."""
         self._events = []
         if self.state is CONNECTED:
-            self._fail(0x8E, "session taken over")
+            self._fail(reason_code, message)
+        else:
+            self._close(reason_code, message, will_due=False)
         return self._events
 
     def connection_lost(self, now: float) -> list[Event]:

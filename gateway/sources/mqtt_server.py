@@ -1,0 +1,318 @@
+"""The MQTT listener: one asyncio Protocol per connection around an ``MqttSession``.
+
+    server = MqttServer(pipeline, limits, log)
+    await server.start("0.0.0.0", 1883)               # plain TCP
+    await server.start("0.0.0.0", 8883, ssl=context)  # TLS (call start once per listener)
+    ...
+    await server.stop_accepting()
+    await server.close(deadline=10.0)                 # wait for acks, then DISCONNECT 0x8B
+
+The protocol work happens in the sans-IO session; this module only moves bytes,
+hands each PUBLISH to ``pipeline.publish`` as one ``Message`` and writes the
+PUBACK / PUBREC the session releases when ``on_done`` says the message is safe.
+Reading stops while the pipeline says so (``pipeline.flow``) and while a
+connection has ``limits.receive_maximum`` messages unanswered.  One sweep task
+checks every session's deadline (CONNECT timeout, 1.5 x keep alive) and
+expires stored client state; there are no per-connection timers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl as ssl_module
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any, Protocol, cast
+
+import structlog
+
+from gateway.model import Message, Outcome
+from gateway.protocols.mqtt.events import (
+    Connected,
+    Disconnected,
+    Event,
+    MqttLimits,
+    PublishReceived,
+    PublishToken,
+)
+from gateway.protocols.mqtt.session import MqttSession
+from gateway.protocols.mqtt.store import SessionStore
+
+__all__ = ["MqttLimits", "MqttServer"]
+
+
+class FlowLike(Protocol):
+    paused: bool
+
+    def subscribe(self, listener: Callable[[bool], None]) -> Any: ...
+
+
+class PipelineLike(Protocol):
+    @property
+    def flow(self) -> FlowLike: ...
+
+    def publish(self, message: Message, on_done: Callable[[Outcome], None]) -> None: ...
+
+
+class MqttServer:
+    """Listeners, live connections, the client-id registry and the session store."""
+
+    def __init__(
+        self,
+        pipeline: PipelineLike,
+        limits: MqttLimits | None = None,
+        log: Any = None,
+        *,
+        sweep_interval: float = 1.0,
+    ) -> None:
+        self.pipeline = pipeline
+        self.limits = limits or MqttLimits()
+        self.log = log if log is not None else structlog.get_logger("lastmile.mqtt")
+        self.store = SessionStore()
+        self.connections: set[MqttConnection] = set()
+        self.registry: dict[str, MqttConnection] = {}  # client id -> live connection
+        self._servers: list[asyncio.Server] = []
+        self._sweep_interval = sweep_interval
+        self._sweeper: asyncio.Task[None] | None = None
+        self._unsubscribe: Any = None
+
+    @property
+    def ports(self) -> list[int]:
+        """Bound ports, in ``start`` order (useful with port 0)."""
+        return [s.sockets[0].getsockname()[1] for s in self._servers if s.sockets]
+
+    async def start(
+        self, host: str, port: int, ssl: ssl_module.SSLContext | None = None,
+        *, reuse_port: bool = False, backlog: int = 1024,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: MqttConnection(self), host, port, ssl=ssl, reuse_port=reuse_port or None,
+            backlog=backlog,
+        )
+        self._servers.append(server)
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep_forever(), name="mqtt-sweep")
+            self._unsubscribe = self.pipeline.flow.subscribe(self._on_flow)
+        self.log.info("mqtt_listening", host=host, port=server.sockets[0].getsockname()[1],
+                      tls=ssl is not None)
+
+    async def stop_accepting(self) -> None:
+        for server in self._servers:
+            server.close()
+
+    async def close(self, deadline: float) -> None:
+        """Wait up to ``deadline`` seconds for unanswered messages, then end every connection.
+
+        MQTT 5 clients get DISCONNECT 0x8B (server shutting down); a message still
+        unanswered at the end gets no ack, so its client sends it again elsewhere.
+        """
+        await self.stop_accepting()
+        loop = asyncio.get_running_loop()
+        end = loop.time() + deadline
+        # Polling once per 50 ms at shutdown beats a counter on every message's hot path.
+        while loop.time() < end and any(c.session.pending for c in self.connections):
+            await asyncio.sleep(0.05)  # noqa: ASYNC110
+        for conn in list(self.connections):
+            conn.handle_events(conn.session.server_disconnect(0x8B, "server shutting down"))
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        for conn in list(self.connections):
+            conn.abort()
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+
+    # --- called by connections and the pipeline -----------------------------------
+
+    def on_done(self, token: PublishToken, outcome: Outcome) -> None:
+        """The pipeline's verdict on one message; runs exactly once per PUBLISH."""
+        if outcome.ok:
+            token.session.ack(token)
+        else:
+            error = outcome.error
+            code = error.mqtt_reason if error is not None else 0x80
+            token.session.ack(token, code, error.message if error is not None else None)
+        # The token follows a client that reconnected: write on its current connection.
+        conn = token.session.context
+        if isinstance(conn, MqttConnection):
+            conn.after_ack()
+
+    def _on_flow(self, paused: bool) -> None:
+        for conn in self.connections:
+            conn.update_reading()
+
+    async def _sweep_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self._sweep_interval)
+            self.sweep(loop.time())
+
+    def sweep(self, now: float) -> None:
+        """Expire sessions past their deadline and stored state past its expiry."""
+        for conn in [c for c in self.connections if c.session.deadline <= now]:
+            conn.handle_events(conn.session.expire(now))
+        self.store.expire(now)
+
+
+class MqttConnection(asyncio.Protocol):
+    __slots__ = ("_reading", "cert_identity", "peer", "server", "session", "transport")
+
+    def __init__(self, server: MqttServer) -> None:
+        self.server = server
+        loop = asyncio.get_running_loop()
+        self.session = MqttSession(server.limits, server.store, loop.time())
+        self.session.context = self
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self.cert_identity: str | None = None
+        self._reading = True
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport, hence the cast.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Acks are tiny and latency-bound: do not let Nagle hold them back.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.cert_identity = _cert_identity(transport.get_extra_info("peercert"))
+        self.server.connections.add(self)
+        self.update_reading()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            now = asyncio.get_running_loop().time()
+            self.handle_events(self.session.receive_data(data, now))
+        except Exception:
+            self._crash("data_received")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        server = self.server
+        server.connections.discard(self)
+        if server.registry.get(self.session.client_id) is self:
+            del server.registry[self.session.client_id]
+        try:
+            self.handle_events(self.session.connection_lost(asyncio.get_running_loop().time()))
+        except Exception:
+            self._crash("connection_lost")
+
+    def handle_events(self, events: list[Event]) -> None:
+        """Act on the session's events, write what it queued, close when it is done."""
+        if events:
+            publish = self.server.pipeline.publish
+            on_done = self.server.on_done
+            received_at = time.time()
+            for event in events:
+                if isinstance(event, PublishReceived):
+                    publish(self._message(event, received_at), partial(on_done, event.token))
+                elif isinstance(event, Connected):
+                    self._register(event)
+                elif isinstance(event, Disconnected):
+                    self._log_disconnect(event)
+        self._flush()
+
+    def after_ack(self) -> None:
+        try:
+            self._flush()
+            self.update_reading()
+        except Exception:
+            self._crash("ack")
+
+    def update_reading(self) -> None:
+        """Read only while the pipeline and this connection's inflight bound allow it."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        want = not self.server.pipeline.flow.paused and (
+            self.session.pending < self.server.limits.receive_maximum
+        )
+        if want != self._reading:
+            self._reading = want
+            if want:
+                transport.resume_reading()
+            else:
+                transport.pause_reading()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    # --- internals -------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        out = self.session.data_to_send()
+        if out and not transport.is_closing():
+            transport.write(out)
+        if self.session.closing:
+            transport.close()
+        elif self._reading and self.session.pending >= self.server.limits.receive_maximum:
+            self.update_reading()
+
+    def _message(self, event: PublishReceived, received_at: float) -> Message:
+        pk = event.publish
+        session = self.session
+        props = pk.properties
+        if props is None:
+            return Message(
+                source="mqtt", topic=pk.topic, payload=pk.payload, qos=pk.qos, retain=pk.retain,
+                client_id=session.client_id, username=session.username,
+                cert_identity=self.cert_identity, received_at=received_at,
+            )
+        return Message(
+            source="mqtt", topic=pk.topic, payload=pk.payload, qos=pk.qos, retain=pk.retain,
+            client_id=session.client_id, username=session.username,
+            cert_identity=self.cert_identity, received_at=received_at,
+            user_properties=props.user_properties, content_type=props.content_type,
+            payload_format=props.payload_format_indicator,
+            message_expiry=props.message_expiry_interval,
+            correlation_data=props.correlation_data, response_topic=props.response_topic,
+        )
+
+    def _register(self, event: Connected) -> None:
+        registry = self.server.registry
+        old = registry.get(event.client_id)
+        registry[event.client_id] = self
+        if old is not None and old is not self:
+            old.handle_events(old.session.takeover())
+        self.server.log.debug("mqtt_connected", peer=self.peer, client_id=event.client_id,
+                              version=event.version, session_present=event.session_present)
+
+    def _log_disconnect(self, event: Disconnected) -> None:
+        level = "debug" if event.by_client or event.reason_code < 0x80 else "info"
+        getattr(self.server.log, level)(
+            "mqtt_disconnected", peer=self.peer, client_id=self.session.client_id,
+            reason_code=f"0x{event.reason_code:02X}", reason=event.reason,
+            by_client=event.by_client,
+        )
+
+    def _crash(self, where: str) -> None:
+        """A bug must cost one connection, never the listener."""
+        self.server.log.exception("mqtt_connection_error", where=where, peer=self.peer,
+                                  client_id=self.session.client_id)
+        self.abort()
+
+
+def _cert_identity(cert: Any) -> str | None:
+    """Subject CN of a verified client certificate (mTLS), else None."""
+    if not cert:
+        return None
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None
