@@ -1,0 +1,382 @@
+"""The durable spool: records that are acknowledged to clients but not yet in Kafka.
+
+Invariants (each one is tested; docs/spool.md explains them for operators):
+
+1. Ack after fsync.  A record that is acknowledged because of the spool (not
+   because Kafka confirmed it) was written *and fsynced* (its segment file and,
+   for a new segment, the directory) before its ack is released.  Write or
+   fsync errors fail the acks of that batch; they are never retried as if the
+   data were safe (after a failed fsync the page cache state is unknown).
+2. Nothing acknowledged is deleted before Kafka has it.  A segment is deleted
+   only when every record in it has ``seq < watermark``, and the ledger holding
+   that watermark is fsynced first.
+3. Order.  Sequence numbers are assigned on the event loop in submission order,
+   written in that order, and replayed in that order.  Replay never skips a
+   durable record except one Kafka already confirmed.
+4. At least once.  The ledger may lag what Kafka confirmed (it is persisted
+   every ~200 ms, not per delivery), so a crash can replay a few records again:
+   duplicates are possible, loss is not.
+5. Damage is cut, not replayed and not fatal.  On open every segment is
+   checked frame by frame (length, CRC32C, increasing seq).  A torn tail (crash
+   mid-write) or a corrupt frame ends the segment there: the bytes from that
+   point are moved to ``<segment>.corrupt-<offset>`` for a person to look at,
+   the segment is truncated, and start-up goes on.  Records after damage inside
+   one segment are lost (reported with their byte count); later segments are
+   unaffected.
+6. Bounded.  The bytes of all segment files never exceed ``max_bytes``: an
+   append that would cross it raises ``SpoolFull`` and the caller holds the
+   record unacknowledged (backpressure) until deletions free space.
+7. One writer.  Only the writer thread writes, fsyncs, renames or deletes files;
+   the event loop only encodes frames and hands them over, so a slow disk
+   stalls acks, never the loop.
+
+The on-disk format is in ``spool_format.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import structlog
+
+from gateway.buffer import spool_format as fmt
+from gateway.errors import SpoolError
+from gateway.model import Record
+
+log = structlog.get_logger("lastmile.spool")
+
+# (first seq, last seq, error or None) for one group-committed batch, on the loop.
+DurableCallback = Callable[[int, int, OSError | None], None]
+LEDGER_INTERVAL_S = 0.2
+READ_CHUNK = 1 << 20
+
+
+class SpoolFull(SpoolError):
+    """The spool has reached spool.max_bytes."""
+
+
+@dataclass
+class Segment:
+    first_seq: int
+    path: str
+    size: int
+    last_seq: int  # first_seq - 1 while empty
+    fd: int = -1  # open for append only while it is the active segment
+
+
+@dataclass
+class Recovery:
+    watermark: int
+    next_seq: int
+    records: int
+    bytes: int
+    segments: int
+    damage: list[fmt.Damage] = field(default_factory=list)
+
+
+class Spool:
+    """Segment files in one directory (one spool per worker process)."""
+
+    def __init__(self, directory: str, *, max_bytes: int, segment_bytes: int,
+                 fsync_interval_ms: float) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self.segment_bytes = segment_bytes
+        self.interval = fsync_interval_ms / 1000.0
+        self.next_seq = 0  # loop side: next seq to assign
+        self.used_bytes = 0  # loop side: bytes on disk plus bytes handed to the writer
+        self.watermark = 0  # loop side: set by the buffer, read by the writer thread
+        self.written_seq = -1  # writer side: last seq of the last batch it finished
+        self.fsyncs = 0
+        self.write_errors = 0
+        self._segments: list[Segment] = []
+        self._lock = threading.Lock()  # guards _segments for the reader
+        self._cond = threading.Condition()
+        self._queue: list[tuple[int, bytes]] = []
+        self._first_at = 0.0
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_durable: DurableCallback | None = None
+        self._on_freed: Callable[[int], None] | None = None
+        self._persisted = -1
+        self._ledger_at = 0.0
+        self._roll_min = min(segment_bytes, 1 << 20)
+        # Reader position: (segment path, byte offset, seq of the first frame there or later).
+        self._rpos: tuple[str, int, int] | None = None
+
+    # --- recovery (before start) -----------------------------------------------
+
+    def recover(self) -> Recovery:
+        os.makedirs(self.directory, exist_ok=True)
+        stored = fmt.read_ledger(self.directory)
+        if stored is None and fmt.list_segments(self.directory):
+            log.warning("spool_ledger_missing", dir=self.directory,
+                        note="replaying every record on disk; duplicates are possible")
+        watermark = stored or 0
+        report = Recovery(watermark=watermark, next_seq=watermark, records=0, bytes=0,
+                          segments=0)
+        for first, path in fmt.list_segments(self.directory):
+            scan, damage, size = fmt.scan_segment(path)
+            if damage is not None:
+                self._quarantine(damage)
+                report.damage.append(damage)
+                size = damage.offset
+            last = scan.last_seq if scan.last_seq is not None else first - 1
+            if scan.records == 0 or last < watermark:
+                os.unlink(path)  # empty, or wholly confirmed before the crash
+                continue
+            report.records += sum(1 for _ in fmt.iter_records(path, watermark))
+            report.next_seq = max(report.next_seq, last + 1)
+            self._segments.append(Segment(first, path, size, last))
+        report.segments = len(self._segments)
+        report.bytes = self.used_bytes = sum(s.size for s in self._segments)
+        self.next_seq = report.next_seq
+        self.written_seq = report.next_seq - 1
+        self.watermark = self._persisted = watermark
+        log.info("spool_recovered", dir=self.directory, records=report.records,
+                 bytes=report.bytes, segments=report.segments, watermark=watermark,
+                 damaged=[d.as_dict() for d in report.damage])
+        return report
+
+    def _quarantine(self, damage: fmt.Damage) -> None:
+        with open(damage.path, "r+b") as f:
+            f.seek(damage.offset)
+            tail = f.read()
+            aside = f"{damage.path}.corrupt-{damage.offset}"
+            with open(aside, "wb") as out:
+                out.write(tail)
+                os.fsync(out.fileno())
+            f.truncate(damage.offset)
+            os.fsync(f.fileno())
+        log.error("spool_damage_cut", segment=damage.path, offset=damage.offset,
+                  bytes=damage.bytes_cut, reason=damage.reason, moved_to=aside)
+
+    # --- loop side ----------------------------------------------------------------
+
+    def start(self, on_durable: DurableCallback, on_freed: Callable[[int], None]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._on_durable, self._on_freed = on_durable, on_freed
+        self._thread = threading.Thread(target=self._run, name="spool-writer", daemon=True)
+        self._thread.start()
+
+    def append(self, record: Record) -> int:
+        """Encode and queue one record; returns its seq. Raises SpoolFull."""
+        frame = fmt.encode_frame(self.next_seq, record, time.time())
+        if self.used_bytes + len(frame) + len(fmt.MAGIC) > self.max_bytes:
+            raise SpoolFull()
+        seq = self.next_seq
+        self.next_seq += 1
+        self.used_bytes += len(frame)
+        with self._cond:
+            if not self._queue:
+                self._first_at = time.monotonic()
+                self._cond.notify()
+            self._queue.append((seq, frame))
+        return seq
+
+    def fits(self, record_bytes: int) -> bool:
+        return self.used_bytes + record_bytes + 64 <= self.max_bytes
+
+    async def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+
+    def segment_count(self) -> int:
+        with self._lock:
+            return len(self._segments)
+
+    # --- writer thread --------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if not self._queue and not self._closing:
+                    self._cond.wait(LEDGER_INTERVAL_S)
+                closing = self._closing
+                wait = self._first_at + self.interval - time.monotonic()
+            if wait > 0 and not closing:
+                time.sleep(wait)  # group commit: let the batch fill for one interval
+            with self._cond:
+                batch, self._queue = self._queue, []
+            if batch:
+                self._write(batch)
+            self._housekeep(force=closing and not batch)
+            if closing and not batch:
+                break
+        for seg in self._segments:
+            if seg.fd >= 0:
+                os.close(seg.fd)
+                seg.fd = -1
+
+    def _write(self, batch: list[tuple[int, bytes]]) -> None:
+        first, last = batch[0][0], batch[-1][0]
+        error: OSError | None = None
+        seg: Segment | None = None
+        try:
+            seg, new = self._active(first)
+            data = b"".join(frame for _, frame in batch)
+            if new:
+                data = fmt.MAGIC + data
+            view = memoryview(data)
+            while view:
+                view = view[os.write(seg.fd, view):]
+            os.fdatasync(seg.fd)
+            if new:
+                self._fsync_dir()
+            self.fsyncs += 1
+            seg.size += len(data)
+            seg.last_seq = last
+        except OSError as exc:
+            error = exc
+            self.write_errors += 1
+            self._abandon(seg)
+        self.written_seq = last
+        self._post(self._on_durable, first, last, error)
+
+    def _active(self, first: int) -> tuple[Segment, bool]:
+        seg = self._segments[-1] if self._segments else None
+        if seg is not None and seg.fd >= 0 and seg.size < self.segment_bytes:
+            return seg, False
+        if seg is not None and seg.fd >= 0:
+            os.close(seg.fd)
+            seg.fd = -1
+        path = os.path.join(self.directory, fmt.segment_name(first))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        seg = Segment(first, path, 0, first - 1, fd)
+        with self._lock:
+            self._segments.append(seg)
+        return seg, True
+
+    def _abandon(self, seg: Segment | None) -> None:
+        """After a failed write: cut what may be half-written, and never append here again."""
+        if seg is None or seg.fd < 0:
+            return
+        # If the cut fails, recovery cuts it instead; the segment is closed for writing anyway.
+        with contextlib.suppress(OSError):
+            os.ftruncate(seg.fd, seg.size)
+        os.close(seg.fd)
+        seg.fd = -1
+        if seg.size == 0:
+            with self._lock:
+                self._segments.remove(seg)
+            with contextlib.suppress(OSError):
+                os.unlink(seg.path)
+
+    def _fsync_dir(self) -> None:
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _housekeep(self, force: bool) -> None:
+        """Persist the watermark, then delete segments it fully covers (invariant 2)."""
+        watermark = self.watermark
+        now = time.monotonic()
+        recent = now - self._ledger_at < LEDGER_INTERVAL_S
+        if watermark == self._persisted or (recent and not force):
+            return
+        try:
+            fmt.write_ledger(self.directory, watermark)
+        except OSError as exc:
+            log.error("spool_ledger_write_failed", dir=self.directory, error=str(exc))
+            return
+        self._persisted, self._ledger_at = watermark, now
+        freed = 0
+        for seg in list(self._segments):
+            if seg.last_seq >= watermark or seg.last_seq < seg.first_seq:
+                continue
+            if seg.fd >= 0:
+                if seg.size < self._roll_min and not force:
+                    continue  # keep appending to a small active segment
+                os.close(seg.fd)
+                seg.fd = -1
+            with self._lock:
+                self._segments.remove(seg)
+            try:
+                os.unlink(seg.path)
+            except OSError as exc:
+                log.error("spool_segment_delete_failed", segment=seg.path, error=str(exc))
+                continue
+            freed += seg.size
+        if freed:
+            self._post(self._on_freed, freed)
+
+    def _post(self, callback: Callable[..., None] | None, *args: object) -> None:
+        if callback is None or self._loop is None:
+            return
+        # A closed loop means shutdown: the ledger and files are already consistent.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(callback, *args)
+
+    # --- reader (one executor thread) -------------------------------------------------
+
+    def read(self, cursor: int, max_records: int) -> tuple[list[tuple[int, Record]], int]:
+        """Durable records with ``seq >= cursor``, in order, and the cursor after them.
+
+        Reads only up to the last batch the writer finished, so a frame being
+        written is never seen half done.  At the end of the data the cursor moves
+        past that batch, which also steps over seqs of a failed batch.
+        """
+        limit = self.written_seq
+        out: list[tuple[int, Record]] = []
+        with self._lock:
+            segments = [(s.first_seq, s.path) for s in self._segments]
+        start = 0
+        for i, (first, _) in enumerate(segments):
+            if first <= cursor:
+                start = i
+        hint = self._rpos
+        for first, path in segments[start:]:
+            if first > limit:
+                break
+            offset = len(fmt.MAGIC)
+            if hint is not None and hint[0] == path and hint[2] <= cursor:
+                offset = hint[1]  # continue where the last read stopped, not from the top
+            if self._read_segment(path, offset, cursor, limit, max_records, out):
+                break
+        if len(out) >= max_records:
+            return out, out[-1][0] + 1
+        return out, max(cursor, limit + 1)
+
+    def _read_segment(self, path: str, pos: int, cursor: int, limit: int, max_records: int,
+                      out: list[tuple[int, Record]]) -> bool:
+        """Append records from one segment; True when reading should stop here."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False  # deleted: every record in it was confirmed
+        try:
+            data = b""
+            while True:
+                chunk = os.pread(fd, READ_CHUNK, pos + len(data))
+                if not chunk:
+                    return False
+                data += chunk
+                scan = fmt.walk_frames(data, 0, keep=True)
+                end = pos
+                for seq, body in scan.frames:
+                    end += fmt.HEADER.size + len(body)
+                    if seq > limit:
+                        return True
+                    if seq >= cursor:
+                        out.append((seq, fmt.decode_body(body).to_record()))
+                        self._rpos = (path, end, seq + 1)
+                        if len(out) >= max_records:
+                            return True
+                if scan.damage == "corrupt":
+                    log.error("spool_read_damage", segment=path, offset=pos + scan.valid_end)
+                    return False
+                pos, data = pos + scan.valid_end, data[scan.valid_end:]
+        finally:
+            os.close(fd)
