@@ -99,8 +99,12 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     http_max_body_bytes: int = 1 << 20
     http_max_batch_records: int = 1_000
     http_rate_per_client: float = 0.0  # requests/s; 0 = unlimited
+    http_rate_burst: float = 0.0  # bucket size in requests; 0 = one second's worth
     http_body_timeout_s: float = 30.0
     idempotency_window_s: float = 300.0
+    # Bounds on remembered Idempotency-Key answers; the oldest are forgotten first.
+    idempotency_max_keys: int = 100_000
+    idempotency_max_bytes: int = 64 << 20
 
 
 class Auth(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
