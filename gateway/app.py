@@ -75,9 +75,12 @@ class App:
                 emb = self.config.kafka.embedded
                 self.embedded = EmbeddedBroker(emb.host, emb.port)
                 self.embedded.start_sync()
-                broker = self.embedded
-                self._cleanups.append(("embedded broker", lambda _t: _sync(broker.stop)))
+                self._cleanups.append(("embedded broker", self._stop_embedded))
             self.bootstrap[name] = self.embedded.bootstrap
+
+    async def _stop_embedded(self, _timeout: float) -> None:
+        if self.embedded is not None:
+            await _sync(self.embedded.stop)
 
     async def _start_kafka(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.resolve_embedded)

@@ -27,7 +27,7 @@ def _serve(args: argparse.Namespace) -> int:
     if config.workers > 1:
         from gateway.supervisor import run_supervisor
 
-        return run_supervisor(config, rules_dir, args.config)
+        return int(run_supervisor(config, rules_dir, args.config))
     return run_worker(config, rules_dir)
 
 
@@ -56,7 +56,21 @@ def run_worker(config: object, rules_dir: str, worker_id: int = 0,
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        log.exception("startup_failed", error=str(exc))
+        return 1
     return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    """One worker process under the supervisor (listeners shared with SO_REUSEPORT)."""
+    from gateway.config import load_config
+    from gateway.observability import configure_logging
+
+    config = load_config(args.config)
+    configure_logging(config.log.level, config.log.format)
+    bootstrap = dict(item.split("=", 1) for item in args.bootstrap)
+    return run_worker(config, args.rules, args.worker_id, bootstrap, reuse_port=True)
 
 
 def _spool_inspect(args: argparse.Namespace) -> int:
@@ -67,7 +81,7 @@ def _spool_inspect(args: argparse.Namespace) -> int:
         from gateway.config import load_config
 
         directory = load_config(args.config).spool.dir
-    return main_inspect(directory, args.json)
+    return int(main_inspect(directory, args.json))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", default=DEFAULT_CONFIG, help="gateway settings YAML")
     serve.add_argument("--rules", default=None, help="rules directory (default: rules.dir)")
     serve.set_defaults(func=_serve)
+
+    worker = sub.add_parser("worker", help=argparse.SUPPRESS)
+    worker.add_argument("--config", default=DEFAULT_CONFIG)
+    worker.add_argument("--rules", required=True)
+    worker.add_argument("--worker-id", type=int, required=True)
+    worker.add_argument("--bootstrap", action="append", default=[])
+    worker.set_defaults(func=_worker)
 
     from gateway.routing.cli_rules import add_rules_parser
 

@@ -41,7 +41,9 @@ def gateway_factory(tmp_path: Path, broker: Broker, rules_dir: Path):  # type: i
     """Build ``lastmile serve`` processes on free ports against a broker."""
     procs: list[GatewayProcess] = []
 
-    def make(bootstrap: str | None = None, **overrides: object) -> tuple[GatewayProcess, dict[str, int]]:
+    def make(
+        bootstrap: str | None = None, **overrides: object
+    ) -> tuple[GatewayProcess, dict[str, int]]:
         n = len(procs)
         cfg = tmp_path / f"gateway-{n}.yaml"
         ports = write_config(cfg, bootstrap=bootstrap or broker.bootstrap, rules_dir=rules_dir,

@@ -151,7 +151,9 @@ def _has_path(node: Any, path: PathKey) -> bool:
     for part in path:
         if part == ANY_KEY:
             return isinstance(node, dict)
-        if (isinstance(node, dict) and part in node) or (isinstance(node, list) and isinstance(part, int) and part < len(node)):
+        in_dict = isinstance(node, dict) and part in node
+        in_list = isinstance(node, list) and isinstance(part, int) and part < len(node)
+        if in_dict or in_list:
             node = node[part]
         else:
             return False

@@ -1,0 +1,126 @@
+"""Worker processes sharing every listener (SO_REUSEPORT).
+
+The supervisor starts the embedded dev broker once (if configured), then
+``workers`` child processes (``lastmile worker``), each with its own event loop,
+Kafka producer per cluster and spool directory.  It restarts a worker that dies,
+forwards SIGHUP (rules reload) and turns SIGTERM/SIGINT into a graceful drain
+with a deadline; a second signal kills the workers at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import structlog
+
+from gateway.app import App
+from gateway.config.schema import Config
+
+log = structlog.get_logger("lastmile.supervisor")
+
+RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
+
+
+class Supervisor:
+    def __init__(self, config: Config, rules_dir: str, config_path: str) -> None:
+        self.config = config
+        self.rules_dir = rules_dir
+        self.config_path = config_path
+        self.workers: dict[int, subprocess.Popen[bytes]] = {}
+        self.restarts: dict[int, int] = {}
+        self.stopping = 0
+        self.reload_requested = False
+        self.metrics_dir = tempfile.mkdtemp(prefix="lastmile-metrics-")
+
+    def _spawn(self, worker_id: int, bootstrap: dict[str, str]) -> None:
+        cmd = [sys.executable, "-m", "gateway.cli", "worker", "--config", self.config_path,
+               "--rules", self.rules_dir, "--worker-id", str(worker_id)]
+        for name, servers in bootstrap.items():
+            cmd += ["--bootstrap", f"{name}={servers}"]
+        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir}
+        self.workers[worker_id] = subprocess.Popen(cmd, env=env)
+        log.info("worker_started", worker=worker_id, pid=self.workers[worker_id].pid)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        if signum == signal.SIGHUP:
+            self.reload_requested = True
+            return
+        self.stopping += 1
+
+    def _broadcast(self, sig: int) -> None:
+        for proc in self.workers.values():
+            if proc.poll() is None:
+                proc.send_signal(sig)
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        # The embedded broker (dev only) is shared by all workers.
+        resolver = App(self.config, self.rules_dir)
+        resolver.resolve_embedded()
+        try:
+            for worker_id in range(self.config.workers):
+                self._spawn(worker_id, resolver.bootstrap)
+            self._watch(resolver.bootstrap)
+            return self._drain()
+        finally:
+            if resolver.embedded is not None:
+                resolver.embedded.stop()
+
+    def _watch(self, bootstrap: dict[str, str]) -> None:
+        """Until a stop signal: restart dead workers, forward reloads."""
+        while not self.stopping:
+            if self.reload_requested:
+                self.reload_requested = False
+                log.info("rules_reload_forwarded", workers=len(self.workers))
+                self._broadcast(signal.SIGHUP)
+            for worker_id, proc in list(self.workers.items()):
+                code = proc.poll()
+                if code is None:
+                    continue
+                self._mark_dead(proc.pid)
+                count = self.restarts.get(worker_id, 0)
+                self.restarts[worker_id] = count + 1
+                delay = RESTART_BACKOFF_S[min(count, len(RESTART_BACKOFF_S) - 1)]
+                log.error("worker_died", worker=worker_id, pid=proc.pid, code=code,
+                          restart_in_s=delay)
+                time.sleep(delay)
+                if not self.stopping:
+                    self._spawn(worker_id, bootstrap)
+            time.sleep(0.2)
+
+    def _drain(self) -> int:
+        log.info("supervisor_stopping", workers=len(self.workers))
+        self._broadcast(signal.SIGTERM)
+        deadline = time.monotonic() + self.config.shutdown_timeout_s + 5
+        while time.monotonic() < deadline and self.stopping < 2:
+            if all(proc.poll() is not None for proc in self.workers.values()):
+                break
+            time.sleep(0.1)
+        code = 0
+        for worker_id, proc in self.workers.items():
+            if proc.poll() is None:
+                log.warning("worker_killed", worker=worker_id, pid=proc.pid)
+                proc.kill()
+                proc.wait()
+                code = 1
+            self._mark_dead(proc.pid)
+        log.info("supervisor_stopped")
+        return code
+
+    def _mark_dead(self, pid: int) -> None:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid, self.metrics_dir)  # type: ignore[no-untyped-call]
+
+
+def run_supervisor(config: Config, rules_dir: str, config_path: str) -> int:
+    if not Path(config_path).exists():
+        log.warning("config_file_missing", path=config_path)
+    return Supervisor(config, rules_dir, config_path).run()
