@@ -92,7 +92,7 @@ class Buffer(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class Limits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_connections: int = 100_000
     max_packet_size: int = 1 << 20
-    max_inflight: int = 1000  # MQTT 5 Receive Maximum and the 3.1.1 inflight bound
+    max_inflight: int = 256  # MQTT 5 Receive Maximum and the 3.1.1 inflight bound
     connect_timeout_s: float = 10.0
     max_keepalive_s: int = 0  # 0: accept the client's; else MQTT 5 Server Keep Alive cap
     topic_alias_maximum: int = 65_535

@@ -2,10 +2,55 @@
 
 from __future__ import annotations
 
+import ssl
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from gateway.app import App
+    from gateway.config.schema import TlsListener
+
+
+def tls_context(listener: TlsListener) -> ssl.SSLContext:
+    """Server TLS context; with ``require_client_cert`` clients need a cert from ``cafile``."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    assert listener.certfile and listener.keyfile
+    context.load_cert_chain(listener.certfile, listener.keyfile)
+    if listener.cafile:
+        context.load_verify_locations(listener.cafile)
+        context.verify_mode = ssl.CERT_REQUIRED if listener.require_client_cert \
+            else ssl.CERT_OPTIONAL
+    return context
+
+
+async def start_mqtt(app: App) -> None:
+    from gateway.protocols.mqtt.events import MqttLimits
+    from gateway.sources.mqtt_server import MqttServer
+
+    cfg = app.config
+    listeners = cfg.listeners
+    if not (listeners.mqtt.enabled or listeners.mqtts.enabled or listeners.ws.enabled):
+        return
+    limits = MqttLimits(
+        max_packet_size=cfg.limits.max_packet_size,
+        receive_maximum=cfg.limits.max_inflight,
+        connect_timeout=cfg.limits.connect_timeout_s,
+        max_keep_alive=cfg.limits.max_keepalive_s,
+        topic_alias_maximum=cfg.limits.topic_alias_maximum,
+    )
+    assert app.pipeline is not None
+    server = MqttServer(app.pipeline, limits)
+    app.servers["mqtt"] = server
+    if listeners.mqtt.enabled:
+        await server.start(listeners.mqtt.host, listeners.mqtt.port, reuse_port=app.reuse_port)
+    if listeners.mqtts.enabled:
+        await server.start(listeners.mqtts.host, listeners.mqtts.port,
+                           ssl=tls_context(listeners.mqtts), reuse_port=app.reuse_port)
+
+    async def close(timeout: float) -> None:
+        await server.stop_accepting()
+        await server.close(timeout)
+
+    app.add_cleanup("mqtt listeners", close)
 
 
 async def start_sources(app: App) -> None:
@@ -13,3 +58,4 @@ async def start_sources(app: App) -> None:
     from gateway.observability.http import start_metrics
 
     await start_metrics(app)
+    await start_mqtt(app)
