@@ -170,7 +170,9 @@ def run(s: Settings, clients_out: str | None = None) -> dict[str, object]:
 def _publish_summary(s: Settings, final: list[dict], clients_out: str | None) -> dict:
     sent = sum(r["sent"] for r in final)
     acked = sum(r["acked"] for r in final)
-    secs = max((r["pub_seconds"] for r in final), default=0.0)
+    # Publishing time plus the time the server took to read what was still queued
+    # in socket buffers (PINGREQ/PINGRESP round trip on every connection).
+    secs = max((r["pub_seconds"] + r.get("drain_seconds", 0.0) for r in final), default=0.0)
     lat: list[float] = []
     clients: dict[str, object] = {}
     for r in final:
@@ -184,6 +186,7 @@ def _publish_summary(s: Settings, final: list[dict], clients_out: str | None) ->
         "acked": acked if s.qos else None,
         "unacked": (sent - acked) if s.qos else None,
         "publish_seconds": round(secs, 3),
+        "drain_seconds": round(max((r.get("drain_seconds", 0.0) for r in final), default=0), 3),
         "offered_rate": s.rate or "max",
         "sent_per_s": round(sent / secs, 1) if secs else None,
         "acked_per_s": round(acked / secs, 1) if secs and s.qos else None,

@@ -43,7 +43,8 @@ def versions() -> dict[str, str]:
         import confluent_kafka
 
         out["librdkafka"] = confluent_kafka.libversion()[0]
-        out["confluent-kafka"] = confluent_kafka.version()[0]
+        ver = confluent_kafka.version()
+        out["confluent-kafka"] = ver[0] if isinstance(ver, tuple) else str(ver)
     except ImportError:
         out["librdkafka"] = "not installed"
     try:

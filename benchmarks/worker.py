@@ -24,7 +24,7 @@ class Conn(asyncio.Protocol):
     """One MQTT client connection; parses CONNACK/PUBACK/PINGRESP inline."""
 
     __slots__ = ("acked", "buf", "closing", "connack", "enc", "inflight", "lat", "lost",
-                 "next_pid", "paused", "seq", "transport", "version", "wake", "wg")
+                 "next_pid", "paused", "pongs", "seq", "transport", "version", "wake", "wg")
 
     def __init__(self, wg: WorkerState, enc: w.PublishEncoder | None, version: int) -> None:
         self.wg = wg
@@ -38,6 +38,7 @@ class Conn(asyncio.Protocol):
         self.seq = 0
         self.acked = 0
         self.paused = False
+        self.pongs = 0
         self.closing = False
         self.lost = False
         self.lat = wg.lat
@@ -91,7 +92,10 @@ class Conn(asyncio.Protocol):
             return True
         elif typ == w.DISCONNECT:
             self.wg.err(f"server_disconnect_{body[:1].hex() or '00'}")
-        elif typ != w.PINGRESP:
+        elif typ == w.PINGRESP:
+            self.pongs += 1
+            return True
+        else:
             self.wg.err(f"unexpected_packet_{typ}")
         return False
 
@@ -243,6 +247,24 @@ async def _publish(s: dict[str, Any], conns: list[Conn], wg: WorkerState, share:
     return time.monotonic() - t0
 
 
+async def _drain(conns: list[Conn], wg: WorkerState, timeout: float) -> None:
+    """PINGREQ on every connection, wait for every PINGRESP: the server answers in
+    order, so then it has read everything sent (not merely queued in socket buffers)."""
+    for c in conns:
+        if not c.lost:
+            c.pongs = 0
+            c.transport.write(w.PINGREQ_BYTES)  # type: ignore[union-attr]
+    end = time.monotonic() + timeout
+    while any(c.pongs == 0 and not c.lost for c in conns) and time.monotonic() < end:
+        wg.event.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await wg.event.wait()
+    wg.errors["drain_timeout"] = sum(1 for c in conns if c.pongs == 0 and not c.lost) or 0
+    if not wg.errors["drain_timeout"]:
+        del wg.errors["drain_timeout"]
+
+
 async def _worker(s: dict[str, Any], wid: int, lo: int, hi: int, q: Any, start: Any,
                   stop: Any) -> None:
     wg = WorkerState()
@@ -265,6 +287,9 @@ async def _worker(s: dict[str, Any], wid: int, lo: int, hi: int, q: Any, start: 
         share = (hi - lo) / s["connections"]
         cap = int(s["max_messages"] * share) or 1
         final["pub_seconds"] = await _publish(s, conns, wg, share, cap)
+        t_drain = time.monotonic()
+        await _drain(conns, wg, max(s["grace"], 60.0))
+        final["drain_seconds"] = time.monotonic() - t_drain
         grace_end = time.monotonic() + s["grace"]
         while any(c.inflight and not c.lost for c in conns) and time.monotonic() < grace_end:
             wg.event.clear()
