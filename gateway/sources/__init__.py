@@ -56,6 +56,10 @@ async def start_mqtt(app: App) -> None:
 async def start_sources(app: App) -> None:
     """Start listeners in order; each registers its own cleanup on the app."""
     from gateway.observability.http import start_metrics
+    from gateway.sources.http_server import start_http
 
     await start_metrics(app)
+    # HTTP before MQTT so shutdown (reverse order) ends MQTT sessions, WebSocket ones
+    # included, before the HTTP listener goes; /mqtt finds the MQTT server per request.
+    await start_http(app)
     await start_mqtt(app)

@@ -1,0 +1,155 @@
+"""POST /v1/batch: many records in one request, one result per record.
+
+Parsing is all-or-nothing: a record that cannot be read makes the request
+malformed (400, naming its index and, for NDJSON, its line), and nothing is
+produced.  Once every record parses, each one is routed and produced on its
+own, and the answer says per record what happened: a refusal by the rules
+refuses that record only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import time
+
+import msgspec
+
+from gateway.errors import GatewayError, TopicInvalid, Unavailable
+from gateway.model import Message, Outcome
+from gateway.pipeline import Pipeline
+from gateway.sources.http_common import (
+    Identity,
+    MalformedBatch,
+    TooManyRecords,
+    UnsupportedMediaType,
+    check_topic,
+    outcome_json,
+    publish,
+)
+
+JSON_TYPES = frozenset({"application/json"})
+NDJSON_TYPES = frozenset({"application/x-ndjson", "application/jsonl", "application/x-jsonlines"})
+
+_EMPTY = msgspec.Raw()
+
+
+class BatchRecord(msgspec.Struct, forbid_unknown_fields=True):
+    topic: str
+    # Exactly one of the three payload forms; an absent Raw is empty.
+    payload: msgspec.Raw = _EMPTY
+    payload_text: str | None = None
+    payload_base64: str | None = None
+    key: str | None = None
+    headers: dict[str, str] = {}
+
+
+_decode_list = msgspec.json.Decoder(list[msgspec.Raw]).decode
+_decode_record = msgspec.json.Decoder(BatchRecord).decode
+
+
+def _payload(record: BatchRecord) -> bytes:
+    given = [record.payload != _EMPTY, record.payload_text is not None,
+             record.payload_base64 is not None]
+    if sum(given) != 1:
+        raise ValueError("give exactly one of payload, payload_text, payload_base64")
+    if record.payload_text is not None:
+        return record.payload_text.encode()
+    if record.payload_base64 is not None:
+        try:
+            return base64.b64decode(record.payload_base64, validate=True)
+        except binascii.Error as exc:
+            raise ValueError(f"payload_base64 is not valid base64: {exc}") from exc
+    # A JSON value travels as the exact bytes the client sent: no re-encoding.
+    return bytes(record.payload)
+
+
+def _message(raw: bytes, identity: Identity, now: float) -> Message:
+    record = _decode_record(raw)
+    return Message(
+        source="http", topic=record.topic, payload=_payload(record), qos=1,
+        client_id=identity.client_id, username=identity.username,
+        key=record.key.encode() if record.key is not None else None,
+        headers=[(name, value.encode()) for name, value in record.headers.items()],
+        received_at=now,
+    )
+
+
+def _items(body: bytes, content_type: str) -> list[tuple[bytes, int | None]]:
+    """The raw records, each with its NDJSON line number (None for a JSON array)."""
+    if content_type in JSON_TYPES:
+        try:
+            return [(bytes(raw), None) for raw in _decode_list(body)]
+        except msgspec.DecodeError as exc:
+            raise MalformedBatch(f"body is not a JSON array: {exc}") from exc
+    if content_type in NDJSON_TYPES:
+        lines = body.split(b"\n")
+        return [(line, n) for n, line in enumerate(lines, 1) if line.strip()]
+    raise UnsupportedMediaType(
+        f"Content-Type {content_type!r}: use application/json or application/x-ndjson")
+
+
+def parse_batch(body: bytes, content_type: str, identity: Identity,
+                max_records: int) -> list[Message]:
+    """Messages for every record, or the error naming the first bad one."""
+    items = _items(body, content_type)
+    if not items:
+        raise MalformedBatch("the batch holds no records")
+    if len(items) > max_records:
+        raise TooManyRecords(f"{len(items)} records; the limit is {max_records}")
+    now = time.time()
+    messages = []
+    for index, (raw, line) in enumerate(items):
+        try:
+            messages.append(_message(raw, identity, now))
+        except (msgspec.DecodeError, ValueError) as exc:
+            where = f"record {index}" + (f" (line {line})" if line is not None else "")
+            raise MalformedBatch(f"{where}: {exc}", index=index, line=line) from exc
+    return messages
+
+
+def _result(index: int, outcome: Outcome) -> dict[str, object]:
+    if outcome.ok:
+        return {"index": index, "status": 200, **outcome_json(outcome)}
+    error = outcome.error or Unavailable("no outcome")
+    return {"index": index, "status": error.http_status, **error.to_json()}
+
+
+async def produce_batch(pipeline: Pipeline,
+                        messages: list[Message]) -> tuple[int, dict[str, object]]:
+    """Publish every message; the status and body that answer the whole batch.
+
+    200 only when every record was taken; 503 when none was and every refusal
+    was the gateway being unable to take more (the client should retry all);
+    207 otherwise, with the status of each record.
+    """
+    futures: list[asyncio.Future[Outcome]] = []
+    for message in messages:
+        try:
+            check_topic(message.topic)
+        except TopicInvalid as exc:
+            futures.append(_resolved(Outcome(ok=False, error=exc)))
+            continue
+        futures.append(publish(pipeline, message))
+    outcomes = await asyncio.gather(*futures)
+    results = [_result(i, outcome) for i, outcome in enumerate(outcomes)]
+    taken = sum(1 for outcome in outcomes if outcome.ok)
+    body: dict[str, object] = {"taken": taken, "refused": len(outcomes) - taken,
+                               "results": results}
+    if taken == len(outcomes):
+        return 200, body
+    if taken == 0 and all(_unavailable(o.error) for o in outcomes):
+        return 503, body
+    return 207, body
+
+
+def _unavailable(error: GatewayError | None) -> bool:
+    return isinstance(error, Unavailable) or (
+        error is not None and error.retriable and error.http_status == 503)
+
+
+def _resolved(outcome: Outcome) -> asyncio.Future[Outcome]:
+    future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+    future.set_result(outcome)
+    return future

@@ -1,0 +1,249 @@
+"""What every HTTP ingest endpoint shares: errors as JSON, bodies, identity, rates.
+
+The handlers in ``http_server`` and ``rest_proxy`` only decide what a request
+means; reading the body within its limits, finding out who is asking, and
+turning a ``GatewayError`` into an honest status live here once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import NamedTuple
+
+import msgspec
+from aiohttp import web
+
+from gateway.errors import (
+    GatewayError,
+    NotAuthorized,
+    PacketTooLarge,
+    ProtocolError,
+    QuotaExceeded,
+    TopicInvalid,
+)
+from gateway.model import Delivery, Message, Outcome
+from gateway.pipeline import Pipeline
+
+# Seconds a client should wait after a 503: the buffer drains in well under that
+# when Kafka is healthy, and a longer hint only slows recovery.
+RETRY_AFTER_S = 1
+
+_encode = msgspec.json.Encoder().encode
+
+
+# --- errors only HTTP can produce ---------------------------------------------------
+
+
+class BadRequest(ProtocolError):
+    """The request is malformed."""
+
+    code = "bad_request"
+
+
+class MalformedBatch(BadRequest):
+    """A batch record could not be parsed."""
+
+    code = "malformed_batch"
+
+
+class BodyTooLarge(PacketTooLarge):
+    """The request body exceeds limits.http_max_body_bytes."""
+
+    code = "body_too_large"
+
+
+class TooManyRecords(PacketTooLarge):
+    """The batch holds more records than limits.http_max_batch_records."""
+
+    code = "too_many_records"
+
+
+class UnsupportedMediaType(ProtocolError):
+    """The Content-Type is not one this endpoint accepts."""
+
+    code = "unsupported_media_type"
+    http_status = 415
+
+
+class RequestTimeout(ProtocolError):
+    """The request body did not arrive within limits.http_body_timeout_s."""
+
+    code = "request_timeout"
+    http_status = 408
+
+
+class NotAuthenticated(NotAuthorized):
+    """The request carries no identity this gateway accepts."""
+
+    code = "not_authenticated"
+    http_status = 401
+
+
+class IdempotencyKeyReused(ProtocolError):
+    """This Idempotency-Key was already used for a different request."""
+
+    code = "idempotency_key_reused"
+    http_status = 422
+
+
+# --- responses ------------------------------------------------------------------------
+
+
+def json_response(body: object, status: int = 200,
+                  headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=_encode(body), status=status, headers=headers,
+                        content_type="application/json")
+
+
+def retry_headers(error: GatewayError, retry_after: float | None = None) -> dict[str, str]:
+    """Retry-After on every refusal a client should retry (429, 503)."""
+    if error.retriable and error.http_status in (429, 503):
+        return {"Retry-After": str(max(1, round(retry_after or RETRY_AFTER_S)))}
+    return {}
+
+
+def error_response(error: GatewayError) -> web.Response:
+    wait = error.details.get("retry_after_s")
+    headers = retry_headers(error, wait if isinstance(wait, float) else None)
+    return json_response(error.to_json(), error.http_status, headers)
+
+
+def delivery_json(delivery: Delivery) -> dict[str, object]:
+    out: dict[str, object] = {"cluster": delivery.cluster, "topic": delivery.topic}
+    if delivery.spooled:
+        # Safe on the gateway's disk; Kafka has not assigned a partition/offset yet.
+        out["spooled"] = True
+    else:
+        out["partition"] = delivery.partition
+        out["offset"] = delivery.offset
+    return out
+
+
+def outcome_json(outcome: Outcome) -> dict[str, object]:
+    """The success body: where the message went, and anything surprising about it."""
+    body: dict[str, object] = {"deliveries": [delivery_json(d) for d in outcome.deliveries]}
+    if outcome.rule:
+        body["rule"] = outcome.rule
+    if outcome.dropped:
+        body["dropped"] = True
+    if outcome.dead_lettered:
+        body["dead_lettered"] = True
+    return body
+
+
+# --- the pipeline as an awaitable ------------------------------------------------------
+
+
+def publish(pipeline: Pipeline, message: Message) -> asyncio.Future[Outcome]:
+    """Hand ``message`` to the pipeline; the future resolves when its fate is known."""
+    future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+
+    def done(outcome: Outcome) -> None:
+        if not future.done():  # the client may have gone; the answer still resolves
+            future.set_result(outcome)
+
+    pipeline.publish(message, done)
+    return future
+
+
+def check_topic(topic: str) -> None:
+    """MQTT topic-name rules, so HTTP cannot publish what MQTT could not."""
+    if not topic:
+        raise TopicInvalid("topic is empty")
+    if "+" in topic or "#" in topic or "\x00" in topic:
+        raise TopicInvalid(f"topic {topic!r} contains a wildcard or NUL")
+    if len(topic.encode()) > 65_535:
+        raise TopicInvalid("topic is longer than 65535 bytes")
+
+
+# --- the body ---------------------------------------------------------------------------
+
+
+async def read_body(request: web.Request, max_bytes: int, timeout_s: float) -> bytes:
+    """The whole body, decompressed (aiohttp inflates ``Content-Encoding: gzip``).
+
+    The size limit applies to the decompressed bytes and is checked while
+    reading, so neither a lying Content-Length nor a gzip bomb gets past it.
+    """
+    length = request.content_length
+    if length is not None and length > max_bytes:
+        raise BodyTooLarge(f"body is {length} bytes; the limit is {max_bytes}")
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise BodyTooLarge(f"body exceeds {max_bytes} bytes")
+                chunks.append(chunk)
+    except TimeoutError as exc:
+        raise RequestTimeout(f"body not received within {timeout_s:g}s") from exc
+    return b"".join(chunks)
+
+
+def media_type(request: web.Request) -> str:
+    # aiohttp reports a missing Content-Type as application/octet-stream.
+    return request.content_type.lower()
+
+
+# --- who is asking ------------------------------------------------------------------------
+
+
+class Identity(NamedTuple):
+    client_id: str
+    username: str | None
+
+
+# The hook for real authentication (password file, JWT): it gets the request and
+# returns the identity or raises NotAuthenticated / NotAuthorized.
+Authenticator = Callable[[web.Request], Identity]
+
+
+def header_identity(allow_anonymous: bool) -> Authenticator:
+    """Identity from ``X-Client-Id``; with anonymous access off nothing passes yet."""
+
+    def identify(request: web.Request) -> Identity:
+        if not allow_anonymous:
+            raise NotAuthenticated("anonymous HTTP publishing is disabled (auth.allow_anonymous)")
+        return Identity(request.headers.get("X-Client-Id", ""), None)
+
+    return identify
+
+
+class RateLimiter:
+    """A token bucket per client, in a bounded LRU (an idle client's bucket is full anyway)."""
+
+    __slots__ = ("_buckets", "burst", "max_clients", "rate")
+
+    def __init__(self, rate: float, burst: float, max_clients: int = 100_000) -> None:
+        self.rate = rate
+        self.burst = max(1.0, burst or rate)
+        self.max_clients = max_clients
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def take(self, client: str, now: float | None = None) -> float:
+        """0 when allowed; otherwise the seconds until a token is available."""
+        if self.rate <= 0:
+            return 0.0
+        now = time.monotonic() if now is None else now
+        tokens, last = self._buckets.pop(client, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        wait = 0.0
+        if tokens >= 1.0:
+            tokens -= 1.0
+        else:
+            wait = (1.0 - tokens) / self.rate
+        self._buckets[client] = (tokens, now)
+        while len(self._buckets) > self.max_clients:
+            self._buckets.popitem(last=False)
+        return wait
+
+    def check(self, client: str) -> None:
+        wait = self.take(client)
+        if wait > 0:
+            raise QuotaExceeded(f"more than {self.rate:g} requests/s",
+                                retry_after_s=round(wait, 3))

@@ -1,0 +1,233 @@
+"""The HTTP listener: ingest for apps, REST Proxy v2 produce, MQTT over WebSocket.
+
+Every POST goes through the same gate, in this order: who is asking (the
+authenticator hook), their request rate, the body (size and time limits),
+the Idempotency-Key (a retry gets the first answer), then whether the
+gateway can take more (503 with Retry-After while the buffer is paused).
+Only then does a handler turn the body into Messages for the pipeline.
+
+Statuses are honest: 200 only once every record is safe (Kafka or the spool),
+202 only for ``?async=true`` (accepted into the buffer, not yet safe).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import structlog
+from aiohttp import web
+
+from gateway.errors import GatewayError, Unavailable
+from gateway.model import Message, Outcome
+from gateway.pipeline import Pipeline
+from gateway.sources import rest_proxy
+from gateway.sources.http_batch import parse_batch, produce_batch
+from gateway.sources.http_common import (
+    Authenticator,
+    Identity,
+    RateLimiter,
+    check_topic,
+    error_response,
+    header_identity,
+    json_response,
+    media_type,
+    outcome_json,
+    publish,
+    read_body,
+)
+from gateway.sources.idempotency import IdempotencyCache, Stored, fingerprint
+
+if TYPE_CHECKING:
+    from gateway.app import App
+
+log = structlog.get_logger("lastmile.http")
+
+Handler = Callable[[web.Request, Identity, bytes], Awaitable[web.Response]]
+OnError = Callable[[GatewayError], web.Response]
+
+USER_PROPERTY_PREFIX = "x-user-property-"
+_REPLAYED_HEADERS = ("Content-Type", "Retry-After")
+
+
+class HttpIngest:
+    """The endpoints of one gateway process; the aiohttp app is built by ``web_app``."""
+
+    def __init__(self, app: App, authenticate: Authenticator | None = None) -> None:
+        assert app.pipeline is not None
+        self.app = app
+        self.pipeline: Pipeline = app.pipeline
+        limits = app.config.limits
+        self.limits = limits
+        self.authenticate = authenticate or header_identity(app.config.auth.allow_anonymous)
+        self.rate = RateLimiter(limits.http_rate_per_client, limits.http_rate_burst)
+        self.idempotency = IdempotencyCache(limits.idempotency_window_s,
+                                            limits.idempotency_max_keys,
+                                            limits.idempotency_max_bytes)
+
+    def web_app(self) -> web.Application:
+        web_app = web.Application(middlewares=[_json_errors])
+        web_app.router.add_post("/v1/publish/{topic:.+}", self.publish)
+        web_app.router.add_post("/v1/batch", self.batch)
+        web_app.router.add_post("/topics/{topic}", self.rest_produce)
+        ws = self.app.config.listeners.ws
+        if ws.enabled:
+            from gateway.sources.websocket import MqttOverWebSocket
+
+            web_app.router.add_get(ws.path, MqttOverWebSocket(self.app).handle)
+        return web_app
+
+    # --- the gate ----------------------------------------------------------------------
+
+    async def _gate(self, request: web.Request, handler: Handler,
+                    on_error: OnError = error_response) -> web.Response:
+        try:
+            identity = self.authenticate(request)
+            self.rate.check(identity.client_id or f"ip:{request.remote}")
+            body = await read_body(request, self.limits.http_max_body_bytes,
+                                   self.limits.http_body_timeout_s)
+            key = request.headers.get("Idempotency-Key")
+            if key is None:
+                return await self._answer(request, identity, body, handler, on_error)
+            print_ = fingerprint(request.method, request.path_qs, body)
+
+            async def first() -> Stored:
+                response = await self._answer(request, identity, body, handler, on_error)
+                return _stored(response)
+
+            stored = await self.idempotency.run((identity.client_id, key), print_, first)
+            return _replay(stored)
+        except GatewayError as exc:
+            return on_error(exc)
+
+    async def _answer(self, request: web.Request, identity: Identity, body: bytes,
+                      handler: Handler, on_error: OnError) -> web.Response:
+        try:
+            if self.pipeline.flow.paused:
+                raise Unavailable("the gateway buffer is full; retry later")
+            return await handler(request, identity, body)
+        except GatewayError as exc:
+            return on_error(exc)
+
+    # --- endpoints ---------------------------------------------------------------------
+
+    async def publish(self, request: web.Request) -> web.Response:
+        return await self._gate(request, self._publish)
+
+    async def batch(self, request: web.Request) -> web.Response:
+        return await self._gate(request, self._batch)
+
+    async def rest_produce(self, request: web.Request) -> web.Response:
+        return await self._gate(request, self._rest, rest_proxy.error_response)
+
+    async def _publish(self, request: web.Request, identity: Identity,
+                       body: bytes) -> web.Response:
+        topic = request.match_info["topic"]
+        check_topic(topic)
+        message = Message(
+            source="http", topic=topic, payload=body, qos=1,
+            client_id=identity.client_id, username=identity.username,
+            content_type=request.headers.get("Content-Type"),
+            user_properties=_user_properties(request), received_at=time.time(),
+        )
+        future = publish(self.pipeline, message)
+        if request.query.get("async", "").lower() in ("1", "true", "yes") and not future.done():
+            # Routing already ran (it is synchronous), so a refusal is never a 202.
+            future.add_done_callback(_log_async_failure)
+            return json_response({"accepted": True}, 202)
+        return _outcome_response(await future)
+
+    async def _batch(self, request: web.Request, identity: Identity,
+                     body: bytes) -> web.Response:
+        messages = parse_batch(body, media_type(request), identity,
+                               self.limits.http_max_batch_records)
+        status, answer = await produce_batch(self.pipeline, messages)
+        headers = {"Retry-After": "1"} if status == 503 or _any_retry(answer) else None
+        return json_response(answer, status, headers)
+
+    async def _rest(self, request: web.Request, identity: Identity,
+                    body: bytes) -> web.Response:
+        return await rest_proxy.produce(self.pipeline, request, identity, body,
+                                        self.limits.http_max_batch_records)
+
+
+def _outcome_response(outcome: Outcome) -> web.Response:
+    if outcome.ok:
+        return json_response(outcome_json(outcome), 200)
+    error = outcome.error or Unavailable("the message has no outcome")
+    return error_response(error)
+
+
+def _log_async_failure(future: object) -> None:
+    outcome = future.result()  # type: ignore[attr-defined]
+    if isinstance(outcome, Outcome) and not outcome.ok and outcome.error is not None:
+        # 202 was already sent: the log line is the only trace left to give.
+        log.warning("http_async_publish_failed", error=outcome.error.code,
+                    detail=outcome.error.message)
+
+
+def _any_retry(answer: dict[str, object]) -> bool:
+    results = answer.get("results")
+    return isinstance(results, list) and any(r.get("status") == 503 for r in results)
+
+
+def _user_properties(request: web.Request) -> list[tuple[str, str]]:
+    """``X-User-Property-Name: value`` headers play MQTT 5 user properties for rules."""
+    n = len(USER_PROPERTY_PREFIX)
+    return [(name[n:].lower(), value) for name, value in request.headers.items()
+            if name.lower().startswith(USER_PROPERTY_PREFIX)]
+
+
+def _stored(response: web.Response) -> Stored:
+    body = response.body
+    raw = body if isinstance(body, bytes) else b""
+    headers = {h: response.headers[h] for h in _REPLAYED_HEADERS if h in response.headers}
+    return Stored(response.status, raw, headers)
+
+
+def _replay(stored: Stored) -> web.Response:
+    return web.Response(body=stored.body, status=stored.status, headers=stored.headers)
+
+
+@web.middleware
+async def _json_errors(request: web.Request,
+                       handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                       ) -> web.StreamResponse:
+    """aiohttp's own 404/405/500 answer in the same JSON shape as ours."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = exc.reason.lower().replace(" ", "_")
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return json_response({"error": code, "message": f"{exc.reason}: {request.path}"},
+                             exc.status, headers)
+    except GatewayError as exc:
+        return error_response(exc)
+    except Exception:
+        log.exception("http_handler_failed", path=request.path)
+        return json_response({"error": "internal_error", "message": "internal error"}, 500)
+
+
+async def start_http(app: App) -> None:
+    listener = app.config.listeners.http
+    if not listener.enabled:
+        return
+    ingest = HttpIngest(app)
+    # Handlers finish in-flight requests on shutdown, bounded by the app's deadline.
+    runner = web.AppRunner(ingest.web_app(), access_log=None,
+                           shutdown_timeout=app.config.shutdown_timeout_s / 2)
+    await runner.setup()
+    site = web.TCPSite(runner, listener.host, listener.port,
+                       reuse_port=app.reuse_port or None, backlog=1024)
+    await site.start()
+    app.servers["http"] = ingest
+    log.info("http_listening", host=listener.host, port=listener.port)
+
+    async def cleanup(_timeout: float) -> None:
+        await runner.cleanup()
+
+    app.add_cleanup("http listener", cleanup)
+

@@ -1,0 +1,137 @@
+"""Idempotency-Key: a retried request gets the first answer instead of a second produce.
+
+A mobile app on a flaky network often cannot tell whether its POST arrived.
+With an ``Idempotency-Key`` header it may simply retry: within the window the
+same (client, key) gets the stored answer, and a retry that arrives while the
+first is still being produced waits for that first answer.
+
+Rules, chosen so a retry never hides a failure the client could fix by retrying:
+- answers that say "retry" (408, 429, 5xx) are not kept; the next attempt produces;
+- the same key with a different request (method, path, body) is refused (422),
+  as Stripe does, instead of answering for a request that was not made;
+- memory is bounded by entry count and stored bytes; the oldest go first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+
+from gateway.sources.http_common import IdempotencyKeyReused
+
+Scope = tuple[str, str]  # (client id, idempotency key)
+
+
+class Stored:
+    """A response as bytes, replayable any number of times."""
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+        self.status = status
+        self.body = body
+        self.headers = headers
+
+    @property
+    def size(self) -> int:
+        return len(self.body) + 128
+
+    @property
+    def keep(self) -> bool:
+        return self.status < 500 and self.status not in (408, 429)
+
+
+class _Entry:
+    __slots__ = ("expires", "fingerprint", "future")
+
+    def __init__(self, fingerprint: bytes, expires: float) -> None:
+        self.fingerprint = fingerprint
+        self.expires = expires
+        self.future: asyncio.Future[Stored] = asyncio.get_running_loop().create_future()
+
+
+def fingerprint(method: str, path: str, body: bytes) -> bytes:
+    digest = hashlib.sha256(method.encode() + b" " + path.encode() + b"\n")
+    digest.update(body)
+    return digest.digest()
+
+
+class IdempotencyCache:
+    def __init__(self, window_s: float, max_keys: int = 100_000,
+                 max_bytes: int = 64 << 20) -> None:
+        self.window_s = window_s
+        self.max_keys = max_keys
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[Scope, _Entry] = OrderedDict()
+        self._bytes = 0
+        self.replayed = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def run(self, scope: Scope, print_: bytes,
+                  produce: Callable[[], Awaitable[Stored]]) -> Stored:
+        """The stored answer for ``scope``, or ``produce()``'s, which is then stored."""
+        while True:
+            self._expire(time.monotonic())
+            entry = self._entries.get(scope)
+            if entry is None:
+                return await self._first(scope, print_, produce)
+            if entry.fingerprint != print_:
+                raise IdempotencyKeyReused(
+                    "this Idempotency-Key was used for a different request", key=scope[1])
+            try:
+                stored = await asyncio.shield(entry.future)
+            except asyncio.CancelledError:
+                if not entry.future.cancelled():
+                    raise  # we were cancelled ourselves
+                continue  # the first attempt died without an answer: try again
+            self.replayed += 1
+            return stored
+
+    async def _first(self, scope: Scope, print_: bytes,
+                     produce: Callable[[], Awaitable[Stored]]) -> Stored:
+        entry = _Entry(print_, time.monotonic() + self.window_s)
+        self._entries[scope] = entry
+        try:
+            stored = await produce()
+        except BaseException:
+            self._drop(scope, entry)
+            entry.future.cancel()  # waiters retry as the first attempt
+            raise
+        entry.future.set_result(stored)
+        if stored.keep:
+            self._bytes += stored.size
+            self._evict()
+        else:
+            self._drop(scope, entry)
+        return stored
+
+    def _drop(self, scope: Scope, entry: _Entry) -> None:
+        if self._entries.get(scope) is entry:
+            del self._entries[scope]
+            if entry.future.done() and not entry.future.cancelled():
+                stored = entry.future.result()
+                if stored.keep:
+                    self._bytes -= stored.size
+
+    def _expire(self, now: float) -> None:
+        # Entries are in arrival order with the same window, so expiry is FIFO.
+        while self._entries:
+            scope, entry = next(iter(self._entries.items()))
+            if entry.expires > now:
+                return
+            if not entry.future.done():
+                return  # an answer still on its way keeps its place
+            self._drop(scope, entry)
+
+    def _evict(self) -> None:
+        for scope, entry in list(self._entries.items()):
+            if len(self._entries) <= self.max_keys and self._bytes <= self.max_bytes:
+                return
+            # A request in progress is never forgotten; those are bounded by concurrency.
+            if entry.future.done():
+                self._drop(scope, entry)
