@@ -114,8 +114,8 @@ class MqttServer:
         loop = asyncio.get_running_loop()
         end = loop.time() + deadline
         # Polling once per 50 ms at shutdown beats a counter on every message's hot path.
-        while loop.time() < end and any(c.session.pending for c in self.connections):
-            await asyncio.sleep(0.05)  # noqa: ASYNC110
+        while loop.time() < end and any(c.session.pending for c in self.connections):  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
         for conn in list(self.connections):
             conn.handle_events(conn.session.server_disconnect(0x8B, "server shutting down"))
         if self._sweeper is not None:
