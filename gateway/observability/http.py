@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import TYPE_CHECKING
 
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+
+from gateway.observability.metrics import Pump
 
 if TYPE_CHECKING:
     from gateway.app import App
@@ -62,7 +65,10 @@ async def start_metrics(app: App) -> None:
     await site.start()
     log.info("metrics_listening", host=listener.host, port=listener.port)
 
+    pump = asyncio.create_task(Pump(app).run(), name="metrics-pump")
+
     async def cleanup(_timeout: float) -> None:
+        pump.cancel()
         await runner.cleanup()
 
     app.add_cleanup("metrics listener", cleanup)
