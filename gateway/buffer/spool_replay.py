@@ -1,0 +1,279 @@
+"""The replayer: produces spooled records to Kafka in seq order and advances the watermark.
+
+Watermark bookkeeping: ``inflight`` holds the seqs produced (or skipped) in
+order; a seq leaves its front once settled.  The watermark -- every seq below it
+is in Kafka, dead-lettered, or counted lost -- is the first unsettled seq, else
+the first seq read ahead but not produced, else the read cursor.  The cursor
+steps over seqs that never reached the disk (a failed write), so gaps need no
+bookkeeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections import deque
+from concurrent.futures import Executor
+from typing import TYPE_CHECKING
+
+import structlog
+
+from gateway.errors import DeliveryFailed, GatewayError
+from gateway.model import Delivery, Record
+
+if TYPE_CHECKING:
+    from gateway.buffer.spooled import DeadLetter, SpoolBuffer
+
+log = structlog.get_logger("lastmile.spool")
+
+WINDOW = 20_000  # replayed records in flight to librdkafka at most
+CHUNK = 2_000  # records per disk read and per turn of the loop
+RETRY_PAUSE_S = 0.5
+PROGRESS_EVERY_S = 1.0
+DRAIN_LOG_MIN = 1_000  # write-ahead: below this backlog the spool is just doing its job
+
+
+class Replayer:
+    def __init__(self, buffer: SpoolBuffer, dead_letter: DeadLetter | None) -> None:
+        self.buffer = buffer
+        self.spool = buffer.spool
+        self.dead_letter = dead_letter
+        self.cursor = 0
+        self.readahead: deque[tuple[int, Record]] = deque()
+        self.inflight: deque[int] = deque()
+        self.done: set[int] = set()
+        self.outstanding = 0
+        self.rewind = False
+        self.draining = False
+        self._drain_from = 0.0
+        self._replayed_at_start = 0
+        self._progress_at = 0.0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._executor: Executor | None = None
+        self._stopping = False
+
+    def start(self, cursor: int, executor: Executor, draining: bool) -> None:
+        self.cursor = cursor
+        self._executor = executor
+        if draining:
+            self.draining_since("records recovered from a previous run")
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="spool-replay")
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def watermark(self) -> int:
+        inflight, done = self.inflight, self.done
+        while inflight and inflight[0] in done:
+            done.discard(inflight.popleft())
+        if inflight:
+            return inflight[0]
+        if self.readahead:
+            return self.readahead[0][0]
+        return self.cursor
+
+    def _advance(self) -> None:
+        self.spool.watermark = self.watermark()
+
+    async def stop(self, deadline: float) -> None:
+        """Keep draining while it makes progress (Kafka up), then stop; the rest stays on disk."""
+        loop = asyncio.get_running_loop()
+        last, still_since = self.watermark(), loop.time()
+        while loop.time() < deadline and not self._caught_up():
+            await asyncio.sleep(0.05)
+            mark = self.watermark()
+            if mark != last:
+                last, still_since = mark, loop.time()
+            elif loop.time() - still_since > 1.0:
+                break
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._advance()
+
+    # --- the loop -------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                progressed = await self._step()
+            except Exception:  # a bug here must not silently stop draining forever
+                log.exception("spool_replay_error")
+                progressed = False
+                await asyncio.sleep(RETRY_PAUSE_S)
+            if not progressed:
+                await self._wake.wait()
+
+    async def _step(self) -> bool:
+        if self.rewind:
+            if self.outstanding:
+                return False
+            await asyncio.sleep(RETRY_PAUSE_S)
+            self._rewind()
+            return True
+        if self.outstanding >= WINDOW:
+            return False
+        if not self.readahead:
+            if self.cursor > self.spool.written_seq:
+                self._check_caught_up()
+                return False
+            loop = asyncio.get_running_loop()
+            records, cursor = await loop.run_in_executor(self._executor, self.spool.read,
+                                                         self.cursor, CHUNK)
+            if self.rewind:
+                return True  # read raced a failure: discard, rewind first
+            self.readahead.extend(records)
+            self.cursor = cursor
+            self._advance()
+            if not records:
+                return True
+        sent = self._produce_some()
+        self._advance()
+        await asyncio.sleep(0)  # let live traffic in between chunks
+        return sent > 0
+
+    def _produce_some(self) -> int:
+        sent = 0
+        readahead, spilled = self.readahead, self.buffer.spilled
+        while readahead and self.outstanding < WINDOW and sent < CHUNK:
+            seq, record = readahead[0]
+            entry = spilled.get(seq)
+            if entry is not None:
+                if entry.direct_open:
+                    break  # librdkafka may still deliver it: wait for its verdict
+                del spilled[seq]
+                if entry.direct_ok or entry.cancelled:
+                    self.done.add(seq)
+            readahead.popleft()
+            self.inflight.append(seq)
+            if seq in self.done:
+                self.buffer.counters["skipped"] += 1
+                continue
+            self._produce(seq, record)
+            sent += 1
+        return sent
+
+    def _produce(self, seq: int, record: Record) -> None:
+        sink = self.buffer.sinks.get(record.cluster)
+        if sink is None:
+            self._refused(seq, record, DeliveryFailed(f"no Kafka cluster named '{record.cluster}'"))
+            return
+        self.outstanding += 1
+        sink.produce(record, functools.partial(self._on_delivery, seq))
+
+    def _on_delivery(self, seq: int, record: Record, delivery: Delivery | None,
+                     error: GatewayError | None) -> None:
+        self.outstanding -= 1
+        if error is None:
+            self.done.add(seq)
+            self.buffer.counters["replayed"] += 1
+        elif error.retriable:
+            self._retry_later(error)
+        else:
+            self._refused(seq, record, error)
+        self._advance()
+        self._wake.set()
+
+    def _retry_later(self, error: GatewayError) -> None:
+        if not self.rewind:
+            self.buffer.counters["replay_retries"] += 1
+            log.warning("spool_replay_retry", reason=error.message, watermark=self.watermark())
+        self.rewind = True
+
+    def _rewind(self) -> None:
+        """Start again from the first unsettled seq; settled ones after it are skipped."""
+        self.cursor = self.watermark()
+        self.readahead.clear()
+        self.inflight.clear()
+        self.rewind = False
+
+    # --- records Kafka refuses for good (already acked: never failed back) -----------
+
+    def _refused(self, seq: int, record: Record, error: GatewayError) -> None:
+        reason = error.message
+        target = self.dead_letter(record, reason) if self.dead_letter is not None else None
+        if target is not None and target.cluster in self.buffer.sinks:
+            self.outstanding += 1
+            self.buffer.sinks[target.cluster].produce(
+                target, functools.partial(self._on_dead_letter, seq, record))
+            return
+        self._lost(seq, record, reason)
+
+    def _on_dead_letter(self, seq: int, original: Record, target: Record,
+                        delivery: Delivery | None, error: GatewayError | None) -> None:
+        self.outstanding -= 1
+        if error is None:
+            self.done.add(seq)
+            self.buffer.counters["dead_lettered"] += 1
+            log.warning("spool_record_dead_lettered", topic=original.topic, seq=seq,
+                        dead_letter_topic=target.topic)
+        elif error.retriable:
+            self._retry_later(error)
+        else:
+            self._lost(seq, original, f"dead-letter topic refused it too: {error.message}")
+        self._advance()
+        self._wake.set()
+
+    def _lost(self, seq: int, record: Record, reason: str) -> None:
+        self.done.add(seq)
+        self.buffer.counters["lost_after_ack"] += 1
+        log.error("spool_record_lost_after_ack", cluster=record.cluster, topic=record.topic,
+                  seq=seq, reason=reason,
+                  note="acknowledged to the client from the spool; Kafka refused it for good "
+                       "and no dead-letter topic took it")
+
+    # --- drain state and progress --------------------------------------------------------
+
+    def _caught_up(self) -> bool:
+        buf = self.buffer
+        return (not self.readahead and not self.rewind and self.outstanding == 0
+                and self.cursor >= self.spool.next_seq and not buf.waiting and not buf.unsynced)
+
+    def _check_caught_up(self) -> None:
+        buf = self.buffer
+        if buf.write_ahead:
+            if self.draining and self.spool.next_seq - self.watermark() < DRAIN_LOG_MIN // 2:
+                self._drain_done()
+            return
+        caught = (not self.readahead and not self.rewind and self.cursor >= self.spool.next_seq
+                  and not buf.waiting and not buf.unsynced and not buf.broken)
+        if not caught:
+            return
+        buf.via_spool = False  # Kafka takes records directly again
+        if self.draining:
+            self._drain_done()
+
+    def _drain_done(self) -> None:
+        buf = self.buffer
+        self.draining = False
+        replayed = buf.counters["replayed"] - self._replayed_at_start
+        log.info("spool_drain_complete", replayed=replayed,
+                 seconds=round(time.monotonic() - self._drain_from, 2))
+
+    def draining_since(self, reason: str) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        self._drain_from = time.monotonic()
+        self._replayed_at_start = self.buffer.counters["replayed"]
+        log.warning("spool_drain_started", reason=reason, mode=self.buffer.config.mode)
+
+    def tick(self) -> None:
+        """Called by the buffer's timer: progress lines while a drain is under way."""
+        now = time.monotonic()
+        backlog = self.spool.next_seq - self.watermark()
+        if self.buffer.write_ahead and not self.draining and backlog >= DRAIN_LOG_MIN:
+            self.draining_since(f"{backlog} records behind")
+        if not self.draining or now - self._progress_at < PROGRESS_EVERY_S:
+            return
+        self._progress_at = now
+        replayed = self.buffer.counters["replayed"] - self._replayed_at_start
+        elapsed = max(now - self._drain_from, 1e-3)
+        log.info("spool_drain_progress", remaining_records=backlog, replayed=replayed,
+                 rate_per_s=round(replayed / elapsed), in_flight=self.outstanding,
+                 spool_bytes=self.spool.used_bytes, retrying=self.rewind)
+        self._check_caught_up()

@@ -1,0 +1,328 @@
+"""SpoolBuffer: the buffer when the spool is on (``spool.enabled``).
+
+Two modes (``spool.mode``), one code path:
+
+- ``kafka`` (hand-off): a record goes straight to Kafka and its ack waits for
+  the delivery report.  When Kafka has not confirmed the oldest record within
+  ``spill_after_ms``, or reports a retriable failure, every record still in
+  flight is *spilled*: appended to the spool in submission order and acked
+  after the fsync.  From then on new records go through the spool too, until
+  the replayer has caught up, so a key's order holds across the outage.
+- ``write-ahead``: every record goes through the spool (ack after fsync) and
+  the replayer produces it to Kafka; the ledger advances on delivery reports.
+
+The replayer reads durable records back in seq order (on its own thread) and
+produces them with a bounded window, yielding to the loop between chunks so
+live traffic is not starved.  A spilled record whose direct produce is still
+open blocks the replayer at that seq until librdkafka settles it: delivered ->
+skipped, failed -> replayed.  That keeps the same record from reaching Kafka
+twice out of order.  Retriable replay failures rewind to the watermark after a
+pause; permanent ones go to ``dead_letter`` or are logged as lost after ack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import structlog
+
+from gateway.buffer.flow import FlowControl
+from gateway.buffer.spool import Spool, SpoolFull
+from gateway.buffer.spool_replay import Replayer
+from gateway.config.schema import Buffer as BufferConfig
+from gateway.config.schema import Spool as SpoolConfig
+from gateway.errors import DeliveryFailed, GatewayError, ShuttingDown, SpoolError
+from gateway.model import Delivery, Record, record_size
+from gateway.sinks.kafka import KafkaSink
+
+log = structlog.get_logger("lastmile.spool")
+
+DeadLetter = Callable[[Record, str], Record | None]
+BROKEN_PAUSE_S = 1.0
+
+
+class Entry:
+    """One submitted record while the buffer still holds it in memory."""
+
+    __slots__ = ("acked", "at", "cancelled", "direct_ok", "direct_open", "record", "seq", "size",
+                 "spilled")
+
+    def __init__(self, record: Record, size: int, at: float) -> None:
+        self.record = record
+        self.size = size
+        self.at = at
+        self.seq = -1
+        self.acked = False
+        self.spilled = False  # went to the spool after a direct produce
+        self.direct_open = False  # a direct produce is still unsettled in librdkafka
+        self.direct_ok = False  # ... and it was delivered
+        self.cancelled = False  # Kafka refused it for good before it was acked
+
+    def resolve(self, delivery: Delivery | None, error: GatewayError | None) -> None:
+        """Resolve the ack exactly once, whichever path (Kafka or spool) gets there first."""
+        if self.acked:
+            return
+        self.acked = True
+        ack = self.record.ack
+        if ack is None:
+            return
+        if delivery is not None:
+            ack.record_safe(delivery)
+        else:
+            ack.record_failed(error or SpoolError())
+
+
+class SpoolBuffer:
+    def __init__(self, sinks: dict[str, KafkaSink], spool: SpoolConfig, buffer: BufferConfig,
+                 *, directory: str | None = None, dead_letter: DeadLetter | None = None) -> None:
+        self.sinks = sinks
+        self.config = spool
+        self.write_ahead = spool.mode == "write-ahead"
+        self.flow = FlowControl(buffer.high_water_bytes, buffer.low_water_bytes)
+        self.spool = Spool(directory or spool.dir, max_bytes=spool.max_bytes,
+                           segment_bytes=spool.segment_bytes,
+                           fsync_interval_ms=spool.fsync_interval_ms)
+        self.counters: dict[str, int] = dict.fromkeys(
+            ("submitted", "delivered", "spooled_acks", "spilled", "failed", "spool_write_failed",
+             "replayed", "skipped", "dead_lettered", "lost_after_ack", "replay_retries"), 0)
+        self.replayer = Replayer(self, dead_letter)
+        self.via_spool = self.write_ahead
+        self.mem_bytes = 0
+        self._mem_paused = False
+        self.full = False
+        self.broken = False
+        self.closing = False
+        self._direct: dict[int, Entry] = {}  # id(record) -> entry, in submission order
+        self.waiting: deque[Entry] = deque()  # must go to the spool, not appended yet
+        self.unsynced: deque[Entry] = deque()  # appended, fsync pending
+        self.spilled: dict[int, Entry] = {}  # seq -> spilled entry, until the replayer passes it
+        self._tick_handle: asyncio.TimerHandle | None = None
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="spool-read")
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        recovery = await loop.run_in_executor(None, self.spool.recover)
+        self.spool.start(self._on_durable, self._on_freed)
+        self.via_spool = self.write_ahead or recovery.records > 0
+        self.replayer.start(recovery.watermark, self._reader, draining=recovery.records > 0)
+        self._tick_handle = loop.call_later(self._tick_s(), self._tick)
+        log.info("spool_buffer_started", dir=self.spool.directory, mode=self.config.mode,
+                 recovered_records=recovery.records, fsync_interval_ms=self.spool.interval * 1e3)
+
+    async def close(self, timeout: float) -> None:
+        """Spill what Kafka has not settled, fsync, drain while progress is made, stop."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        self.closing = True
+        await _poll_until(lambda: not self._direct, deadline - timeout / 2)
+        if self._direct:
+            self._spill(None, "shutdown")
+        await _poll_until(lambda: not (self.waiting or self.unsynced), deadline)
+        while self.waiting:
+            entry = self.waiting.popleft()
+            self._release(entry.size)
+            entry.resolve(None, ShuttingDown("spool full at shutdown; not saved"))
+        await self.replayer.stop(deadline)
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+        await self.spool.close()
+        self._reader.shutdown(wait=True)
+        log.info("spool_buffer_stopped", dir=self.spool.directory, **self.stats())
+
+    def stats(self) -> dict[str, int]:
+        rp = self.replayer
+        return {
+            **self.counters,
+            "pending_bytes": self.mem_bytes,
+            "spool_bytes": self.spool.used_bytes,
+            "spool_records": max(0, self.spool.next_seq - rp.watermark()),
+            "spool_segments": self.spool.segment_count(),
+            "spool_fsyncs": self.spool.fsyncs,
+            "spool_write_errors": self.spool.write_errors,
+            "replay_in_flight": rp.outstanding,
+            "waiting_for_spool": len(self.waiting),
+            "via_spool": int(self.via_spool),
+        }
+
+    # --- intake -----------------------------------------------------------------------
+
+    def submit(self, record: Record) -> None:
+        if self.closing:
+            if record.ack is not None:
+                record.ack.record_failed(ShuttingDown())
+            return
+        sink = self.sinks.get(record.cluster)
+        if sink is None:
+            if record.ack is not None:
+                error = DeliveryFailed(f"no Kafka cluster named '{record.cluster}'")
+                record.ack.record_failed(error)
+            return
+        entry = Entry(record, record_size(record), time.monotonic())
+        self.counters["submitted"] += 1
+        self._hold(entry.size)
+        if self.via_spool:
+            self.waiting.append(entry)
+            self.pump()
+        else:
+            entry.direct_open = True
+            self._direct[id(record)] = entry
+            sink.produce(record, self._on_direct)
+
+    def pump(self) -> None:
+        """Append waiting records in order while the spool has room and is healthy."""
+        spool = self.spool
+        while self.waiting and not self.broken:
+            entry = self.waiting[0]
+            try:
+                entry.seq = spool.append(entry.record)
+            except SpoolFull:
+                if spool.used_bytes == 0:  # larger than the whole spool: can never fit
+                    self.waiting.popleft()
+                    self._release(entry.size)
+                    entry.resolve(None, SpoolError("record larger than spool.max_bytes"))
+                    continue
+                if not self.full:
+                    self.full = True
+                    log.warning("spool_full", dir=spool.directory, bytes=spool.used_bytes,
+                                max_bytes=spool.max_bytes, waiting=len(self.waiting))
+                    self._update_flow()
+                return
+            self.waiting.popleft()
+            self.unsynced.append(entry)
+            if entry.spilled:
+                self.spilled[entry.seq] = entry
+        if self.full and not self.waiting:
+            self.full = False
+            log.info("spool_space_available", dir=spool.directory, bytes=spool.used_bytes)
+            self._update_flow()
+
+    # --- callbacks from the writer thread and Kafka (on the loop) ---------------------
+
+    def _on_durable(self, first: int, last: int, error: OSError | None) -> None:
+        unsynced = self.unsynced
+        while unsynced and unsynced[0].seq <= last:
+            entry = unsynced.popleft()
+            self._release(entry.size)
+            if error is None:
+                if not entry.acked and not entry.cancelled:
+                    self.counters["spooled_acks"] += 1
+                entry.resolve(Delivery(cluster=entry.record.cluster, topic=entry.record.topic,
+                                       spooled=True), None)
+            else:
+                self.spilled.pop(entry.seq, None)
+                self.counters["spool_write_failed"] += 1
+                entry.resolve(None, SpoolError(f"spool write failed: {error}"))
+        if error is not None:
+            self._spool_broke(error, first, last)
+        self.replayer.wake()
+
+    def _spool_broke(self, error: OSError, first: int, last: int) -> None:
+        """Stop taking data (no acks for unsaved records); try again after a pause."""
+        log.error("spool_write_failed", dir=self.spool.directory, error=str(error),
+                  errno=error.errno, first_seq=first, last_seq=last,
+                  note="acks of these records failed; intake paused")
+        self.broken = True
+        self._update_flow()
+        asyncio.get_running_loop().call_later(BROKEN_PAUSE_S, self._spool_retry)
+
+    def _spool_retry(self) -> None:
+        self.broken = False
+        self._update_flow()
+        self.pump()
+
+    def _on_freed(self, nbytes: int) -> None:
+        self.spool.used_bytes -= nbytes
+        self.pump()
+
+    def _on_direct(self, record: Record, delivery: Delivery | None,
+                   error: GatewayError | None) -> None:
+        entry = self._direct.pop(id(record), None)
+        if entry is None:
+            return
+        entry.direct_open = False
+        if entry.spilled:  # the spool holds it too; tell the replayer what Kafka said
+            if error is None:
+                entry.direct_ok = True
+                entry.resolve(delivery, None)
+            elif not error.retriable and not entry.acked:
+                entry.cancelled = True
+                entry.resolve(None, error)
+            self.replayer.wake()
+            return
+        if error is None:
+            self._release(entry.size)
+            self.counters["delivered"] += 1
+            entry.resolve(delivery, None)
+        elif error.retriable and not self.closing:
+            self._spill(entry, f"retriable error: {error.message}")
+        else:
+            self._release(entry.size)
+            self.counters["failed"] += 1
+            entry.resolve(None, error)
+
+    def _spill(self, first: Entry | None, reason: str) -> None:
+        """Send every record Kafka has not settled to the spool, oldest first."""
+        entries = [first] if first is not None else []
+        entries += [e for e in self._direct.values() if not e.spilled]
+        for entry in entries:
+            entry.spilled = True
+            self.waiting.append(entry)
+        self.counters["spilled"] += len(entries)
+        if not self.via_spool:
+            self.via_spool = True
+            self.replayer.draining_since(reason)
+        log.warning("spool_spill", reason=reason, records=len(entries))
+        self.pump()
+
+    # --- memory bound and timers -----------------------------------------------------
+
+    def _hold(self, nbytes: int) -> None:
+        self.mem_bytes += nbytes
+        if not self._mem_paused and self.mem_bytes >= self.flow.high:
+            self._update_flow()
+
+    def _release(self, nbytes: int) -> None:
+        self.mem_bytes -= nbytes
+        if self._mem_paused and self.mem_bytes <= self.flow.low:
+            self._update_flow()
+
+    def _update_flow(self) -> None:
+        if self._mem_paused:
+            self._mem_paused = self.mem_bytes > self.flow.low
+        else:
+            self._mem_paused = self.mem_bytes >= self.flow.high
+        self.flow.pending_bytes = self.mem_bytes
+        self.flow.set(self._mem_paused or self.full or self.broken)
+
+    def _tick_s(self) -> float:
+        return min(0.25, self.config.spill_after_ms / 4000.0)
+
+    def _tick(self) -> None:
+        self._tick_handle = asyncio.get_running_loop().call_later(self._tick_s(), self._tick)
+        self.flow.pending_bytes = self.mem_bytes
+        oldest = next((e for e in self._direct.values() if not e.spilled), None)
+        if oldest is not None and not self.closing:
+            age_ms = (time.monotonic() - oldest.at) * 1000.0
+            if age_ms >= self.config.spill_after_ms:
+                self._spill(None, f"Kafka has not confirmed for {age_ms:.0f} ms")
+        self.replayer.tick()
+
+
+async def _poll_until(done: Callable[[], bool], deadline: float) -> None:
+    loop = asyncio.get_running_loop()
+    for _ in range(max(0, int((deadline - loop.time()) / 0.01))):
+        if done() or loop.time() >= deadline:
+            return
+        await asyncio.sleep(0.01)
+
+
+def worker_spool_dir(base: str, worker: int) -> str:
+    """The directory one worker process owns: spools are never shared between processes."""
+    return os.path.join(base, f"worker-{worker}")
