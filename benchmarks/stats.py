@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 from collections.abc import Sequence
@@ -12,7 +13,7 @@ def percentile(sorted_values: Sequence[float], p: float) -> float | None:
     n = len(sorted_values)
     if not n:
         return None
-    k = min(n - 1, max(0, round(p / 100.0 * n + 0.5) - 1))
+    k = min(n - 1, max(0, math.ceil(p / 100.0 * n) - 1))
     return float(sorted_values[k])
 
 
