@@ -5,10 +5,10 @@ See ``gateway/buffer/spool.py`` for the invariants this format serves.
 Segment file ``seg-<first seq, 20 digits>.log``::
 
     magic   8 bytes   b"LMSPOOL1"
-    frame*  length u32 LE | crc32c u32 LE | seq u64 LE | body (length bytes)
+    frame*  crc32c u32 LE | length u32 LE | seq u64 LE | body (length bytes)
 
-``crc32c`` covers ``length | seq | body`` so a flipped length or sequence number is
-caught as surely as a flipped payload byte.  ``body`` is msgpack of
+``crc32c`` covers ``length | seq | body`` (one contiguous range) so a flipped
+length or sequence number is caught as surely as a flipped payload byte.  ``body`` is msgpack of
 ``SpooledRecord`` (array-like, so adding a trailing field later stays readable).
 
 Ledger file ``ledger`` (16 bytes, replaced atomically via ``ledger.tmp``)::
@@ -33,7 +33,7 @@ import msgspec
 from gateway.model import Record
 
 MAGIC = b"LMSPOOL1"
-HEADER = struct.Struct("<IIQ")  # length, crc32c, seq
+HEADER = struct.Struct("<IIQ")  # crc32c, length, seq
 _LEN_SEQ = struct.Struct("<IQ")
 # A frame longer than this is damage, not data: Kafka's own limit is far below it.
 MAX_BODY = 64 << 20
@@ -65,8 +65,8 @@ _decoder = msgspec.msgpack.Decoder(SpooledRecord)
 def encode_frame(seq: int, record: Record, now: float) -> bytes:
     body = _encoder.encode(SpooledRecord(record.cluster, record.topic, record.value, record.key,
                                          record.headers, record.partition, now))
-    crc = google_crc32c.value(_LEN_SEQ.pack(len(body), seq) + body)
-    return HEADER.pack(len(body), crc, seq) + body
+    covered = _LEN_SEQ.pack(len(body), seq) + body
+    return struct.pack("<I", google_crc32c.value(covered)) + covered
 
 
 def decode_body(body: bytes | memoryview) -> SpooledRecord:
@@ -134,22 +134,21 @@ def walk_frames(data: bytes, start: int = 0, after_seq: int = -1,
         if end - pos < HEADER.size:
             scan.damage, scan.reason = "torn", "incomplete frame header"
             break
-        length, crc, seq = HEADER.unpack_from(view, pos)
+        crc, length, seq = HEADER.unpack_from(view, pos)
         if length > MAX_BODY:
             scan.damage, scan.reason = "corrupt", f"impossible frame length {length}"
             break
         if end - pos - HEADER.size < length:
             scan.damage, scan.reason = "torn", "incomplete frame body"
             break
-        body = view[pos + HEADER.size: pos + HEADER.size + length]
-        if google_crc32c.extend(google_crc32c.value(_LEN_SEQ.pack(length, seq)), body) != crc:
+        if google_crc32c.value(data[pos + 4: pos + HEADER.size + length]) != crc:
             scan.damage, scan.reason = "corrupt", "checksum mismatch"
             break
         if seq <= last:
             scan.damage, scan.reason = "corrupt", f"sequence {seq} after {last}"
             break
         if keep:
-            scan.frames.append((seq, body))
+            scan.frames.append((seq, view[pos + HEADER.size: pos + HEADER.size + length]))
         if scan.first_seq is None:
             scan.first_seq = seq
         last = scan.last_seq = seq

@@ -79,12 +79,13 @@ class Entry:
 
 class SpoolBuffer:
     def __init__(self, sinks: dict[str, KafkaSink], spool: SpoolConfig, buffer: BufferConfig,
-                 *, directory: str | None = None, dead_letter: DeadLetter | None = None) -> None:
+                 directory: str | os.PathLike[str] | None = None, *,
+                 dead_letter: DeadLetter | None = None) -> None:
         self.sinks = sinks
         self.config = spool
         self.write_ahead = spool.mode == "write-ahead"
         self.flow = FlowControl(buffer.high_water_bytes, buffer.low_water_bytes)
-        self.spool = Spool(directory or spool.dir, max_bytes=spool.max_bytes,
+        self.spool = Spool(os.fspath(directory or spool.dir), max_bytes=spool.max_bytes,
                            segment_bytes=spool.segment_bytes,
                            fsync_interval_ms=spool.fsync_interval_ms)
         self.counters: dict[str, int] = dict.fromkeys(

@@ -1,0 +1,93 @@
+"""``lastmile spool inspect [DIR] [--json]``: what a spool directory holds, read-only.
+
+Safe on a live spool (it never writes, truncates or deletes); on a live spool
+the last frame may be mid-write and show as a torn tail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections import Counter
+from typing import Any
+
+from gateway.buffer import spool_format as fmt
+
+
+def inspect_spool(directory: str) -> dict[str, Any]:
+    """Records still owed to Kafka, bytes, oldest age, per-topic counts, segments, damage."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no spool directory at {directory}")
+    stored = fmt.read_ledger(directory)
+    watermark = stored or 0
+    topics: Counter[str] = Counter()
+    segments: list[dict[str, Any]] = []
+    damage: list[dict[str, object]] = []
+    records = 0
+    oldest: float | None = None
+    total_bytes = 0
+    for first, path in fmt.list_segments(directory):
+        scan, dmg, size = fmt.scan_segment(path, keep=True)
+        total_bytes += size
+        pending = 0
+        for seq, body in scan.frames:
+            if seq < watermark:
+                continue
+            item = fmt.decode_body(body)
+            pending += 1
+            topics[f"{item.cluster}/{item.topic}"] += 1
+            oldest = item.spooled_at if oldest is None else min(oldest, item.spooled_at)
+        records += pending
+        segments.append({"name": os.path.basename(path), "first_seq": first, "bytes": size,
+                         "records": scan.records, "pending": pending})
+        if dmg is not None:
+            damage.append(dmg.as_dict())
+    quarantined = sorted(n for n in os.listdir(directory) if ".corrupt-" in n)
+    return {
+        "directory": os.path.abspath(directory),
+        "records": records,
+        "bytes": total_bytes,
+        "oldest_record_age_s": None if oldest is None else round(time.time() - oldest, 3),
+        "topics": dict(sorted(topics.items())),
+        "segments": segments,
+        "watermark": watermark,
+        "ledger": "ok" if stored is not None else "missing or damaged (all records replay)",
+        "damage": damage,
+        "quarantined": quarantined,
+    }
+
+
+def _human(report: dict[str, Any]) -> str:
+    lines = [f"spool {report['directory']}"]
+    age = report["oldest_record_age_s"]
+    lines.append(f"  records waiting for Kafka: {report['records']}"
+                 + (f" (oldest {age:.1f}s old)" if age is not None else ""))
+    lines.append(f"  bytes on disk: {report['bytes']} in {len(report['segments'])} segment(s)")
+    lines.append(f"  ledger: watermark {report['watermark']}, {report['ledger']}")
+    for name, count in report["topics"].items():
+        lines.append(f"    {name}: {count}")
+    for seg in report["segments"]:
+        lines.append(f"  {seg['name']}: {seg['records']} records, {seg['pending']} pending, "
+                     f"{seg['bytes']} bytes")
+    for d in report["damage"]:
+        lines.append(f"  DAMAGE {d['segment']} at byte {d['offset']}: {d['reason']}, "
+                     f"{d['bytes']} bytes will be cut at the next start")
+    for name in report["quarantined"]:
+        lines.append(f"  cut earlier and kept for inspection: {name}")
+    return "\n".join(lines)
+
+
+def main_inspect(directory: str, json_out: bool) -> int:
+    """Print the report; exit code 0 clean, 1 damage found, 2 no such spool."""
+    try:
+        report = inspect_spool(directory)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if json_out:
+        print(json.dumps(report, indent=2))
+    else:
+        print(_human(report))
+    return 1 if report["damage"] else 0
