@@ -165,18 +165,26 @@ def _build(node: yaml.Node, path: Path, smap: SourceMap) -> Any:
     return _scalar(node)
 
 
+# LibYAML composes ~10x faster, which keeps a reload of 1,000 rules off the event loop's
+# critical path; its nodes carry the same marks.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_constructor = yaml.constructor.SafeConstructor()
+
+
 def _scalar(node: yaml.Node) -> Any:
     if node.tag == "tag:yaml.org,2002:str":
         return node.value
-    # Let the safe constructor resolve ints, bools and nulls as PyYAML would.
-    return yaml.SafeLoader(yaml.serialize(node)).get_single_data()
+    # The safe constructor turns ints, bools and nulls into values exactly as PyYAML would.
+    value = _constructor.construct_object(node, deep=True)
+    _constructor.constructed_objects.clear()
+    return value
 
 
 def parse_yaml(text: str, file: str) -> tuple[Any, SourceMap]:
     """Parse one YAML document into plain data and its source map."""
     smap = SourceMap(file)
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=_LOADER)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
