@@ -66,6 +66,10 @@ def _read_file(path: FsPath, found: _Collected) -> None:
     except RuleError as exc:
         found.errors.append(exc)
         return
+    if data == {} and not text.strip(" \t\r\n{}"):
+        # Usually a file caught mid-write by the watcher; "rules: []" says "no rules" on purpose.
+        found.errors.append(RuleError("file is empty; write 'rules: []'", file=file, line=1))
+        return
     if not isinstance(data, dict):
         found.errors.append(RuleError("expected a mapping with 'rules:'", file=file, line=1))
         return
