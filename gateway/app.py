@@ -21,6 +21,7 @@ import structlog
 from gateway.buffer import Buffer
 from gateway.buffer.queue import MemoryBuffer
 from gateway.config.schema import Config
+from gateway.model import Record
 from gateway.pipeline import Pipeline
 from gateway.routing import Router, RulesReloader, load_rules
 from gateway.sinks.embedded import EmbeddedBroker
@@ -103,7 +104,8 @@ class App:
             from gateway.buffer.spooled import SpoolBuffer
 
             spool_dir = Path(cfg.spool.dir) / f"worker-{self.worker_id}"
-            self.buffer = SpoolBuffer(self.sinks, cfg.spool, cfg.buffer, spool_dir)
+            self.buffer = SpoolBuffer(self.sinks, cfg.spool, cfg.buffer, spool_dir,
+                                      dead_letter=self._dead_letter_record)
         else:
             self.buffer = MemoryBuffer(self.sinks, cfg.buffer.high_water_bytes,
                                        cfg.buffer.low_water_bytes)
@@ -111,6 +113,17 @@ class App:
         self._cleanups.append(("buffer", self.buffer.close))
         assert self.router is not None
         self.pipeline = Pipeline(self.router, self.buffer)
+
+    def _dead_letter_record(self, record: Record, reason: str) -> Record | None:
+        """A record Kafka refused for good after it was acked: to the dead-letter topic."""
+        table = self.router.table if self.router is not None else None
+        dead = table.dead_letter if table is not None else None
+        if dead is None or (record.cluster, record.topic) == (dead.cluster, dead.topic):
+            return None
+        headers = [("lastmile-reason", b"kafka_refused"), ("lastmile-detail", reason.encode()),
+                   ("lastmile-topic", record.topic.encode()), *record.headers]
+        return Record(cluster=dead.cluster, topic=dead.topic, value=record.value,
+                      key=record.key, headers=headers)
 
     async def _start_sources(self) -> None:
         from gateway.sources import start_sources

@@ -42,7 +42,7 @@ async def start_metrics(app: App) -> None:
         from prometheus_client import multiprocess
 
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
 
     async def metrics(_request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry),
