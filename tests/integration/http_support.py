@@ -49,11 +49,12 @@ def tenant() -> str:
 
 
 @contextlib.contextmanager
-def http_gateway(tmp: Path, bootstrap: str, **overrides: Any) -> Iterator[Gateway]:
+def http_gateway(tmp: Path, bootstrap: str, rules_text: str = RULES,
+                 **overrides: Any) -> Iterator[Gateway]:
     """``lastmile serve`` with the test rules and the spool off (acks mean Kafka)."""
     rules = tmp / "rules"
     rules.mkdir(parents=True, exist_ok=True)
-    (rules / "00-test.yaml").write_text(RULES)
+    (rules / "00-test.yaml").write_text(rules_text)
     config = tmp / "gateway.yaml"
     settings: dict[str, Any] = {"spool__enabled": False, "rules__watch": False, **overrides}
     ports = write_config(config, bootstrap=bootstrap, rules_dir=rules, spool_dir=tmp / "spool",
