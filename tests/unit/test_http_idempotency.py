@@ -1,0 +1,108 @@
+"""Idempotency cache and rate limiter: no sockets, no broker."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway.sources.http_common import IdempotencyKeyReused, RateLimiter
+from gateway.sources.idempotency import IdempotencyCache, Stored, fingerprint
+
+pytestmark = pytest.mark.unit
+
+PRINT = fingerprint("POST", "/v1/publish/a", b"body")
+
+
+class Producer:
+    """Counts how often the cache really produced."""
+
+    def __init__(self, status: int = 200, delay: float = 0.0) -> None:
+        self.calls = 0
+        self.status = status
+        self.delay = delay
+
+    async def __call__(self) -> Stored:
+        self.calls += 1
+        await asyncio.sleep(self.delay)
+        return Stored(self.status, f"answer {self.calls}".encode(), {})
+
+
+async def test_retry_gets_the_first_answer() -> None:
+    cache, produce = IdempotencyCache(60), Producer()
+    first = await cache.run(("c", "k"), PRINT, produce)
+    again = await cache.run(("c", "k"), PRINT, produce)
+    assert produce.calls == 1 and again.body == first.body == b"answer 1"
+    await cache.run(("other-client", "k"), PRINT, produce)
+    assert produce.calls == 2  # keys are scoped by client
+
+
+async def test_concurrent_retries_wait_for_the_first() -> None:
+    cache, produce = IdempotencyCache(60), Producer(delay=0.05)
+    answers = await asyncio.gather(*(cache.run(("c", "k"), PRINT, produce) for _ in range(5)))
+    assert produce.calls == 1 and {a.body for a in answers} == {b"answer 1"}
+
+
+async def test_retriable_answers_are_not_kept() -> None:
+    cache = IdempotencyCache(60)
+    for status in (503, 429, 408, 500):
+        produce = Producer(status)
+        await cache.run(("c", str(status)), PRINT, produce)
+        await cache.run(("c", str(status)), PRINT, produce)
+        assert produce.calls == 2, status
+    assert len(cache) == 0
+
+
+async def test_same_key_other_request_is_refused() -> None:
+    cache = IdempotencyCache(60)
+    await cache.run(("c", "k"), PRINT, Producer())
+    with pytest.raises(IdempotencyKeyReused):
+        await cache.run(("c", "k"), fingerprint("POST", "/v1/publish/a", b"other"), Producer())
+
+
+async def test_a_failed_first_attempt_lets_the_waiter_produce() -> None:
+    cache = IdempotencyCache(60)
+
+    async def boom() -> Stored:
+        await asyncio.sleep(0.02)
+        raise RuntimeError("handler crashed")
+
+    first = asyncio.ensure_future(cache.run(("c", "k"), PRINT, boom))
+    await asyncio.sleep(0)
+    produce = Producer()
+    second = await cache.run(("c", "k"), PRINT, produce)
+    with pytest.raises(RuntimeError):
+        await first
+    assert produce.calls == 1 and second.status == 200
+
+
+async def test_window_and_bounds() -> None:
+    cache, produce = IdempotencyCache(0.01), Producer()
+    await cache.run(("c", "k"), PRINT, produce)
+    await asyncio.sleep(0.02)
+    await cache.run(("c", "k"), PRINT, produce)
+    assert produce.calls == 2  # the window passed: a new request
+
+    bounded = IdempotencyCache(60, max_keys=3)
+    for i in range(10):
+        await bounded.run(("c", str(i)), PRINT, Producer())
+    assert len(bounded) == 3
+    by_bytes = IdempotencyCache(60, max_bytes=3 * Stored(200, b"answer 1", {}).size)
+    for i in range(10):
+        await by_bytes.run(("c", str(i)), PRINT, Producer())
+    assert len(by_bytes) == 3
+
+
+def test_token_bucket_per_client() -> None:
+    limiter = RateLimiter(rate=2.0, burst=2.0)
+    assert [limiter.take("a", now=0.0) for _ in range(3)] == [0.0, 0.0, 0.5]
+    assert limiter.take("b", now=0.0) == 0.0  # its own bucket
+    assert limiter.take("a", now=0.5) == 0.0  # refilled one token in 0.5 s
+    assert RateLimiter(rate=0.0, burst=0.0).take("a") == 0.0  # 0 = unlimited
+
+
+def test_rate_limiter_memory_is_bounded() -> None:
+    limiter = RateLimiter(rate=1.0, burst=1.0, max_clients=100)
+    for i in range(1000):
+        limiter.take(f"client-{i}", now=0.0)
+    assert len(limiter._buckets) == 100
