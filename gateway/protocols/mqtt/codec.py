@@ -23,7 +23,13 @@ from gateway.protocols.mqtt.encode import encode
 from gateway.protocols.mqtt.properties import WILL, Properties, read_properties
 from gateway.protocols.mqtt.wire import decode_utf8, read_binary, read_str, read_u16
 
-__all__ = ["TopicNameInvalid", "UnsupportedProtocolVersion", "decode_packets", "encode"]
+__all__ = [
+    "ProtocolViolation",
+    "TopicNameInvalid",
+    "UnsupportedProtocolVersion",
+    "decode_packets",
+    "encode",
+]
 
 
 class UnsupportedProtocolVersion(ProtocolError):
@@ -35,6 +41,14 @@ class UnsupportedProtocolVersion(ProtocolError):
     def __init__(self, level: int) -> None:
         super().__init__(f"unsupported protocol level {level}")
         self.level = level
+
+
+class ProtocolViolation(ProtocolError):
+    """A protocol error with its own MQTT 5 reason code (0x93, 0x94, 0x99 ...)."""
+
+    def __init__(self, reason: int, message: str) -> None:
+        super().__init__(message)
+        self.mqtt_reason = reason
 
 
 class TopicNameInvalid(ProtocolError):

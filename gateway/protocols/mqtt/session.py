@@ -34,7 +34,12 @@ import msgspec
 
 from gateway.errors import GatewayError, ProtocolError
 from gateway.protocols.mqtt import packets as p
-from gateway.protocols.mqtt.codec import UnsupportedProtocolVersion, decode_packets, encode
+from gateway.protocols.mqtt.codec import (
+    ProtocolViolation,
+    UnsupportedProtocolVersion,
+    decode_packets,
+    encode,
+)
 from gateway.protocols.mqtt.events import (
     Connected,
     Disconnected,
@@ -51,18 +56,11 @@ from gateway.protocols.mqtt.negotiate import (
 )
 from gateway.protocols.mqtt.properties import EMPTY, Properties
 from gateway.protocols.mqtt.store import ClientState, SessionStore
+from gateway.protocols.mqtt.wire import is_utf8
 
 AWAIT_CONNECT, CONNECTED, CLOSED = "AWAIT_CONNECT", "CONNECTED", "CLOSED"
 NO_DEADLINE = float("inf")
 SUBSCRIBE_UNSUPPORTED = "subscriptions are not supported yet"
-
-
-class _Refusal(ProtocolError):
-    """A protocol error with its own MQTT 5 reason code."""
-
-    def __init__(self, reason: int, message: str) -> None:
-        super().__init__(message)
-        self.mqtt_reason = reason
 
 
 class MqttSession:
@@ -240,12 +238,12 @@ class MqttSession:
         if qos == 2 and pk.packet_id in client.qos2:
             return self._on_duplicate_qos2(client.qos2[pk.packet_id])
         if qos and self.version == 5 and self._inflight >= self._limits.receive_maximum:
-            raise _Refusal(0x93, "receive maximum exceeded")
-        bad_utf8 = props is not None and props.payload_format_indicator == 1 and not _is_utf8(
+            raise ProtocolViolation(0x93, "receive maximum exceeded")
+        bad_utf8 = props is not None and props.payload_format_indicator == 1 and not is_utf8(
             pk.payload
         )
         if bad_utf8 and not qos:
-            raise _Refusal(0x99, "payload is not the UTF-8 its format indicator declares")
+            raise ProtocolViolation(0x99, "payload is not the UTF-8 its format indicator declares")
         token = PublishToken(self, qos, pk.packet_id)
         self.pending += 1
         if qos:
@@ -259,7 +257,7 @@ class MqttSession:
 
     def _resolve_alias(self, topic: str, alias: int) -> str:
         if not 0 < alias <= self._limits.topic_alias_maximum:
-            raise _Refusal(0x94, f"topic alias {alias} out of range")
+            raise ProtocolViolation(0x94, f"topic alias {alias} out of range")
         if topic:
             self._aliases[alias] = topic
             return topic
@@ -405,12 +403,4 @@ class MqttSession:
         self._events.append(Disconnected(
             reason_code=reason, reason=message, by_client=by_client, will_due=will_due,
         ))
-
-
-def _is_utf8(payload: bytes) -> bool:
-    try:
-        payload.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
 

@@ -72,6 +72,15 @@ def decode_utf8(data: memoryview | bytes) -> str:
     return text
 
 
+def is_utf8(data: bytes) -> bool:
+    """For payloads whose format indicator says UTF-8 (U+0000 is allowed there)."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def varint(value: int) -> bytes:
     if value < 0x80:
         return bytes((value,))
