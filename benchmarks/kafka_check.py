@@ -15,17 +15,18 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Iterable
+from array import array
+from collections.abc import Iterable, Iterator
 from typing import Any
 
-from benchmarks.mqttwire import decode_payload
+from benchmarks.mqttwire import PAYLOAD_MAGIC, decode_payload
 from benchmarks.stats import summarize
 
-Record = tuple[int, bytes | None, int]  # partition, value, timestamp ms (or read time)
+Record = tuple[int, bytes | None, float]  # partition, value, timestamp ms (or read time)
 
 
 def analyze(records: Iterable[Record], run_id: int, clients: dict[str, Any]) -> dict[str, Any]:
-    """Pure accounting over records in (partition, offset) order.
+    """Pure accounting over records, in offset order within each partition.
 
     clients maps str(client index) -> [sent count, [seqs still unacked at the end]].
     """
@@ -35,7 +36,7 @@ def analyze(records: Iterable[Record], run_id: int, clients: dict[str, Any]) -> 
     last: dict[int, int] = {}
     partitions: dict[int, set[int]] = {}
     total = foreign = other_run = dups = unexpected = order = 0
-    lat_ms: list[float] = []
+    lat_ms = array("d")
     for part, value, ts_ms in records:
         total += 1
         head = decode_payload(value or b"")
@@ -88,9 +89,10 @@ def analyze(records: Iterable[Record], run_id: int, clients: dict[str, Any]) -> 
 
 def read_topic(
     bootstrap: str, topic: str, expected: int, run_id: int, idle: float, timeout: float
-) -> list[Record]:
-    """All records of topic from offset 0, until `expected` records of run_id
-    have been read, nothing new came for `idle` seconds, or `timeout`."""
+) -> Iterator[Record]:
+    """Records of topic from offset 0 (streamed, in offset order per partition),
+    until `expected` records of run_id were read, nothing new came for `idle`
+    seconds, or `timeout`."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
     c = Consumer(
@@ -103,19 +105,18 @@ def read_topic(
             "log_level": 3,
         }
     )
-    out: list[Record] = []
     try:
         deadline = time.monotonic() + timeout
         parts: list[int] = []
         while not parts and time.monotonic() < deadline:
             md = c.list_topics(topic, timeout=5)
             tmd = md.topics.get(topic)
-            if tmd is not None and not tmd.error:
+            if tmd is not None and not tmd.error and tmd.partitions:
                 parts = sorted(tmd.partitions)
             else:
                 time.sleep(0.5)
         if not parts:
-            return out
+            return
         c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
         mine = 0
         last_new = time.monotonic()
@@ -129,16 +130,17 @@ def read_topic(
                     continue
                 ttype, ts = m.timestamp()
                 v = m.value()
-                out.append((m.partition(), v, ts if ttype and ts > 0 else now_ms))
-                head = decode_payload(v or b"")
-                if head is not None and head[0] == run_id:
+                if v is not None and v[4:8] == run_tag(run_id) and v[:4] == PAYLOAD_MAGIC:
                     mine += 1
+                yield m.partition(), v, ts if ttype and ts > 0 else now_ms
             if msgs:
                 last_new = time.monotonic()
     finally:
         c.close()
-    out.sort(key=lambda r: r[0])  # stable: keeps offset order within a partition
-    return out
+
+
+def run_tag(run_id: int) -> bytes:
+    return run_id.to_bytes(4, "big")
 
 
 def check(

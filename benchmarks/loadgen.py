@@ -48,6 +48,7 @@ class Settings:
     connect_timeout: float = 30.0
     grace: float = 5.0  # wait for outstanding PUBACKs after the run
     max_messages: int = 50_000_000
+    sndbuf: int = 65536  # SO_SNDBUF of publishing sockets; 0 = kernel autotuning
     run_id: int = 0
     client_prefix: str = "lmb"
 
@@ -124,12 +125,14 @@ def run(s: Settings, clients_out: str | None = None) -> dict[str, object]:
     ctx = mp.get_context("fork")
     q: mp.Queue = ctx.Queue()
     start, stop = ctx.Event(), ctx.Event()
-    per = [s.connections // s.procs + (1 if i < s.connections % s.procs else 0)
-           for i in range(s.procs)]
+    per = [
+        s.connections // s.procs + (1 if i < s.connections % s.procs else 0) for i in range(s.procs)
+    ]
     procs, first = [], 0
     for wid, n in enumerate(per):
-        p = ctx.Process(target=worker_main, args=(asdict(s), wid, first, first + n, q, start, stop),
-                        daemon=True)
+        p = ctx.Process(
+            target=worker_main, args=(asdict(s), wid, first, first + n, q, start, stop), daemon=True
+        )
         p.start()
         procs.append(p)
         first += n
@@ -153,8 +156,12 @@ def run(s: Settings, clients_out: str | None = None) -> dict[str, object]:
             p.join(timeout=5)
             if p.is_alive():
                 p.kill()
-    result: dict[str, object] = {"event": "result", "mode": s.mode, "settings": asdict(s),
-                                 "connect": summary}
+    result: dict[str, object] = {
+        "event": "result",
+        "mode": s.mode,
+        "settings": asdict(s),
+        "connect": summary,
+    }
     errors = _merge_errors(conn + final)
     result["errors"] = errors
     result["error_count"] = sum(errors.values())
@@ -197,15 +204,22 @@ def _publish_summary(s: Settings, final: list[dict], clients_out: str | None) ->
 
 def parse_args(argv: list[str] | None = None) -> tuple[Settings, str | None]:
     d = Settings()
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.loadgen", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.loadgen",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("mode", choices=["connect", "publish"])
     ap.add_argument("--host", default=d.host)
     ap.add_argument("--port", type=int, default=d.port)
     ap.add_argument("--connections", "-c", type=int, default=d.connections)
     ap.add_argument("--procs", "-p", type=int, default=min(os.cpu_count() or 1, 4))
-    ap.add_argument("--source-ips", type=int, default=d.source_ips,
-                    help="bind to 127.0.0.2..(1+N); 0 = let the kernel choose")
+    ap.add_argument(
+        "--source-ips",
+        type=int,
+        default=d.source_ips,
+        help="bind to 127.0.0.2..(1+N); 0 = let the kernel choose",
+    )
     ap.add_argument("--qos", type=int, default=d.qos)
     ap.add_argument("--rate", type=float, default=d.rate, help="total msg/s; 0 = max")
     ap.add_argument("--duration", type=float, default=d.duration)
@@ -218,10 +232,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, str | None]:
     ap.add_argument("--connect-timeout", type=float, default=d.connect_timeout)
     ap.add_argument("--grace", type=float, default=d.grace)
     ap.add_argument("--max-messages", type=int, default=d.max_messages)
+    ap.add_argument("--sndbuf", type=int, default=d.sndbuf)
     ap.add_argument("--run-id", type=int, default=0)
     ap.add_argument("--client-prefix", default=d.client_prefix)
-    ap.add_argument("--clients-out", default=None,
-                    help="write per-client sent counts and unacked seqs (for kafka_check)")
+    ap.add_argument(
+        "--clients-out",
+        default=None,
+        help="write per-client sent counts and unacked seqs (for kafka_check)",
+    )
     a = vars(ap.parse_args(argv))
     clients_out = a.pop("clients_out")
     return Settings(**a), clients_out

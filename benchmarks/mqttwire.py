@@ -87,8 +87,9 @@ class PublishEncoder:
 
     __slots__ = ("client", "padding", "pfx", "props", "qos", "run_id")
 
-    def __init__(self, topic: str, qos: int, payload_size: int, version: int,
-                 run_id: int, client: int) -> None:
+    def __init__(
+        self, topic: str, qos: int, payload_size: int, version: int, run_id: int, client: int
+    ) -> None:
         size = max(payload_size, PAYLOAD_HEADER_SIZE)
         self.pfx = publish_prefix(topic, qos, size, version)
         self.props = b"\x00" if version == MQTT5 else b""

@@ -17,21 +17,37 @@ def machine_info() -> dict[str, Any]:
     cpu = "unknown"
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
-                       cpu)
+            cpu = next(
+                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu
+            )
     except OSError:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {"cores": os.cpu_count(), "cpu": cpu, "ram_gib": round(mem / 2**30, 1),
-            "kernel": platform.release(), "python": platform.python_version()}
+    return {
+        "cores": os.cpu_count(),
+        "cpu": cpu,
+        "ram_gib": round(mem / 2**30, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
 
 
 def _git_sha() -> str:
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT,
-                             capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "gateway"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "gateway"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return sha + ("+dirty" if dirty else "") if sha else "unknown"
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
@@ -61,9 +77,12 @@ def versions() -> dict[str, str]:
 
 
 def plan_dict(plan: Any) -> dict[str, Any]:
-    return {"quick": plan.quick, "idle_connections": plan.idle_connections,
-            "gateway_workers": plan.gateway_workers,
-            "scenarios": {s.name: {"mode": s.mode, **s.args} for s in plan.scenarios}}
+    return {
+        "quick": plan.quick,
+        "idle_connections": plan.idle_connections,
+        "gateway_workers": plan.gateway_workers,
+        "scenarios": {s.name: {"mode": s.mode, **s.args} for s in plan.scenarios},
+    }
 
 
 def _get(d: Any, *path: str) -> Any:
@@ -79,19 +98,28 @@ def one_line(name: str, r: dict[str, Any]) -> str:
         return f"error: {r['error']}"
     if r.get("mode") == "connect":
         c = r["connect"]
-        return (f"{c['connected']}/{c['requested']} connected at {c['connect_rate']}/s, "
-                f"{r.get('rss_per_connection')} B RSS/conn, errors {r['error_count']}")
+        return (
+            f"{c['connected']}/{c['requested']} connected at {c['connect_rate']}/s, "
+            f"{r.get('rss_per_connection')} B RSS/conn, errors {r['error_count']}"
+        )
     lat = r.get("puback_latency_ms") or {}
-    return (f"{r.get('sent_per_s')} msg/s sent, acked {r.get('acked')}/{r.get('sent')}, "
-            f"PUBACK p50 {lat.get('p50')} p99 {lat.get('p99')} ms, errors {r['error_count']}")
+    return (
+        f"{r.get('sent_per_s')} msg/s sent, acked {r.get('acked')}/{r.get('sent')}, "
+        f"PUBACK p50 {lat.get('p50')} p99 {lat.get('p99')} ms, errors {r['error_count']}"
+    )
 
 
 # (scenario, label, path into the result, format, higher is better)
 ROWS: list[tuple[str, str, tuple[str, ...], str, bool | None]] = [
     ("idle", "connections held", ("connect", "connected"), "{:,.0f}", True),
     ("idle", "connect rate (conn/s)", ("connect", "connect_rate"), "{:,.0f}", True),
-    ("idle", "connect latency p99 (ms)", ("connect", "connect_latency_ms", "p99"), "{:,.1f}",
-     False),
+    (
+        "idle",
+        "connect latency p99 (ms)",
+        ("connect", "connect_latency_ms", "p99"),
+        "{:,.1f}",
+        False,
+    ),
     ("idle", "RSS per idle connection (bytes)", ("rss_per_connection",), "{:,.0f}", False),
     ("idle", "server RSS while held (MiB)", ("server_rss_held",), "mib", False),
     ("idle", "connections lost during hold", ("lost_during_hold",), "{:,.0f}", False),
@@ -133,15 +161,15 @@ def _ratio(a: Any, b: Any) -> str:
 
 def _table(data: dict[str, Any]) -> list[str]:
     lm, mq = _results(data, "lastmile"), _results(data, "mosquitto")
-    lines = ["| scenario | metric | Lastmile | Mosquitto | Lastmile / Mosquitto |",
-             "| --- | --- | ---: | ---: | ---: |"]
+    lines = [
+        "| scenario | metric | Lastmile | Mosquitto | Lastmile / Mosquitto |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
     for sc, label, path, fmt, better in ROWS:
         a = _get(lm, sc, *path) if lm else None
         b = _get(mq, sc, *path) if mq else None
-        hint = "" if better is None else (" (higher is better)" if better else
-                                          " (lower is better)")
-        lines.append(f"| {sc} | {label}{hint} | {_fmt(a, fmt)} | {_fmt(b, fmt)} | "
-                     f"{_ratio(a, b)} |")
+        hint = "" if better is None else (" (higher is better)" if better else " (lower is better)")
+        lines.append(f"| {sc} | {label}{hint} | {_fmt(a, fmt)} | {_fmt(b, fmt)} | {_ratio(a, b)} |")
     return lines
 
 
@@ -149,18 +177,22 @@ def _kafka_table(data: dict[str, Any]) -> list[str]:
     lm = _results(data, "lastmile")
     if not lm:
         return ["Not measured: Lastmile did not run (see below)."]
-    lines = ["| scenario | sent | in Kafka (unique) | missing | lost after PUBACK | duplicates"
-             " | order violations | send -> record timestamp p50 / p99 (ms) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| scenario | sent | in Kafka (unique) | missing | lost after PUBACK | duplicates"
+        " | order violations | send -> record timestamp p50 / p99 (ms) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for sc, r in lm.items():
         k = r.get("kafka") if isinstance(r, dict) else None
         if not k:
             continue
         e2e = k["e2e_latency_ms"]
         lost = k["lost_acked"] if sc.startswith("qos1") else "n/a (QoS 0)"
-        lines.append(f"| {sc} | {k['expected']:,} | {k['unique']:,} | {k['missing']:,} | "
-                     f"{lost} | {k['duplicates']:,} | {k['order_violations']:,} | "
-                     f"{e2e['p50']} / {e2e['p99']} |")
+        lines.append(
+            f"| {sc} | {k['expected']:,} | {k['unique']:,} | {k['missing']:,} | "
+            f"{lost} | {k['duplicates']:,} | {k['order_violations']:,} | "
+            f"{e2e['p50']} / {e2e['p99']} |"
+        )
     return lines
 
 
@@ -190,7 +222,7 @@ def markdown(data: dict[str, Any]) -> str:
         f"{' --quick' if data['quick'] else ''}` (`make bench`); do not edit by hand.",
         f"Run: {data['started']}, {mode}, {data['seconds']} s.",
         "Every figure below was measured in this one run, with the same load generator",
-        "(`benchmarks/loadgen.py`) against each system; \"not measured\" means exactly that.",
+        '(`benchmarks/loadgen.py`) against each system; "not measured" means exactly that.',
         "",
         "## Machine and versions",
         "",
@@ -229,8 +261,7 @@ def markdown(data: dict[str, Any]) -> str:
         "",
         "## Kafka-side check (Lastmile)",
         "",
-        "Topic `bench` read back on every partition after each run "
-        "(`benchmarks/kafka_check.py`).",
+        "Topic `bench` read back on every partition after each run (`benchmarks/kafka_check.py`).",
         "",
         *_kafka_table(data),
         "",

