@@ -1,0 +1,151 @@
+"""MqttServer in-process on loopback with a fake pipeline: flow control, sweep, takeover."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from gateway.model import Message, Outcome
+from gateway.protocols.mqtt import packets as p
+from gateway.protocols.mqtt.codec import decode_packets, encode
+from gateway.protocols.mqtt.events import MqttLimits
+from gateway.protocols.mqtt.properties import Properties
+from gateway.sources.mqtt_server import MqttServer
+
+pytestmark = pytest.mark.integration
+
+
+class Flow:
+    def __init__(self) -> None:
+        self.paused = False
+        self.listeners: list[Callable[[bool], None]] = []
+
+    def subscribe(self, listener: Callable[[bool], None]) -> Callable[[], None]:
+        self.listeners.append(listener)
+        return lambda: self.listeners.remove(listener)
+
+    def set(self, paused: bool) -> None:
+        self.paused = paused
+        for listener in self.listeners:
+            listener(paused)
+
+
+class FakePipeline:
+    def __init__(self) -> None:
+        self.flow = Flow()
+        self.received: list[tuple[Message, Callable[[Outcome], None]]] = []
+        self.explode = False
+
+    def publish(self, message: Message, on_done: Callable[[Outcome], None]) -> None:
+        if self.explode:
+            raise RuntimeError("bug in the pipeline")
+        self.received.append((message, on_done))
+
+
+class Client:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 version: int) -> None:
+        self.reader, self.writer, self.version, self.buf = reader, writer, version, b""
+
+    def send(self, packet: p.AnyPacket) -> None:
+        self.writer.write(encode(packet, self.version))
+
+    async def recv(self, timeout: float = 5.0) -> p.AnyPacket | None:
+        while True:
+            packets, used = decode_packets(self.buf, self.version, 1 << 20)
+            if packets:
+                self.buf = self.buf[used:]
+                return packets[0]
+            try:
+                chunk = await asyncio.wait_for(self.reader.read(65536), timeout)
+            except TimeoutError:
+                return None
+            if not chunk:
+                return None
+            self.buf += chunk
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[tuple[MqttServer, FakePipeline]]:
+    pipeline = FakePipeline()
+    srv = MqttServer(pipeline, MqttLimits(receive_maximum=2), sweep_interval=0.1)
+    await srv.start("127.0.0.1", 0)
+    yield srv, pipeline
+    await srv.close(0.1)
+
+
+async def connect(srv: MqttServer, client_id: str, version: int = 5,
+                  keep_alive: int = 60) -> Client:
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.ports[0])
+    client = Client(reader, writer, version)
+    client.send(p.Connect(protocol_level=version, client_id=client_id, keep_alive=keep_alive,
+                          properties=Properties() if version == 5 else None))
+    connack = await client.recv()
+    assert isinstance(connack, p.Connack) and connack.reason_code == 0
+    return client
+
+
+def publish(client: Client, pid: int, payload: bytes = b"x") -> None:
+    client.send(p.Publish(topic="a/b", payload=payload, qos=1, packet_id=pid,
+                          properties=Properties(user_properties=[("k", "v")])))
+
+
+async def test_message_shape_and_ack_after_on_done(server: Any) -> None:
+    srv, pipeline = server
+    client = await connect(srv, "shape")
+    publish(client, 1, b"payload")
+    assert await client.recv(0.3) is None
+    message, on_done = pipeline.received[0]
+    assert (message.source, message.topic, message.payload, message.qos, message.client_id) == (
+        "mqtt", "a/b", b"payload", 1, "shape")
+    assert message.user_properties == [("k", "v")]
+    on_done(Outcome(ok=True))
+    assert await client.recv() == p.Puback(packet_id=1)
+
+
+async def test_reading_stops_at_the_inflight_bound_and_on_backpressure(server: Any) -> None:
+    srv, pipeline = server
+    client = await connect(srv, "bound")
+    for pid in (1, 2):
+        publish(client, pid)
+    await asyncio.sleep(0.2)
+    (conn,) = srv.connections
+    assert len(pipeline.received) == 2 and not conn._reading
+    pipeline.received[0][1](Outcome(ok=True))
+    assert await client.recv() == p.Puback(packet_id=1)
+    assert conn._reading
+    pipeline.flow.set(True)
+    assert not conn._reading
+    pipeline.flow.set(False)
+    assert conn._reading
+
+
+async def test_keepalive_sweep_disconnects_idle_clients(server: Any) -> None:
+    srv, _ = server
+    client = await connect(srv, "idle", keep_alive=1)
+    got = await client.recv(3.0)
+    assert isinstance(got, p.Disconnect) and got.reason_code == 0x8D
+
+
+async def test_takeover_disconnects_the_first_connection(server: Any) -> None:
+    srv, _ = server
+    first = await connect(srv, "same")
+    await connect(srv, "same")
+    got = await first.recv()
+    assert isinstance(got, p.Disconnect) and got.reason_code == 0x8E
+    assert len(srv.registry) == 1
+
+
+async def test_a_crash_costs_one_connection_not_the_listener(server: Any) -> None:
+    srv, pipeline = server
+    client = await connect(srv, "crash")
+    pipeline.explode = True
+    publish(client, 1)
+    assert await client.recv() is None  # closed
+    pipeline.explode = False
+    other = await connect(srv, "after-crash", version=4)
+    other.send(p.Pingreq())
+    assert await other.recv() == p.Pingresp()
