@@ -131,13 +131,14 @@ class Replayer:
             self._advance()
             if not records:
                 return True
-        sent = self._produce_some()
+        taken = self._produce_some()
         self._advance()
         await asyncio.sleep(0)  # let live traffic in between chunks
-        return sent > 0
+        return taken > 0
 
     def _produce_some(self) -> int:
-        sent = 0
+        """Produce (or skip) from the read-ahead in order; returns how many were taken."""
+        sent = taken = 0
         readahead, spilled = self.readahead, self.buffer.spilled
         while readahead and self.outstanding < WINDOW and sent < CHUNK:
             seq, record = readahead[0]
@@ -149,13 +150,14 @@ class Replayer:
                 if entry.direct_ok or entry.cancelled:
                     self.done.add(seq)
             readahead.popleft()
+            taken += 1
             self.inflight.append(seq)
             if seq in self.done:
                 self.buffer.counters["skipped"] += 1
                 continue
             self._produce(seq, record)
             sent += 1
-        return sent
+        return taken
 
     def _produce(self, seq: int, record: Record) -> None:
         sink = self.buffer.sinks.get(record.cluster)
