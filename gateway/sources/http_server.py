@@ -84,7 +84,9 @@ class HttpIngest:
                     on_error: OnError = error_response) -> web.Response:
         try:
             identity = self.authenticate(request)
-            self.rate.check(identity.client_id or f"ip:{request.remote}")
+            # Anonymous clients are told apart by address, for rates and idempotency alike.
+            who = identity.client_id or f"ip:{request.remote}"
+            self.rate.check(who)
             body = await read_body(request, self.limits.http_max_body_bytes,
                                    self.limits.http_body_timeout_s)
             key = request.headers.get("Idempotency-Key")
@@ -96,7 +98,7 @@ class HttpIngest:
                 response = await self._answer(request, identity, body, handler, on_error)
                 return _stored(response)
 
-            stored = await self.idempotency.run((identity.client_id, key), print_, first)
+            stored = await self.idempotency.run((who, key), print_, first)
             return _replay(stored)
         except GatewayError as exc:
             return on_error(exc)
