@@ -121,6 +121,7 @@ ROWS: list[tuple[str, str, tuple[str, ...], str, bool | None]] = [
         False,
     ),
     ("idle", "RSS per idle connection (bytes)", ("rss_per_connection",), "{:,.0f}", False),
+    ("idle", "server RSS before connecting (MiB)", ("server_rss_before",), "mib", False),
     ("idle", "server RSS while held (MiB)", ("server_rss_held",), "mib", False),
     ("idle", "connections lost during hold", ("lost_during_hold",), "{:,.0f}", False),
     ("qos1_max", "QoS 1 acked msg/s", ("acked_per_s",), "{:,.0f}", True),
@@ -264,6 +265,25 @@ def markdown(data: dict[str, Any]) -> str:
         "Topic `bench` read back on every partition after each run (`benchmarks/kafka_check.py`).",
         "",
         *_kafka_table(data),
+        "",
+        "## How to read this",
+        "",
+        "- Mosquitto has no subscribers here: it acknowledges and drops each message. "
+        "Lastmile routes every message, produces it to Kafka (acks=all) and, for QoS 1, "
+        "sends PUBACK only after Kafka's delivery report. The ratio is the price of that "
+        "contract on the same load, not a like-for-like broker comparison.",
+        "- One machine runs the server, the load generator (Python), and for Lastmile the "
+        "tansu broker: maximum-rate figures are bounded by shared cores; compare them "
+        "within this run only.",
+        "- QoS 1 max keeps a fixed window in flight per connection, so its PUBACK latency is "
+        "mostly queueing (window / throughput); latency at a fixed offered rate is the "
+        "qos1_rate scenario.",
+        "- QoS 0 msg/s counts a message as accepted once the server has read it: the run "
+        "ends with a PINGREQ on every connection, and the time until every PINGRESP is "
+        "included.",
+        "- Kafka latency: payload send time to the Kafka record timestamp (CreateTime, set "
+        "on the gateway side; tansu does not do LogAppendTime). At maximum QoS 0 load it "
+        "includes the time messages waited in socket buffers and the gateway's buffer.",
         "",
         "## Errors and omissions",
         "",
