@@ -21,6 +21,7 @@ import structlog
 from gateway.buffer import Buffer
 from gateway.buffer.queue import MemoryBuffer
 from gateway.config.schema import Config
+from gateway.errors import ConfigError
 from gateway.model import Record
 from gateway.pipeline import Pipeline
 from gateway.routing import Router, RulesReloader, load_rules
@@ -93,6 +94,11 @@ class App:
 
     def _start_rules(self) -> None:
         table = load_rules(self.rules_dir)
+        unknown = sorted(set(table.clusters) - set(self.config.kafka.clusters))
+        if unknown:
+            raise ConfigError(
+                f"rules name Kafka clusters the config does not define: {', '.join(unknown)}",
+                file=self.rules_dir, key="kafka.cluster")
         self.router = Router(table)
         if self.config.rules.watch:
             self.reloader = RulesReloader(self.rules_dir, self.router)

@@ -24,6 +24,8 @@ MESSAGES = Counter("lastmile_pipeline_total",
                    ["event"])
 RECORDS = Counter("lastmile_records_total", "Kafka records by result", ["cluster", "result"])
 RULES_RELOADS = Counter("lastmile_rules_reloads_total", "Rules reloads by result", ["result"])
+REFUSED = Counter("lastmile_refused_total", "Messages refused or dead-lettered by reason",
+                  ["reason"])
 BUFFER = Counter("lastmile_buffer_events_total", "Buffer and spool events", ["event"])
 CONNECTIONS = Gauge("lastmile_mqtt_connections", "Open MQTT connections",
                     multiprocess_mode="livesum")
@@ -71,6 +73,7 @@ class Pump:
             self._counters(RULES_RELOADS, {"ok": app.reloader.reloads_ok,
                                            "failed": app.reloader.reloads_failed})
         if app.router is not None:
+            self._counters(REFUSED, app.router.refused_by_reason)
             table = app.router.table
             if table.version != self._version:
                 if self._version:
