@@ -8,8 +8,8 @@ import time
 import aiohttp
 import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from tests.helpers import Broker
 
