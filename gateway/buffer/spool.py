@@ -87,7 +87,9 @@ class Spool:
                  fsync_interval_ms: float) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
-        self.segment_bytes = segment_bytes
+        # At least four segments fit in max_bytes, so deleting confirmed ones frees room
+        # while the newest is still being appended to.
+        self.segment_bytes = min(segment_bytes, max(max_bytes // 4, 4096))
         self.interval = fsync_interval_ms / 1000.0
         self.next_seq = 0  # loop side: next seq to assign
         self.used_bytes = 0  # loop side: bytes on disk plus bytes handed to the writer
@@ -107,7 +109,7 @@ class Spool:
         self._on_freed: Callable[[int], None] | None = None
         self._persisted = -1
         self._ledger_at = 0.0
-        self._roll_min = min(segment_bytes, 1 << 20)
+        self._roll_min = min(self.segment_bytes, 1 << 20)
         # Reader position: (segment path, byte offset, seq of the first frame there or later).
         self._rpos: tuple[str, int, int] | None = None
 
@@ -169,6 +171,7 @@ class Spool:
     def append(self, record: Record) -> int:
         """Encode and queue one record; returns its seq. Raises SpoolFull."""
         frame = fmt.encode_frame(self.next_seq, record, time.time())
+        # Room for one segment header too: the writer may have to start a segment.
         if self.used_bytes + len(frame) + len(fmt.MAGIC) > self.max_bytes:
             raise SpoolFull()
         seq = self.next_seq
@@ -222,6 +225,7 @@ class Spool:
         first, last = batch[0][0], batch[-1][0]
         error: OSError | None = None
         seg: Segment | None = None
+        lost = 0
         try:
             seg, new = self._active(first)
             data = b"".join(frame for _, frame in batch)
@@ -239,9 +243,13 @@ class Spool:
         except OSError as exc:
             error = exc
             self.write_errors += 1
-            self._abandon(seg)
+            lost = sum(len(frame) for _, frame in batch)
+            if self._abandon(seg):
+                lost += len(fmt.MAGIC)
         self.written_seq = last
         self._post(self._on_durable, first, last, error)
+        if lost:
+            self._post(self._resize, -lost)  # after the failure is known: no append in between
 
     def _active(self, first: int) -> tuple[Segment, bool]:
         seg = self._segments[-1] if self._segments else None
@@ -255,12 +263,16 @@ class Spool:
         seg = Segment(first, path, 0, first - 1, fd)
         with self._lock:
             self._segments.append(seg)
+        self._post(self._resize, len(fmt.MAGIC))
         return seg, True
 
-    def _abandon(self, seg: Segment | None) -> None:
-        """After a failed write: cut what may be half-written, and never append here again."""
+    def _abandon(self, seg: Segment | None) -> bool:
+        """After a failed write: cut what may be half-written, never append here again.
+
+        Returns True when the segment held nothing durable and was removed.
+        """
         if seg is None or seg.fd < 0:
-            return
+            return False
         # If the cut fails, recovery cuts it instead; the segment is closed for writing anyway.
         with contextlib.suppress(OSError):
             os.ftruncate(seg.fd, seg.size)
@@ -271,6 +283,8 @@ class Spool:
                 self._segments.remove(seg)
             with contextlib.suppress(OSError):
                 os.unlink(seg.path)
+            return True
+        return False
 
     def _fsync_dir(self) -> None:
         fd = os.open(self.directory, os.O_RDONLY)
@@ -283,15 +297,18 @@ class Spool:
         """Persist the watermark, then delete segments it fully covers (invariant 2)."""
         watermark = self.watermark
         now = time.monotonic()
-        recent = now - self._ledger_at < LEDGER_INTERVAL_S
-        if watermark == self._persisted or (recent and not force):
+        if watermark != self._persisted and (force or now - self._ledger_at >= LEDGER_INTERVAL_S):
+            try:
+                fmt.write_ledger(self.directory, watermark)
+            except OSError as exc:
+                log.error("spool_ledger_write_failed", dir=self.directory, error=str(exc))
+                return
+            self._persisted, self._ledger_at = watermark, now
+        elif not force:
             return
-        try:
-            fmt.write_ledger(self.directory, watermark)
-        except OSError as exc:
-            log.error("spool_ledger_write_failed", dir=self.directory, error=str(exc))
-            return
-        self._persisted, self._ledger_at = watermark, now
+        self._delete_covered(self._persisted, force)
+
+    def _delete_covered(self, watermark: int, force: bool) -> None:
         freed = 0
         for seg in list(self._segments):
             if seg.last_seq >= watermark or seg.last_seq < seg.first_seq:
@@ -310,7 +327,13 @@ class Spool:
                 continue
             freed += seg.size
         if freed:
-            self._post(self._on_freed, freed)
+            self._post(self._resize, -freed)
+
+    def _resize(self, delta: int) -> None:
+        """On the loop: keep ``used_bytes`` equal to the bytes of the segment files."""
+        self.used_bytes += delta
+        if delta < 0 and self._on_freed is not None:
+            self._on_freed(-delta)
 
     def _post(self, callback: Callable[..., None] | None, *args: object) -> None:
         if callback is None or self._loop is None:

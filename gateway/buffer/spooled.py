@@ -239,7 +239,6 @@ class SpoolBuffer:
         self.pump()
 
     def _on_freed(self, nbytes: int) -> None:
-        self.spool.used_bytes -= nbytes
         self.pump()
 
     def _on_direct(self, record: Record, delivery: Delivery | None,
