@@ -17,9 +17,38 @@ from gateway.buffer import spool_format as fmt
 
 
 def inspect_spool(directory: str) -> dict[str, Any]:
-    """Records still owed to Kafka, bytes, oldest age, per-topic counts, segments, damage."""
+    """Records still owed to Kafka, bytes, oldest age, per-topic counts, segments, damage.
+
+    ``directory`` is one worker's spool, or ``spool.dir`` holding ``worker-<n>``
+    spools: then the totals are summed and each worker is under ``workers``.
+    """
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"no spool directory at {directory}")
+    workers = sorted(n for n in os.listdir(directory)
+                     if n.startswith("worker-") and os.path.isdir(os.path.join(directory, n)))
+    if workers and not fmt.list_segments(directory):
+        return _combine(directory, {n: _inspect_one(os.path.join(directory, n)) for n in workers})
+    return _inspect_one(directory)
+
+
+def _combine(directory: str, reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    topics: Counter[str] = Counter()
+    for r in reports.values():
+        topics.update(r["topics"])
+    ages = [r["oldest_record_age_s"] for r in reports.values()
+            if r["oldest_record_age_s"] is not None]
+    return {
+        "directory": os.path.abspath(directory),
+        "records": sum(r["records"] for r in reports.values()),
+        "bytes": sum(r["bytes"] for r in reports.values()),
+        "oldest_record_age_s": max(ages) if ages else None,
+        "topics": dict(sorted(topics.items())),
+        "damage": [d for r in reports.values() for d in r["damage"]],
+        "workers": reports,
+    }
+
+
+def _inspect_one(directory: str) -> dict[str, Any]:
     stored = fmt.read_ledger(directory)
     watermark = stored or 0
     topics: Counter[str] = Counter()
@@ -60,6 +89,10 @@ def inspect_spool(directory: str) -> dict[str, Any]:
 
 
 def _human(report: dict[str, Any]) -> str:
+    if "workers" in report:
+        head = (f"spool {report['directory']}: {report['records']} records waiting for Kafka, "
+                f"{report['bytes']} bytes, {len(report['workers'])} worker spool(s)")
+        return "\n".join([head] + [_human(r) for r in report["workers"].values()])
     lines = [f"spool {report['directory']}"]
     age = report["oldest_record_age_s"]
     lines.append(f"  records waiting for Kafka: {report['records']}"

@@ -161,3 +161,13 @@ async def test_fully_confirmed_spool_leaves_no_segments(tmp_path: Path) -> None:
     again = Spool(str(tmp_path), max_bytes=1 << 30, segment_bytes=1 << 20, fsync_interval_ms=1)
     recovery = again.recover()
     assert recovery.records == 0 and recovery.next_seq == 10  # seqs never go backwards
+
+
+async def test_inspect_sums_worker_spools(tmp_path: Path) -> None:
+    await write_records(tmp_path / "worker-0", 30)
+    await write_records(tmp_path / "worker-1", 12)
+    report = inspect_spool(str(tmp_path))
+    assert report["records"] == 42
+    assert report["topics"] == {"default/t0": 14, "default/t1": 14, "default/t2": 14}
+    assert set(report["workers"]) == {"worker-0", "worker-1"}
+    assert report["oldest_record_age_s"] is not None and report["oldest_record_age_s"] < 60
