@@ -47,6 +47,7 @@ class Settings:
     connect_concurrency: int = 32  # in-flight connects per process
     connect_timeout: float = 30.0
     grace: float = 5.0  # wait for outstanding PUBACKs after the run
+    drain_timeout: float = 90.0  # wait for the server to read what is queued (PINGRESP)
     max_messages: int = 50_000_000
     sndbuf: int = 65536  # SO_SNDBUF of publishing sockets; 0 = kernel autotuning
     run_id: int = 0
@@ -148,7 +149,7 @@ def run(s: Settings, clients_out: str | None = None) -> dict[str, object]:
             bound = 30.0
         else:
             start.set()
-            bound = s.duration + s.grace + 30.0
+            bound = s.duration + s.drain_timeout + s.grace + 30.0
         final = _collect(q, "final", len(procs), time.monotonic() + bound)
     finally:
         stop.set()
@@ -180,6 +181,7 @@ def _publish_summary(s: Settings, final: list[dict], clients_out: str | None) ->
     # Publishing time plus the time the server took to read what was still queued
     # in socket buffers (PINGREQ/PINGRESP round trip on every connection).
     secs = max((r["pub_seconds"] + r.get("drain_seconds", 0.0) for r in final), default=0.0)
+    drained = len(final) > 0 and not any(r["errors"].get("drain_timeout") for r in final)
     lat: list[float] = []
     clients: dict[str, object] = {}
     for r in final:
@@ -195,7 +197,9 @@ def _publish_summary(s: Settings, final: list[dict], clients_out: str | None) ->
         "publish_seconds": round(secs, 3),
         "drain_seconds": round(max((r.get("drain_seconds", 0.0) for r in final), default=0), 3),
         "offered_rate": s.rate or "max",
-        "sent_per_s": round(sent / secs, 1) if secs else None,
+        # Unknown if the server had not read everything by the drain timeout.
+        "drained": drained,
+        "sent_per_s": round(sent / secs, 1) if secs and drained else None,
         "acked_per_s": round(acked / secs, 1) if secs and s.qos else None,
         "puback_latency_ms": summarize(lat, 0.001) if s.qos else None,
     }
@@ -231,6 +235,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, str | None]:
     ap.add_argument("--connect-concurrency", type=int, default=d.connect_concurrency)
     ap.add_argument("--connect-timeout", type=float, default=d.connect_timeout)
     ap.add_argument("--grace", type=float, default=d.grace)
+    ap.add_argument("--drain-timeout", type=float, default=d.drain_timeout)
     ap.add_argument("--max-messages", type=int, default=d.max_messages)
     ap.add_argument("--sndbuf", type=int, default=d.sndbuf)
     ap.add_argument("--run-id", type=int, default=0)

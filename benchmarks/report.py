@@ -29,7 +29,17 @@ def machine_info() -> dict[str, Any]:
         "ram_gib": round(mem / 2**30, 1),
         "kernel": platform.release(),
         "python": platform.python_version(),
+        "loadavg_start": loadavg(),
     }
+
+
+def loadavg() -> str:
+    """1/5/15-minute load averages: other work on the machine skews every figure."""
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "unknown"
 
 
 def _git_sha() -> str:
@@ -229,6 +239,8 @@ def markdown(data: dict[str, Any]) -> str:
         "",
         f"- machine: {m['cores']} cores ({m['cpu']}), {m['ram_gib']} GiB RAM, "
         f"Linux {m['kernel']}, Python {m['python']}; loopback only",
+        f"- load average (1/5/15 min) at start: {m.get('loadavg_start', '?')}, at end: "
+        f"{data.get('loadavg_end', '?')} (other processes on the machine skew every figure)",
         *[f"- {k}: {val}" for k, val in v.items()],
         "",
         "## Settings",

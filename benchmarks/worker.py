@@ -327,7 +327,7 @@ async def _worker(
         cap = int(s["max_messages"] * share) or 1
         final["pub_seconds"] = await _publish(s, conns, wg, share, cap)
         t_drain = time.monotonic()
-        await _drain(conns, wg, max(s["grace"], 60.0))
+        await _drain(conns, wg, s["drain_timeout"])
         final["drain_seconds"] = time.monotonic() - t_drain
         grace_end = time.monotonic() + s["grace"]
         while any(c.inflight and not c.lost for c in conns) and time.monotonic() < grace_end:
