@@ -181,6 +181,10 @@ class SpoolBuffer:
         spool = self.spool
         while self.waiting and not self.broken:
             entry = self.waiting[0]
+            if entry.direct_ok or entry.cancelled:  # Kafka settled it while it waited
+                self.waiting.popleft()
+                self._release(entry.size)
+                continue
             try:
                 entry.seq = spool.append(entry.record)
             except SpoolFull:

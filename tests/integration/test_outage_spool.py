@@ -79,7 +79,7 @@ class Publisher:
         self.ack_times: list[float] = []
         self.sent = 0
 
-    def _on_done(self, key: int, n: int, outcome: Outcome) -> None:
+    def on_done(self, key: int, n: int, outcome: Outcome) -> None:
         if outcome.ok:
             self.acked[key].append(n)
             self.ack_times.append(time.monotonic())
@@ -96,7 +96,7 @@ class Publisher:
             for key in range(KEYS):
                 record = Record(cluster="default", topic=self.topic, value=b"%d:%d" % (key, n),
                                 key=b"key-%d" % key)
-                record.ack = Ack(lambda o, k=key, i=n: self._on_done(k, i, o), 1)
+                record.ack = Ack(lambda o, k=key, i=n: self.on_done(k, i, o), 1)
                 self.buffer.submit(record)
                 self.sent += 1
             n += 1
@@ -107,7 +107,7 @@ def check_kafka(messages: list[Any], pub: Publisher) -> int:
     """Every acked record is in Kafka and each key's order holds; returns duplicates seen."""
     seen: dict[int, list[int]] = defaultdict(list)
     for msg in messages:
-        key, n = (int(x) for x in msg.value().split(b":"))
+        key, n = (int(x) for x in msg.value().split(b":")[:2])
         seen[key].append(n)
     duplicates = 0
     for key, acked in pub.acked.items():
@@ -187,3 +187,44 @@ async def test_broker_hung_kafka_mode(tmp_path: Path) -> None:
 @pytest.mark.parametrize("mode", ["kafka", "write-ahead"])
 async def test_broker_unreachable(tmp_path: Path, mode: str) -> None:
     await run_outage(tmp_path, mode, "unreachable")
+
+
+@pytest.mark.timeout(90)
+async def test_full_spool_pauses_intake_then_drains(tmp_path: Path, fresh_broker: Broker) -> None:
+    topic = "outage-full"
+    await asyncio.to_thread(fresh_broker.create_topic, topic, 1)
+    sink = KafkaSink("default", Cluster(bootstrap_servers=fresh_broker.bootstrap, linger_ms=5))
+    await sink.start()
+    max_bytes = 64 << 10
+    buf = SpoolBuffer({"default": sink},
+                      SpoolConfig(mode="write-ahead", max_bytes=max_bytes, segment_bytes=8 << 10,
+                                  fsync_interval_ms=5.0),
+                      BufferConfig(), tmp_path / "spool")
+    await buf.start()
+    pub = Publisher(buf, topic)
+    fresh_broker.pause()
+    try:
+        for n in range(250):  # ~2,000 records of ~200 bytes: four times what fits
+            for key in range(KEYS):
+                record = Record(cluster="default", topic=topic, key=b"key-%d" % key,
+                                value=b"%d:%d:" % (key, n) + b"x" * 150)
+                record.ack = Ack(lambda o, k=key, i=n: pub.on_done(k, i, o), 1)
+                buf.submit(record)
+                pub.sent += 1
+        await asyncio.sleep(3.0)
+        acked_while_down = sum(len(v) for v in pub.acked.values())
+        assert buf.flow.paused and buf.full
+        assert 0 < acked_while_down < pub.sent // 2  # only what the spool holds is acked
+        assert buf.spool.used_bytes <= max_bytes and pub.failed == 0
+    finally:
+        fresh_broker.resume()
+    for _ in range(400):
+        if sum(len(v) for v in pub.acked.values()) == pub.sent and not buf.flow.paused:
+            break
+        await asyncio.sleep(0.1)
+    assert not buf.flow.paused and pub.failed == 0
+    assert sum(len(v) for v in pub.acked.values()) == pub.sent
+    await buf.close(10.0)
+    await sink.close(5.0)
+    messages = await asyncio.to_thread(fresh_broker.read, topic, pub.sent, 60)
+    check_kafka(messages, pub)
