@@ -246,7 +246,7 @@ class Replayer:
         if not caught:
             return
         buf.via_spool = False  # Kafka takes records directly again
-        if self.draining:
+        if self.draining and self.outstanding == 0:
             self._drain_done()
 
     def _drain_done(self) -> None:
