@@ -22,7 +22,7 @@ BROKEN = str(ROOT / "tests/fixtures/rules/invalid-templates/rules")
 def test_check_valid(capsys: pytest.CaptureFixture[str]) -> None:
     assert rules_check(SHIPPED, json_out=False) == 0
     out = capsys.readouterr().out
-    assert out.startswith("ok: 8 rules in 6 files, version ")
+    assert out.startswith("ok: 9 rules in 7 files, version ")
 
 
 def test_check_lists_every_error_with_location(capsys: pytest.CaptureFixture[str]) -> None:
@@ -45,7 +45,7 @@ def test_check_json(capsys: pytest.CaptureFixture[str]) -> None:
     }  # fmt: skip
     assert rules_check(SHIPPED, json_out=True) == 0
     ok = json.loads(capsys.readouterr().out)
-    assert ok["ok"] is True and ok["rules"] == 8 and ok["clusters"] == ["default"]
+    assert ok["ok"] is True and ok["rules"] == 9 and ok["clusters"] == ["default"]
 
 
 def test_test_shows_exact_record(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

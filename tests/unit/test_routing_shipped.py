@@ -97,6 +97,7 @@ def test_every_shipped_rule_is_reachable(router: Router) -> None:
         ("app/a/events/e", b'{"user": {"id": 1}}', {"source": "http"}),
         ("app/a/events/e", b"", {}),
         ("debug/x", b"", {}),
+        ("kafka/orders", b"{}", {"source": "http"}),
     ]:
         reached.add(_route(router, topic, payload, **kw)[0])
     assert reached == {r.name for r in router.table.entries}
