@@ -245,7 +245,8 @@ def markdown(data: dict[str, Any]) -> str:
         "",
         "## Settings",
         "",
-        "- Load generator: raw asyncio Protocols on uvloop, TCP_NODELAY, MQTT 3.1.1, clean "
+        "- Load generator: raw asyncio Protocols on uvloop, TCP_NODELAY, "
+        f"MQTT {'5.0' if sc['idle'].get('mqtt') == 5 else '3.1.1'}, clean "
         "session, keepalive 60 s; several processes; idle connections spread over source "
         "addresses 127.0.0.2.. ; payload: 28-byte header (run id, client, sequence, send "
         "time) padded to the payload size; topic `bench/<client id>/data`.",
@@ -264,7 +265,8 @@ def markdown(data: dict[str, Any]) -> str:
         "idempotent producer, default spool, to a tansu broker (in memory) on loopback; "
         "PUBACK only after Kafka's delivery report (or the spool).",
         "- Server and load generator share the machine's cores; server CPU is CPU seconds "
-        "used by the server's processes per wall second of the run.",
+        "used by the server's processes (for Lastmile: supervisor and workers, not tansu) "
+        "per wall second of the run.",
         "- The per-process open-file limit is 20,000 (hard); a single Mosquitto process "
         "cannot hold more connections than that.",
         "",

@@ -52,7 +52,7 @@ class Plan:
     scenarios: list[Scenario] = field(default_factory=list)
 
 
-def make_plan(quick: bool) -> Plan:
+def make_plan(quick: bool, mqtt: int = 4) -> Plan:
     n_idle = 10_000 if quick else 40_000
     dur = 5.0 if quick else 15.0
     rate = 5_000 if quick else 20_000
@@ -64,6 +64,7 @@ def make_plan(quick: bool) -> Plan:
         "duration": dur,
         "source-ips": 1,
         "inflight": 20,
+        "mqtt": mqtt,
     }
     return Plan(
         quick=quick,
@@ -78,6 +79,7 @@ def make_plan(quick: bool) -> Plan:
                     "procs": procs,
                     "source-ips": 2 if quick else 4,
                     "hold": 5.0 if quick else 10.0,
+                    "mqtt": mqtt,
                 },
             ),
             Scenario("qos1_max", "publish", {**pub, "qos": 1}, kafka=True),
@@ -247,10 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--quick", action="store_true", help="smaller, ~3 minutes")
     ap.add_argument("--only", choices=["mosquitto", "lastmile"], help="measure one system")
+    ap.add_argument("--mqtt", type=int, choices=[4, 5], default=4, help="protocol level")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "latest.json"))
     a = ap.parse_args(argv)
-    plan = make_plan(a.quick)
+    plan = make_plan(a.quick, a.mqtt)
     t0 = time.monotonic()
     data: dict[str, Any] = {
         "quick": a.quick,
