@@ -10,6 +10,7 @@ import hashlib
 from pathlib import Path as FsPath
 from typing import Any
 
+from gateway.config.yamlsrc import format_path
 from gateway.errors import ConfigError
 from gateway.routing.compile import (
     CompiledRule,
@@ -27,7 +28,6 @@ from gateway.routing.rules import (
     SourceMap,
     Unmatched,
     convert,
-    format_path,
     parse_yaml,
 )
 
