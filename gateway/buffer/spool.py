@@ -148,15 +148,7 @@ class Spool:
         return report
 
     def _quarantine(self, damage: fmt.Damage) -> None:
-        with open(damage.path, "r+b") as f:
-            f.seek(damage.offset)
-            tail = f.read()
-            aside = f"{damage.path}.corrupt-{damage.offset}"
-            with open(aside, "wb") as out:
-                out.write(tail)
-                os.fsync(out.fileno())
-            f.truncate(damage.offset)
-            os.fsync(f.fileno())
+        aside = fmt.cut_tail(damage)
         log.error("spool_damage_cut", segment=damage.path, offset=damage.offset,
                   bytes=damage.bytes_cut, reason=damage.reason, moved_to=aside)
 

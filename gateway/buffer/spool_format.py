@@ -172,6 +172,19 @@ def scan_segment(path: str, keep: bool = False) -> tuple[FrameScan, Damage | Non
     return scan, damage, len(data)
 
 
+def cut_tail(damage: Damage) -> str:
+    """Move the damaged tail aside (kept for a person), truncate, fsync; returns where."""
+    aside = f"{damage.path}.corrupt-{damage.offset}"
+    with open(damage.path, "r+b") as f:
+        f.seek(damage.offset)
+        with open(aside, "wb") as out:
+            out.write(f.read())
+            os.fsync(out.fileno())
+        f.truncate(damage.offset)
+        os.fsync(f.fileno())
+    return aside
+
+
 def iter_records(path: str, from_seq: int = 0) -> Iterator[tuple[int, SpooledRecord]]:
     """Sound records of one segment with ``seq >= from_seq`` (for inspection and tests)."""
     scan, _, _ = scan_segment(path, keep=True)
