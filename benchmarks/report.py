@@ -291,7 +291,9 @@ def markdown(data: dict[str, Any]) -> str:
         "within this run only.",
         "- QoS 1 max keeps a fixed window in flight per connection, so its PUBACK latency is "
         "mostly queueing (window / throughput); latency at a fixed offered rate is the "
-        "qos1_rate scenario.",
+        "qos1_rate scenario. There, too, a connection whose window is full waits before "
+        "sending (that wait is not in the PUBACK latency): compare acked msg/s with the "
+        "offered rate to see a shortfall.",
         "- QoS 0 msg/s counts a message as accepted once the server has read it: the run "
         "ends with a PINGREQ on every connection, and the time until every PINGRESP is "
         "included.",
