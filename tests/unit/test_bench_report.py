@@ -1,0 +1,71 @@
+"""docs/benchmarks.md generation: ratios, "not measured", and the run plan."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import report
+from benchmarks.run import make_plan
+
+pytestmark = pytest.mark.unit
+
+
+def _data(lastmile: dict | None) -> dict:
+    plan = make_plan(quick=True)
+    mq = {
+        "idle": {"mode": "connect", "connect": {"connected": 10_000, "connect_rate": 5000.0,
+                                                "connect_latency_ms": {"p99": 20.0}},
+                 "rss_per_connection": 700.0, "server_rss_before": 8 << 20,
+                 "server_rss_held": 15 << 20, "lost_during_hold": 0, "error_count": 0},
+        "qos1_max": {"acked_per_s": 80_000.0, "puback_latency_ms": {"p50": 20.0, "p99": 40.0},
+                     "error_count": 0},
+    }
+    return {
+        "quick": True,
+        "started": "2026-01-01 00:00:00 +0000",
+        "seconds": 60.0,
+        "machine": {"cores": 2, "cpu": "x", "ram_gib": 24, "kernel": "6", "python": "3.11"},
+        "versions": {"mosquitto": "2.0.11"},
+        "plan": report.plan_dict(plan),
+        "mosquitto": {"status": "measured", "results": mq},
+        "lastmile": lastmile or {"status": "not measured", "reason": "gateway missing"},
+    }
+
+
+def test_not_measured_is_said_never_invented() -> None:
+    md = report.markdown(_data(None))
+    assert "| idle | connections held (higher is better) | not measured | 10,000 | - |" in md
+    assert "lastmile: not measured: gateway missing" in md
+    assert "Not measured: Lastmile did not run" in md
+
+
+def test_ratio_is_lastmile_over_mosquitto() -> None:
+    lm = {
+        "status": "measured",
+        "results": {
+            "qos1_max": {"acked_per_s": 20_000.0, "error_count": 0,
+                         "puback_latency_ms": {"p50": 40.0, "p99": 100.0},
+                         "kafka": {"expected": 10, "unique": 10, "missing": 0, "lost_acked": 0,
+                                   "duplicates": 0, "order_violations": 0,
+                                   "e2e_latency_ms": {"p50": 1.0, "p99": 2.0}}},
+        },
+    }
+    md = report.markdown(_data(lm))
+    assert "| qos1_max | QoS 1 acked msg/s (higher is better) | 20,000 | 80,000 | 0.25x |" in md
+    assert "| qos1_max | PUBACK p99 (ms) (lower is better) | 100.00 | 40.00 | 2.50x |" in md
+    assert "| qos1_max | 10 | 10 | 0 | 0 | 0 | 0 | 1.0 / 2.0 |" in md
+
+
+def test_plans_are_bounded() -> None:
+    quick, full = make_plan(True), make_plan(False)
+    assert quick.idle_connections == 10_000 and full.idle_connections == 40_000
+    for plan in (quick, full):
+        idle = plan.scenarios[0].args
+        # every loadgen process stays under the 20,000 open-file limit
+        assert idle["connections"] / idle["procs"] <= 15_000
+        # and every source address under the ephemeral port range
+        assert idle["connections"] / idle["source-ips"] <= 20_000
+        assert plan.idle_connections / plan.gateway_workers <= 15_000
+        for sc in plan.scenarios[1:]:
+            assert sc.args["connections"] == 100 and sc.args["payload-size"] == 100
+            assert sc.args["duration"] <= 15
