@@ -84,6 +84,19 @@ def _spool_inspect(args: argparse.Namespace) -> int:
     return int(main_inspect(directory, args.json))
 
 
+def _bench(args: argparse.Namespace) -> int:
+    """Run the benchmark suite of a source checkout (benchmarks/ is not installed)."""
+    import subprocess
+    from pathlib import Path
+
+    if not Path("benchmarks/run.py").exists():
+        print("lastmile: bench runs from a source checkout (benchmarks/run.py not found here)",
+              file=sys.stderr)
+        return 2
+    cmd = [sys.executable, "-m", "benchmarks.run", *(["--quick"] if args.quick else [])]
+    return subprocess.call(cmd)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lastmile", description="MQTT/HTTP-to-Kafka last-mile gateway")
@@ -112,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--config", default=DEFAULT_CONFIG)
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.set_defaults(func=_spool_inspect)
+    bench = sub.add_parser("bench", help="measure against Mosquitto; writes docs/benchmarks.md")
+    bench.add_argument("--quick", action="store_true", help="smaller, faster run")
+    bench.set_defaults(func=_bench)
     return parser
 
 
