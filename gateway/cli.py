@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--rules", default=None, help="rules directory (default: rules.dir)")
     serve.set_defaults(func=_serve)
 
-    worker = sub.add_parser("worker", help=argparse.SUPPRESS)
+    worker = sub.add_parser("worker")  # internal: started by the supervisor; no help entry
     worker.add_argument("--config", default=DEFAULT_CONFIG)
     worker.add_argument("--rules", required=True)
     worker.add_argument("--worker-id", type=int, required=True)
