@@ -14,13 +14,19 @@ Reading stops while the pipeline says so (``pipeline.flow``) and while a
 connection has ``limits.receive_maximum`` messages unanswered.  One sweep task
 checks every session's deadline (CONNECT timeout, 1.5 x keep alive) and
 expires stored client state; there are no per-connection timers.
+
+Acks arrive in batches (one per Kafka poll, or one per spool fsync): ``on_done``
+only queues the ack bytes in the session and marks the connection; one
+``call_soon`` per batch then writes each marked connection's acks in one
+``transport.write``.  An idle connection holds no buffers (the session creates
+them on use) and no copy of anything shared: ``peer`` is read from the
+transport when a log line needs it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import ssl as ssl_module
 import time
 from collections.abc import Callable
@@ -78,6 +84,9 @@ class MqttServer:
         self._sweep_interval = sweep_interval
         self._sweeper: asyncio.Task[None] | None = None
         self._unsubscribe: Any = None
+        # Connections with acks queued since the last flush (one call_soon per batch).
+        self._dirty: set[MqttConnection] = set()
+        self._flush_scheduled = False
 
     @property
     def ports(self) -> list[int]:
@@ -145,6 +154,16 @@ class MqttServer:
         # The token follows a client that reconnected: write on its current connection.
         conn = token.session.context
         if isinstance(conn, MqttConnection):
+            self._dirty.add(conn)
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush_acks)
+
+    def _flush_acks(self) -> None:
+        """Write every ack queued by this batch of verdicts: one write per connection."""
+        self._flush_scheduled = False
+        dirty, self._dirty = self._dirty, set()
+        for conn in dirty:
             conn.after_ack()
 
     def _on_flow(self, paused: bool) -> None:
@@ -165,7 +184,8 @@ class MqttServer:
 
 
 class MqttConnection(asyncio.Protocol):
-    __slots__ = ("_reading", "cert_identity", "peer", "server", "session", "transport")
+    # Kept small: one per device. Shared things (limits, pipeline) live on the server.
+    __slots__ = ("_reading", "cert_identity", "server", "session", "transport")
 
     def __init__(self, server: MqttServer) -> None:
         self.server = server
@@ -173,21 +193,26 @@ class MqttConnection(asyncio.Protocol):
         self.session = MqttSession(server.limits, server.store, loop.time())
         self.session.context = self
         self.transport: asyncio.Transport | None = None
-        self.peer = ""
         self.cert_identity: str | None = None
         self._reading = True
+
+    @property
+    def peer(self) -> str:
+        """``host:port`` of the client, for logs (the transport keeps the address)."""
+        transport = self.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport, hence the cast.
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            # Acks are tiny and latency-bound: do not let Nagle hold them back.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        self.cert_identity = _cert_identity(transport.get_extra_info("peercert"))
+        # TCP_NODELAY (acks are tiny and latency-bound) is already set by uvloop's and
+        # asyncio's TCP transports; asking for the socket object here would cost a
+        # cached socket object per connection.
+        cert = transport.get_extra_info("peercert")
+        if cert:
+            self.cert_identity = _cert_identity(cert)
         self.server.connections.add(self)
         self.update_reading()
 

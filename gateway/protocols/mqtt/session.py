@@ -61,9 +61,25 @@ from gateway.protocols.mqtt.wire import is_utf8
 AWAIT_CONNECT, CONNECTED, CLOSED = "AWAIT_CONNECT", "CONNECTED", "CLOSED"
 NO_DEADLINE = float("inf")
 SUBSCRIBE_UNSUPPORTED = "subscriptions are not supported yet"
+_PUBACK = b"\x40\x02"  # PUBACK, remaining length 2: success without properties (3.1.1 and 5)
+_GRACE: dict[int, float] = {}  # keep alive -> 1.5 x keep alive, one float shared by all
+
+
+def _grace(keep: int) -> float:
+    grace = _GRACE.get(keep)
+    if grace is None:
+        grace = _GRACE[keep] = keep * 1.5 if keep else NO_DEADLINE
+    return grace
 
 
 class MqttSession:
+    """One connection's protocol state.
+
+    Memory matters here (tens of thousands of idle connections per process):
+    buffers, the ack queue, the alias map and the event list exist only while
+    they hold something; an idle session is its slots and its client id.
+    """
+
     __slots__ = (
         "_aliases", "_buf", "_client", "_events", "_expiry", "_grace", "_inflight", "_limits",
         "_new_client_id", "_order", "_out", "_store", "client_id", "client_max_packet_size",
@@ -82,11 +98,12 @@ class MqttSession:
         self._limits = limits
         self._store = store
         self._new_client_id = new_client_id
-        self._buf = bytearray()
-        self._out: list[bytes] = []
-        self._events: list[Event] = []
-        self._order: deque[PublishToken] = deque()  # acks to send, in arrival order
-        self._aliases: dict[int, str] = {}
+        # Created on first use and dropped when empty (see the class docstring).
+        self._buf: bytearray | None = None  # a partial packet waiting for its tail
+        self._out: list[bytes] | None = None  # bytes for data_to_send()
+        self._events: list[Event] | None = None  # events of the current call
+        self._order: deque[PublishToken] | None = None  # acks to send, in arrival order
+        self._aliases: dict[int, str] | None = None
         self._client: ClientState | None = None
         self._inflight = 0  # QoS 1/2 not yet PUBACKed / PUBCOMPed (Receive Maximum)
         self._expiry = 0  # seconds to keep the client state after close
@@ -122,22 +139,26 @@ class MqttSession:
         return self._inflight
 
     def data_to_send(self) -> bytes:
-        out = b"".join(self._out)
-        self._out.clear()
-        return out
+        out = self._out
+        if out is None:
+            return b""
+        self._out = None
+        return out[0] if len(out) == 1 else b"".join(out)
 
     def receive_data(self, data: bytes, now: float) -> list[Event]:
         """Feed bytes; get every event the complete packets in them produce."""
-        events = self._events = []
+        events: list[Event] = []
         if self.state is CLOSED:
             return events
+        self._events = events
         if self.state is CONNECTED:
             self.last_received = now  # before CONNECT the deadline is fixed
         # The usual chunk holds whole packets: parse it in place, copy only a tail.
+        buf = self._buf
         src: bytes | bytearray = data
-        if self._buf:
-            self._buf += data
-            src = self._buf
+        if buf is not None:
+            buf += data
+            src = buf
         try:
             while True:
                 version = self.version
@@ -145,19 +166,23 @@ class MqttSession:
                 for packet in packets:
                     self._handle(packet, now)
                     if self.state is CLOSED:
+                        self._events = None
                         return events
-                if src is self._buf:
-                    del self._buf[:used]
+                if buf is not None and src is buf:
+                    del buf[:used]
                 else:
                     src = src[used:]
                 if version or not packets or not src:
                     break  # only the CONNECT pass needs a second round
-            if src and src is not self._buf:
-                self._buf += src
+            if not src:
+                self._buf = None
+            elif src is not buf:
+                self._buf = bytearray(src)
         except UnsupportedProtocolVersion as exc:
             self._refuse(0x84 if exc.level > 5 else 0x01, exc.message, exc.level)
         except GatewayError as exc:
             self._fail(exc.mqtt_reason, exc.message)
+        self._events = None
         return events
 
     def ack(self, token: PublishToken, reason_code: int = 0, reason: str | None = None) -> None:
@@ -173,12 +198,14 @@ class MqttSession:
 
     def expire(self, now: float) -> list[Event]:
         """Called by the sweep once ``now >= deadline``."""
-        self._events = []
+        events: list[Event] = []
+        self._events = events
         if self.state is CONNECTED and now >= self.deadline:
             self._fail(0x8D, "keep alive timeout")
         elif self.state is AWAIT_CONNECT and now >= self.deadline:
             self._close(0x8D, "no CONNECT in time", will_due=False)
-        return self._events
+        self._events = None
+        return events
 
     def takeover(self) -> list[Event]:
         """Another connection has the same client id: it wins (MQTT 5: 0x8E)."""
@@ -186,22 +213,26 @@ class MqttSession:
 
     def server_disconnect(self, reason_code: int, message: str) -> list[Event]:
         """End the session from the server side (MQTT 5: DISCONNECT ``reason_code``)."""
-        self._events = []
+        events: list[Event] = []
+        self._events = events
         if self.state is CONNECTED:
             self._fail(reason_code, message)
         else:
             self._close(reason_code, message, will_due=False)
-        return self._events
+        self._events = None
+        return events
 
     def connection_lost(self, now: float) -> list[Event]:
         """The transport closed; keep the client's state for the session expiry."""
-        self._events = []
+        events: list[Event] = []
+        self._events = events
         if self.state is not CLOSED:
             self._close(0x80, "connection lost", will_due=self.state is CONNECTED)
         if self._client is not None:
             self._store.release(self.client_id, self._client, self, self._expiry, now)
             self._client = None
-        return self._events
+        self._events = None
+        return events
 
     # --- packets -------------------------------------------------------------------
 
@@ -235,7 +266,7 @@ class MqttSession:
         qos = pk.qos
         client = self._client
         assert client is not None
-        if qos == 2 and pk.packet_id in client.qos2:
+        if qos == 2 and client.qos2 and pk.packet_id in client.qos2:
             return self._on_duplicate_qos2(client.qos2[pk.packet_id])
         if qos and self.version == 5 and self._inflight >= self._limits.receive_maximum:
             raise ProtocolViolation(0x93, "receive maximum exceeded")
@@ -248,20 +279,28 @@ class MqttSession:
         self.pending += 1
         if qos:
             self._inflight += 1
-            self._order.append(token)
+            order = self._order
+            if order is None:
+                order = self._order = deque()
+            order.append(token)
             if qos == 2:
+                if client.qos2 is None:
+                    client.qos2 = {}
                 client.qos2[pk.packet_id] = token
         if bad_utf8:
             return self.ack(token, 0x99, "payload is not valid UTF-8")
-        self._events.append(PublishReceived(token=token, publish=pk))
+        self._emit(PublishReceived(token=token, publish=pk))
 
     def _resolve_alias(self, topic: str, alias: int) -> str:
         if not 0 < alias <= self._limits.topic_alias_maximum:
             raise ProtocolViolation(0x94, f"topic alias {alias} out of range")
+        aliases = self._aliases
         if topic:
-            self._aliases[alias] = topic
+            if aliases is None:
+                aliases = self._aliases = {}
+            aliases[alias] = topic
             return topic
-        known = self._aliases.get(alias)
+        known = aliases.get(alias) if aliases is not None else None
         if known is None:
             raise ProtocolError(f"topic alias {alias} was never set")
         return known
@@ -273,6 +312,8 @@ class MqttSession:
         elif token.session is not self:
             # Still pending from the previous connection: its verdict comes here now.
             token.session = self
+            if self._order is None:
+                self._order = deque()
             self._order.append(token)
             if token.done:
                 self._flush_acks()
@@ -280,13 +321,13 @@ class MqttSession:
     def _on_pubrel(self, pk: p.Pubrel) -> None:
         client = self._client
         assert client is not None
-        token = client.qos2.get(pk.packet_id)
+        token = client.qos2.get(pk.packet_id) if client.qos2 else None
         if token is None:
             self._send(p.Pubcomp(packet_id=pk.packet_id, reason_code=0x92))
             return
         if not token.sent:
             raise ProtocolError(f"PUBREL for packet {pk.packet_id} before PUBREC")
-        del client.qos2[pk.packet_id]
+        del client.qos2[pk.packet_id]  # type: ignore[union-attr]  # token came from it
         self._inflight -= 1
         self._send(p.Pubcomp(packet_id=pk.packet_id))
 
@@ -328,17 +369,17 @@ class MqttSession:
         self.problem_info = props.request_problem_information != 0
         keep, server_keep = keep_alive(pk.keep_alive, level, limits)
         self.keep_alive = keep
-        self._grace = keep * 1.5 if keep else NO_DEADLINE
+        self._grace = _grace(keep)
         self._expiry = session_expiry(pk, limits)
         self._client, present = self._store.open(client_id, pk.clean_start, self, now)
         self.last_received = now
-        self._inflight = len(self._client.qos2)
+        self._inflight = len(self._client.qos2) if self._client.qos2 else 0
         self.state = CONNECTED
         connack_props = None
         if level == 5:
             connack_props = connack_properties(pk, limits, assigned, server_keep, self._expiry)
         self._send(p.Connack(session_present=present, properties=connack_props))
-        self._events.append(Connected(
+        self._emit(Connected(
             client_id=client_id, version=level, clean_start=pk.clean_start,
             session_present=present, keep_alive=keep, username=pk.username,
             password=pk.password, will=pk.will, properties=pk.properties,
@@ -348,12 +389,21 @@ class MqttSession:
 
     def _flush_acks(self) -> None:
         order = self._order
+        if order is None:
+            return
         while order and order[0].done:
             token = order.popleft()
             code = token.reason_code
             if code >= 0x80 and self.version == 4:
                 return self._fail(code, f"message {token.packet_id} failed (0x{code:02X})")
             token.sent = True
+            if not code and token.qos == 1:
+                # The common case, without building a packet: 4 bytes in both versions.
+                self._inflight -= 1
+                limit = self.client_max_packet_size
+                if not limit or limit >= 4:
+                    self._write(_PUBACK + token.packet_id.to_bytes(2, "big"))
+                continue
             props = None
             if code >= 0x80 and token.reason_string and self.problem_info:
                 props = Properties(reason_string=token.reason_string)
@@ -361,7 +411,7 @@ class MqttSession:
                 self._inflight -= 1
                 self._send(p.Puback(packet_id=token.packet_id, reason_code=code, properties=props))
                 continue
-            if code >= 0x80 and self._client is not None:
+            if code >= 0x80 and self._client is not None and self._client.qos2:
                 # A failed QoS 2 exchange ends here: the id is free again.
                 self._client.qos2.pop(token.packet_id, None)
                 self._inflight -= 1
@@ -374,7 +424,22 @@ class MqttSession:
             # Reason strings and user properties are the parts MQTT 5 lets us drop.
             data = encode(msgspec.structs.replace(packet, properties=None), self.version)
         if not limit or len(data) <= limit:
-            self._out.append(data)
+            self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        out = self._out
+        if out is None:
+            self._out = [data]
+        else:
+            out.append(data)
+
+    def _emit(self, event: Event) -> None:
+        events = self._events
+        if events is None:
+            # Outside receive_data / expire / ... (an ack that ends the session):
+            # kept for the next call, which starts a new list.
+            events = self._events = []
+        events.append(event)
 
     def _refuse(self, reason_v5: int, message: str, level: int) -> None:
         """Answer CONNECT with a failure CONNACK in the client's dialect, then close."""
@@ -399,8 +464,8 @@ class MqttSession:
             return
         self.state = CLOSED
         self.close_reason = message
-        self._buf.clear()
-        self._events.append(Disconnected(
+        self._buf = None
+        self._emit(Disconnected(
             reason_code=reason, reason=message, by_client=by_client, will_due=will_due,
         ))
 

@@ -22,8 +22,8 @@ class ClientState:
     __slots__ = ("expires_at", "owner", "qos2")
 
     def __init__(self) -> None:
-        # QoS 2 packet id -> its token until PUBREL releases it.
-        self.qos2: dict[int, PublishToken] = {}
+        # QoS 2 packet id -> its token until PUBREL releases it (None until the first).
+        self.qos2: dict[int, PublishToken] | None = None
         self.owner: MqttSession | None = None
         self.expires_at: float | None = None  # None: never, while no owner
 

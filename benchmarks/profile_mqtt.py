@@ -1,0 +1,247 @@
+"""Profile one `lastmile serve` process: memory per idle MQTT connection, publish rate.
+
+    python -m benchmarks.profile_mqtt idle --connections 10000
+    python -m benchmarks.profile_mqtt publish --qos 1 --duration 10 --pyspy /tmp/q1
+    python -m benchmarks.profile_mqtt publish --qos 0 --tree /tmp/lm-base   # A/B
+
+Starts a tansu broker (or uses ``--bootstrap``) and one gateway process
+(``workers: 1``, so the server is that very pid) from ``--tree`` (default: this
+checkout), then drives it with ``benchmarks.loadgen``.
+
+idle: a short warm-up (``--warmup`` connections, to load code paths once), then
+``--connections`` CONNECTed idle clients (keep alive 60); RSS of the gateway pid
+is sampled before and while they are held: growth / connections = bytes per
+idle connection.
+
+publish: ``--connections`` publishers of ``--payload-size`` bytes at ``--qos``,
+as fast as they are acknowledged.  With ``--pyspy OUT`` py-spy samples the
+gateway during the run (``OUT.txt``: collapsed stacks; ``OUT.top``: functions
+by own and total samples).
+
+Prints one JSON line per measurement.  Speed and memory belong here, never in
+a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from benchmarks.stats import rss_bytes
+from tests.helpers import Broker, free_port, wait_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def gateway_config(path: Path, bootstrap: str, spool: bool, spool_dir: Path,
+                   spool_mode: str) -> int:
+    mqtt = free_port()
+    cfg: dict[str, Any] = {
+        "workers": 1,
+        "listeners": {
+            "mqtt": {"host": "127.0.0.1", "port": mqtt},
+            "http": {"host": "127.0.0.1", "port": free_port()},
+            "metrics": {"host": "127.0.0.1", "port": free_port()},
+        },
+        "kafka": {"clusters": {"default": {"bootstrap_servers": bootstrap,
+                                           "connect_timeout_s": 10}}},
+        "rules": {"dir": str(ROOT / "bridge-rules"), "watch": False},
+        "spool": {"enabled": spool, "dir": str(spool_dir), "mode": spool_mode},
+        "log": {"level": "warning", "format": "json"},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return mqtt
+
+
+class Gateway:
+    def __init__(self, tree: Path, config: Path, log: Path) -> None:
+        self.tree, self.config, self.log = tree, config, log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, port: int) -> None:
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway.cli", "serve", "--config", str(self.config)],
+                cwd=self.tree, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, "PYTHONPATH": str(self.tree)},
+            )
+        wait_port("127.0.0.1", port, timeout=60, proc=self.proc)
+        time.sleep(0.5)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self) -> None:
+        p = self.proc
+        if p is None or p.poll() is not None:
+            return
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def loadgen(mode: str, port: int, args: dict[str, Any],
+            on_connected: Any = None) -> dict[str, Any]:
+    argv = [sys.executable, "-m", "benchmarks.loadgen", mode, "--port", str(port)]
+    for k, v in args.items():
+        argv += [f"--{k}", str(v)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    result: dict[str, Any] = {}
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        ev = json.loads(line)
+        if ev.get("event") == "connected" and on_connected is not None:
+            on_connected(ev)
+        elif ev.get("event") == "result":
+            result = ev
+    proc.wait()
+    result.pop("settings", None)
+    return result
+
+
+def measure_idle(gw: Gateway, port: int, a: argparse.Namespace) -> dict[str, Any]:
+    if a.warmup:
+        loadgen("connect", port, {"connections": a.warmup, "procs": 1, "hold": 1,
+                                  "source-ips": 1})
+        time.sleep(2.0)  # let the sweep and the allocator settle
+    before = rss_bytes(gw.pid)
+    held: dict[str, Any] = {}
+
+    def sample(ev: dict[str, Any]) -> None:
+        time.sleep(a.settle)
+        held["rss"] = rss_bytes(gw.pid)
+        held["connected"] = ev["connected"]
+
+    res = loadgen("connect", port, {"connections": a.connections, "procs": 2,
+                                    "source-ips": 2, "hold": a.settle + 3,
+                                    "keepalive": 60}, sample)
+    n = held.get("connected", 0)
+    return {
+        "mode": "idle", "connections": n, "rss_before": before, "rss_held": held.get("rss"),
+        "bytes_per_connection": round((held.get("rss", 0) - before) / n, 1) if n else None,
+        "errors": res.get("errors"),
+    }
+
+
+def pyspy_top(raw: Path, limit: int = 25) -> str:
+    """Own and total samples per function from py-spy's collapsed stacks."""
+    own: collections.Counter[str] = collections.Counter()
+    total: collections.Counter[str] = collections.Counter()
+    samples = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        n = int(count)
+        samples += n
+        frames = stack.split(";")
+        own[frames[-1]] += n
+        for f in set(frames):
+            total[f] += n
+    out = [f"{samples} samples", "", "own%   total%  function"]
+    for f, n in own.most_common(limit):
+        out.append(f"{100 * n / samples:5.1f}  {100 * total[f] / samples:6.1f}  {f}")
+    out += ["", "total% (inclusive), top:"]
+    for f, n in total.most_common(limit):
+        out.append(f"{100 * n / samples:6.1f}  {f}")
+    return "\n".join(out) + "\n"
+
+
+def pyspy_bin() -> str | None:
+    here = Path(sys.executable).parent / "py-spy"
+    return str(here) if here.exists() else shutil.which("py-spy")
+
+
+def measure_publish(gw: Gateway, port: int, a: argparse.Namespace) -> dict[str, Any]:
+    spy = None
+    if a.pyspy:
+        raw = Path(a.pyspy + ".txt")
+        spy = subprocess.Popen(
+            [str(pyspy_bin()), "record", "--pid", str(gw.pid), "--format", "raw", "--rate", "200",
+             "--nonblocking", "--output", str(raw), "--duration", str(int(a.duration) + 2)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+    res = loadgen("publish", port, {
+        "connections": a.connections, "qos": a.qos, "payload-size": a.payload_size,
+        "duration": a.duration, "procs": a.procs, "inflight": a.inflight, "source-ips": 1,
+    })
+    out = {"mode": "publish", "qos": a.qos, "connections": a.connections,
+           "sent_per_s": res.get("sent_per_s"), "acked_per_s": res.get("acked_per_s"),
+           "sent": res.get("sent"), "acked": res.get("acked"),
+           "puback_ms": res.get("puback_latency_ms"), "errors": res.get("errors")}
+    if spy is not None:
+        spy.wait()
+        raw = Path(a.pyspy + ".txt")
+        if raw.exists():
+            Path(a.pyspy + ".top").write_text(pyspy_top(raw))
+            out["pyspy"] = a.pyspy + ".top"
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.profile_mqtt", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", choices=["idle", "publish"])
+    ap.add_argument("--tree", default=str(ROOT), help="source tree to run the gateway from")
+    ap.add_argument("--bootstrap", default=None, help="use this Kafka instead of a new tansu")
+    ap.add_argument("--spool", choices=["on", "off"], default="on")
+    ap.add_argument("--spool-mode", default="kafka", choices=["kafka", "write-ahead"])
+    ap.add_argument("--connections", type=int, default=None)
+    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--settle", type=float, default=3.0)
+    ap.add_argument("--qos", type=int, default=1)
+    ap.add_argument("--payload-size", type=int, default=100)
+    ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--procs", type=int, default=1)
+    ap.add_argument("--inflight", type=int, default=20)
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--pyspy", default=None, help="output prefix for py-spy samples")
+    a = ap.parse_args(argv)
+    if a.connections is None:
+        a.connections = 10_000 if a.mode == "idle" else 100
+    if a.pyspy and not pyspy_bin():
+        ap.error("py-spy is not on PATH (pip install py-spy)")
+    broker = None
+    with tempfile.TemporaryDirectory(prefix="lastmile-profile-") as tmp:
+        bootstrap = a.bootstrap
+        if bootstrap is None:
+            broker = Broker().start()
+            bootstrap = broker.bootstrap
+        cfg = Path(tmp) / "gateway.yaml"
+        port = gateway_config(cfg, bootstrap, a.spool == "on", Path(tmp) / "spool", a.spool_mode)
+        gw = Gateway(Path(a.tree), cfg, Path(tmp) / "gateway.log")
+        try:
+            gw.start(port)
+            for _ in range(a.repeat):
+                res = measure_idle(gw, port, a) if a.mode == "idle" else measure_publish(
+                    gw, port, a)
+                res.update(tree=a.tree, spool=a.spool if a.spool == "off" else a.spool_mode)
+                print(json.dumps(res), flush=True)
+        finally:
+            gw.stop()
+            if broker is not None:
+                broker.stop()
+            if gw.proc is not None and gw.proc.returncode not in (0, None):
+                sys.stderr.write(Path(tmp, "gateway.log").read_text()[-3000:])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
