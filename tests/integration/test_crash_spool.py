@@ -27,7 +27,6 @@ class PahoPublisher:
     def __init__(self, port: int, rate: float = 100.0) -> None:
         self.client_id = f"crash-{uuid.uuid4().hex[:8]}"
         self.port, self.rate = port, rate
-        self.lock = threading.Lock()
         self.mids: dict[int, int] = {}
         self.acked: set[int] = set()
         self.sent = 0
@@ -39,8 +38,9 @@ class PahoPublisher:
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
-        with self.lock:
-            self.acked.add(mid)
+        # No lock of ours here: paho calls this holding its own lock, and publish() takes
+        # that lock too, so sharing one lock with _run would deadlock. set.add is atomic.
+        self.acked.add(mid)
 
     def start(self) -> PahoPublisher:
         self.client.connect("127.0.0.1", self.port)
@@ -51,9 +51,8 @@ class PahoPublisher:
     def _run(self) -> None:
         n = 0
         while not self.stop.is_set():
-            with self.lock:
-                info = self.client.publish(f"bench/{self.client_id}/seq", b"%d" % n, qos=1)
-                self.mids[info.mid] = n
+            info = self.client.publish(f"bench/{self.client_id}/seq", b"%d" % n, qos=1)
+            self.mids[info.mid] = n  # read only after halt(): PUBACKs may come first
             self.sent = n = n + 1
             time.sleep(1.0 / self.rate)
 
@@ -61,10 +60,8 @@ class PahoPublisher:
         """Stop publishing; returns the numbers whose PUBACK arrived."""
         self.stop.set()
         self.thread.join(5)
-        with self.lock:
-            acked = {self.mids[m] for m in self.acked if m in self.mids}
         self.client.loop_stop()
-        return acked
+        return {self.mids[m] for m in set(self.acked) if m in self.mids}
 
 
 def kafka_values(broker: Broker, client_id: str, want: set[int], timeout: float) -> list[int]:
