@@ -27,6 +27,11 @@ RULES_RELOADS = Counter("lastmile_rules_reloads_total", "Rules reloads by result
 REFUSED = Counter("lastmile_refused_total", "Messages refused or dead-lettered by reason",
                   ["reason"])
 BUFFER = Counter("lastmile_buffer_events_total", "Buffer and spool events", ["event"])
+BUFFER_STATE = Gauge("lastmile_buffer_state", "Buffer and spool levels (bytes, records, segments)",
+                     ["name"], multiprocess_mode="livesum")
+# stats() keys that are levels, not running totals.
+_LEVELS = {"pending_bytes", "spool_bytes", "spool_records", "spool_segments", "replay_in_flight",
+           "waiting_for_spool", "via_spool"}
 CONNECTIONS = Gauge("lastmile_mqtt_connections", "Open MQTT connections",
                     multiprocess_mode="livesum")
 PENDING_BYTES = Gauge("lastmile_buffer_pending_bytes", "Bytes waiting for Kafka or the spool",
@@ -65,7 +70,11 @@ class Pump:
             self._counters(MESSAGES, app.pipeline.counters)
             PENDING_BYTES.set(app.pipeline.flow.pending_bytes)
             PAUSED.set(1 if app.pipeline.flow.paused else 0)
-            self._counters(BUFFER, app.pipeline.buffer.stats())
+            stats = app.pipeline.buffer.stats()
+            for name, value in stats.items():
+                if name in _LEVELS:
+                    BUFFER_STATE.labels(name).set(value)
+            self._counters(BUFFER, {k: v for k, v in stats.items() if k not in _LEVELS})
         for name, sink in app.sinks.items():
             self._counters(RECORDS, {"delivered": sink.delivered, "failed": sink.failed}, name)
             IN_FLIGHT.labels(name).set(sink.in_flight)
