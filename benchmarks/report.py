@@ -305,5 +305,20 @@ def markdown(data: dict[str, Any]) -> str:
         "",
         *_errors(data),
         "",
+        "## Component benchmarks",
+        "",
+        "Measured separately, by hand, with their own scripts (no Mosquitto equivalent):",
+        "",
+        "- routing: routes per second against 10, 100 and 1,000 rules: "
+        "[benchmarks-routing.md](benchmarks-routing.md) (`benchmarks/bench_routing.py`)",
+        "- HTTP ingest with `wrk`: [benchmarks-http.md](benchmarks-http.md) "
+        "(`benchmarks/bench_http.py`)",
+        "- Kafka compression lz4 vs zstd: [benchmarks-compression.md](benchmarks-compression.md)"
+        " (`benchmarks/bench_compression.py`)",
+        "- spool modes (kafka vs write-ahead), with and without an outage: "
+        "[spool.md](spool.md) (`benchmarks/bench_spool.py`)",
+        "- hot-path profile and memory per idle connection: [performance.md](performance.md) "
+        "(`benchmarks/profile_mqtt.py`)",
+        "",
     ]
     return "\n".join(lines)
