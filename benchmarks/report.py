@@ -91,6 +91,7 @@ def plan_dict(plan: Any) -> dict[str, Any]:
         "quick": plan.quick,
         "idle_connections": plan.idle_connections,
         "gateway_workers": plan.gateway_workers,
+        "publish_workers": getattr(plan, "publish_workers", plan.gateway_workers),
         "scenarios": {s.name: {"mode": s.mode, **s.args} for s in plan.scenarios},
     }
 
@@ -260,7 +261,9 @@ def markdown(data: dict[str, Any]) -> str:
         "- Mosquitto: Debian's binary, `listener PORT 127.0.0.1`, `allow_anonymous true`, "
         "`max_connections -1`, `set_tcp_nodelay true`, no persistence, no subscribers (it "
         "acknowledges and discards).",
-        f"- Lastmile: `lastmile serve` with {p['gateway_workers']} workers, rules from "
+        f"- Lastmile: `lastmile serve` with {p['gateway_workers']} workers for the idle "
+        f"scenario and {p.get('publish_workers', p['gateway_workers'])} (one per core) for "
+        "the publish scenarios, a fresh gateway and broker for each; rules from "
         "`bridge-rules/` (`bench/#` -> Kafka topic `bench`, key = client id), acks=all "
         "idempotent producer, default spool, to a tansu broker (in memory) on loopback; "
         "PUBACK only after Kafka's delivery report (or the spool).",
