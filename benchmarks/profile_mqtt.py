@@ -39,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from benchmarks.stats import rss_bytes
+from benchmarks.stats import cpu_seconds, rss_bytes
 from tests.helpers import Broker, free_port, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,14 +175,19 @@ def measure_publish(gw: Gateway, port: int, a: argparse.Namespace) -> dict[str, 
         raw = Path(a.pyspy + ".txt")
         spy = subprocess.Popen(
             [str(pyspy_bin()), "record", "--pid", str(gw.pid), "--format", "raw", "--rate", "200",
-             "--nonblocking", "--output", str(raw), "--duration", str(int(a.duration) + 2)],
+             *(["--gil"] if a.gil else []), "--nonblocking", "--output", str(raw),
+             "--duration", str(int(a.duration) + 2)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
+    cpu0 = cpu_seconds(gw.pid)
     res = loadgen("publish", port, {
         "connections": a.connections, "qos": a.qos, "payload-size": a.payload_size,
         "duration": a.duration, "procs": a.procs, "inflight": a.inflight, "source-ips": 1,
     })
+    cpu = cpu_seconds(gw.pid) - cpu0  # every thread of the gateway (librdkafka's too)
+    sent = res.get("sent") or 0
     out = {"mode": "publish", "qos": a.qos, "connections": a.connections,
+           "gateway_cpu_us_per_msg": round(cpu / sent * 1e6, 1) if sent else None,
            "sent_per_s": res.get("sent_per_s"), "acked_per_s": res.get("acked_per_s"),
            "sent": res.get("sent"), "acked": res.get("acked"),
            "puback_ms": res.get("puback_latency_ms"), "errors": res.get("errors")}
@@ -213,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--inflight", type=int, default=20)
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--pyspy", default=None, help="output prefix for py-spy samples")
+    ap.add_argument("--gil", action="store_true", help="py-spy: only the thread holding the GIL")
     a = ap.parse_args(argv)
     if a.connections is None:
         a.connections = 10_000 if a.mode == "idle" else 100

@@ -4,6 +4,11 @@
 by ``poll()`` on one thread per producer; the thread collects them and hands
 them back to the loop in batches (one ``call_soon_threadsafe`` per batch), where
 each record's callback runs.  Device connections never reach this module.
+
+Per record, the poll thread runs one small closure that appends a tuple: no
+lock, because reports are only ever appended by the thread inside ``poll()`` /
+``flush()``, and that same thread takes the batch (``flush`` runs only after
+the poll thread has stopped).
 """
 
 from __future__ import annotations
@@ -66,8 +71,8 @@ class KafkaSink:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._running = False
+        # Appended by the thread inside poll() / flush(), taken by that same thread.
         self._reports: list[tuple[Record, DeliveryCallback, Any, Any]] = []
-        self._lock = threading.Lock()
         # Records librdkafka's queue could not take yet (BufferError); retried in order.
         self._backlog: deque[tuple[Record, DeliveryCallback]] = deque()
         self.in_flight = 0
@@ -137,16 +142,17 @@ class KafkaSink:
         sink = self
 
         def on_delivery(err: Any, msg: Any) -> None:
-            # Runs on the poll thread, inside poll(); _take_reports swaps the list.
-            with sink._lock:
-                sink._reports.append((record, callback, err, msg))
+            # Runs on the poll thread, inside poll(); that thread also takes the batch.
+            sink._reports.append((record, callback, err, msg))
 
-        kwargs: dict[str, Any] = {"key": record.key, "headers": record.headers or None,
-                                  "on_delivery": on_delivery}
-        if record.partition is not None:
-            kwargs["partition"] = record.partition
+        partition = record.partition
+        headers: Any = record.headers or None  # the stub wants list[tuple[str, str | bytes]]
         try:
-            self._producer.produce(record.topic, record.value, **kwargs)
+            self._producer.produce(
+                record.topic, record.value, record.key,
+                -1 if partition is None else partition,  # -1: librdkafka's partitioner
+                on_delivery=on_delivery, headers=headers,
+            )
         except BufferError:
             self._backlog.append((record, callback))
             return False
@@ -177,18 +183,26 @@ class KafkaSink:
                     return
 
     def _take_reports(self) -> list[tuple[Record, DeliveryCallback, Any, Any]]:
-        with self._lock:
-            batch, self._reports = self._reports, []
+        batch, self._reports = self._reports, []
         return batch
 
     def _dispatch(self, batch: list[tuple[Record, DeliveryCallback, Any, Any]]) -> None:
+        name = self.name
+        delivered = 0
         for record, callback, err, msg in batch:
             if err is None:
-                delivery = Delivery(cluster=self.name, topic=msg.topic(),
+                delivered += 1
+                delivery = Delivery(cluster=name, topic=msg.topic(),
                                     partition=msg.partition(), offset=msg.offset())
-                self._finish(record, callback, delivery, None)
+                try:
+                    callback(record, delivery, None)
+                except Exception:  # a callback bug must not stop other deliveries
+                    log.exception("delivery_callback_failed", cluster=name, topic=record.topic)
             else:
                 self._finish(record, callback, None, classify(err))
+        # Counted once per batch; failures count themselves in _finish.
+        self.in_flight -= delivered
+        self.delivered += delivered
         if self._backlog:
             self._drain_backlog()
 
