@@ -28,6 +28,7 @@ import argparse
 import collections
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -141,7 +142,7 @@ def measure_idle(gw: Gateway, port: int, a: argparse.Namespace) -> dict[str, Any
 
 
 def pyspy_top(raw: Path, limit: int = 25) -> str:
-    """Own and total samples per function from py-spy's collapsed stacks."""
+    """Own and total samples per function (all its lines) from py-spy's collapsed stacks."""
     own: collections.Counter[str] = collections.Counter()
     total: collections.Counter[str] = collections.Counter()
     samples = 0
@@ -151,7 +152,8 @@ def pyspy_top(raw: Path, limit: int = 25) -> str:
             continue
         n = int(count)
         samples += n
-        frames = stack.split(";")
+        # "func (file.py:123)" -> "func (file.py)": one row per function, not per line.
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
         own[frames[-1]] += n
         for f in set(frames):
             total[f] += n
