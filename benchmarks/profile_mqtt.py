@@ -141,6 +141,17 @@ def measure_idle(gw: Gateway, port: int, a: argparse.Namespace) -> dict[str, Any
     }
 
 
+def log_events(path: Path) -> dict[str, int]:
+    """Warning and error events in the gateway log so far (e.g. spool_spill), counted."""
+    counts: collections.Counter[str] = collections.Counter()
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            counts[json.loads(line).get("event", "?")] += 1
+        except ValueError:
+            counts["(not json)"] += 1
+    return dict(counts)
+
+
 def pyspy_top(raw: Path, limit: int = 25) -> str:
     """Own and total samples per function (all its lines) from py-spy's collapsed stacks."""
     own: collections.Counter[str] = collections.Counter()
@@ -240,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(a.repeat):
                 res = measure_idle(gw, port, a) if a.mode == "idle" else measure_publish(
                     gw, port, a)
-                res.update(tree=a.tree, spool=a.spool if a.spool == "off" else a.spool_mode)
+                res.update(tree=a.tree, spool=a.spool if a.spool == "off" else a.spool_mode,
+                           log_events=log_events(gw.log))
                 print(json.dumps(res), flush=True)
         finally:
             gw.stop()
