@@ -49,15 +49,20 @@ class Client:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  version: int) -> None:
         self.reader, self.writer, self.version, self.buf = reader, writer, version, b""
+        self.pending: list[p.AnyPacket] = []
 
     def send(self, packet: p.AnyPacket) -> None:
         self.writer.write(encode(packet, self.version))
 
     async def recv(self, timeout: float = 5.0) -> p.AnyPacket | None:
+        if self.pending:
+            return self.pending.pop(0)
         while True:
             packets, used = decode_packets(self.buf, self.version, 1 << 20)
             if packets:
+                # Several may come in one chunk (acks of one batch): keep the rest.
                 self.buf = self.buf[used:]
+                self.pending += packets[1:]
                 return packets[0]
             try:
                 chunk = await asyncio.wait_for(self.reader.read(65536), timeout)
@@ -149,3 +154,37 @@ async def test_a_crash_costs_one_connection_not_the_listener(server: Any) -> Non
     other = await connect(srv, "after-crash", version=4)
     other.send(p.Pingreq())
     assert await other.recv() == p.Pingresp()
+
+
+class CountingTransport:
+    """Wraps the real transport and counts writes."""
+
+    def __init__(self, real: Any) -> None:
+        self.real, self.writes = real, 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        self.real.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+async def test_acks_of_one_batch_leave_in_one_write(server: Any) -> None:
+    srv, pipeline = server
+    client = await connect(srv, "batch")
+    publish(client, 1)
+    publish(client, 2)
+    await asyncio.sleep(0.2)
+    (conn,) = srv.connections
+    counting = CountingTransport(conn.transport)
+    conn.transport = counting
+    for _, on_done in pipeline.received:  # one batch of verdicts, as from one Kafka poll
+        on_done(Outcome(ok=True))
+    assert len(pipeline.received) == 2 and counting.writes == 0  # queued until the batch ends
+    first = await client.recv()
+    second = await client.recv()
+    assert [first, second] == [p.Puback(packet_id=1), p.Puback(packet_id=2)], (
+        counting.writes, conn.session.pending, conn.session._order)
+    assert counting.writes == 1, client.buf
+    assert conn.peer.startswith("127.0.0.1:")

@@ -360,3 +360,35 @@ def test_random_bytes_after_connect_never_raise(data: bytes, version: int) -> No
         if isinstance(event, PublishReceived):
             peer.session.ack(event.token, 0x80)
     peer.session.data_to_send()
+
+
+# --- memory: an idle session holds nothing it does not need --------------------------
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_an_idle_session_holds_no_buffers_or_events(version: int) -> None:
+    peer = Peer(version)
+    # A CONNECT split over two chunks: the partial packet is buffered, then let go.
+    data = encode(p.Connect(protocol_level=version, client_id="c1", keep_alive=60,
+                            properties=P() if version == 5 else None), version)
+    assert peer.session.receive_data(data[:5], 100.0) == []
+    events = peer.session.receive_data(data[5:], 100.0)
+    assert isinstance(events[0], Connected)
+    assert isinstance(peer.received()[0], p.Connack)
+    s = peer.session
+    assert (s._buf, s._out, s._events, s._order, s._aliases) == (None,) * 5
+    assert s._client is not None and s._client.qos2 is None
+    # Used, then idle again: the ack queue stays (an active client), the rest goes.
+    peer.publish(1)
+    s.ack(s._order[0])  # type: ignore[index]
+    assert peer.received() == [p.Puback(packet_id=1)]
+    assert (s._buf, s._out, s._events) == (None,) * 3
+
+
+def test_puback_fast_path_bytes_match_the_encoder() -> None:
+    for version in (4, 5):
+        peer = Peer(version)
+        peer.connect()
+        peer.publish(0x1234)
+        peer.session.ack(peer.session._order[0])  # type: ignore[index]
+        assert peer.session.data_to_send() == encode(p.Puback(packet_id=0x1234), version)
