@@ -49,9 +49,26 @@ _PERMANENT = {
 }
 
 
+# The producer, not the record, is broken: a fresh producer (new id/epoch) can send it.
+# Seen when an outage outlasts message.timeout.ms: the idempotent producer bumps its
+# epoch and a broker without KIP-360 answers PRODUCER_FENCED to everything after.
+_PRODUCER_BROKEN = {
+    KafkaError.PRODUCER_FENCED,
+    KafkaError.INVALID_PRODUCER_EPOCH,
+    KafkaError.UNKNOWN_PRODUCER_ID,
+    KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
+    KafkaError._FENCED,
+    KafkaError._FATAL,
+}
+
+
+def producer_broken(err: KafkaError) -> bool:
+    return bool(err.fatal()) or err.code() in _PRODUCER_BROKEN
+
+
 def classify(err: KafkaError) -> DeliveryFailed:
     """Turn a librdkafka error into our error with a retriable hint."""
-    permanent = err.code() in _PERMANENT or err.fatal()
+    permanent = err.code() in _PERMANENT and not producer_broken(err)
     return DeliveryFailed(
         f"Kafka refused the record: {err.str()}",
         retriable=not permanent,
@@ -78,6 +95,10 @@ class KafkaSink:
         self.in_flight = 0
         self.delivered = 0
         self.failed = 0
+        self.restarts = 0
+        self._restart_needed = False
+        # Producers replaced after a fatal error, polled until their queues are empty.
+        self._retiring: list[Producer] = []
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -172,15 +193,41 @@ class KafkaSink:
 
     def _poll_forever(self) -> None:
         assert self._producer is not None and self._loop is not None
-        producer, loop = self._producer, self._loop
+        loop = self._loop
         while self._running:
-            producer.poll(0.05)
+            if self._restart_needed:
+                self._restart_producer()
+            assert self._producer is not None
+            self._producer.poll(0.05)
+            self._poll_retiring()
             batch = self._take_reports()
             if batch:
                 try:
                     loop.call_soon_threadsafe(self._dispatch, batch)
                 except RuntimeError:  # loop closed during shutdown
                     return
+
+    def _restart_producer(self) -> None:
+        """Replace a producer that can no longer send (poll thread only).
+
+        The loop's next produce() uses the new producer; what the old one still
+        holds is purged, and its delivery reports (retriable errors) reach the
+        records' callbacks, so the buffer retries or spools them.
+        """
+        self._restart_needed = False
+        old = self._producer
+        self._producer = Producer({**self._settings, "error_cb": self._on_error})
+        self.restarts += 1
+        if old is not None:
+            old.purge()
+            self._retiring.append(old)
+        log.warning("kafka_producer_restarted", cluster=self.name, restarts=self.restarts)
+
+    def _poll_retiring(self) -> None:
+        for old in list(self._retiring):
+            old.poll(0)
+            if len(old) == 0:
+                self._retiring.remove(old)
 
     def _take_reports(self) -> list[tuple[Record, DeliveryCallback, Any, Any]]:
         batch, self._reports = self._reports, []
@@ -199,6 +246,8 @@ class KafkaSink:
                 except Exception:  # a callback bug must not stop other deliveries
                     log.exception("delivery_callback_failed", cluster=name, topic=record.topic)
             else:
+                if producer_broken(err):
+                    self._restart_needed = True
                 self._finish(record, callback, None, classify(err))
         # Counted once per batch; failures count themselves in _finish.
         self.in_flight -= delivered
@@ -220,5 +269,7 @@ class KafkaSink:
 
     def _on_error(self, err: KafkaError) -> None:
         # Called from the poll thread; librdkafka retries transient errors itself.
+        if err.fatal():
+            self._restart_needed = True
         log.warning("kafka_client_error", cluster=self.name, code=err.name(), reason=err.str(),
                     fatal=err.fatal(), at=time.time())

@@ -94,3 +94,44 @@ async def test_broker_gone_fails_acks_with_reason_after_timeout(fresh_broker: Br
     assert isinstance(first, DeliveryFailed)
     assert first.retriable and first.kafka_code  # a timeout: worth retrying later
     assert await sink.close(2) == 0
+
+
+async def test_recovers_after_an_outage_longer_than_the_message_timeout(
+    fresh_broker: Broker,
+) -> None:
+    """Records time out during a long hang; afterwards, retried records get through.
+
+    (The idempotent producer bumps its epoch after a timeout and tansu then fences
+    it; the sink must replace the producer rather than fail every retry forever.)
+    """
+    sink = KafkaSink("default", Cluster(bootstrap_servers=fresh_broker.bootstrap,
+                                        message_timeout_ms=1500))
+    await sink.start()
+    outcome: asyncio.Queue[GatewayError | None] = asyncio.Queue()
+
+    def on_result(record: Record, delivery: Delivery | None, error: GatewayError | None) -> None:
+        outcome.put_nowait(error)
+
+    sink.produce(Record(cluster="default", topic="long-hang", value=b"warm"), on_result)
+    assert await asyncio.wait_for(outcome.get(), 20) is None
+    fresh_broker.pause()
+    try:
+        sink.produce(Record(cluster="default", topic="long-hang", value=b"during"), on_result)
+        error = await asyncio.wait_for(outcome.get(), 20)
+        assert isinstance(error, DeliveryFailed) and error.retriable
+    finally:
+        fresh_broker.resume()
+    # Retry as the buffer does: a retriable failure is sent again.
+    deadline = time.monotonic() + 30
+    delivered = False
+    while not delivered and time.monotonic() < deadline:
+        sink.produce(Record(cluster="default", topic="long-hang", value=b"after"), on_result)
+        error = await asyncio.wait_for(outcome.get(), 20)
+        delivered = error is None
+        if error is not None:
+            assert isinstance(error, DeliveryFailed) and error.retriable, error
+            await asyncio.sleep(0.5)
+    assert delivered, "the sink never recovered after the outage"
+    await sink.close(5)
+    values = [m.value() for m in await asyncio.to_thread(fresh_broker.read, "long-hang", 2, 10)]
+    assert values.count(b"after") == 1 and b"warm" in values
