@@ -76,13 +76,30 @@ def classify(err: KafkaError) -> DeliveryFailed:
     )
 
 
+class _LibrdkafkaLog:
+    """librdkafka's log lines as structured events instead of raw stderr (syslog levels)."""
+
+    def __init__(self, cluster: str) -> None:
+        self.cluster = cluster
+
+    def log(self, level: int, fmt: str, *args: Any) -> None:
+        text = fmt % args if args else fmt
+        if level <= 3:
+            log.error("librdkafka", cluster=self.cluster, message=text)
+        elif level <= 5:
+            log.warning("librdkafka", cluster=self.cluster, message=text)
+        else:
+            log.debug("librdkafka", cluster=self.cluster, message=text)
+
+
 class KafkaSink:
     """Produces records to one cluster; reports each record's fate on the loop."""
 
     def __init__(self, name: str, cluster: Cluster, bootstrap: str | None = None) -> None:
         self.name = name
         self.bootstrap = bootstrap or cluster.bootstrap_servers
-        self._settings = producer_settings(cluster, self.bootstrap)
+        self._settings = {**producer_settings(cluster, self.bootstrap),
+                          "logger": _LibrdkafkaLog(name)}
         self._connect_timeout = cluster.connect_timeout_s
         self._producer: Producer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -114,7 +131,9 @@ class KafkaSink:
         log.info("kafka_sink_started", cluster=self.name, bootstrap=self.bootstrap)
 
     def _check_metadata(self) -> None:
-        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        settings: dict[str, Any] = {"bootstrap.servers": self.bootstrap,
+                                    "logger": _LibrdkafkaLog(self.name)}
+        admin = AdminClient(settings)
         try:
             md = admin.list_topics(timeout=self._connect_timeout)
         except KafkaException as exc:
