@@ -43,7 +43,11 @@ def write_rules(directory: Path, count: int) -> None:
     (directory / "rules.yaml").write_text("\n".join(lines) + "\n")
 
 
-def messages(count: int, n: int, rng: random.Random) -> list[Message]:
+def messages(count: int, n: int, rng: random.Random, topics: int = 0) -> list[Message]:
+    """``n`` messages; with ``topics``, drawn from that many distinct topics (devices repeat)."""
+    if topics:
+        pool = messages(count, topics, rng)
+        return [rng.choice(pool) for _ in range(n)]
     out = []
     for _ in range(n):
         site = rng.randrange(count)  # count-1 is unmatched by a site rule: the catch-all
@@ -52,14 +56,14 @@ def messages(count: int, n: int, rng: random.Random) -> list[Message]:
     return out
 
 
-def bench(count: int, n: int, repeats: int) -> tuple[float, float]:
+def bench(count: int, n: int, repeats: int, topics: int = 0) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as tmp:
         write_rules(Path(tmp), count)
         started = time.perf_counter()
         table = load_rules(tmp)
         load_ms = (time.perf_counter() - started) * 1000
     router = Router(table)
-    batch = messages(count, n, random.Random(count))
+    batch = messages(count, n, random.Random(count), topics)
     route = router.route
     rates = []
     for _ in range(repeats):
@@ -76,10 +80,12 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=200_000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--write", help="write a Markdown section to this file")
+    parser.add_argument("--topics", type=int, default=0,
+                        help="distinct topics to draw from (0: a fresh random topic each)")
     args = parser.parse_args()
     rows = []
     for count in (10, 100, 1000):
-        rate, load_ms = bench(count, args.messages, args.repeats)
+        rate, load_ms = bench(count, args.messages, args.repeats, args.topics)
         rows.append(f"| {count:>5} | {rate:>12,.0f} | {1e6 / rate:>8.2f} | {load_ms:>8.1f} |")
         print(rows[-1], flush=True)
     section = "\n".join(

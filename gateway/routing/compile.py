@@ -91,8 +91,39 @@ class CompiledRule:
         return self.username is None or self.username.matches(message.username)
 
 
+class Candidate:
+    """One rule a (topic, source) pair matches, with what that pair alone decides.
+
+    Built by the router on the first message of a topic and kept in the table's
+    cache: captures, and the topic / key / headers when their templates read
+    nothing but the topic, the source and captures (``None``: render per message).
+    """
+
+    __slots__ = ("captures", "checks_identity", "headers", "key", "key_static", "rule", "topic")
+
+    def __init__(self, rule: CompiledRule, captures: dict[str, str]) -> None:
+        self.rule = rule
+        self.captures = captures
+        # Client id / username conditions still need each message.
+        self.checks_identity = rule.client_id is not None or rule.username is not None
+        self.topic: str | None = None  # pre-rendered and valid
+        self.key_static = False
+        self.key: bytes | None = None  # pre-rendered key when key_static (None: no key)
+        self.headers: tuple[tuple[str, bytes], ...] | None = None  # pre-rendered, in order
+
+
+# Entries in one table's routing cache; past it the cache starts again empty.
+CACHE_SIZE = 32_768
+# Longer topics are routed without the cache (bounded memory per entry).
+CACHE_TOPIC_MAX = 256
+
+
 class RuleTable:
-    """The compiled rule set; replaced whole on reload, never mutated."""
+    """The compiled rule set; replaced whole on reload, never mutated.
+
+    ``cache`` (source -> topic -> candidates) belongs to this table only, so a
+    reload, which swaps in a new table, starts with an empty cache by construction.
+    """
 
     def __init__(
         self,
@@ -102,8 +133,12 @@ class RuleTable:
         files: tuple[str, ...] = (),
         dead_letter: DeadLetter | None = None,
         unmatched: str = "reject",
+        cache_size: int = CACHE_SIZE,
     ) -> None:
         self.entries = tuple(entries)
+        self.cache: dict[str, dict[str, tuple[Candidate, ...]]] = {}
+        self.cache_size = cache_size
+        self.cached = 0  # entries over all sources
         self.rules = len(self.entries)  # a count, for logs and `rules check`
         self.version = version
         self.files = files

@@ -24,7 +24,7 @@ from gateway.errors import (
     TopicInvalid,
 )
 from gateway.model import Message, Record
-from gateway.routing.compile import CompiledRule, RuleTable
+from gateway.routing.compile import CACHE_TOPIC_MAX, Candidate, CompiledRule, RuleTable
 from gateway.routing.templates import Context, valid_kafka_topic
 
 _json_decode = msgspec.json.Decoder().decode
@@ -62,23 +62,98 @@ def _check_payload(rule: CompiledRule, message: Message, ctx: Context) -> None:
             raise _Invalid(PayloadInvalid(f"payload is not valid JSON: {exc}"), rule) from exc
 
 
-def _record(rule: CompiledRule, message: Message, ctx: Context) -> Record:
-    assert rule.topic is not None  # compile guarantees it for action kafka
+def _captures(rule: CompiledRule, levels: list[str]) -> dict[str, str]:
+    return {name: levels[i] for name, i in rule.filter.captures}
+
+
+_NO_CAPTURES: dict[str, str] = {}
+
+
+def _plan(table: RuleTable, topic: str, source: str) -> tuple[Candidate, ...]:
+    """The rules ``topic`` matches from ``source``, in order, with what they alone decide."""
+    levels = topic.split("/")
+    entries = table.entries
+    probe = Message(source=source, topic=topic, payload=b"")
+    out = []
+    for index in table.trie.match(levels):
+        rule = entries[index]
+        if rule.sources is not None and source not in rule.sources:
+            continue
+        captures = _captures(rule, levels) if rule.filter.captures else _NO_CAPTURES
+        cand = Candidate(rule, captures)
+        if rule.action == "kafka":
+            _prerender(cand, Context(probe, captures, None))
+        out.append(cand)
+    return tuple(out)
+
+
+def _prerender(cand: Candidate, ctx: Context) -> None:
+    rule = cand.rule
+    names = [n for n, _ in rule.filter.captures]
+    template = rule.topic
+    if template is not None and template.per_topic(names):
+        topic = template.render(ctx)
+        if template.constant is not None or valid_kafka_topic(topic):
+            cand.topic = topic  # an invalid one is left to the per-message path to refuse
+    key = rule.key
+    if key is None or key.per_topic(names):
+        cand.key_static = True
+        text = key.render(ctx) if key is not None else ""
+        cand.key = text.encode() or None
+    if all(t.per_topic(names) for _, t in rule.headers):
+        rendered = ((name, t.render(ctx)) for name, t in rule.headers)
+        cand.headers = tuple((name, v.encode()) for name, v in rendered if v)
+
+
+def _candidates(table: RuleTable, message: Message) -> tuple[Candidate, ...]:
+    topic = message.topic
+    by_topic = table.cache.get(message.source)
+    if by_topic is not None:
+        found = by_topic.get(topic)
+        if found is not None:
+            return found
+    plan = _plan(table, topic, message.source)
+    if len(topic) <= CACHE_TOPIC_MAX:
+        if table.cached >= table.cache_size:
+            table.cache.clear()  # cheaper than LRU bookkeeping on every hit
+            table.cached = 0
+            by_topic = None
+        if by_topic is None:
+            by_topic = table.cache.setdefault(message.source, {})
+        by_topic[topic] = plan
+        table.cached += 1
+    return plan
+
+
+def _record_planned(cand: Candidate, message: Message, ctx: Context) -> Record:
+    """``_record`` with the parts the cache pre-rendered taken as they are."""
+    rule = cand.rule
+    topic = cand.topic
     try:
-        topic = rule.topic.render(ctx)
-        key = rule.key.render(ctx) if rule.key is not None else ""
+        if topic is None:
+            assert rule.topic is not None  # compile guarantees it for action kafka
+            topic = rule.topic.render(ctx)
+        if cand.key_static:
+            key = cand.key
+        else:
+            assert rule.key is not None  # key_static is set when there is no key template
+            key = rule.key.render(ctx).encode() or None
     except LookupError as exc:
         # The key decides partition and order; a key that cannot be built is a payload error.
         raise _Invalid(PayloadInvalid(str(exc)), rule) from exc
-    headers = []
-    for name, template in rule.headers:
-        try:
-            value = template.render(ctx)
-        except LookupError:
-            continue  # an optional JSON field absent from this payload
-        if value:  # left out when empty, e.g. a user property absent on this publish
-            headers.append((name, value.encode()))
-    if rule.topic.constant is None and not valid_kafka_topic(topic):
+    static = cand.headers
+    if static is not None:
+        headers = list(static)
+    else:
+        headers = []
+        for name, template in rule.headers:
+            try:
+                value = template.render(ctx)
+            except LookupError:
+                continue  # an optional JSON field absent from this payload
+            if value:  # left out when empty, e.g. a user property absent on this publish
+                headers.append((name, value.encode()))
+    if cand.topic is None and not valid_kafka_topic(topic):
         raise _Invalid(TopicInvalid(f"rendered Kafka topic {topic!r} is not a legal name"), rule)
     if message.headers:
         headers.extend(message.headers)  # explicit hints extend what templates produce
@@ -87,38 +162,41 @@ def _record(rule: CompiledRule, message: Message, ctx: Context) -> Record:
         topic=topic,
         value=message.payload,
         # An explicit key (HTTP batch, REST proxy) wins; an empty key means "no key".
-        key=message.key if message.key is not None else (key.encode() or None),
+        key=message.key if message.key is not None else key,
         headers=headers,
         partition=message.partition,
     )
 
 
-def _captures(rule: CompiledRule, levels: list[str]) -> dict[str, str]:
-    return {name: levels[i] for name, i in rule.filter.captures}
-
-
 def route(table: RuleTable, message: Message) -> RouteResult:
-    """Apply ``table`` to ``message``.  Pure: the result says what to do."""
-    levels = message.topic.split("/")
-    entries = table.entries
+    """Apply ``table`` to ``message``.  Pure: the result says what to do.
+
+    The trie match, the captures and whatever the templates derive from the
+    topic alone are looked up in the table's cache: device topics repeat.
+    """
     records: list[Record] = []
     first = ""
-    ctx = Context(message, {}, None)
-    for index in table.trie.match(levels):
-        rule = entries[index]
-        if not rule.applies(message):
+    ctx: Context | None = None
+    for cand in _candidates(table, message):
+        rule = cand.rule
+        if cand.checks_identity and not rule.applies(message):
             continue
         first = first or rule.name
         if rule.allow is not None and not rule.allow.permits(message):
             return _refuse(NotAuthorized(f"not allowed to publish by rule {rule.name}"), first)
-        if rule.action == "drop":
+        action = rule.action
+        if action == "drop":
             return RouteResult(records, dropped=not records, rule=first)
-        if rule.action == "reject":
+        if action == "reject":
             return _refuse(Rejected(rule.reason), first)
-        ctx.captures = _captures(rule, levels) if rule.filter.captures else {}
+        if ctx is None:
+            ctx = Context(message, cand.captures, None)
+        else:
+            ctx.captures = cand.captures
         try:
-            _check_payload(rule, message, ctx)
-            records.append(_record(rule, message, ctx))
+            if rule.payload_json or rule.max_bytes is not None:
+                _check_payload(rule, message, ctx)
+            records.append(_record_planned(cand, message, ctx))
         except _Invalid as invalid:
             if invalid.rule.dead_letter_invalid:
                 return _dead_letter(table, message, invalid.error, first, invalid.rule.name)

@@ -16,6 +16,8 @@ from gateway.model import Message
 
 # Variables every rule may use, whatever its match filter.
 BUILTINS = frozenset({"topic", "client_id", "username", "source", "qos"})
+# Built-ins fixed by (topic, source): with the captures, what a routing-cache entry may pre-render.
+PER_TOPIC = frozenset({"topic", "source"})
 USER_PROPERTY = "user_property."
 JSON = "json:"
 
@@ -113,6 +115,10 @@ class Template:
         if len(parts) == 1:
             return parts[0](ctx)  # type: ignore[operator]
         return "".join(p if isinstance(p, str) else p(ctx) for p in parts)
+
+    def per_topic(self, captures: Iterable[str]) -> bool:
+        """True when the rendered text depends only on the topic, the source and captures."""
+        return all(v in PER_TOPIC or v in captures for v in self.variables)
 
     def literal_text(self) -> str:
         return "".join(p for p in self.parts if isinstance(p, str))
