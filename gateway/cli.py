@@ -84,6 +84,20 @@ def _spool_inspect(args: argparse.Namespace) -> int:
     return int(main_inspect(directory, args.json))
 
 
+def _consume(args: argparse.Namespace) -> int:
+    from gateway.consume import consume
+
+    bootstrap = args.bootstrap
+    if bootstrap is None:
+        from gateway.config import load_config
+
+        config = load_config(args.config)
+        servers = config.kafka.clusters[args.cluster].bootstrap_servers
+        emb = config.kafka.embedded
+        bootstrap = f"{emb.host}:{emb.port}" if servers == "embedded" else servers
+    return consume(bootstrap, args.topic, args.idle, args.headers)
+
+
 def _bench(args: argparse.Namespace) -> int:
     """Run the benchmark suite of a source checkout (benchmarks/ is not installed)."""
     import subprocess
@@ -125,6 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--config", default=DEFAULT_CONFIG)
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.set_defaults(func=_spool_inspect)
+    read = sub.add_parser("consume", help="print the records of a Kafka topic (from the start)")
+    read.add_argument("topic")
+    read.add_argument("--bootstrap", default=None, help="default: the config's cluster")
+    read.add_argument("--config", default=DEFAULT_CONFIG)
+    read.add_argument("--cluster", default="default")
+    read.add_argument("--idle", type=float, default=2.0, help="stop after S seconds with nothing")
+    read.add_argument("--headers", action="store_true", help="print headers too")
+    read.set_defaults(func=_consume)
+
     bench = sub.add_parser("bench", help="measure against Mosquitto; writes docs/benchmarks.md")
     bench.add_argument("--quick", action="store_true", help="smaller, faster run")
     bench.set_defaults(func=_bench)
