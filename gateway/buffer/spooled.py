@@ -47,12 +47,17 @@ BROKEN_PAUSE_S = 1.0
 
 
 class Entry:
-    """One submitted record while the buffer still holds it in memory."""
+    """One submitted record while the buffer still holds it in memory.
 
-    __slots__ = ("acked", "at", "cancelled", "direct_ok", "direct_open", "record", "seq", "size",
-                 "spilled")
+    It is also the delivery callback of its direct produce (``__call__``), so no
+    bound method and no id -> entry map is needed per record.
+    """
 
-    def __init__(self, record: Record, size: int, at: float) -> None:
+    __slots__ = ("acked", "at", "buffer", "cancelled", "direct_ok", "direct_open", "record",
+                 "seq", "size", "spilled")
+
+    def __init__(self, buffer: SpoolBuffer, record: Record, size: int, at: float) -> None:
+        self.buffer = buffer
         self.record = record
         self.size = size
         self.at = at
@@ -62,6 +67,10 @@ class Entry:
         self.direct_open = False  # a direct produce is still unsettled in librdkafka
         self.direct_ok = False  # ... and it was delivered
         self.cancelled = False  # Kafka refused it for good before it was acked
+
+    def __call__(self, record: Record, delivery: Delivery | None,
+                 error: GatewayError | None) -> None:
+        self.buffer._on_direct(self, delivery, error)
 
     def resolve(self, delivery: Delivery | None, error: GatewayError | None) -> None:
         """Resolve the ack exactly once, whichever path (Kafka or spool) gets there first."""
@@ -98,11 +107,16 @@ class SpoolBuffer:
         self.full = False
         self.broken = False
         self.closing = False
-        self._direct: dict[int, Entry] = {}  # id(record) -> entry, in submission order
+        # Direct produces in submission order; settled ones leave from the left.
+        self._direct: deque[Entry] = deque()
         self.waiting: deque[Entry] = deque()  # must go to the spool, not appended yet
         self.unsynced: deque[Entry] = deque()  # appended, fsync pending
         self.spilled: dict[int, Entry] = {}  # seq -> spilled entry, until the replayer passes it
         self._tick_handle: asyncio.TimerHandle | None = None
+        # Submission time for spill_after_ms, read once per tick rather than once per record:
+        # the next tick's time, so a record's age is never overestimated and spill never
+        # comes early (it is judged at ticks anyway).
+        self._stamp = time.monotonic() + self._tick_s()
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="spool-read")
 
     # --- lifecycle ------------------------------------------------------------------
@@ -122,8 +136,8 @@ class SpoolBuffer:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         self.closing = True
-        await _poll_until(lambda: not self._direct, deadline - timeout / 2)
-        if self._direct:
+        await _poll_until(lambda: not self._direct_pending(), deadline - timeout / 2)
+        if self._direct_pending():
             self._spill(None, "shutdown")
         await _poll_until(lambda: not (self.waiting or self.unsynced), deadline)
         while self.waiting:
@@ -165,16 +179,19 @@ class SpoolBuffer:
                 error = DeliveryFailed(f"no Kafka cluster named '{record.cluster}'")
                 record.ack.record_failed(error)
             return
-        entry = Entry(record, record_size(record), time.monotonic())
+        size = record_size(record)
+        entry = Entry(self, record, size, self._stamp)
         self.counters["submitted"] += 1
-        self._hold(entry.size)
+        self.mem_bytes += size
+        if not self._mem_paused and self.mem_bytes >= self.flow.high:
+            self._update_flow()
         if self.via_spool:
             self.waiting.append(entry)
             self.pump()
         else:
             entry.direct_open = True
-            self._direct[id(record)] = entry
-            sink.produce(record, self._on_direct)
+            self._direct.append(entry)
+            sink.produce(record, entry)
 
     def pump(self) -> None:
         """Append waiting records in order while the spool has room and is healthy."""
@@ -245,12 +262,21 @@ class SpoolBuffer:
     def _on_freed(self, nbytes: int) -> None:
         self.pump()
 
-    def _on_direct(self, record: Record, delivery: Delivery | None,
+    def _direct_pending(self) -> bool:
+        """Drop settled entries from the front; True while any direct produce is open."""
+        direct = self._direct
+        while direct and not direct[0].direct_open:
+            direct.popleft()
+        return bool(direct)
+
+    def _on_direct(self, entry: Entry, delivery: Delivery | None,
                    error: GatewayError | None) -> None:
-        entry = self._direct.pop(id(record), None)
-        if entry is None:
+        if not entry.direct_open:
             return
         entry.direct_open = False
+        direct = self._direct
+        while direct and not direct[0].direct_open:
+            direct.popleft()
         if entry.spilled:  # the spool holds it too; tell the replayer what Kafka said
             if error is None:
                 entry.direct_ok = True
@@ -274,7 +300,7 @@ class SpoolBuffer:
     def _spill(self, first: Entry | None, reason: str) -> None:
         """Send every record Kafka has not settled to the spool, oldest first."""
         entries = [first] if first is not None else []
-        entries += [e for e in self._direct.values() if not e.spilled]
+        entries += [e for e in self._direct if e.direct_open and not e.spilled]
         for entry in entries:
             entry.spilled = True
             self.waiting.append(entry)
@@ -309,11 +335,14 @@ class SpoolBuffer:
         return min(0.25, self.config.spill_after_ms / 4000.0)
 
     def _tick(self) -> None:
-        self._tick_handle = asyncio.get_running_loop().call_later(self._tick_s(), self._tick)
+        tick = self._tick_s()
+        self._tick_handle = asyncio.get_running_loop().call_later(tick, self._tick)
+        now = time.monotonic()
+        self._stamp = now + tick
         self.flow.pending_bytes = self.mem_bytes
-        oldest = next((e for e in self._direct.values() if not e.spilled), None)
+        oldest = next((e for e in self._direct if e.direct_open and not e.spilled), None)
         if oldest is not None and not self.closing:
-            age_ms = (time.monotonic() - oldest.at) * 1000.0
+            age_ms = (now - oldest.at) * 1000.0
             if age_ms >= self.config.spill_after_ms:
                 self._spill(None, f"Kafka has not confirmed for {age_ms:.0f} ms")
         self.replayer.tick()
