@@ -117,15 +117,39 @@ def loadgen(mode: str, port: int, args: dict[str, Any],
     return result
 
 
+def start_pyspy(gw: Gateway, a: argparse.Namespace, seconds: float) -> subprocess.Popen[bytes]:
+    raw = Path(a.pyspy + ".txt")
+    return subprocess.Popen(
+        [str(pyspy_bin()), "record", "--pid", str(gw.pid), "--format", "raw", "--rate", "200",
+         *(["--gil"] if a.gil else []), "--nonblocking", "--output", str(raw),
+         "--duration", str(int(seconds))],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
+def finish_pyspy(spy: subprocess.Popen[bytes] | None, a: argparse.Namespace,
+                 out: dict[str, Any]) -> None:
+    if spy is None:
+        return
+    spy.wait()
+    raw = Path(a.pyspy + ".txt")
+    if raw.exists():
+        Path(a.pyspy + ".top").write_text(pyspy_top(raw))
+        out["pyspy"] = a.pyspy + ".top"
+
+
 def measure_idle(gw: Gateway, port: int, a: argparse.Namespace) -> dict[str, Any]:
     if a.warmup:
         loadgen("connect", port, {"connections": a.warmup, "procs": 1, "hold": 1,
                                   "source-ips": 1})
         time.sleep(2.0)  # let the sweep and the allocator settle
     before = rss_bytes(gw.pid)
+    spy = start_pyspy(gw, a, a.pyspy_seconds) if a.pyspy else None
+    cpu0 = cpu_seconds(gw.pid)
     held: dict[str, Any] = {}
 
     def sample(ev: dict[str, Any]) -> None:
+        held["cpu"] = cpu_seconds(gw.pid) - cpu0  # CONNECT handling, all threads
         time.sleep(a.settle)
         held["rss"] = rss_bytes(gw.pid)
         held["connected"] = ev["connected"]
@@ -134,11 +158,16 @@ def measure_idle(gw: Gateway, port: int, a: argparse.Namespace) -> dict[str, Any
                                     "source-ips": 2, "hold": a.settle + 3,
                                     "keepalive": 60}, sample)
     n = held.get("connected", 0)
-    return {
+    connect = res.get("connect") or {}
+    out = {
         "mode": "idle", "connections": n, "rss_before": before, "rss_held": held.get("rss"),
         "bytes_per_connection": round((held.get("rss", 0) - before) / n, 1) if n else None,
+        "connect_rate": connect.get("connect_rate"),
+        "gateway_cpu_us_per_connect": round(held["cpu"] / n * 1e6, 1) if n else None,
         "errors": res.get("errors"),
     }
+    finish_pyspy(spy, a, out)
+    return out
 
 
 def log_events(path: Path) -> dict[str, int]:
@@ -183,15 +212,7 @@ def pyspy_bin() -> str | None:
 
 
 def measure_publish(gw: Gateway, port: int, a: argparse.Namespace) -> dict[str, Any]:
-    spy = None
-    if a.pyspy:
-        raw = Path(a.pyspy + ".txt")
-        spy = subprocess.Popen(
-            [str(pyspy_bin()), "record", "--pid", str(gw.pid), "--format", "raw", "--rate", "200",
-             *(["--gil"] if a.gil else []), "--nonblocking", "--output", str(raw),
-             "--duration", str(int(a.duration) + 2)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
+    spy = start_pyspy(gw, a, int(a.duration) + 2) if a.pyspy else None
     cpu0 = cpu_seconds(gw.pid)
     res = loadgen("publish", port, {
         "connections": a.connections, "qos": a.qos, "payload-size": a.payload_size,
@@ -204,12 +225,7 @@ def measure_publish(gw: Gateway, port: int, a: argparse.Namespace) -> dict[str, 
            "sent_per_s": res.get("sent_per_s"), "acked_per_s": res.get("acked_per_s"),
            "sent": res.get("sent"), "acked": res.get("acked"),
            "puback_ms": res.get("puback_latency_ms"), "errors": res.get("errors")}
-    if spy is not None:
-        spy.wait()
-        raw = Path(a.pyspy + ".txt")
-        if raw.exists():
-            Path(a.pyspy + ".top").write_text(pyspy_top(raw))
-            out["pyspy"] = a.pyspy + ".top"
+    finish_pyspy(spy, a, out)
     return out
 
 
@@ -232,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--pyspy", default=None, help="output prefix for py-spy samples")
     ap.add_argument("--gil", action="store_true", help="py-spy: only the thread holding the GIL")
+    ap.add_argument("--pyspy-seconds", type=float, default=4.0,
+                    help="idle: py-spy sampling time from the start of the connects")
     a = ap.parse_args(argv)
     if a.connections is None:
         a.connections = 10_000 if a.mode == "idle" else 100

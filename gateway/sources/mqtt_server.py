@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl as ssl_module
 import time
 from collections.abc import Callable
@@ -87,6 +88,16 @@ class MqttServer:
         # Connections with acks queued since the last flush (one call_soon per batch).
         self._dirty: set[MqttConnection] = set()
         self._flush_scheduled = False
+        self._debug: bool | None = None  # debug logs enabled (decided on first use)
+
+    @property
+    def debug(self) -> bool:
+        """Whether per-connection debug lines are logged at all: build them only then."""
+        flag = self._debug
+        if flag is None:
+            check = getattr(self.log, "is_enabled_for", None)
+            flag = self._debug = bool(check(logging.DEBUG)) if callable(check) else True
+        return flag
 
     @property
     def ports(self) -> list[int]:
@@ -314,12 +325,17 @@ class MqttConnection(asyncio.Protocol):
         registry[event.client_id] = self
         if old is not None and old is not self:
             old.handle_events(old.session.takeover())
-        self.server.log.debug("mqtt_connected", peer=self.peer, client_id=event.client_id,
-                              version=event.version, session_present=event.session_present)
+        if self.server.debug:
+            self.server.log.debug("mqtt_connected", peer=self.peer, client_id=event.client_id,
+                                  version=event.version, session_present=event.session_present)
 
     def _log_disconnect(self, event: Disconnected) -> None:
-        level = "debug" if event.by_client or event.reason_code < 0x80 else "info"
-        getattr(self.server.log, level)(
+        # Per-connection lines are debug (10k devices reconnecting must not cost 10k info
+        # lines); a protocol error by the client stays visible at info.
+        normal = event.by_client or event.reason_code < 0x80 or event.reason_code in _ROUTINE
+        if normal and not self.server.debug:
+            return
+        getattr(self.server.log, "debug" if normal else "info")(
             "mqtt_disconnected", peer=self.peer, client_id=self.session.client_id,
             reason_code=f"0x{event.reason_code:02X}", reason=event.reason,
             by_client=event.by_client,
@@ -330,6 +346,11 @@ class MqttConnection(asyncio.Protocol):
         self.server.log.exception("mqtt_connection_error", where=where, peer=self.peer,
                                   client_id=self.session.client_id)
         self.abort()
+
+
+# Ends that are routine for a fleet of devices: connection lost (0x80), server shutting
+# down (0x8B), keep alive timeout (0x8D), session taken over (0x8E).
+_ROUTINE = frozenset({0x80, 0x8B, 0x8D, 0x8E})
 
 
 def _cert_identity(cert: Any) -> str | None:

@@ -62,6 +62,8 @@ AWAIT_CONNECT, CONNECTED, CLOSED = "AWAIT_CONNECT", "CONNECTED", "CLOSED"
 NO_DEADLINE = float("inf")
 SUBSCRIBE_UNSUPPORTED = "subscriptions are not supported yet"
 _PUBACK = b"\x40\x02"  # PUBACK, remaining length 2: success without properties (3.1.1 and 5)
+# Successful 3.1.1 CONNACK without / with session present: the common CONNECT answer.
+_CONNACK_V4 = (b"\x20\x02\x00\x00", b"\x20\x02\x01\x00")
 _GRACE: dict[int, float] = {}  # keep alive -> 1.5 x keep alive, one float shared by all
 
 
@@ -375,10 +377,11 @@ class MqttSession:
         self.last_received = now
         self._inflight = len(self._client.qos2) if self._client.qos2 else 0
         self.state = CONNECTED
-        connack_props = None
         if level == 5:
             connack_props = connack_properties(pk, limits, assigned, server_keep, self._expiry)
-        self._send(p.Connack(session_present=present, properties=connack_props))
+            self._send(p.Connack(session_present=present, properties=connack_props))
+        else:
+            self._write(_CONNACK_V4[present])
         self._emit(Connected(
             client_id=client_id, version=level, clean_start=pk.clean_start,
             session_present=present, keep_alive=keep, username=pk.username,
