@@ -37,6 +37,9 @@ def run_worker(config: object, rules_dir: str, worker_id: int = 0,
 
     from gateway.app import serve
     from gateway.config.schema import Config
+    from gateway.pipeline import tune_gc
+
+    tune_gc()  # after the imports: their objects are frozen out of collection
 
     assert isinstance(config, Config)
     log = structlog.get_logger("lastmile")
