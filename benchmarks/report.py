@@ -208,6 +208,39 @@ def _kafka_table(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _modes_table(data: dict[str, Any]) -> list[str]:
+    modes = data.get("modes")
+    if not modes:
+        return ["Not measured in this run (`--skip-modes`, `--only`, or Lastmile did not run)."]
+    mq = _results(data, "mosquitto") or {}
+    ref = _get(mq, "qos1_rate", "puback_latency_ms") or {}
+    lines = [
+        "Same load as `qos1_rate` (same load generator), a fresh broker and gateway per row.",
+        "Mosquitto's figures are its `qos1_rate` results from this run.",
+        "",
+        "| Lastmile mode | Kafka hang (s) | acked msg/s | PUBACK p50 / p99 (ms)"
+        " | p99 / Mosquitto p99 | in Kafka / missing / lost after PUBACK / duplicates |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for label, r in modes.items():
+        if "error" in r:
+            lines.append(f"| {label} | - | {r['error']} | | | |")
+            continue
+        lat = r.get("puback_latency_ms") or {}
+        k = r.get("kafka") or {}
+        kafka = (f"{k.get('unique', 0):,} / {k.get('missing', 0):,} / {k.get('lost_acked', 0)}"
+                 f" / {k.get('duplicates', 0):,}") if k else NM
+        lines.append(
+            f"| {label} | {r.get('kafka_hang_s', 0):g} | {_fmt(r.get('acked_per_s'), '{:,.0f}')}"
+            f" | {_fmt(lat.get('p50'), '{:,.2f}')} / {_fmt(lat.get('p99'), '{:,.2f}')}"
+            f" | {_ratio(lat.get('p99'), ref.get('p99'))} | {kafka} |"
+        )
+    lines.append("")
+    lines.append(f"Mosquitto qos1_rate PUBACK p50 / p99: {_fmt(ref.get('p50'), '{:,.2f}')} / "
+                 f"{_fmt(ref.get('p99'), '{:,.2f}')} ms.")
+    return lines
+
+
 def _errors(data: dict[str, Any]) -> list[str]:
     out = []
     for system in ("lastmile", "mosquitto"):
@@ -282,6 +315,10 @@ def markdown(data: dict[str, Any]) -> str:
         "Topic `bench` read back on every partition after each run (`benchmarks/kafka_check.py`).",
         "",
         *_kafka_table(data),
+        "",
+        "## Delivery modes and Kafka outages (Lastmile)",
+        "",
+        *_modes_table(data),
         "",
         "## How to read this",
         "",

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import kafka_check, report
+from benchmarks.modes import bench_modes
 from benchmarks.servers import (
     ROOT,
     Lastmile,
@@ -266,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mqtt", type=int, choices=[4, 5], default=4, help="protocol level")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "latest.json"))
+    ap.add_argument("--skip-modes", action="store_true",
+                    help="skip the spool-mode and Kafka-outage variants")
     a = ap.parse_args(argv)
     plan = make_plan(a.quick, a.mqtt)
     t0 = time.monotonic()
@@ -287,6 +290,12 @@ def main(argv: list[str] | None = None) -> int:
             data[name] = fn(plan, sub)
             if data[name]["status"] != "measured":
                 print(f"  not measured: {data[name]['reason']}", flush=True)
+        if not a.only and not a.skip_modes and data["lastmile"]["status"] == "measured":
+            print("== lastmile delivery modes", flush=True)
+            sub = Path(tmp) / "modes"
+            sub.mkdir()
+            rate = next(sc for sc in plan.scenarios if sc.name == "qos1_rate")
+            data["modes"] = bench_modes(plan, rate, sub, run_loadgen)
     data["seconds"] = round(time.monotonic() - t0, 1)
     data["loadavg_end"] = report.loadavg()
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)

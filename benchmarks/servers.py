@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from benchmarks.stats import tree_rss
 
@@ -185,11 +186,15 @@ def lastmile_config(
 class Lastmile(Server):
     name = "lastmile"
 
-    def start(self, bootstrap: str, workers: int) -> None:
+    def start(self, bootstrap: str, workers: int,
+              overrides: dict[str, Any] | None = None) -> None:
         port = free_port()
         cfg = lastmile_config(
             workers, port, free_port(), free_port(), bootstrap, self.workdir / "spool"
         )
+        for section, values in (overrides or {}).items():
+            base = cfg.get(section)
+            cfg[section] = {**base, **values} if isinstance(base, dict) else values
         path = self.workdir / "gateway.yaml"
         path.write_text(json.dumps(cfg, indent=2) + "\n")  # JSON is valid YAML
         self._spawn([lastmile_bin(), "serve", "--config", str(path)], port, timeout=60.0)
