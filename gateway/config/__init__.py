@@ -109,6 +109,10 @@ def _check(config: Config, smap: SourceMap) -> None:
     tls = config.listeners.mqtts
     if tls.enabled and not (tls.certfile and tls.keyfile):
         raise smap.error("certfile and keyfile are required", ("listeners", "mqtts"))
+    if not config.auth.allow_anonymous:
+        raise smap.error("must be true: no authentication method is implemented yet "
+                         "(mTLS identities can be restricted per rule with allow.identities)",
+                         ("auth", "allow_anonymous"))
     if config.buffer.low_water_bytes >= config.buffer.high_water_bytes:
         raise smap.error("must be below high_water_bytes", ("buffer", "low_water_bytes"))
     for name, cluster in config.kafka.clusters.items():

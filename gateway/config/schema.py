@@ -108,8 +108,9 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class Auth(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # No authentication method exists yet (password file, JWT: planned); until one does,
+    # turning anonymous access off would lock every client out, so it is refused.
     allow_anonymous: bool = True
-    password_file: str | None = None
 
 
 class Log(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

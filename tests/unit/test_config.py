@@ -47,6 +47,8 @@ def test_shipped_config_loads() -> None:
         ("kafka:\n  clusters:\n    default:\n      producer:\n        linger.ms: 10\n", 5,
          "kafka.clusters.default.producer.linger.ms", "conflicts with the typed setting"),
         ("log:\n  level: info\n  level: debug\n", 3, "log.level", "duplicate key"),
+        ("auth:\n  allow_anonymous: false\n", 2, "auth.allow_anonymous",
+         "no authentication method is implemented yet"),
         ("listeners: [1, 2\n", 2, "", "invalid YAML"),
     ],
 )
