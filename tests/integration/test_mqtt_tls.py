@@ -72,7 +72,7 @@ def test_mtls_identity_decides_who_may_publish(gateway_factory, broker: Broker,
         f.unlink()
     (rules_dir / "10-tls.yaml").write_text(RULES)
     tls_port = free_port()
-    gw, ports = gateway_factory(listeners__mqtts={
+    gw, _ports = gateway_factory(listeners__mqtts={
         "enabled": True, "host": "127.0.0.1", "port": tls_port,
         "certfile": str(pki / "server.crt"), "keyfile": str(pki / "server.key"),
         "cafile": str(pki / "ca.crt"), "require_client_cert": True})
