@@ -101,6 +101,9 @@ class Spool:
         self._lock = threading.Lock()  # guards _segments for the reader
         self._cond = threading.Condition()
         self._queue: list[tuple[int, bytes]] = []
+        # Frames appended during this loop iteration, handed to the writer under one lock
+        # acquisition (a call_soon) rather than one per record.  Loop thread only.
+        self._pending: list[tuple[int, bytes]] = []
         self._first_at = 0.0
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -169,17 +172,32 @@ class Spool:
         seq = self.next_seq
         self.next_seq += 1
         self.used_bytes += len(frame)
+        pending = self._pending
+        pending.append((seq, frame))
+        if len(pending) == 1:
+            if self._loop is None:
+                self._hand_over()
+            else:
+                self._loop.call_soon(self._hand_over)
+        return seq
+
+    def _hand_over(self) -> None:
+        """Queue this iteration's frames for the writer thread, in seq order."""
+        pending = self._pending
+        if not pending:
+            return
+        self._pending = []
         with self._cond:
             if not self._queue:
                 self._first_at = time.monotonic()
                 self._cond.notify()
-            self._queue.append((seq, frame))
-        return seq
+            self._queue.extend(pending)
 
     def fits(self, record_bytes: int) -> bool:
         return self.used_bytes + record_bytes + 64 <= self.max_bytes
 
     async def close(self) -> None:
+        self._hand_over()
         with self._cond:
             self._closing = True
             self._cond.notify()
