@@ -217,6 +217,7 @@ def measure_publish(gw: Gateway, port: int, a: argparse.Namespace) -> dict[str, 
     res = loadgen("publish", port, {
         "connections": a.connections, "qos": a.qos, "payload-size": a.payload_size,
         "duration": a.duration, "procs": a.procs, "inflight": a.inflight, "source-ips": 1,
+        "rate": a.rate,
     })
     cpu = cpu_seconds(gw.pid) - cpu0  # every thread of the gateway (librdkafka's too)
     sent = res.get("sent") or 0
@@ -245,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--procs", type=int, default=1)
     ap.add_argument("--inflight", type=int, default=20)
+    ap.add_argument("--rate", type=float, default=0.0, help="publish: total msg/s; 0 = max")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--pyspy", default=None, help="output prefix for py-spy samples")
     ap.add_argument("--gil", action="store_true", help="py-spy: only the thread holding the GIL")
