@@ -88,19 +88,16 @@ class Ack:
 
     __slots__ = ("_callback", "_deliveries", "_done", "_remaining", "dead_lettered", "rule")
 
-    def __init__(self, callback: Callable[[Outcome], None], expected: int, rule: str = "") -> None:
+    def __init__(self, callback: Callable[[Outcome], None], expected: int, rule: str = "",
+                 dead_lettered: bool = False) -> None:
         self._callback = callback
         self._remaining = expected
         self._deliveries: list[Delivery] = []
         self._done = False
         self.rule = rule
-        self.dead_lettered = False
+        self.dead_lettered = dead_lettered
         if expected == 0:
             self._finish(Outcome(ok=True, rule=rule))
-
-    @property
-    def done(self) -> bool:
-        return self._done
 
     def record_safe(self, delivery: Delivery) -> None:
         if self._done:

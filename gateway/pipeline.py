@@ -64,35 +64,26 @@ class Pipeline:
         self.buffer = buffer
         self.flow: FlowControl = buffer.flow
         self._closing = False
-        self.counters: dict[str, int] = {
-            "messages": 0, "records": 0, "rejected": 0, "dropped": 0, "dead_lettered": 0,
-        }
+        # Routing outcomes (routed, dropped, dead-lettered, refused) are counted by the
+        # router; the pipeline counts only what passes its own door.
+        self.counters: dict[str, int] = {"messages": 0, "records": 0, "shutting_down": 0}
 
     def publish(self, message: Message, on_done: Callable[[Outcome], None]) -> None:
         counters = self.counters
         counters["messages"] += 1
         if self._closing:
+            counters["shutting_down"] += 1
             on_done(Outcome(ok=False, error=ShuttingDown()))
             return
-        try:
-            result = self.router.route(message)
-        except GatewayError as exc:
-            counters["rejected"] += 1
-            on_done(Outcome(ok=False, error=exc))
-            return
+        result = self.router.route(message)
         if result.error is not None:
-            counters["rejected"] += 1
             on_done(Outcome(ok=False, error=result.error, rule=result.rule))
             return
         if result.dropped:
-            counters["dropped"] += 1
             on_done(Outcome(ok=True, dropped=True, rule=result.rule))
             return
         records = result.records
-        ack = Ack(on_done, len(records), result.rule)
-        if result.dead_lettered:
-            counters["dead_lettered"] += 1
-            ack.dead_lettered = True
+        ack = Ack(on_done, len(records), result.rule, result.dead_lettered)
         counters["records"] += len(records)
         submit = self.buffer.submit
         for record in records:

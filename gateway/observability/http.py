@@ -22,12 +22,18 @@ def _ready(app: App) -> tuple[bool, dict[str, object]]:
     detail: dict[str, object] = {"worker": app.worker_id}
     pipeline = app.pipeline
     ok = pipeline is not None and not pipeline.flow.paused
-    if app.router is not None:
-        detail["rules_version"] = app.router.table.version
+    counters: dict[str, object] = {}
     if pipeline is not None:
         detail["paused"] = pipeline.flow.paused
         detail["buffer"] = pipeline.buffer.stats()
-        detail["counters"] = dict(pipeline.counters)
+        counters.update(pipeline.counters)
+    if app.router is not None:
+        router = app.router
+        detail["rules_version"] = router.table.version
+        counters.update(routed=router.routed, dropped=router.dropped,
+                        dead_lettered=router.dead_lettered,
+                        refused=dict(router.refused_by_reason))
+    detail["counters"] = counters
     return ok, detail
 
 

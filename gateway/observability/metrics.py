@@ -20,8 +20,8 @@ if TYPE_CHECKING:
     from gateway.app import App
 
 MESSAGES = Counter("lastmile_pipeline_total",
-                   "Pipeline counts: messages in, records out, rejected, dropped, dead-lettered",
-                   ["event"])
+                   "Messages in, records out, and routing outcomes (routed, dropped, "
+                   "dead_lettered)", ["event"])
 RECORDS = Counter("lastmile_records_total", "Kafka records by result", ["cluster", "result"])
 RULES_RELOADS = Counter("lastmile_rules_reloads_total", "Rules reloads by result", ["result"])
 REFUSED = Counter("lastmile_refused_total", "Messages refused or dead-lettered by reason",
@@ -82,7 +82,10 @@ class Pump:
             self._counters(RULES_RELOADS, {"ok": app.reloader.reloads_ok,
                                            "failed": app.reloader.reloads_failed})
         if app.router is not None:
-            self._counters(REFUSED, app.router.refused_by_reason)
+            router = app.router
+            self._counters(MESSAGES, {"routed": router.routed, "dropped": router.dropped,
+                                      "dead_lettered": router.dead_lettered})
+            self._counters(REFUSED, router.refused_by_reason)
             table = app.router.table
             if table.version != self._version:
                 if self._version:

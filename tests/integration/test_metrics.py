@@ -42,11 +42,16 @@ def test_metrics_health_and_readiness(gateway_factory, broker: Broker) -> None:
     client.loop_start()
     for i in range(5):
         client.publish("bench/metrics-1/x", str(i), qos=1).wait_for_publish(10)
+    client.publish("nobody/routes/this", b"?", qos=1).wait_for_publish(10)  # dead-lettered
     time.sleep(1.5)  # the pump copies counters once a second
     _, text = get(f"{base}/metrics")
     assert sample(text, 'lastmile_pipeline_total{event="messages"}') >= 5
     assert sample(text, 'lastmile_records_total{cluster="default",result="delivered"}') >= 5
     assert sample(text, "lastmile_mqtt_connections") == 1
+    assert sample(text, 'lastmile_pipeline_total{event="routed"}') >= 5
+    assert sample(text, 'lastmile_refused_total{reason="no_matching_rule"}') >= 1
+    _, ready = get(f"{base}/readyz")
+    assert '"no_matching_rule": 1' in ready
     assert "lastmile_rules_info{version=" in text
     client.disconnect()
     client.loop_stop()
