@@ -1,6 +1,6 @@
 """One gateway process: staged startup, the main wait, staged shutdown.
 
-Startup order: embedded broker (dev only) -> rules -> Kafka sinks -> buffer ->
+Startup order: rules -> embedded broker (dev only) -> Kafka sinks -> buffer ->
 pipeline -> listeners.  Shutdown runs the same stages in reverse with one
 deadline: stop accepting, stop intake, let in-flight acks finish, flush Kafka,
 stop the embedded broker.  Every teardown step runs even if an earlier one
@@ -30,7 +30,7 @@ from gateway.sinks.kafka import KafkaSink
 
 log = structlog.get_logger("lastmile.app")
 
-Cleanup = Callable[[float], Awaitable[None]]
+Cleanup = Callable[[float], Awaitable[object]]
 
 
 class App:
@@ -58,8 +58,8 @@ class App:
 
     async def start(self) -> None:
         try:
+            self._start_rules()  # first: a bad rules file needs no Kafka to be reported
             await self._start_kafka()
-            self._start_rules()
             await self._start_buffer()
             await self._start_sources()
         except BaseException:
@@ -90,7 +90,7 @@ class App:
             sink = KafkaSink(name, cluster, self.bootstrap.get(name))
             await sink.start()
             self.sinks[name] = sink
-            self._cleanups.append((f"kafka sink {name}", sink.close_quietly))
+            self._cleanups.append((f"kafka sink {name}", sink.close))
 
     def _start_rules(self) -> None:
         table = load_rules(self.rules_dir)

@@ -164,9 +164,6 @@ class KafkaSink:
                  failed=self.failed)
         return left
 
-    async def close_quietly(self, timeout: float) -> None:
-        await self.close(timeout)
-
     # --- produce path (event loop) ----------------------------------------------
 
     def produce(self, record: Record, callback: DeliveryCallback) -> None:
