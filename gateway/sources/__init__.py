@@ -40,6 +40,7 @@ async def start_mqtt(app: App) -> None:
     assert app.pipeline is not None
     server = MqttServer(app.pipeline, limits)
     app.servers["mqtt"] = server
+    server.start_background()  # also for MQTT over WebSocket with no TCP listener
     if listeners.mqtt.enabled:
         await server.start(listeners.mqtt.host, listeners.mqtt.port, reuse_port=app.reuse_port)
     if listeners.mqtts.enabled:

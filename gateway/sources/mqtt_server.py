@@ -114,11 +114,18 @@ class MqttServer:
             backlog=backlog,
         )
         self._servers.append(server)
+        self.start_background()
+        self.log.info("mqtt_listening", host=host, port=server.sockets[0].getsockname()[1],
+                      tls=ssl is not None)
+
+    def start_background(self) -> None:
+        """Start the keepalive sweep and follow the pipeline's flow (once; idempotent).
+
+        ``start`` calls it; MQTT over WebSocket alone (no TCP listener) needs it too.
+        """
         if self._sweeper is None:
             self._sweeper = asyncio.create_task(self._sweep_forever(), name="mqtt-sweep")
             self._unsubscribe = self.pipeline.flow.subscribe(self._on_flow)
-        self.log.info("mqtt_listening", host=host, port=server.sockets[0].getsockname()[1],
-                      tls=ssl is not None)
 
     async def stop_accepting(self) -> None:
         for server in self._servers:

@@ -188,3 +188,17 @@ async def test_acks_of_one_batch_leave_in_one_write(server: Any) -> None:
         counting.writes, conn.session.pending, conn.session._order)
     assert counting.writes == 1, client.buf
     assert conn.peer.startswith("127.0.0.1:")
+
+
+async def test_background_starts_once_without_a_tcp_listener() -> None:
+    """MQTT over WebSocket alone has no ``start``: the sweep and flow must still run."""
+    pipeline = FakePipeline()
+    srv = MqttServer(pipeline, MqttLimits(), sweep_interval=0.05)
+    srv.start_background()
+    srv.start_background()
+    assert len(pipeline.flow.listeners) == 1  # subscribed once
+    swept = asyncio.Event()
+    srv.sweep = lambda now: swept.set()  # type: ignore[method-assign]
+    await asyncio.wait_for(swept.wait(), 2.0)
+    await srv.close(deadline=0.1)
+    assert pipeline.flow.listeners == []
