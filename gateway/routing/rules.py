@@ -1,9 +1,10 @@
-"""The rules language as data: msgspec schema, YAML with line numbers, errors.
+"""The rules language as data: msgspec schema, located errors.
 
 Operators edit these files by hand every day, so every error must say where:
-file, line, rule name and key path.  PyYAML's composer keeps a mark on every
-node; we build plain data from the nodes and remember the line of each key
-path, then map msgspec's ``$.kafka.topc``-style error paths back to a line.
+file, line, rule name and key path.  The YAML parsing and the mapping of
+msgspec's ``$.kafka.topc``-style error paths back to a line are
+``gateway.config.yamlsrc``'s; this module only collects errors instead of
+raising the first, and adds the rule name to each.
 """
 
 from __future__ import annotations
@@ -137,11 +138,6 @@ def parse_yaml(text: str, file: str) -> tuple[Any, SourceMap]:
     if node is None:
         return {}, smap
     return yamlsrc.build(node, (), smap), smap
-
-
-def split_validation_error(text: str) -> tuple[str, Path]:
-    """msgspec's 'message - at `$.a[1].b`' -> ('message', ('a', 1, 'b'))."""
-    return yamlsrc.split_error(text)
 
 
 def convert(data: Any, kind: type[T], smap: SourceMap, base: Path, rule: str = "") -> T | None:
