@@ -109,13 +109,18 @@ class KafkaSink:
         self._reports: list[tuple[Record, DeliveryCallback, Any, Any]] = []
         # Records librdkafka's queue could not take yet (BufferError); retried in order.
         self._backlog: deque[tuple[Record, DeliveryCallback]] = deque()
-        self.in_flight = 0
         self.delivered = 0
         self.failed = 0
         self.restarts = 0
         self._restart_needed = False
         # Producers replaced after a fatal error, polled until their queues are empty.
         self._retiring: list[Producer] = []
+
+    @property
+    def in_flight(self) -> int:
+        """Records handed over and not yet reported (read for metrics, not per record)."""
+        producers = [p for p in (self._producer, *self._retiring) if p is not None]
+        return len(self._backlog) + sum(len(p) for p in producers)
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -168,7 +173,6 @@ class KafkaSink:
 
     def produce(self, record: Record, callback: DeliveryCallback) -> None:
         """Hand one record to librdkafka; ``callback`` runs later on the loop."""
-        self.in_flight += 1
         if self._backlog:
             self._backlog.append((record, callback))
             return
@@ -266,14 +270,12 @@ class KafkaSink:
                     self._restart_needed = True
                 self._finish(record, callback, None, classify(err))
         # Counted once per batch; failures count themselves in _finish.
-        self.in_flight -= delivered
         self.delivered += delivered
         if self._backlog:
             self._drain_backlog()
 
     def _finish(self, record: Record, callback: DeliveryCallback,
                 delivery: Delivery | None, error: GatewayError | None) -> None:
-        self.in_flight -= 1
         if error is None:
             self.delivered += 1
         else:

@@ -41,6 +41,7 @@ async def test_10k_records_with_keys_and_headers_round_trip(broker: Broker) -> N
                             key=f"device-{i % 50}".encode(),
                             headers=[("seq", str(i).encode()), ("src", b"test")]), on_result)
     await asyncio.wait_for(done.wait(), 60)
+    assert sink.in_flight == 0 and sink.delivered == n
     await sink.close(10)
     assert not failures
     assert len(calls) == n and set(calls.values()) == {1}  # each ack exactly once
@@ -88,7 +89,9 @@ async def test_broker_gone_fails_acks_with_reason_after_timeout(fresh_broker: Br
 
     for i in range(5):
         sink.produce(Record(cluster="default", topic="gone", value=b"x%d" % i), on_result)
+    assert sink.in_flight == 5
     await asyncio.wait_for(done.wait(), 20)
+    assert sink.in_flight == 0 and sink.failed == 5
     assert all(isinstance(e, DeliveryFailed) for e in results)
     first = results[0]
     assert isinstance(first, DeliveryFailed)
