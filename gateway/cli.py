@@ -5,24 +5,30 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import structlog
 
 from gateway.errors import ConfigError, GatewayError
 
+if TYPE_CHECKING:
+    from gateway.config.schema import Config
+
 DEFAULT_CONFIG = "config/gateway.yaml"
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _load(path: str) -> Config:
+    """The validated config with logging set up from it (errors exit 2 via main)."""
     from gateway.config import load_config
     from gateway.observability import configure_logging
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"lastmile: config error: {exc}", file=sys.stderr)
-        return 2
+    config = load_config(path)
     configure_logging(config.log.level, config.log.format)
+    return config
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = _load(args.config)
     rules_dir = args.rules or config.rules.dir
     if config.workers > 1:
         from gateway.supervisor import run_supervisor
@@ -31,47 +37,33 @@ def _serve(args: argparse.Namespace) -> int:
     return run_worker(config, rules_dir)
 
 
-def run_worker(config: object, rules_dir: str, worker_id: int = 0,
+def run_worker(config: Config, rules_dir: str, worker_id: int = 0,
                bootstrap: dict[str, str] | None = None, reuse_port: bool = False) -> int:
     import uvloop
 
     from gateway.app import serve
-    from gateway.config.schema import Config
     from gateway.pipeline import tune_gc
 
     tune_gc()  # after the imports: their objects are frozen out of collection
 
-    assert isinstance(config, Config)
     log = structlog.get_logger("lastmile")
     try:
         uvloop.run(serve(config, rules_dir, worker_id, bootstrap, reuse_port))
-    except ConfigError as exc:
-        log.error("startup_failed", error=str(exc))
+    except (GatewayError, OSError) as exc:  # config, rules, Kafka unreachable, port in use
+        log.error("gateway_failed", error=str(exc))
         print(f"lastmile: {exc}", file=sys.stderr)
-        return 2
-    except GatewayError as exc:
-        log.error("startup_failed", error=str(exc))
-        print(f"lastmile: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        log.error("startup_failed", error=str(exc))
-        print(f"lastmile: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, ConfigError) else 1
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        log.exception("startup_failed", error=str(exc))
+        log.exception("gateway_failed", error=str(exc))
         return 1
     return 0
 
 
 def _worker(args: argparse.Namespace) -> int:
     """One worker process under the supervisor (listeners shared with SO_REUSEPORT)."""
-    from gateway.config import load_config
-    from gateway.observability import configure_logging
-
-    config = load_config(args.config)
-    configure_logging(config.log.level, config.log.format)
+    config = _load(args.config)
     bootstrap = dict(item.split("=", 1) for item in args.bootstrap)
     return run_worker(config, args.rules, args.worker_id, bootstrap, reuse_port=True)
 
@@ -163,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         code = args.func(args)
     except ConfigError as exc:
-        print(f"lastmile: {exc}", file=sys.stderr)
+        print(f"lastmile: config error: {exc}", file=sys.stderr)
         code = 2
     sys.exit(code)
 
