@@ -98,17 +98,20 @@ def json_response(body: object, status: int = 200,
                         content_type="application/json")
 
 
-def retry_headers(error: GatewayError, retry_after: float | None = None) -> dict[str, str]:
-    """Retry-After on every refusal a client should retry (429, 503)."""
+def retry_headers(error: GatewayError) -> dict[str, str]:
+    """Retry-After on every refusal a client should retry (429, 503).
+
+    The rate limiter's ``retry_after_s`` detail says how long; otherwise RETRY_AFTER_S.
+    """
     if error.retriable and error.http_status in (429, 503):
-        return {"Retry-After": str(max(1, round(retry_after or RETRY_AFTER_S)))}
+        wait = error.details.get("retry_after_s")
+        seconds = wait if isinstance(wait, int | float) else RETRY_AFTER_S
+        return {"Retry-After": str(max(1, round(seconds)))}
     return {}
 
 
 def error_response(error: GatewayError) -> web.Response:
-    wait = error.details.get("retry_after_s")
-    headers = retry_headers(error, wait if isinstance(wait, float) else None)
-    return json_response(error.to_json(), error.http_status, headers)
+    return json_response(error.to_json(), error.http_status, retry_headers(error))
 
 
 def delivery_json(delivery: Delivery) -> dict[str, object]:

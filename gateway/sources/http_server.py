@@ -25,6 +25,7 @@ from gateway.pipeline import Pipeline
 from gateway.sources import rest_proxy
 from gateway.sources.http_batch import parse_batch, produce_batch
 from gateway.sources.http_common import (
+    RETRY_AFTER_S,
     Authenticator,
     Identity,
     RateLimiter,
@@ -145,7 +146,8 @@ class HttpIngest:
         messages = parse_batch(body, media_type(request), identity,
                                self.limits.http_max_batch_records)
         status, answer = await produce_batch(self.pipeline, messages)
-        headers = {"Retry-After": "1"} if status == 503 or _any_retry(answer) else None
+        retry = status == 503 or _any_retry(answer)
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if retry else None
         return json_response(answer, status, headers)
 
     async def _rest(self, request: web.Request, identity: Identity,
