@@ -362,8 +362,6 @@ _ROUTINE = frozenset({0x80, 0x8B, 0x8D, 0x8E})
 
 def _cert_identity(cert: Any) -> str | None:
     """Subject CN of a verified client certificate (mTLS), else None."""
-    if not cert:
-        return None
     for rdn in cert.get("subject", ()):
         for key, value in rdn:
             if key == "commonName":

@@ -85,7 +85,7 @@ class MqttSession:
     __slots__ = (
         "_aliases", "_buf", "_client", "_events", "_expiry", "_grace", "_inflight", "_limits",
         "_new_client_id", "_order", "_out", "_store", "client_id", "client_max_packet_size",
-        "client_receive_maximum", "client_topic_alias_maximum", "close_reason", "context",
+        "client_receive_maximum", "client_topic_alias_maximum", "context",
         "keep_alive", "last_received", "pending", "problem_info", "state", "username", "version",
         "will",
     )
@@ -122,7 +122,6 @@ class MqttSession:
         self.client_receive_maximum = 65535
         self.client_max_packet_size = 0  # 0: no limit
         self.client_topic_alias_maximum = 0
-        self.close_reason = ""
         self.context: object = None  # the I/O layer's connection object
 
     # --- I/O layer API -----------------------------------------------------------
@@ -135,10 +134,6 @@ class MqttSession:
     def deadline(self) -> float:
         """When the sweep must call ``expire`` (CONNECT timeout or 1.5 x keep alive)."""
         return self.last_received + self._grace
-
-    @property
-    def inflight(self) -> int:
-        return self._inflight
 
     def data_to_send(self) -> bytes:
         out = self._out
@@ -466,7 +461,6 @@ class MqttSession:
         if self.state is CLOSED:
             return
         self.state = CLOSED
-        self.close_reason = message
         self._buf = None
         self._emit(Disconnected(
             reason_code=reason, reason=message, by_client=by_client, will_due=will_due,
