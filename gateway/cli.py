@@ -33,7 +33,7 @@ def _serve(args: argparse.Namespace) -> int:
     if config.workers > 1:
         from gateway.supervisor import run_supervisor
 
-        return int(run_supervisor(config, rules_dir, args.config))
+        return run_supervisor(config, rules_dir, args.config)
     return run_worker(config, rules_dir)
 
 

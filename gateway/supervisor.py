@@ -10,12 +10,12 @@ with a deadline; a second signal kills the workers at once.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import structlog
 
@@ -72,6 +72,7 @@ class Supervisor:
         finally:
             if resolver.embedded is not None:
                 resolver.embedded.stop()
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
     def _watch(self, bootstrap: dict[str, str]) -> None:
         """Until a stop signal: restart dead workers, forward reloads."""
@@ -121,6 +122,4 @@ class Supervisor:
 
 
 def run_supervisor(config: Config, rules_dir: str, config_path: str) -> int:
-    if not Path(config_path).exists():
-        log.warning("config_file_missing", path=config_path)
     return Supervisor(config, rules_dir, config_path).run()
