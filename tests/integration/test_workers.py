@@ -94,7 +94,7 @@ def test_workers_share_listeners_restart_and_keep_kafka_connections_fixed(
     for sock in devices:
         sock.close()
 
-    # Connections spread over both workers and every acked message lands.
+    # Publishers on the shared listener (the kernel picks a worker): every ack lands.
     acked = sum(publish(ports["mqtt"], f"wk-{i}", 20) for i in range(10))
     assert acked == 200
 
