@@ -83,9 +83,11 @@ class CompiledRule:
         self.headers: tuple[tuple[str, Template], ...] = ()
 
     def applies(self, message: Message) -> bool:
-        """The match conditions beside the topic filter (source, client id, username)."""
-        if self.sources is not None and message.source not in self.sources:
-            return False
+        """The per-message match conditions: client id and username.
+
+        The topic filter and ``source`` depend on (topic, source) alone, so the
+        router decides them once per cache entry, not here.
+        """
         if self.client_id is not None and not self.client_id.matches(message.client_id):
             return False
         return self.username is None or self.username.matches(message.username)
