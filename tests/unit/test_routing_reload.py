@@ -59,6 +59,8 @@ def test_version_depends_on_bytes_and_names(rules_dir: Path) -> None:
     assert load_rules(rules_dir).version != first
     (rules_dir / "10-r.yaml").write_text(V1)
     assert load_rules(rules_dir).version == first
+    (rules_dir / "10-r.yaml").rename(rules_dir / "20-r.yaml")
+    assert load_rules(rules_dir).version != first
 
 
 async def test_watch_picks_up_edits(rules_dir: Path) -> None:
