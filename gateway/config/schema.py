@@ -90,7 +90,7 @@ class Buffer(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class Limits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    max_connections: int = 100_000
+    max_connections: int = 100_000  # MQTT (TCP, TLS, WebSocket) per worker process
     max_packet_size: int = 1 << 20
     max_inflight: int = 256  # MQTT 5 Receive Maximum and the 3.1.1 inflight bound
     connect_timeout_s: float = 10.0

@@ -36,6 +36,7 @@ async def start_mqtt(app: App) -> None:
         connect_timeout=cfg.limits.connect_timeout_s,
         max_keep_alive=cfg.limits.max_keepalive_s,
         topic_alias_maximum=cfg.limits.topic_alias_maximum,
+        max_connections=cfg.limits.max_connections,
     )
     assert app.pipeline is not None
     server = MqttServer(app.pipeline, limits)

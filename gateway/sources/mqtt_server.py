@@ -80,6 +80,7 @@ class MqttServer:
         self.log = log if log is not None else structlog.get_logger("lastmile.mqtt")
         self.store = SessionStore()
         self.connections: set[MqttConnection] = set()
+        self.refused_connections = 0  # over limits.max_connections
         self.registry: dict[str, MqttConnection] = {}  # client id -> live connection
         self._servers: list[asyncio.Server] = []
         self._sweep_interval = sweep_interval
@@ -228,10 +229,20 @@ class MqttConnection(asyncio.Protocol):
         # TCP_NODELAY (acks are tiny and latency-bound) is already set by uvloop's and
         # asyncio's TCP transports; asking for the socket object here would cost a
         # cached socket object per connection.
+        server = self.server
+        limit = server.limits.max_connections
+        if limit and len(server.connections) >= limit:
+            # Over the limit: close before reading, so the device backs off and retries
+            # (no CONNACK can be sent before its CONNECT has been read).
+            server.refused_connections += 1
+            server.log.warning("mqtt_connection_refused", reason="max_connections",
+                               limit=limit, refused=server.refused_connections)
+            transport.abort()
+            return
         cert = transport.get_extra_info("peercert")
         if cert:
             self.cert_identity = _cert_identity(cert)
-        self.server.connections.add(self)
+        server.connections.add(self)
         self.update_reading()
 
     def data_received(self, data: bytes) -> None:

@@ -33,6 +33,9 @@ class MqttLimits:
     topic_alias_maximum: int = 16
     # Upper bound for state kept after a disconnect (3.1.1 clean session 0 asks "forever").
     max_session_expiry: int = 24 * 3600
+    # Open connections per server (per worker process); 0 = no limit.  The I/O layer
+    # closes a connection over the limit before reading anything from it.
+    max_connections: int = 0
 
 
 class PublishToken:
