@@ -25,6 +25,7 @@ from gateway.errors import ConfigError
 from gateway.model import Record
 from gateway.pipeline import Pipeline
 from gateway.routing import Router, RulesReloader, load_rules
+from gateway.routing.router import dead_letter_record
 from gateway.sinks.embedded import EmbeddedBroker
 from gateway.sinks.kafka import KafkaSink
 
@@ -126,10 +127,8 @@ class App:
         dead = table.dead_letter if table is not None else None
         if dead is None or (record.cluster, record.topic) == (dead.cluster, dead.topic):
             return None
-        headers = [("lastmile-reason", b"kafka_refused"), ("lastmile-detail", reason.encode()),
-                   ("lastmile-topic", record.topic.encode()), *record.headers]
-        return Record(cluster=dead.cluster, topic=dead.topic, value=record.value,
-                      key=record.key, headers=headers)
+        return dead_letter_record(dead, record.value, record.key, reason="kafka_refused",
+                                  detail=reason, topic=record.topic, headers=record.headers)
 
     async def _start_sources(self) -> None:
         from gateway.sources import start_sources

@@ -24,7 +24,13 @@ from gateway.errors import (
     TopicInvalid,
 )
 from gateway.model import Message, Record
-from gateway.routing.compile import CACHE_TOPIC_MAX, Candidate, CompiledRule, RuleTable
+from gateway.routing.compile import (
+    CACHE_TOPIC_MAX,
+    Candidate,
+    CompiledRule,
+    DeadLetter,
+    RuleTable,
+)
 from gateway.routing.templates import Context, valid_kafka_topic
 
 _json_decode = msgspec.json.Decoder().decode
@@ -221,23 +227,33 @@ def _refuse(error: GatewayError, rule: str) -> RouteResult:
     return RouteResult([], error=error, rule=rule)
 
 
+def dead_letter_record(
+    dead: DeadLetter, value: bytes, key: bytes | None, *, reason: str, detail: str,
+    topic: str, headers: list[tuple[str, bytes]], rule: str | None = None, **context: str,
+) -> Record:
+    """The one shape of a dead-letter record: the original value and key, and why.
+
+    ``context`` adds ``lastmile-<name>`` headers after the topic (client id, source).
+    """
+    lines = [("lastmile-reason", reason.encode()), ("lastmile-detail", detail.encode())]
+    if rule is not None:
+        lines.append(("lastmile-rule", rule.encode()))
+    lines.append(("lastmile-topic", topic.encode()))
+    lines += [(f"lastmile-{name.replace('_', '-')}", v.encode()) for name, v in context.items()]
+    lines += headers
+    return Record(cluster=dead.cluster, topic=dead.topic, value=value, key=key, headers=lines)
+
+
 def _dead_letter(
     table: RuleTable, message: Message, error: GatewayError, first: str, rule: str
 ) -> RouteResult:
     dead = table.dead_letter
     assert dead is not None  # compile only enables dead-lettering when it is configured
-    headers = [
-        ("lastmile-reason", error.code.encode()),
-        ("lastmile-detail", error.message.encode()),
-        ("lastmile-rule", rule.encode()),
-        ("lastmile-topic", message.topic.encode()),
-        ("lastmile-client-id", message.client_id.encode()),
-        ("lastmile-source", message.source.encode()),
-        *message.headers,
-    ]
     key = message.key if message.key is not None else (message.client_id.encode() or None)
-    record = Record(
-        cluster=dead.cluster, topic=dead.topic, value=message.payload, key=key, headers=headers
+    record = dead_letter_record(
+        dead, message.payload, key, reason=error.code, detail=error.message,
+        topic=message.topic, headers=message.headers, rule=rule,
+        client_id=message.client_id, source=message.source,
     )
     return RouteResult([record], dead_lettered=True, rule=first)
 
