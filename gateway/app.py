@@ -21,7 +21,6 @@ import structlog
 from gateway.buffer import Buffer
 from gateway.buffer.queue import MemoryBuffer
 from gateway.config.schema import Config
-from gateway.errors import ConfigError
 from gateway.model import Record
 from gateway.pipeline import Pipeline
 from gateway.routing import Router, RulesReloader, load_rules
@@ -94,15 +93,10 @@ class App:
             self._cleanups.append((f"kafka sink {name}", sink.close))
 
     def _start_rules(self) -> None:
-        table = load_rules(self.rules_dir)
-        unknown = sorted(set(table.clusters) - set(self.config.kafka.clusters))
-        if unknown:
-            raise ConfigError(
-                f"rules name Kafka clusters the config does not define: {', '.join(unknown)}",
-                file=self.rules_dir, key="kafka.cluster")
-        self.router = Router(table)
+        clusters = frozenset(self.config.kafka.clusters)
+        self.router = Router(load_rules(self.rules_dir, clusters))
+        self.reloader = RulesReloader(self.rules_dir, self.router, clusters=clusters)
         if self.config.rules.watch:
-            self.reloader = RulesReloader(self.rules_dir, self.router)
             self._tasks.append(asyncio.create_task(self.reloader.run(), name="rules-watch"))
 
     async def _start_buffer(self) -> None:
@@ -160,8 +154,6 @@ class App:
     def reload_rules(self) -> None:
         if self.reloader is not None:
             self.reloader.reload()
-        elif self.router is not None:
-            RulesReloader(self.rules_dir, self.router).reload()
 
     async def wait(self) -> None:
         await self._stop.wait()

@@ -7,6 +7,7 @@ the operator gets every error in one go rather than one per edit-deploy cycle.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Collection
 from pathlib import Path as FsPath
 from typing import Any
 
@@ -144,10 +145,12 @@ def _compile_all(found: _Collected, has_dead_letter: bool) -> list[CompiledRule]
     return compiled
 
 
-def load_rules(directory: str | FsPath) -> RuleTable:
+def load_rules(directory: str | FsPath, clusters: Collection[str] | None = None) -> RuleTable:
     """Load, validate and compile every ``*.yaml`` in ``directory`` (name order).
 
-    Raises RulesError listing every problem found; nothing is half-loaded.
+    ``clusters``: the Kafka clusters the gateway has; a rule naming another is an
+    error (at startup and on every reload alike).  Raises RulesError listing every
+    problem found; nothing is half-loaded.
     """
     path = FsPath(directory)
     if not path.is_dir():
@@ -160,6 +163,17 @@ def load_rules(directory: str | FsPath) -> RuleTable:
         _read_file(file, found)
     dead_letter, unmatched = _globals(found)
     compiled = _compile_all(found, dead_letter is not None)
+    if clusters is not None:
+        for rule in compiled:
+            if rule.action == "kafka" and rule.cluster not in clusters:
+                found.errors.append(RuleError(
+                    f"no Kafka cluster '{rule.cluster}' in the gateway config "
+                    f"(has: {', '.join(sorted(clusters))})",
+                    file=rule.file, line=rule.line, rule=rule.name, key="kafka.cluster"))
+        if dead_letter is not None and dead_letter.cluster not in clusters:
+            found.errors.append(RuleError(
+                f"no Kafka cluster '{dead_letter.cluster}' in the gateway config",
+                file=str(path), line=None, key="dead_letter.cluster"))
     if found.errors:
         # File then line order reads like the files themselves.
         found.errors.sort(key=lambda e: (e.file, e.line or 0))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import structlog
@@ -33,8 +33,10 @@ class RulesReloader:
         on_event: EventHook | None = None,
         *,
         debounce_ms: int = 200,
+        clusters: Collection[str] | None = None,
     ) -> None:
         self.directory = Path(directory)
+        self.clusters = clusters
         self.router = router
         self.on_event = on_event
         self.debounce_ms = debounce_ms
@@ -49,7 +51,7 @@ class RulesReloader:
     def reload(self) -> bool:
         """Load and validate the whole set; swap on success, keep the old rules on failure."""
         try:
-            table = load_rules(self.directory)
+            table = load_rules(self.directory, self.clusters)
         except RulesError as exc:
             self.reloads_failed += 1
             self.last_errors = [str(e) for e in exc.errors]
