@@ -17,6 +17,18 @@ from gateway.sinks.kafka import KafkaSink
 log = structlog.get_logger("lastmile.buffer")
 
 
+def unknown_cluster(record: Record) -> DeliveryFailed:
+    return DeliveryFailed(f"no Kafka cluster named '{record.cluster}'")
+
+
+def sink_for(sinks: dict[str, KafkaSink], record: Record) -> KafkaSink | None:
+    """The sink of ``record.cluster``; None, with the record's ack failed, if there is none."""
+    sink = sinks.get(record.cluster)
+    if sink is None and record.ack is not None:
+        record.ack.record_failed(unknown_cluster(record))
+    return sink
+
+
 class MemoryBuffer:
     def __init__(self, sinks: dict[str, KafkaSink], high_water: int, low_water: int) -> None:
         self.sinks = sinks
@@ -27,11 +39,8 @@ class MemoryBuffer:
         return None
 
     def submit(self, record: Record) -> None:
-        sink = self.sinks.get(record.cluster)
+        sink = sink_for(self.sinks, record)
         if sink is None:
-            if record.ack is not None:
-                error = DeliveryFailed(f"no Kafka cluster named '{record.cluster}'")
-                record.ack.record_failed(error)
             return
         self.flow.add(record_size(record))
         sink.produce(record, self._on_delivery)

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from gateway.errors import DeliveryFailed, GatewayError
+from gateway.buffer.queue import unknown_cluster
+from gateway.errors import GatewayError
 from gateway.model import Delivery, Record
 
 if TYPE_CHECKING:
@@ -162,7 +163,7 @@ class Replayer:
     def _produce(self, seq: int, record: Record) -> None:
         sink = self.buffer.sinks.get(record.cluster)
         if sink is None:
-            self._refused(seq, record, DeliveryFailed(f"no Kafka cluster named '{record.cluster}'"))
+            self._refused(seq, record, unknown_cluster(record))
             return
         self.outstanding += 1
         sink.produce(record, functools.partial(self._on_delivery, seq))

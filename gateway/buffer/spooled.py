@@ -32,11 +32,12 @@ from concurrent.futures import ThreadPoolExecutor
 import structlog
 
 from gateway.buffer.flow import FlowControl
+from gateway.buffer.queue import sink_for
 from gateway.buffer.spool import Spool, SpoolFull
 from gateway.buffer.spool_replay import Replayer
 from gateway.config.schema import Buffer as BufferConfig
 from gateway.config.schema import Spool as SpoolConfig
-from gateway.errors import DeliveryFailed, GatewayError, ShuttingDown, SpoolError
+from gateway.errors import GatewayError, ShuttingDown, SpoolError
 from gateway.model import Delivery, Record, record_size
 from gateway.sinks.kafka import KafkaSink
 
@@ -173,11 +174,8 @@ class SpoolBuffer:
             if record.ack is not None:
                 record.ack.record_failed(ShuttingDown())
             return
-        sink = self.sinks.get(record.cluster)
+        sink = sink_for(self.sinks, record)
         if sink is None:
-            if record.ack is not None:
-                error = DeliveryFailed(f"no Kafka cluster named '{record.cluster}'")
-                record.ack.record_failed(error)
             return
         size = record_size(record)
         entry = Entry(self, record, size, self._stamp)

@@ -238,3 +238,18 @@ async def test_enospc_fails_acks_and_pauses_instead_of_acking(
     sink.deliver()
     assert sink.log == [b"ok", b"after"]  # the failed record is not replayed as if saved
     await buf.close(1.0)
+
+
+@pytest.mark.parametrize("mode", ["kafka", "write-ahead"])
+async def test_unknown_cluster_fails_the_ack_and_spools_nothing(tmp_path: Path, mode: str) -> None:
+    sink = FakeSink()
+    buf = make(tmp_path, sink, mode=mode)
+    await buf.start()
+    outcomes: list[Outcome] = []
+    record = Record(cluster="nope", topic="t", value=b"v")
+    record.ack = Ack(outcomes.append, 1)
+    buf.submit(record)
+    assert len(outcomes) == 1 and outcomes[0].ok is False
+    assert "no Kafka cluster named 'nope'" in str(outcomes[0].error)
+    assert sink.pending == [] and buf.spool.next_seq == 0 and buf.mem_bytes == 0
+    await buf.close(1.0)
