@@ -193,9 +193,6 @@ class Spool:
                 self._cond.notify()
             self._queue.extend(pending)
 
-    def fits(self, record_bytes: int) -> bool:
-        return self.used_bytes + record_bytes + 64 <= self.max_bytes
-
     async def close(self) -> None:
         self._hand_over()
         with self._cond:

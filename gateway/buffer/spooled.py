@@ -272,9 +272,7 @@ class SpoolBuffer:
         if not entry.direct_open:
             return
         entry.direct_open = False
-        direct = self._direct
-        while direct and not direct[0].direct_open:
-            direct.popleft()
+        self._direct_pending()  # drop settled entries from the front
         if entry.spilled:  # the spool holds it too; tell the replayer what Kafka said
             if error is None:
                 entry.direct_ok = True
@@ -310,11 +308,6 @@ class SpoolBuffer:
         self.pump()
 
     # --- memory bound and timers -----------------------------------------------------
-
-    def _hold(self, nbytes: int) -> None:
-        self.mem_bytes += nbytes
-        if not self._mem_paused and self.mem_bytes >= self.flow.high:
-            self._update_flow()
 
     def _release(self, nbytes: int) -> None:
         self.mem_bytes -= nbytes
