@@ -128,7 +128,7 @@ class Spool:
         report = Recovery(watermark=watermark, next_seq=watermark, records=0, bytes=0,
                           segments=0)
         for first, path in fmt.list_segments(self.directory):
-            scan, damage, size = fmt.scan_segment(path)
+            scan, damage, size = fmt.scan_segment(path, keep=True)
             if damage is not None:
                 self._quarantine(damage)
                 report.damage.append(damage)
@@ -137,7 +137,7 @@ class Spool:
             if scan.records == 0 or last < watermark:
                 os.unlink(path)  # empty, or wholly confirmed before the crash
                 continue
-            report.records += sum(1 for _ in fmt.iter_records(path, watermark))
+            report.records += sum(1 for seq, _ in scan.frames if seq >= watermark)
             report.next_seq = max(report.next_seq, last + 1)
             self._segments.append(Segment(first, path, size, last))
         report.segments = len(self._segments)

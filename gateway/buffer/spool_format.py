@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import google_crc32c
@@ -120,8 +119,7 @@ class FrameScan:
     frames: list[tuple[int, memoryview]] = field(default_factory=list)
 
 
-def walk_frames(data: bytes, start: int = 0, after_seq: int = -1,
-                keep: bool = False) -> FrameScan:
+def walk_frames(data: bytes, start: int = 0, keep: bool = False) -> FrameScan:
     """Check every frame from ``start``; stop at the first one that is not whole and sound.
 
     Sequence numbers must strictly increase (gaps are allowed: a failed write
@@ -129,7 +127,7 @@ def walk_frames(data: bytes, start: int = 0, after_seq: int = -1,
     """
     scan = FrameScan(valid_end=start)
     view = memoryview(data)
-    pos, end, last = start, len(data), after_seq
+    pos, end, last = start, len(data), -1
     while pos < end:
         if end - pos < HEADER.size:
             scan.damage, scan.reason = "torn", "incomplete frame header"
@@ -183,14 +181,6 @@ def cut_tail(damage: Damage) -> str:
         f.truncate(damage.offset)
         os.fsync(f.fileno())
     return aside
-
-
-def iter_records(path: str, from_seq: int = 0) -> Iterator[tuple[int, SpooledRecord]]:
-    """Sound records of one segment with ``seq >= from_seq`` (for inspection and tests)."""
-    scan, _, _ = scan_segment(path, keep=True)
-    for seq, body in scan.frames:
-        if seq >= from_seq:
-            yield seq, decode_body(body)
 
 
 def read_ledger(directory: str) -> int | None:
