@@ -42,7 +42,7 @@ def test_metrics_health_and_readiness(gateway_factory, broker: Broker) -> None:
     client.loop_start()
     for i in range(5):
         client.publish("bench/metrics-1/x", str(i), qos=1).wait_for_publish(10)
-    client.publish("nobody/routes/this", b"?", qos=1).wait_for_publish(10)  # dead-lettered
+    client.publish("metrics/unrouted", b"?", qos=1).wait_for_publish(10)  # dead-lettered
     time.sleep(1.5)  # the pump copies counters once a second
     _, text = get(f"{base}/metrics")
     assert sample(text, 'lastmile_pipeline_total{event="messages"}') >= 5
