@@ -15,6 +15,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -27,6 +28,11 @@ from gateway.routing import Router, RulesReloader, load_rules
 from gateway.routing.router import dead_letter_record
 from gateway.sinks.embedded import EmbeddedBroker
 from gateway.sinks.kafka import KafkaSink
+from gateway.sources import mqtt_enabled
+
+if TYPE_CHECKING:
+    from gateway.sources.http_server import HttpIngest
+    from gateway.sources.mqtt_server import MqttServer
 
 log = structlog.get_logger("lastmile.app")
 
@@ -48,7 +54,8 @@ class App:
         self.reloader: RulesReloader | None = None
         self.buffer: Buffer | None = None
         self.pipeline: Pipeline | None = None
-        self.servers: dict[str, object] = {}
+        self.mqtt: MqttServer | None = None
+        self.http: HttpIngest | None = None
         self._cleanups: list[tuple[str, Cleanup]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
@@ -125,12 +132,24 @@ class App:
                                   detail=reason, topic=record.topic, headers=record.headers)
 
     async def _start_sources(self) -> None:
-        from gateway.sources import start_sources
+        """Metrics, then HTTP, then MQTT: shutdown (reverse order) ends MQTT sessions,
+        WebSocket ones included, before the HTTP listener goes."""
+        from gateway.observability.http import start_metrics
+        from gateway.sources import start_mqtt
+        from gateway.sources.http_server import start_http
 
-        await start_sources(self)
-
-    def add_cleanup(self, name: str, cleanup: Cleanup) -> None:
-        self._cleanups.append((name, cleanup))
+        cfg, pipeline = self.config, self.pipeline
+        assert pipeline is not None
+        metrics = await start_metrics(self, cfg.listeners.metrics, self.reuse_port)
+        if metrics is not None:
+            self._cleanups.append(("metrics listener", metrics))
+        http = await start_http(pipeline, cfg, self.reuse_port, lambda: self.mqtt)
+        if http is not None:
+            self.http, http_cleanup = http
+            self._cleanups.append(("http listener", http_cleanup))
+        if mqtt_enabled(cfg):
+            self.mqtt, mqtt_cleanup = await start_mqtt(pipeline, cfg, self.reuse_port)
+            self._cleanups.append(("mqtt listeners", mqtt_cleanup))
 
     # --- running -----------------------------------------------------------------
 
@@ -146,9 +165,6 @@ class App:
             log.warning("forced_exit", signal=sig.name)
             raise SystemExit(130)  # propagates out of the loop: no graceful drain
         log.info("shutdown_requested", signal=sig.name)
-        self._stop.set()
-
-    def request_stop(self) -> None:
         self._stop.set()
 
     def reload_rules(self) -> None:

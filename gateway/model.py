@@ -9,13 +9,10 @@ the source back once, when the message is safe or has failed.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
 
 import msgspec
 
 from gateway.errors import GatewayError
-
-Source = Literal["mqtt", "http", "bridge"]
 
 
 class Message(msgspec.Struct, kw_only=True):

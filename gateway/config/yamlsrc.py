@@ -9,7 +9,6 @@ data, and keep a map from key path to line so that a msgspec ValidationError
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
@@ -201,14 +200,3 @@ def convert(data: Any, kind: type[T], smap: SourceMap, base: PathKey = ()) -> T:
     except msgspec.ValidationError as exc:
         message, path = locate(exc, data)
         raise smap.error(message, (*base, *path)) from exc
-
-
-def load_file(path: str | Path, kind: type[T]) -> T:
-    """Read, parse and validate one YAML file into ``kind``."""
-    file = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read file: {exc.strerror}", file=file) from exc
-    data, smap = parse_yaml(text, file)
-    return convert(data, kind, smap)

@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
 
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
-from gateway.observability.metrics import Pump
-
-if TYPE_CHECKING:
-    from gateway.app import App
+from gateway.config.schema import Listener
+from gateway.observability.metrics import Pump, Watched
 
 log = structlog.get_logger("lastmile.metrics")
 
 
-def _ready(app: App) -> tuple[bool, dict[str, object]]:
+def _ready(app: Watched) -> tuple[bool, dict[str, object]]:
     detail: dict[str, object] = {"worker": app.worker_id}
     pipeline = app.pipeline
     ok = pipeline is not None and not pipeline.flow.paused
@@ -37,10 +35,11 @@ def _ready(app: App) -> tuple[bool, dict[str, object]]:
     return ok, detail
 
 
-async def start_metrics(app: App) -> None:
-    listener = app.config.listeners.metrics
+async def start_metrics(app: Watched, listener: Listener, reuse_port: bool
+                        ) -> Callable[[float], Awaitable[None]] | None:
+    """The metrics listener and its pump; returns the cleanup, or None when off."""
     if not listener.enabled:
-        return
+        return None
 
     registry = REGISTRY
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -67,7 +66,7 @@ async def start_metrics(app: App) -> None:
     web_app.router.add_get("/readyz", readyz)
     runner = web.AppRunner(web_app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, listener.host, listener.port, reuse_port=app.reuse_port or None)
+    site = web.TCPSite(runner, listener.host, listener.port, reuse_port=reuse_port or None)
     await site.start()
     log.info("metrics_listening", host=listener.host, port=listener.port)
 
@@ -77,4 +76,4 @@ async def start_metrics(app: App) -> None:
         pump.cancel()
         await runner.cleanup()
 
-    app.add_cleanup("metrics listener", cleanup)
+    return cleanup

@@ -10,14 +10,33 @@ writes its own files and any worker's /metrics sums them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+import structlog
 from prometheus_client import Counter, Gauge
 
 if TYPE_CHECKING:
-    from gateway.app import App
+    from gateway.pipeline import Pipeline
+    from gateway.routing import Router, RulesReloader
+    from gateway.sinks.kafka import KafkaSink
+    from gateway.sources.mqtt_server import MqttServer
+
+log = structlog.get_logger("lastmile.metrics")
+
+
+class Watched(Protocol):
+    """What observability reads of one gateway process (``gateway.app.App`` is one).
+
+    Attributes are read on every tick: components that start later appear then.
+    """
+
+    worker_id: int
+    pipeline: Pipeline | None
+    sinks: dict[str, KafkaSink]
+    router: Router | None
+    reloader: RulesReloader | None
+    mqtt: MqttServer | None
 
 MESSAGES = Counter("lastmile_pipeline_total",
                    "Messages in, records out, and routing outcomes (routed, dropped, "
@@ -34,6 +53,8 @@ _LEVELS = {"pending_bytes", "spool_bytes", "spool_records", "spool_segments", "r
            "waiting_for_spool", "via_spool"}
 CONNECTIONS = Gauge("lastmile_mqtt_connections", "Open MQTT connections",
                     multiprocess_mode="livesum")
+MQTT_REFUSED = Counter("lastmile_mqtt_refused_connections_total",
+                       "MQTT connections closed unread: over limits.max_connections")
 PENDING_BYTES = Gauge("lastmile_buffer_pending_bytes", "Bytes waiting for Kafka or the spool",
                       multiprocess_mode="livesum")
 PAUSED = Gauge("lastmile_backpressure_paused", "1 while sources are paused",
@@ -47,7 +68,7 @@ RULES_INFO = Gauge("lastmile_rules_info", "Active rules version (value is the ru
 class Pump:
     """Copies component counters into Prometheus metrics as deltas."""
 
-    def __init__(self, app: App) -> None:
+    def __init__(self, app: Watched) -> None:
         self.app = app
         self._last: dict[tuple[str, ...], int] = {}
         self._version = ""
@@ -92,12 +113,19 @@ class Pump:
                     RULES_INFO.remove(self._version)
                 self._version = table.version
             RULES_INFO.labels(table.version).set(table.rules)
-        mqtt = app.servers.get("mqtt")
+        mqtt = app.mqtt
         if mqtt is not None:
-            CONNECTIONS.set(len(getattr(mqtt, "connections", ())))
+            CONNECTIONS.set(len(mqtt.connections))
+            self._delta(MQTT_REFUSED, (), mqtt.refused_connections)
 
     async def run(self, interval: float = 1.0) -> None:
+        failures = 0
         while True:
-            with contextlib.suppress(Exception):  # metrics never take the gateway down
+            try:
                 self.tick()
+                failures = 0
+            except Exception:  # metrics never take the gateway down, but say why they stall
+                failures += 1
+                if failures == 1 or failures % 60 == 0:
+                    log.exception("metrics_pump_failed", failures=failures)
             await asyncio.sleep(interval)

@@ -10,7 +10,6 @@ swap, without filtering events by name.
 from __future__ import annotations
 
 import asyncio
-import signal
 from collections.abc import Callable, Collection
 from pathlib import Path
 
@@ -77,15 +76,6 @@ class RulesReloader:
             rules=table.rules,
         )
         self._emit("rules_loaded", version=table.version, files=table.files, rules=table.rules)
-        return True
-
-    def install_sighup(self, loop: asyncio.AbstractEventLoop | None = None) -> bool:
-        """Reload on SIGHUP; False where signals cannot be handled (not main thread)."""
-        loop = loop or asyncio.get_running_loop()
-        try:
-            loop.add_signal_handler(signal.SIGHUP, self.reload)
-        except (NotImplementedError, RuntimeError, ValueError):
-            return False
         return True
 
     async def run(self, stop: asyncio.Event | None = None) -> None:

@@ -1,13 +1,21 @@
-"""Starts every enabled source listener for one gateway process."""
+"""Source listeners for one gateway process, started by ``gateway.app`` in order.
+
+Each ``start_*`` gets only what it needs (the pipeline, its config section, the
+reuse-port flag) and returns its server and a cleanup; the app owns the order.
+"""
 
 from __future__ import annotations
 
 import ssl
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from gateway.app import App
-    from gateway.config.schema import TlsListener
+    from gateway.config.schema import Config, TlsListener
+    from gateway.pipeline import Pipeline
+    from gateway.sources.mqtt_server import MqttServer
+
+Cleanup = Callable[[float], Awaitable[object]]
 
 
 def tls_context(listener: TlsListener) -> ssl.SSLContext:
@@ -22,46 +30,36 @@ def tls_context(listener: TlsListener) -> ssl.SSLContext:
     return context
 
 
-async def start_mqtt(app: App) -> None:
+def mqtt_enabled(config: Config) -> bool:
+    listeners = config.listeners
+    return listeners.mqtt.enabled or listeners.mqtts.enabled or listeners.ws.enabled
+
+
+async def start_mqtt(pipeline: Pipeline, config: Config, reuse_port: bool
+                     ) -> tuple[MqttServer, Cleanup]:
+    """The MQTT server (TCP and TLS listeners; WebSocket clients reach it through HTTP)."""
     from gateway.protocols.mqtt.events import MqttLimits
     from gateway.sources.mqtt_server import MqttServer
 
-    cfg = app.config
-    listeners = cfg.listeners
-    if not (listeners.mqtt.enabled or listeners.mqtts.enabled or listeners.ws.enabled):
-        return
+    listeners = config.listeners
     limits = MqttLimits(
-        max_packet_size=cfg.limits.max_packet_size,
-        receive_maximum=cfg.limits.max_inflight,
-        connect_timeout=cfg.limits.connect_timeout_s,
-        max_keep_alive=cfg.limits.max_keepalive_s,
-        topic_alias_maximum=cfg.limits.topic_alias_maximum,
-        max_connections=cfg.limits.max_connections,
+        max_packet_size=config.limits.max_packet_size,
+        receive_maximum=config.limits.max_inflight,
+        connect_timeout=config.limits.connect_timeout_s,
+        max_keep_alive=config.limits.max_keepalive_s,
+        topic_alias_maximum=config.limits.topic_alias_maximum,
+        max_connections=config.limits.max_connections,
     )
-    assert app.pipeline is not None
-    server = MqttServer(app.pipeline, limits)
-    app.servers["mqtt"] = server
+    server = MqttServer(pipeline, limits)
     server.start_background()  # also for MQTT over WebSocket with no TCP listener
     if listeners.mqtt.enabled:
-        await server.start(listeners.mqtt.host, listeners.mqtt.port, reuse_port=app.reuse_port)
+        await server.start(listeners.mqtt.host, listeners.mqtt.port, reuse_port=reuse_port)
     if listeners.mqtts.enabled:
         await server.start(listeners.mqtts.host, listeners.mqtts.port,
-                           ssl=tls_context(listeners.mqtts), reuse_port=app.reuse_port)
+                           ssl=tls_context(listeners.mqtts), reuse_port=reuse_port)
 
     async def close(timeout: float) -> None:
         await server.stop_accepting()
         await server.close(timeout)
 
-    app.add_cleanup("mqtt listeners", close)
-
-
-async def start_sources(app: App) -> None:
-    """Start listeners in order; each registers its own cleanup on the app."""
-    from gateway.observability.http import start_metrics
-    from gateway.sources.http_server import start_http
-
-    await start_metrics(app)
-    # HTTP before MQTT so shutdown (reverse order) ends MQTT sessions, WebSocket ones
-    # included, before the HTTP listener goes; /mqtt finds the MQTT server per request.
-    await start_http(app)
-    await start_mqtt(app)
+    return server, close

@@ -41,7 +41,12 @@ from gateway.sources.http_common import (
 from gateway.sources.idempotency import IdempotencyCache, Stored, fingerprint
 
 if TYPE_CHECKING:
-    from gateway.app import App
+    from gateway.config.schema import Config, Limits
+    from gateway.sources import Cleanup
+    from gateway.sources.mqtt_server import MqttServer
+
+# The MQTT server for WebSocket clients, looked up per request (it starts after HTTP).
+MqttLookup = Callable[[], "MqttServer | None"]
 
 log = structlog.get_logger("lastmile.http")
 
@@ -55,13 +60,13 @@ _REPLAYED_HEADERS = ("Content-Type", "Retry-After")
 class HttpIngest:
     """The endpoints of one gateway process; the aiohttp app is built by ``web_app``."""
 
-    def __init__(self, app: App, authenticate: Authenticator | None = None) -> None:
-        assert app.pipeline is not None
-        self.app = app
-        self.pipeline: Pipeline = app.pipeline
-        limits = app.config.limits
+    def __init__(self, pipeline: Pipeline, limits: Limits, *, allow_anonymous: bool,
+                 websocket: tuple[str, MqttLookup] | None = None,
+                 authenticate: Authenticator | None = None) -> None:
+        self.pipeline = pipeline
         self.limits = limits
-        self.authenticate = authenticate or header_identity(app.config.auth.allow_anonymous)
+        self.websocket = websocket  # (path, MQTT server lookup) when MQTT over WS is on
+        self.authenticate = authenticate or header_identity(allow_anonymous)
         self.rate = RateLimiter(limits.http_rate_per_client, limits.http_rate_burst)
         self.idempotency = IdempotencyCache(limits.idempotency_window_s,
                                             limits.idempotency_max_keys,
@@ -72,11 +77,11 @@ class HttpIngest:
         web_app.router.add_post("/v1/publish/{topic:.+}", self.publish)
         web_app.router.add_post("/v1/batch", self.batch)
         web_app.router.add_post("/topics/{topic}", self.rest_produce)
-        ws = self.app.config.listeners.ws
-        if ws.enabled:
+        if self.websocket is not None:
             from gateway.sources.websocket import MqttOverWebSocket
 
-            web_app.router.add_get(ws.path, MqttOverWebSocket(self.app).handle)
+            path, lookup = self.websocket
+            web_app.router.add_get(path, MqttOverWebSocket(self.limits, lookup).handle)
         return web_app
 
     # --- the gate ----------------------------------------------------------------------
@@ -215,23 +220,25 @@ async def _json_errors(request: web.Request,
         return json_response({"error": "internal_error", "message": "internal error"}, 500)
 
 
-async def start_http(app: App) -> None:
-    listener = app.config.listeners.http
+async def start_http(pipeline: Pipeline, config: Config, reuse_port: bool,
+                     mqtt: MqttLookup) -> tuple[HttpIngest, Cleanup] | None:
+    """The HTTP listener (ingest, REST Proxy, MQTT over WebSocket), or None when off."""
+    listener = config.listeners.http
     if not listener.enabled:
-        return
-    ingest = HttpIngest(app)
+        return None
+    ws = config.listeners.ws
+    ingest = HttpIngest(pipeline, config.limits, allow_anonymous=config.auth.allow_anonymous,
+                        websocket=(ws.path, mqtt) if ws.enabled else None)
     # Handlers finish in-flight requests on shutdown, bounded by the app's deadline.
     runner = web.AppRunner(ingest.web_app(), access_log=None,
-                           shutdown_timeout=app.config.shutdown_timeout_s / 2)
+                           shutdown_timeout=config.shutdown_timeout_s / 2)
     await runner.setup()
     site = web.TCPSite(runner, listener.host, listener.port,
-                       reuse_port=app.reuse_port or None, backlog=1024)
+                       reuse_port=reuse_port or None, backlog=1024)
     await site.start()
-    app.servers["http"] = ingest
     log.info("http_listening", host=listener.host, port=listener.port)
 
     async def cleanup(_timeout: float) -> None:
         await runner.cleanup()
 
-    app.add_cleanup("http listener", cleanup)
-
+    return ingest, cleanup

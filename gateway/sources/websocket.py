@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -25,7 +26,7 @@ from aiohttp import WSMsgType, web
 from gateway.sources.mqtt_server import MqttConnection, MqttServer
 
 if TYPE_CHECKING:
-    from gateway.app import App
+    from gateway.config.schema import Limits
 
 log = structlog.get_logger("lastmile.ws")
 
@@ -105,14 +106,14 @@ class WebSocketTransport:
 class MqttOverWebSocket:
     """The ``GET listeners.ws.path`` handler."""
 
-    def __init__(self, app: App) -> None:
-        self.app = app
-        self.limits = app.config.limits
+    def __init__(self, limits: Limits, lookup: Callable[[], MqttServer | None]) -> None:
+        self.limits = limits
+        self.lookup = lookup
 
     def _server(self) -> MqttServer:
         # Looked up per connection: the MQTT listener starts after the HTTP one.
-        server = self.app.servers.get("mqtt")
-        if not isinstance(server, MqttServer):
+        server = self.lookup()
+        if server is None:
             raise web.HTTPServiceUnavailable(reason="MQTT service not running")
         return server
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import time
+import urllib.request
 
 import pytest
 
@@ -47,3 +49,19 @@ def test_connections_over_the_limit_are_refused(gateway_factory, broker: Broker)
         again.close()
     assert decode_packets(reply, 4, 1 << 20)[0] == [p.Connack(reason_code=0)]
     assert "mqtt_connection_refused" in gw.log_text()
+    # ... and counted where an operator's alert looks (the pump copies once a second).
+    assert refused_metric(ports["metrics"], deadline=time.monotonic() + 20) >= 1
+
+
+def refused_metric(port: int, deadline: float) -> float:
+    name = "lastmile_mqtt_refused_connections_total "
+    value = 0.0
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        value = next((float(line.split()[1]) for line in text.splitlines()
+                      if line.startswith(name)), 0.0)
+        if value >= 1:
+            break
+        time.sleep(0.2)
+    return value
