@@ -89,6 +89,8 @@ def decode_packets(
                 i += 1
                 length |= (byte & 0x7F) << shift
                 if not byte & 0x80:
+                    if not byte and shift:  # [MQTT-1.5.5-1] a trailing 0x00 is not minimal
+                        raise MalformedPacket("remaining length not in its minimum bytes")
                     break
                 shift += 7
                 if shift == 28:
@@ -149,6 +151,23 @@ def _publish(mv: memoryview, flags: int, pos: int, end: int, version: int) -> p.
         topic=topic, payload=bytes(mv[pos:end]), qos=qos, retain=bool(flags & 1), dup=dup,
         packet_id=packet_id, properties=props,
     )
+
+
+def connect_level(buffer: bytes | bytearray | memoryview) -> int:
+    """The protocol level a (possibly broken) CONNECT at the start of ``buffer`` asks for.
+
+    0 when it cannot be told: the session then closes without a CONNACK, since
+    it does not know which dialect the client would understand.
+    """
+    if len(buffer) < 2 or buffer[0] >> 4 != p.CONNECT:
+        return 0
+    i = 1
+    while i < min(len(buffer), 5) and buffer[i] & 0x80:
+        i += 1
+    start = i + 1
+    if bytes(buffer[start : start + 6]) != b"\x00\x04MQTT" or len(buffer) <= start + 6:
+        return 0
+    return int(buffer[start + 6])
 
 
 def _connect(mv: memoryview, pos: int, end: int, version: int) -> p.Connect:
