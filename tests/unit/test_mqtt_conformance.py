@@ -82,8 +82,8 @@ class Case:
     @property
     def wire(self) -> bool:
         """Can run over a socket: no clock, no generated client id."""
-        return not self.sansio_only and not any(step[-2].startswith("@") for step in self.steps) and "auto-1" not in (
-            self.what)
+        clock = any(step[-2].startswith("@") for step in self.steps)
+        return not (self.sansio_only or clock or "auto-1" in self.what)
 
     def norm_steps(self) -> list[tuple[int, str, str | None]]:
         out: list[tuple[int, str, str | None]] = []
