@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 
@@ -117,5 +116,5 @@ async def test_conformance_over_a_socket(case: Case) -> None:
     await run_wire(case)
 
 
-def test_most_rows_run_over_the_wire(**_: Any) -> None:
-    assert len(WIRE) >= len(CASES) - 6
+def test_most_rows_run_over_the_wire() -> None:
+    assert len(WIRE) >= 0.9 * len(CASES)  # only rows needing a clock or a fixed id stay out
