@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -23,6 +25,7 @@ from gateway.protocols.mqtt.codec import encode
 from gateway.protocols.mqtt.events import MqttLimits
 from gateway.protocols.mqtt.properties import Properties
 from gateway.sources.mqtt_server import MqttServer
+from tests.helpers import running
 
 pytestmark = pytest.mark.integration
 DEADLINE = 30.0
@@ -188,3 +191,31 @@ async def test_pending_is_zero_after_a_moved_qos2_verdict(started: Any) -> None:
     while b"\x70\x02\x00\x03" not in data:  # PUBCOMP
         data += await asyncio.wait_for(reader.read(1024), DEADLINE)
     writer.close()
+
+
+def test_real_gateway_refused_qos2_does_not_block_the_device(
+    gateway_factory: Any, broker: Any, rules_dir: Any,
+) -> None:
+    """`lastmile serve` with `unmatched: reject`: paho 3.1.1 QoS 2 to an unrouted topic is
+    acknowledged once, and the device's next message reaches Kafka (no reconnect loop)."""
+    globals_file = rules_dir / "00-globals.yaml"
+    globals_file.write_text(globals_file.read_text().replace(
+        "unmatched: dead-letter", "unmatched: reject"))
+    proc, ports = gateway_factory()
+    client_id = f"stuck-{uuid.uuid4().hex[:8]}"
+    with running(proc, ("127.0.0.1", ports["mqtt"])):
+        client, connects = paho_311(ports["mqtt"], client_id)
+        try:
+            client.publish("nowhere/at/all", b"refused", qos=2).wait_for_publish(DEADLINE)
+            client.publish(f"bench/{client_id}/t", b"after", qos=2).wait_for_publish(DEADLINE)
+            assert len(connects) == 1
+        finally:
+            client.loop_stop()
+            client.disconnect()
+        end = time.monotonic() + DEADLINE
+        got: list[Any] = []
+        while not got and time.monotonic() < end:
+            got = [m for m in broker.read("bench", 1_000_000, timeout=2)
+                   if m.key() == client_id.encode()]
+        assert [m.value() for m in got] == [b"after"]
+        assert "mqtt_publish_refused" in proc.log_text()
