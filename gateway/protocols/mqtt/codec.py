@@ -26,6 +26,7 @@ from gateway.protocols.mqtt.wire import decode_utf8, read_binary, read_str, read
 __all__ = [
     "ProtocolViolation",
     "TopicNameInvalid",
+    "UnknownProtocolName",
     "UnsupportedProtocolVersion",
     "decode_packets",
     "encode",
@@ -40,6 +41,17 @@ class UnsupportedProtocolVersion(ProtocolError):
 
     def __init__(self, level: int) -> None:
         super().__init__(f"unsupported protocol level {level}")
+        self.level = level
+
+
+class UnknownProtocolName(ProtocolError):
+    """The CONNECT names another protocol; ``level`` is the byte where the level would be."""
+
+    code = "unknown_protocol_name"
+    mqtt_reason = 0x84
+
+    def __init__(self, name: str, level: int) -> None:
+        super().__init__(f"unknown protocol name {name!r}")
         self.level = level
 
 
@@ -178,7 +190,7 @@ def _connect(mv: memoryview, pos: int, end: int, version: int) -> p.Connect:
     if name == "MQIsdp" or (name == "MQTT" and level not in (4, 5)):
         raise UnsupportedProtocolVersion(level)
     if name != "MQTT":
-        raise ProtocolError(f"unknown protocol name {name!r}")
+        raise UnknownProtocolName(name, level)
     if pos + 4 > end:
         raise MalformedPacket("truncated CONNECT")
     flags = mv[pos + 1]

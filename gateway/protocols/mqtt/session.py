@@ -41,6 +41,7 @@ from gateway.errors import GatewayError, ProtocolError
 from gateway.protocols.mqtt import packets as p
 from gateway.protocols.mqtt.codec import (
     ProtocolViolation,
+    UnknownProtocolName,
     UnsupportedProtocolVersion,
     connect_level,
     decode_packets,
@@ -196,6 +197,12 @@ class MqttSession:
             # [MQTT-3.1.2-2]: 3.1.1 requires return code 0x01; 5.0 leaves the answer
             # open, and a client of an unknown level reads the 3.1.1 form best.
             self._refuse(0x01, exc.message, 4)
+        except UnknownProtocolName as exc:
+            # 5.0 [MQTT-3.1.2-1] lets a server say "MQTT, not this" with 0x84; 3.1.1 closes.
+            if exc.level == 5:
+                self._refuse(0x84, exc.message, 5)
+            else:
+                self._fail(exc.mqtt_reason, exc.message)
         except GatewayError as exc:
             if self.state is AWAIT_CONNECT and connect_level(src) == 5:
                 # MQTT 5 lets the server answer a bad CONNECT with a CONNACK reason code
