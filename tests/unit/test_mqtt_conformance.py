@@ -309,7 +309,9 @@ CASES: list[Case] = [
          (("LOST", None),), close=True, check=_will_due(True)),
     Case(V4, "MQTT-4.8.0-1", "a server-only packet (CONNACK) from the client closes",
          (("20 02 00 00", ""),), close=True),
-    Case(V4, "MQTT-3.1.2-3 (packet size)", "a packet over the maximum size closes",
+    Case(V4, "MQTT-4.8.0-1", "a PUBACK from the client (the server sent no PUBLISH) closes",
+         (("40 02 0001", ""),), close=True),
+    Case(V4, "limits.max_packet_size", "a packet over the maximum size closes",
          (("30 82 01 0001 74" + " 78" * 127, ""),), close=True),
 
     # === MQTT 5.0 =================================================================================
@@ -526,6 +528,9 @@ CASES: list[Case] = [
          ((0, C5_KEEP, CA5), (0, "34 07 0001 74 0005 00 78", "50 02 0005"), (0, "LOST", None),
           (1, C5_KEEP, None), (1, "3c 07 0001 74 0005 00 78", "50 02 0005"),
           (1, "62 02 0005", "70 02 0005")), raw=True, check=_count(1)),
+    Case(V5, "4.3.3 (receiver)", "PUBREL before the PUBREC was sent: DISCONNECT 0x82",
+         (("34 07 0001 74 0004 00 78", ""), ("62 02 0004", "e0 01 82")), close=True,
+         verdict=None),
     Case(V5, "MQTT-3.7.2-1", "PUBREL for an unknown id: PUBCOMP 0x92",
          (("62 02 0009", "70 03 0009 92"),)),
     Case(V5, "MQTT-3.6.1-1", "PUBREL with flags 0000: 0x81", (("60 02 0001", "e0 01 81"),),
