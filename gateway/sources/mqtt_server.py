@@ -164,15 +164,29 @@ class MqttServer:
 
     def on_done(self, token: PublishToken, outcome: Outcome) -> None:
         """The pipeline's verdict on one message; runs exactly once per PUBLISH."""
+        session = token.session
         if outcome.ok:
-            token.session.ack(token)
+            events = session.ack(token)
         else:
             error = outcome.error
-            code = error.mqtt_reason if error is not None else 0x80
-            token.session.ack(token, code, error.message if error is not None else None)
+            if error is None:
+                events = session.ack(token, 0x80)
+            else:
+                events = session.ack(token, error.mqtt_reason, error.message,
+                                     retriable=error.retriable)
+                if session.version == 4 and token.qos and not error.retriable:
+                    # 3.1.1 cannot refuse a message: it gets its ack [MQTT-3.3.5-2], so the
+                    # refusal must be visible here (docs/mqtt.md).
+                    self.log.info("mqtt_publish_refused", client_id=session.client_id,
+                                  packet_id=token.packet_id, error=error.code,
+                                  reason=error.message)
         # The token follows a client that reconnected: write on its current connection.
         conn = token.session.context
         if isinstance(conn, MqttConnection):
+            if events:
+                # The verdict ended the session (3.1.1): log it, write what is left, close.
+                conn.handle_events(events)
+                return
             self._dirty.add(conn)
             if not self._flush_scheduled:
                 self._flush_scheduled = True

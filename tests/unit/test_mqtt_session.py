@@ -80,7 +80,7 @@ def test_connect_must_be_first() -> None:
 
 
 @pytest.mark.parametrize(("level", "name", "answer"), [
-    (3, "MQIsdp", "20020001"), (6, "MQTT", "2003008400"), (4, "MQTT", None),
+    (3, "MQIsdp", "20020001"), (6, "MQTT", "20020001"), (4, "MQTT", None),
 ])
 def test_version_negotiation(level: int, name: str, answer: str | None) -> None:
     peer = Peer(4)
@@ -214,6 +214,71 @@ def test_unreleased_qos2_survives_a_reconnect(clean: bool, produced_again: bool)
         assert new.received() == [p.Pubrec(packet_id=9)]
         new.send(p.Pubrel(packet_id=9))
         assert new.received() == [p.Pubcomp(packet_id=9)]
+
+
+def test_pending_follows_a_qos2_token_to_the_new_connection() -> None:
+    """Issue #10 defect 6: the moved token left ``pending`` at -1 on the new session."""
+    store = SessionStore()
+    old = Peer(5, store)
+    old.connect(clean=False, props=P(session_expiry_interval=60))
+    token = old.publish(4, qos=2)[0].token  # type: ignore[union-attr]
+    assert old.session.pending == 1
+    old.session.connection_lost(101.0)
+    new = Peer(5, store)
+    new.connect(clean=False, props=P(session_expiry_interval=60))
+    assert new.publish(4, qos=2, dup=True) == []  # not produced twice
+    assert (old.session.pending, new.session.pending) == (0, 1)
+    assert token.session.ack(token) == []
+    assert new.session.pending == 0
+    assert new.received() == [p.Pubrec(packet_id=4)]
+
+
+def test_v311_transient_qos2_failure_lets_the_retransmission_through() -> None:
+    """Issue #10 defect 3: the cached failure closed every reconnect until session expiry."""
+    store = SessionStore()
+    first = Peer(4, store)
+    first.connect(clean=False)
+    token = first.publish(7, qos=2)[0].token  # type: ignore[union-attr]
+    first.session.ack(token, 0x89, "server busy", retriable=True)
+    assert first.session.data_to_send() == b"" and first.session.closing  # no PUBREC
+    first.session.connection_lost(101.0)
+    second = Peer(4, store)
+    second.connect(clean=False)
+    events = second.publish(7, qos=2, dup=True)  # the device's retransmission
+    assert len(events) == 1 and isinstance(events[0], PublishReceived)  # tried again
+    assert not second.session.closing
+    second.session.ack(events[0].token)
+    assert second.session.data_to_send() == bytes.fromhex("50020007")  # PUBREC
+    second.send(p.Pubrel(packet_id=7))
+    assert second.session.data_to_send() == bytes.fromhex("70020007")  # PUBCOMP
+
+
+@pytest.mark.parametrize("qos", [1, 2])
+def test_v311_permanent_failure_is_acknowledged_not_looped(qos: int) -> None:
+    """A message that can never pass gets its ack [MQTT-3.3.5-2], once; no reconnect loop."""
+    peer = Peer(4)
+    peer.connect(clean=False)
+    token = peer.publish(3, qos=qos)[0].token  # type: ignore[union-attr]
+    assert peer.session.ack(token, 0x90, "no rule", retriable=False) == []
+    ack = "40020003" if qos == 1 else "50020003"
+    assert peer.session.data_to_send().hex() == ack and not peer.session.closing
+    if qos == 2:
+        assert peer.publish(3, qos=2, dup=True) == []  # answered, never produced
+        assert peer.session.data_to_send().hex() == "50020003"
+        peer.send(p.Pubrel(packet_id=3))
+        assert peer.session.data_to_send().hex() == "70020003"
+    assert peer.session.pending == 0
+
+
+def test_ack_returns_the_disconnect_it_causes() -> None:
+    """Issue #10 defect 6: the Disconnected of a failed 3.1.1 publish was dropped."""
+    peer = Peer(4)
+    peer.connect()
+    token = peer.publish(1)[0].token  # type: ignore[union-attr]
+    events = peer.session.ack(token, 0x80, "kafka down")
+    assert len(events) == 1 and isinstance(events[0], Disconnected)
+    assert events[0].reason_code == 0x80 and events[0].will_due
+    assert peer.session.connection_lost(101.0) == []  # nothing left over, nothing twice
 
 
 def test_session_expiry() -> None:

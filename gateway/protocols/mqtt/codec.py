@@ -26,6 +26,7 @@ from gateway.protocols.mqtt.wire import decode_utf8, read_binary, read_str, read
 __all__ = [
     "ProtocolViolation",
     "TopicNameInvalid",
+    "UnknownProtocolName",
     "UnsupportedProtocolVersion",
     "decode_packets",
     "encode",
@@ -40,6 +41,17 @@ class UnsupportedProtocolVersion(ProtocolError):
 
     def __init__(self, level: int) -> None:
         super().__init__(f"unsupported protocol level {level}")
+        self.level = level
+
+
+class UnknownProtocolName(ProtocolError):
+    """The CONNECT names another protocol; ``level`` is the byte where the level would be."""
+
+    code = "unknown_protocol_name"
+    mqtt_reason = 0x84
+
+    def __init__(self, name: str, level: int) -> None:
+        super().__init__(f"unknown protocol name {name!r}")
         self.level = level
 
 
@@ -89,6 +101,8 @@ def decode_packets(
                 i += 1
                 length |= (byte & 0x7F) << shift
                 if not byte & 0x80:
+                    if not byte and shift:  # [MQTT-1.5.5-1] a trailing 0x00 is not minimal
+                        raise MalformedPacket("remaining length not in its minimum bytes")
                     break
                 shift += 7
                 if shift == 28:
@@ -151,6 +165,23 @@ def _publish(mv: memoryview, flags: int, pos: int, end: int, version: int) -> p.
     )
 
 
+def connect_level(buffer: bytes | bytearray | memoryview) -> int:
+    """The protocol level a (possibly broken) CONNECT at the start of ``buffer`` asks for.
+
+    0 when it cannot be told: the session then closes without a CONNACK, since
+    it does not know which dialect the client would understand.
+    """
+    if len(buffer) < 2 or buffer[0] >> 4 != p.CONNECT:
+        return 0
+    i = 1
+    while i < min(len(buffer), 5) and buffer[i] & 0x80:
+        i += 1
+    start = i + 1
+    if bytes(buffer[start : start + 6]) != b"\x00\x04MQTT" or len(buffer) <= start + 6:
+        return 0
+    return int(buffer[start + 6])
+
+
 def _connect(mv: memoryview, pos: int, end: int, version: int) -> p.Connect:
     name, pos = read_str(mv, pos, end)
     if pos >= end:
@@ -159,7 +190,7 @@ def _connect(mv: memoryview, pos: int, end: int, version: int) -> p.Connect:
     if name == "MQIsdp" or (name == "MQTT" and level not in (4, 5)):
         raise UnsupportedProtocolVersion(level)
     if name != "MQTT":
-        raise ProtocolError(f"unknown protocol name {name!r}")
+        raise UnknownProtocolName(name, level)
     if pos + 4 > end:
         raise MalformedPacket("truncated CONNECT")
     flags = mv[pos + 1]

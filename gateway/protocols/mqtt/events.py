@@ -46,7 +46,9 @@ class PublishToken:
     packet, so the verdict lands on the connection that now waits for it.
     """
 
-    __slots__ = ("done", "packet_id", "qos", "reason_code", "reason_string", "sent", "session")
+    __slots__ = (
+        "done", "packet_id", "qos", "reason_code", "reason_string", "retriable", "sent", "session",
+    )
 
     def __init__(self, session: MqttSession, qos: int, packet_id: int) -> None:
         self.session = session
@@ -56,6 +58,7 @@ class PublishToken:
         self.sent = False  # the PUBACK / PUBREC has been written
         self.reason_code = 0
         self.reason_string: str | None = None
+        self.retriable = True  # a failure may succeed later (see MqttSession.ack)
 
     def __repr__(self) -> str:
         return f"PublishToken(qos={self.qos}, packet_id={self.packet_id}, done={self.done})"

@@ -12,11 +12,16 @@ answers with ``ack(token, reason_code)`` when the message is safe (or failed).
 PUBACK / PUBREC leave in the order the PUBLISHes arrived: a verdict for a
 later message waits behind an earlier one still in flight.
 
-MQTT 3.1.1 has no reason codes on PUBACK / PUBREC.  A failed QoS 1/2 message
-there closes the connection instead of acknowledging it: a PUBACK promises the
-message is safe, and without one the client retransmits after reconnecting.
-(A message sent to the dead-letter topic counts as safe: the application
-answers 0x00.)
+MQTT 3.1.1 has no reason codes on PUBACK / PUBREC (docs/mqtt.md).  A QoS 1/2
+message that failed for a reason that may pass (``retriable``: busy, spool
+full, Kafka unreachable) closes the connection instead of acknowledging it: a
+PUBACK promises the message is safe, and without one the client retransmits
+after reconnecting; a QoS 2 packet id is released first, so that retransmission
+is tried again.  A permanent failure (no rule, not authorized, rejected ...) is
+acknowledged like a success, as [MQTT-3.3.5-2] allows: closing would only bring
+the same message back on every reconnect.  (A message sent to the dead-letter
+topic counts as safe: the application answers 0x00.)  ``ack`` returns the
+events it causes, like every other entry point.
 
 Downlink (designed, not built): sending PUBLISH needs the client's limits,
 which ``_on_connect`` already keeps (``client_receive_maximum``,
@@ -36,7 +41,9 @@ from gateway.errors import GatewayError, ProtocolError
 from gateway.protocols.mqtt import packets as p
 from gateway.protocols.mqtt.codec import (
     ProtocolViolation,
+    UnknownProtocolName,
     UnsupportedProtocolVersion,
+    connect_level,
     decode_packets,
     encode,
 )
@@ -64,6 +71,11 @@ SUBSCRIBE_UNSUPPORTED = "subscriptions are not supported yet"
 _PUBACK = b"\x40\x02"  # PUBACK, remaining length 2: success without properties (3.1.1 and 5)
 # Successful 3.1.1 CONNACK without / with session present: the common CONNECT answer.
 _CONNACK_V4 = (b"\x20\x02\x00\x00", b"\x20\x02\x01\x00")
+# CONNACK reason codes (MQTT 5.0, 3.2.2.2) a refused CONNECT may carry.
+_CONNACK_REASONS = frozenset(
+    {0x80, 0x81, 0x82, 0x83, 0x84, 0x85, 0x86, 0x87, 0x88, 0x89, 0x8A, 0x8C, 0x90, 0x95,
+     0x97, 0x99, 0x9A, 0x9B, 0x9C, 0x9D, 0x9F}
+)
 _GRACE: dict[int, float] = {}  # keep alive -> 1.5 x keep alive, one float shared by all
 
 
@@ -72,6 +84,12 @@ def _grace(keep: int) -> float:
     if grace is None:
         grace = _GRACE[keep] = keep * 1.5 if keep else NO_DEADLINE
     return grace
+
+
+def _check_response_topic(topic: str) -> None:
+    """A Response Topic is a Topic Name: not empty, no wildcards [MQTT-3.3.2-13/14]."""
+    if not topic or "+" in topic or "#" in topic:
+        raise ProtocolError("the response topic is not a valid topic name")
 
 
 class MqttSession:
@@ -176,22 +194,53 @@ class MqttSession:
             elif src is not buf:
                 self._buf = bytearray(src)
         except UnsupportedProtocolVersion as exc:
-            self._refuse(0x84 if exc.level > 5 else 0x01, exc.message, exc.level)
+            # [MQTT-3.1.2-2]: 3.1.1 requires return code 0x01; 5.0 leaves the answer
+            # open, and a client of an unknown level reads the 3.1.1 form best.
+            self._refuse(0x01, exc.message, 4)
+        except UnknownProtocolName as exc:
+            # 5.0 [MQTT-3.1.2-1] lets a server say "MQTT, not this" with 0x84; 3.1.1 closes.
+            if exc.level == 5:
+                self._refuse(0x84, exc.message, 5)
+            else:
+                self._fail(exc.mqtt_reason, exc.message)
         except GatewayError as exc:
-            self._fail(exc.mqtt_reason, exc.message)
+            if self.state is AWAIT_CONNECT and connect_level(src) == 5:
+                # MQTT 5 lets the server answer a bad CONNECT with a CONNACK reason code
+                # (4.13.1); 3.1.1 closes without one [MQTT-3.1.4-1].
+                code = exc.mqtt_reason if exc.mqtt_reason in _CONNACK_REASONS else 0x82
+                self._refuse(code, exc.message, 5)
+            else:
+                self._fail(exc.mqtt_reason, exc.message)
         self._events = None
         return events
 
-    def ack(self, token: PublishToken, reason_code: int = 0, reason: str | None = None) -> None:
-        """The application's verdict on ``token``: 0x00 safe, >= 0x80 failed."""
+    def ack(
+        self, token: PublishToken, reason_code: int = 0, reason: str | None = None,
+        *, retriable: bool = True,
+    ) -> list[Event]:
+        """The application's verdict on ``token``: 0x00 safe, >= 0x80 failed.
+
+        ``retriable`` says whether the same message may succeed later (busy, spool
+        full, Kafka unreachable); it only matters for MQTT 3.1.1, which has no
+        reason codes (see the module docstring).  Returns the events the verdict
+        produced (a ``Disconnected`` when a 3.1.1 session closes on it).
+        """
+        events: list[Event] = []
         if token.done:
-            return
+            return events
         token.done = True
         token.reason_code = reason_code
         token.reason_string = reason
+        token.retriable = retriable
         self.pending -= 1
         if token.qos and self.state is CONNECTED:
+            if self._events is not None:  # inside receive_data: its list gets the events
+                self._flush_acks()
+                return events
+            self._events = events
             self._flush_acks()
+            self._events = None
+        return events
 
     def expire(self, now: float) -> list[Event]:
         """Called by the sweep once ``now >= deadline``."""
@@ -260,6 +309,10 @@ class MqttSession:
                 pk.topic = self._resolve_alias(pk.topic, props.topic_alias)
             elif not pk.topic:
                 raise ProtocolError("empty topic name without a topic alias")
+            if props.subscription_identifiers:  # [MQTT-3.3.4-6]
+                raise ProtocolError("a client's PUBLISH carries a subscription identifier")
+            if props.response_topic is not None:
+                _check_response_topic(props.response_topic)
         qos = pk.qos
         client = self._client
         assert client is not None
@@ -284,8 +337,9 @@ class MqttSession:
                 if client.qos2 is None:
                     client.qos2 = {}
                 client.qos2[pk.packet_id] = token
-        if bad_utf8:
-            return self.ack(token, 0x99, "payload is not valid UTF-8")
+        if bad_utf8:  # the events of this ack go to receive_data's list
+            self.ack(token, 0x99, "payload is not valid UTF-8", retriable=False)
+            return None
         self._emit(PublishReceived(token=token, publish=pk))
 
     def _resolve_alias(self, topic: str, alias: int) -> str:
@@ -308,6 +362,9 @@ class MqttSession:
             self._send(p.Pubrec(packet_id=token.packet_id, reason_code=token.reason_code))
         elif token.session is not self:
             # Still pending from the previous connection: its verdict comes here now.
+            if not token.done:  # and so does its place in the in-flight count
+                token.session.pending -= 1
+                self.pending += 1
             token.session = self
             if self._order is None:
                 self._order = deque()
@@ -348,7 +405,15 @@ class MqttSession:
     # --- CONNECT -------------------------------------------------------------------
 
     def _on_connect(self, pk: p.Connect, now: float) -> None:
-        self.version = level = pk.protocol_level
+        level = pk.protocol_level
+        will = pk.will
+        if will is not None and will.properties is not None:
+            will_props = will.properties
+            if will_props.response_topic is not None:
+                _check_response_topic(will_props.response_topic)
+            if will_props.payload_format_indicator == 1 and not is_utf8(will.payload):
+                return self._refuse(0x99, "will payload is not the UTF-8 it declares", level)
+        self.version = level
         props = pk.properties or EMPTY
         if props.authentication_method is not None:
             return self._refuse(0x8C, "enhanced authentication is not supported", level)
@@ -392,8 +457,16 @@ class MqttSession:
         while order and order[0].done:
             token = order.popleft()
             code = token.reason_code
-            if code >= 0x80 and self.version == 4:
+            if code >= 0x80 and self.version == 4 and token.retriable:
+                # Not safe yet, and 3.1.1 cannot say so: close without an ack, so the
+                # client sends it again after reconnecting.  A QoS 2 id is released
+                # first: that retransmission is a new attempt, not a cached verdict.
+                self._inflight -= 1
+                if token.qos == 2 and self._client is not None and self._client.qos2:
+                    self._client.qos2.pop(token.packet_id, None)
                 return self._fail(code, f"message {token.packet_id} failed (0x{code:02X})")
+            # (A permanent 3.1.1 failure is acknowledged like a success [MQTT-3.3.5-2]:
+            # closing would only bring the same message back, forever.)
             token.sent = True
             if not code and token.qos == 1:
                 # The common case, without building a packet: 4 bytes in both versions.
@@ -409,9 +482,10 @@ class MqttSession:
                 self._inflight -= 1
                 self._send(p.Puback(packet_id=token.packet_id, reason_code=code, properties=props))
                 continue
-            if code >= 0x80 and self._client is not None and self._client.qos2:
-                # A failed QoS 2 exchange ends here: the id is free again.
-                self._client.qos2.pop(token.packet_id, None)
+            client = self._client
+            if code >= 0x80 and self.version == 5 and client is not None and client.qos2:
+                # A failed QoS 2 exchange ends here (MQTT 5): the id is free again.
+                client.qos2.pop(token.packet_id, None)
                 self._inflight -= 1
             self._send(p.Pubrec(packet_id=token.packet_id, reason_code=code, properties=props))
 
@@ -432,21 +506,14 @@ class MqttSession:
             out.append(data)
 
     def _emit(self, event: Event) -> None:
+        # Every entry point (receive_data, ack, expire, ...) sets the list it returns.
         events = self._events
-        if events is None:
-            # Outside receive_data / expire / ... (an ack that ends the session):
-            # kept for the next call, which starts a new list.
-            events = self._events = []
+        assert events is not None, "event emitted outside an entry point"
         events.append(event)
 
-    def _refuse(self, reason_v5: int, message: str, level: int) -> None:
-        """Answer CONNECT with a failure CONNACK in the client's dialect, then close."""
-        if level == 5 or reason_v5 == 0x84:
-            self.version = 5
-            code = reason_v5
-        else:
-            self.version = 4
-            code = {0x84: 0x01, 0x01: 0x01, 0x02: 0x02}.get(reason_v5, 0x01)
+    def _refuse(self, code: int, message: str, level: int) -> None:
+        """Answer CONNECT with a failure CONNACK (``code`` in the dialect of ``level``), close."""
+        self.version = 5 if level == 5 else 4
         self._send(p.Connack(reason_code=code))
         self._close(code, message, will_due=False)
 

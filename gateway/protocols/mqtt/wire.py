@@ -40,6 +40,8 @@ def read_varint(mv: memoryview, pos: int, end: int) -> tuple[int, int]:
         pos += 1
         value |= (byte & 0x7F) << shift
         if not byte & 0x80:
+            if not byte and shift:  # [MQTT-1.5.5-1]
+                raise MalformedPacket("variable byte integer not in its minimum bytes")
             return value, pos
         shift += 7
     raise MalformedPacket("variable byte integer longer than 4 bytes")
