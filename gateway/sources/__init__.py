@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from typing import TYPE_CHECKING
 
@@ -39,7 +40,11 @@ async def start_mqtt(app: App) -> None:
         max_connections=cfg.limits.max_connections,
     )
     assert app.pipeline is not None
-    server = MqttServer(app.pipeline, limits)
+    from gateway.sources.mqtt_registry import open_shared
+
+    # Under the supervisor (workers > 1) client ids and QoS 2 ids are shared by the workers.
+    shared = open_shared(app.worker_id, limits, asyncio.get_running_loop().time())
+    server = MqttServer(app.pipeline, limits, shared=shared)
     app.servers["mqtt"] = server
     server.start_background()  # also for MQTT over WebSocket with no TCP listener
     if listeners.mqtt.enabled:

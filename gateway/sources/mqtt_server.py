@@ -32,7 +32,7 @@ import ssl as ssl_module
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import structlog
 
@@ -47,6 +47,9 @@ from gateway.protocols.mqtt.events import (
 )
 from gateway.protocols.mqtt.session import MqttSession
 from gateway.protocols.mqtt.store import SessionStore
+
+if TYPE_CHECKING:
+    from gateway.sources.mqtt_registry import SharedSessions
 
 __all__ = ["MqttLimits", "MqttServer"]
 
@@ -74,11 +77,14 @@ class MqttServer:
         log: Any = None,
         *,
         sweep_interval: float = 1.0,
+        shared: SharedSessions | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.limits = limits or MqttLimits()
         self.log = log if log is not None else structlog.get_logger("lastmile.mqtt")
-        self.store = SessionStore()
+        # With workers > 1 the store is shared by all workers (mqtt_registry).
+        self.shared = shared
+        self.store: SessionStore = shared if shared is not None else SessionStore()
         self.connections: set[MqttConnection] = set()
         self.refused_connections = 0  # over limits.max_connections
         self.registry: dict[str, MqttConnection] = {}  # client id -> live connection
@@ -125,6 +131,8 @@ class MqttServer:
         ``start`` calls it; MQTT over WebSocket alone (no TCP listener) needs it too.
         """
         if self._sweeper is None:
+            if self.shared is not None:
+                self.shared.attach(self)
             self._sweeper = asyncio.create_task(self._sweep_forever(), name="mqtt-sweep")
             self._unsubscribe = self.pipeline.flow.subscribe(self._on_flow)
 
@@ -159,17 +167,25 @@ class MqttServer:
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
+        if self.shared is not None:
+            self.shared.close()
 
     # --- called by connections and the pipeline -----------------------------------
 
     def on_done(self, token: PublishToken, outcome: Outcome) -> None:
         """The pipeline's verdict on one message; runs exactly once per PUBLISH."""
         if outcome.ok:
-            token.session.ack(token)
+            self.deliver(token, 0, None)
         else:
             error = outcome.error
             code = error.mqtt_reason if error is not None else 0x80
-            token.session.ack(token, code, error.message if error is not None else None)
+            self.deliver(token, code, error.message if error is not None else None)
+        if token.qos == 2 and self.shared is not None:
+            self.shared.verdict(token, token.reason_code)  # another worker may wait for it
+
+    def deliver(self, token: PublishToken, code: int, reason: str | None) -> None:
+        """Ack ``token`` and write the ack on the connection that now waits for it."""
+        token.session.ack(token, code, reason)
         # The token follows a client that reconnected: write on its current connection.
         conn = token.session.context
         if isinstance(conn, MqttConnection):
@@ -204,7 +220,7 @@ class MqttServer:
 
 class MqttConnection(asyncio.Protocol):
     # Kept small: one per device. Shared things (limits, pipeline) live on the server.
-    __slots__ = ("_reading", "cert_identity", "server", "session", "transport")
+    __slots__ = ("_reading", "cert_identity", "held", "server", "session", "transport")
 
     def __init__(self, server: MqttServer) -> None:
         self.server = server
@@ -214,6 +230,8 @@ class MqttConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.cert_identity: str | None = None
         self._reading = True
+        # CONNACK and what follows wait while another worker gives the client id up.
+        self.held = False
 
     @property
     def peer(self) -> str:
@@ -289,7 +307,7 @@ class MqttConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        want = not self.server.pipeline.flow.paused and (
+        want = not self.held and not self.server.pipeline.flow.paused and (
             self.session.pending < self.server.limits.receive_maximum
         )
         if want != self._reading:
@@ -303,11 +321,17 @@ class MqttConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def release_hold(self) -> None:
+        """The client id is ours now: write the CONNACK and read again."""
+        if self.held:
+            self.held = False
+            self.after_ack()
+
     # --- internals -------------------------------------------------------------------
 
     def _flush(self) -> None:
         transport = self.transport
-        if transport is None:
+        if transport is None or self.held:
             return
         out = self.session.data_to_send()
         if out and not transport.is_closing():
@@ -342,7 +366,14 @@ class MqttConnection(asyncio.Protocol):
         old = registry.get(event.client_id)
         registry[event.client_id] = self
         if old is not None and old is not self:
-            old.handle_events(old.session.takeover())
+            if old.held:
+                old.abort()  # it never got its CONNACK
+            else:
+                old.handle_events(old.session.takeover())
+        shared = self.server.shared
+        if shared is not None and shared.connected(self, event.client_id):
+            self.held = True
+            self.update_reading()
         if self.server.debug:
             self.server.log.debug("mqtt_connected", peer=self.peer, client_id=event.client_id,
                                   version=event.version, session_present=event.session_present)
