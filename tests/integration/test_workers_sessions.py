@@ -16,6 +16,7 @@ import socket
 import struct
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -194,17 +195,41 @@ class Device:
         self.client.loop_stop()
 
 
-@pytest.fixture
-def gateway(gateway_factory: Any, rules_dir: Path) -> Iterator[tuple[GatewayProcess, int, list[int]]]:
+def start(factory: Any, rules_dir: Path, **overrides: Any) -> tuple[GatewayProcess, dict[str, int],
+                                                                     list[int]]:
     (rules_dir / "05-sessions.yaml").write_text(RULES)
-    gw, ports = gateway_factory(workers=2)
+    gw, ports = factory(workers=2, **overrides)
     gw.start(wait_for=("127.0.0.1", ports["mqtt"]))
     assert gw.proc is not None
     pids = wait_for(lambda: (p := worker_pids(gw.proc.pid)) and len(p) == 2 and p, 30, "workers")
     for pid in pids:  # both workers listen (each has its own SO_REUSEPORT socket)
         port_for(ports["mqtt"], pid, pids)
+    return gw, ports, pids
+
+
+@pytest.fixture
+def gateway(gateway_factory: Any, rules_dir: Path) -> Iterator[tuple[GatewayProcess, int, list[int]]]:
+    gw, ports, pids = start(gateway_factory, rules_dir)
     yield gw, ports["mqtt"], pids
     assert gw.stop(signal.SIGTERM) == 0, gw.log_text()[-3000:]
+
+
+def read_until_end(broker: Broker, topic: str) -> list[bytes]:
+    """Every value of ``topic`` up to the b"end" marker the test published last."""
+
+    def attempt() -> list[bytes] | None:
+        values = [m.value() for m in broker.read(topic, 2, timeout=5)]
+        return values if b"end" in values else None
+
+    return list(wait_for(attempt, 60, "the end marker"))
+
+
+def metric(port: int, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(name):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 @pytest.mark.parametrize("version", [5, 4])
@@ -253,12 +278,7 @@ def test_qos2_retransmitted_to_another_worker_is_not_produced_twice(
 
         end = device.client.publish(topic, b"end", qos=1)
         end.wait_for_publish(30)
-
-        def until_end() -> list[bytes] | None:
-            values = [m.value() for m in broker.read(f"sessions.{run}", 2, timeout=5)]
-            return values if b"end" in values else None
-
-        values = wait_for(until_end, 30, "the end marker")
+        values = read_until_end(broker, f"sessions.{run}")
         assert values.count(b"exactly-once") == 1, values
     finally:
         device.stop()
@@ -284,3 +304,40 @@ def test_a_dead_owner_does_not_block_its_clients(gateway: Any) -> None:
         third.stop()
     finally:
         second.stop()
+
+
+def test_a_verdict_still_due_at_the_takeover_reaches_the_new_worker(
+    gateway_factory: Any, rules_dir: Path, fresh_broker: Broker
+) -> None:
+    """The old worker answers for a message Kafka had not confirmed when the device moved."""
+    gw, ports, pids = start(gateway_factory, rules_dir, bootstrap=fresh_broker.bootstrap,
+                            spool__enabled=False)  # the verdict waits for Kafka itself
+    port, run = ports["mqtt"], uuid.uuid4().hex[:8]
+    topic = f"sess/{run}/x"
+    proxy = Proxy(port)
+    device = Device(f"late-{run}", 5, reconnect_s=1)
+    try:
+        proxy.upstream_port = port_for(port, pids[0], pids)
+        device.connect(proxy.port)
+        device.client.publish(topic, b"warm-up", qos=1).wait_for_publish(30)  # the topic exists
+        fresh_broker.pause()
+        info = device.client.publish(topic, b"late", qos=2)
+        wait_for(lambda: metric(ports["metrics"], 'lastmile_kafka_in_flight{cluster="default"}')
+                 >= 1, 30, "the message to reach the producer")
+
+        proxy.upstream_port = port_for(port, pids[1], pids)
+        proxy.cut()
+        wait_for(lambda: len(device.connacks) == 2, 30, "the reconnect")
+        assert device.connacks[1] is True and not info.is_published()
+        fresh_broker.resume()  # worker 0 learns the verdict; worker 1 sends the PUBREC
+        info.wait_for_publish(30)
+        assert info.is_published()
+
+        device.client.publish(topic, b"end", qos=1).wait_for_publish(30)
+        values = read_until_end(fresh_broker, f"sessions.{run}")
+        assert values.count(b"late") == 1, values
+    finally:
+        fresh_broker.resume()
+        device.stop()
+        proxy.close()
+        assert gw.stop(signal.SIGTERM) == 0, gw.log_text()[-3000:]
