@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -69,8 +70,8 @@ class Handover:
 class SharedSessions(SessionStore):
     """``SessionStore`` whose ownership and unreleased QoS 2 ids move between workers."""
 
-    __slots__ = ("_awaiting", "_exported", "_handovers", "_limbo", "_sweeps", "db", "mailbox",
-                 "server")
+    __slots__ = ("_awaiting", "_closed", "_exported", "_handovers", "_limbo", "_sweeps", "db",
+                 "mailbox", "server")
 
     def __init__(self, directory: str, worker: int, limits: MqttLimits, now: float) -> None:
         super().__init__()
@@ -84,12 +85,19 @@ class SharedSessions(SessionStore):
         # Owner of tokens not attached to any connection yet: acking it changes nothing.
         self._limbo = MqttSession(limits, SessionStore(), now)
         self._sweeps = 0
+        self._closed = False
 
     def attach(self, server: MqttServer) -> None:
         self.server = server
         self.mailbox.start()
 
     def close(self) -> None:
+        """At shutdown, after the last connection: verdicts arriving later go nowhere."""
+        self._closed = True
+        for handover in self._handovers.values():
+            if handover.timer is not None:
+                handover.timer.cancel()
+        self._handovers.clear()
         self.mailbox.close()
         self.db.close()
 
@@ -133,10 +141,13 @@ class SharedSessions(SessionStore):
             self._drop_local(cid)
         self._sweeps += 1
         orphans = self._sweeps % ORPHAN_SWEEP_EVERY == 0
-        if dead or orphans:
-            self.db.expire(dead, now, orphans)
-        for cid in list(self._awaiting):
-            self._check(cid)  # a verdict whose "check" was lost, or a holder that died
+        try:
+            if dead or orphans:
+                self.db.expire(dead, now, orphans)
+            for cid in list(self._awaiting):
+                self._check(cid)  # a verdict whose "check" was lost, or a holder that died
+        except sqlite3.Error:
+            log.exception("mqtt_registry_sweep_failed")  # the next sweep tries again
         return len(dead)
 
     # --- called by the server ------------------------------------------------------
@@ -161,9 +172,15 @@ class SharedSessions(SessionStore):
     def verdict(self, token: PublishToken, code: int) -> None:
         """The pipeline answered a QoS 2 message; tell its new owner if it moved."""
         client_id = self._exported.pop(token, None)
-        if client_id is None:
+        if client_id is None or self._closed:
             return
-        owner = self.db.write_verdict(client_id, token.packet_id, code)
+        try:
+            owner = self.db.write_verdict(client_id, token.packet_id, code)
+        except sqlite3.Error:
+            # The new owner's sweep gives the id up when this worker is gone; until then
+            # its client waits for a PUBREC (a retransmission is answered when it comes).
+            log.exception("mqtt_registry_verdict_failed", client_id=client_id)
+            return
         if owner == self.db.worker:
             self._check(client_id)
         elif owner is not None:

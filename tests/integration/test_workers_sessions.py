@@ -19,13 +19,14 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from tests.helpers import Broker, GatewayProcess
 from tests.integration.test_workers import worker_pids
@@ -92,7 +93,7 @@ def port_for(server_port: int, worker: int, pids: list[int]) -> int:
         port = sock.getsockname()[1]
         sock.connect(("127.0.0.1", server_port))
         try:
-            got = wait_for(lambda: worker_of(server_port, port, pids), 10, "accept")
+            got = wait_for(partial(worker_of, server_port, port, pids), 10, "accept")
         finally:
             sock.close()
         if got == worker:
@@ -208,7 +209,8 @@ def start(factory: Any, rules_dir: Path, **overrides: Any) -> tuple[GatewayProce
 
 
 @pytest.fixture
-def gateway(gateway_factory: Any, rules_dir: Path) -> Iterator[tuple[GatewayProcess, int, list[int]]]:
+def gateway(gateway_factory: Any, rules_dir: Path) -> Iterator[tuple[GatewayProcess, int,
+                                                                     list[int]]]:
     gw, ports, pids = start(gateway_factory, rules_dir)
     yield gw, ports["mqtt"], pids
     assert gw.stop(signal.SIGTERM) == 0, gw.log_text()[-3000:]
