@@ -158,11 +158,14 @@ class Proxy:
 class Device:
     """A paho client run by its own network thread, recording what happened to it."""
 
-    def __init__(self, client_id: str, version: int, reconnect_s: int = 3600) -> None:
+    def __init__(self, client_id: str, version: int, reconnect_s: int = 3600,
+                 transport: str = "tcp") -> None:
         protocol = mqtt.MQTTv5 if version == 5 else mqtt.MQTTv311
         kwargs: dict[str, Any] = {} if version == 5 else {"clean_session": False}
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                                  protocol=protocol, **kwargs)
+                                  protocol=protocol, transport=transport, **kwargs)
+        if transport == "websockets":
+            self.client.ws_set_options(path="/mqtt")
         self.client.reconnect_delay_set(min_delay=reconnect_s, max_delay=reconnect_s)
         self.version = version
         self.connacks: list[bool] = []  # session present, per CONNACK
@@ -285,6 +288,22 @@ def test_qos2_retransmitted_to_another_worker_is_not_produced_twice(
     finally:
         device.stop()
         proxy.close()
+
+
+def test_takeover_across_workers_and_transports(gateway_factory: Any, rules_dir: Path) -> None:
+    """TCP on one worker, then MQTT over WebSocket on the other: still one live connection."""
+    gw, ports, pids = start(gateway_factory, rules_dir)
+    cid = f"ws-{uuid.uuid4().hex[:6]}"
+    first = Device(cid, 5).connect(ports["mqtt"], port_for(ports["mqtt"], pids[0], pids))
+    second = Device(cid, 5, transport="websockets")
+    try:
+        second.connect(ports["http"], port_for(ports["http"], pids[1], pids))
+        wait_for(lambda: first.disconnects, 15, "the TCP connection to be taken over")
+        assert first.disconnects == [0x8E] and second.connacks == [True]
+    finally:
+        first.stop()
+        second.stop()
+        assert gw.stop(signal.SIGTERM) == 0, gw.log_text()[-3000:]
 
 
 def test_a_dead_owner_does_not_block_its_clients(gateway: Any) -> None:
