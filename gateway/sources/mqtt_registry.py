@@ -107,20 +107,22 @@ class SharedSessions(SessionStore):
              now: float) -> tuple[ClientState, bool]:
         prev, claim = self.db.claim(client_id)
         if prev is not None and prev.mine:
-            if clean_start and client_id in self._states:
-                if client_id in self._handovers:  # its old owner's answer is not wanted now
-                    self.db.rename_claim(client_id, claim)
-                self._drop_local(client_id)
+            before = self._states.get(client_id)
+            state, present = super().open(client_id, clean_start, owner, now)
+            if state is not before:  # a new session here: ids kept for the old one are void
+                if self._forget_ids(client_id):
+                    self.db.rename_claim(client_id, claim)  # its old owner's answer too
                 self.db.take_rows(client_id, keep=False)
-            return super().open(client_id, clean_start, owner, now)
+            return state, present
         self._drop_local(client_id)
+        # Ids of a session the client is told is gone must not answer its new messages.
         present = (prev is not None and not clean_start
                    and (prev.expires_at is None or prev.expires_at > now))
         state, _ = super().open(client_id, True, owner, now)
         if prev is not None and prev.alive and prev.worker is not None:
-            self._handovers[client_id] = Handover(prev.worker, claim, clean_start, state)
+            self._handovers[client_id] = Handover(prev.worker, claim, not present, state)
         else:  # nobody, or a dead worker: it holds nothing to wait for
-            self._adopt(client_id, state, self.db.take_rows(client_id, not clean_start))
+            self._adopt(client_id, state, self.db.take_rows(client_id, present))
         return state, present
 
     def release(self, client_id: str, state: ClientState, owner: MqttSession,
@@ -293,8 +295,8 @@ class SharedSessions(SessionStore):
 
     def _lost(self, state: ClientState | None, token: PublishToken) -> None:
         """The worker that would have answered died: a retransmission is produced again."""
-        if state is not None and state.qos2 is not None:
-            state.qos2.pop(token.packet_id, None)
+        if state is not None and state.qos2 and state.qos2.get(token.packet_id) is token:
+            del state.qos2[token.packet_id]
         conn = token.session.context
         if token.session is not self._limbo and conn is not None:
             # The client already waits on this id: disconnect, so it sends it again.
@@ -308,10 +310,15 @@ class SharedSessions(SessionStore):
         state = self._states.pop(client_id, None)
         if state is not None:
             state.owner = None
+        self._forget_ids(client_id)
+
+    def _forget_ids(self, client_id: str) -> bool:
+        """Stop waiting for ``client_id``'s ids; True if a handover was pending."""
         self._awaiting.pop(client_id, None)
         handover = self._handovers.pop(client_id, None)
         if handover is not None and handover.timer is not None:
             handover.timer.cancel()
+        return handover is not None
 
 
 class Mailbox:
@@ -344,11 +351,11 @@ class Mailbox:
         try:
             self.sock.sendto(msgspec.msgpack.encode(msg),
                              str(self.directory / f"worker-{worker}.sock"))
-        except (FileNotFoundError, ConnectionRefusedError):
-            return False
         except BlockingIOError:
-            if tries < SEND_RETRIES and self._loop is not None:
+            if tries < SEND_RETRIES and self._loop is not None and self.sock.fileno() >= 0:
                 self._loop.call_later(0.01, self.send, worker, msg, tries + 1)
+        except OSError:  # no such socket, nobody bound to it, or ours is closed
+            return False
         return True
 
     def _readable(self) -> None:
