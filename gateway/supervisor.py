@@ -2,13 +2,14 @@
 
 The supervisor starts the embedded dev broker once (if configured), then
 ``workers`` child processes (``lastmile worker``), each with its own event loop,
-Kafka producer per cluster and spool directory.  The workers share one MQTT
-session registry (``sources/mqtt_registry``) in a directory created here and
-removed at exit; when a worker dies, what it owned there is released at once
-(``forget_worker``) so its clients reconnect to the others without waiting.
-It restarts a worker that dies,
+Kafka producer per cluster and spool directory.  It restarts a worker that dies,
 forwards SIGHUP (rules reload) and turns SIGTERM/SIGINT into a graceful drain
 with a deadline; a second signal kills the workers at once.
+
+The workers share one MQTT session registry (``sources/mqtt_registry``) in a
+directory created here and removed at exit.  When a worker dies, what it owned
+there is released at once (``forget_worker``), so its clients reconnect to the
+other workers without waiting for it.
 """
 
 from __future__ import annotations

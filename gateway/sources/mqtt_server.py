@@ -13,7 +13,10 @@ PUBACK / PUBREC the session releases when ``on_done`` says the message is safe.
 Reading stops while the pipeline says so (``pipeline.flow``) and while a
 connection has ``limits.receive_maximum`` messages unanswered.  One sweep task
 checks every session's deadline (CONNECT timeout, 1.5 x keep alive) and
-expires stored client state; there are no per-connection timers.
+expires stored client state; there are no per-connection timers.  With
+``workers > 1`` the store is ``mqtt_registry.SharedSessions``: a CONNECT for a
+client id another worker owns is held (no CONNACK, no reading) until that
+worker has given it up (``MqttConnection.held``).
 
 Acks arrive in batches (one per Kafka poll, or one per spool fsync): ``on_done``
 only queues the ack bytes in the session and marks the connection; one
