@@ -231,19 +231,28 @@ class RegistryDb:
 
     def verdicts(self, client_id: str) -> tuple[dict[int, int], set[int]]:
         """Verdicts written for ``client_id`` (read and deleted) and the ids still in progress
-        at a live holder; an awaited id in neither was lost with its worker."""
-        with _txn(self.db) as db:
-            done: dict[int, int] = {}
-            pending: set[int] = set()
-            for pid, is_done, code, alive in db.execute(
-                    f"SELECT packet_id, done, code, {_ALIVE} FROM qos2 WHERE client_id = ?",
-                    (client_id,)):
-                if is_done:
-                    done[pid] = code
-                elif alive:
-                    pending.add(pid)
-            db.execute(f"DELETE FROM qos2 WHERE client_id = ? AND (done = 1 OR NOT {_ALIVE})",
-                       (client_id,))
+        at a live holder; an awaited id in neither was lost with its worker.
+
+        Polled by the sweep: a read (no lock) unless there is something to delete.
+        """
+        done: dict[int, int] = {}
+        pending: set[int] = set()
+        stale = False
+        for pid, is_done, code, alive in self.db.execute(
+                f"SELECT packet_id, done, code, {_ALIVE} FROM qos2 WHERE client_id = ?",
+                (client_id,)):
+            if is_done:
+                done[pid] = code
+            elif alive:
+                pending.add(pid)
+            else:
+                stale = True
+        if done or stale:
+            with _txn(self.db) as db:
+                db.executemany("DELETE FROM qos2 WHERE client_id = ? AND packet_id = ?"
+                               " AND done = 1", [(client_id, pid) for pid in done])
+                db.execute(f"DELETE FROM qos2 WHERE client_id = ? AND done = 0 AND NOT {_ALIVE}",
+                           (client_id,))
         return done, pending
 
     def write_verdict(self, client_id: str, packet_id: int, code: int) -> int | None:
