@@ -28,7 +28,8 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from tests.helpers import Broker, GatewayProcess
+from tests.helpers import Broker, GatewayProcess, free_port
+from tests.integration.test_mqtt_tls import make_pki
 from tests.integration.test_workers import worker_pids
 
 pytestmark = pytest.mark.integration
@@ -290,19 +291,32 @@ def test_qos2_retransmitted_to_another_worker_is_not_produced_twice(
         proxy.close()
 
 
-def test_takeover_across_workers_and_transports(gateway_factory: Any, rules_dir: Path) -> None:
-    """TCP on one worker, then MQTT over WebSocket on the other: still one live connection."""
-    gw, ports, pids = start(gateway_factory, rules_dir)
-    cid = f"ws-{uuid.uuid4().hex[:6]}"
-    first = Device(cid, 5).connect(ports["mqtt"], port_for(ports["mqtt"], pids[0], pids))
-    second = Device(cid, 5, transport="websockets")
+def test_takeover_across_workers_and_transports(
+    gateway_factory: Any, rules_dir: Path, tmp_path: Path
+) -> None:
+    """TCP on one worker, WebSocket on the other, then TLS: always one live connection."""
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    make_pki(pki)
+    tls = free_port()
+    gw, ports, pids = start(gateway_factory, rules_dir, listeners__mqtts={
+        "enabled": True, "host": "127.0.0.1", "port": tls,
+        "certfile": str(pki / "server.crt"), "keyfile": str(pki / "server.key")})
+    cid = f"transports-{uuid.uuid4().hex[:6]}"
+    tcp = Device(cid, 5).connect(ports["mqtt"], port_for(ports["mqtt"], pids[0], pids))
+    ws = Device(cid, 5, transport="websockets")
+    secure = Device(cid, 5)
+    secure.client.tls_set(ca_certs=str(pki / "ca.crt"))
     try:
-        second.connect(ports["http"], port_for(ports["http"], pids[1], pids))
-        wait_for(lambda: first.disconnects, 15, "the TCP connection to be taken over")
-        assert first.disconnects == [0x8E] and second.connacks == [True]
+        ws.connect(ports["http"], port_for(ports["http"], pids[1], pids))
+        wait_for(lambda: tcp.disconnects, 15, "the TCP connection to be taken over")
+        assert tcp.disconnects == [0x8E] and ws.connacks == [True]
+        secure.connect(tls, port_for(tls, pids[0], pids))
+        wait_for(lambda: ws.disconnects, 15, "the WebSocket connection to be taken over")
+        assert ws.disconnects == [0x8E] and secure.connacks == [True]
     finally:
-        first.stop()
-        second.stop()
+        for device in (tcp, ws, secure):
+            device.stop()
         assert gw.stop(signal.SIGTERM) == 0, gw.log_text()[-3000:]
 
 
