@@ -148,7 +148,8 @@ class App:
             self.http, http_cleanup = http
             self._cleanups.append(("http listener", http_cleanup))
         if mqtt_enabled(cfg):
-            self.mqtt, mqtt_cleanup = await start_mqtt(pipeline, cfg, self.reuse_port)
+            self.mqtt, mqtt_cleanup = await start_mqtt(pipeline, cfg, self.reuse_port,
+                                                        self.worker_id)
             self._cleanups.append(("mqtt listeners", mqtt_cleanup))
 
     # --- running -----------------------------------------------------------------

@@ -5,6 +5,11 @@ The supervisor starts the embedded dev broker once (if configured), then
 Kafka producer per cluster and spool directory.  It restarts a worker that dies,
 forwards SIGHUP (rules reload) and turns SIGTERM/SIGINT into a graceful drain
 with a deadline; a second signal kills the workers at once.
+
+The workers share one MQTT session registry (``sources/mqtt_registry``) in a
+directory created here and removed at exit.  When a worker dies, what it owned
+there is released at once (``forget_worker``), so its clients reconnect to the
+other workers without waiting for it.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import structlog
 
 from gateway.app import App
 from gateway.config.schema import Config
+from gateway.sources import mqtt_registry_db
 
 log = structlog.get_logger("lastmile.supervisor")
 
@@ -37,13 +43,17 @@ class Supervisor:
         self.stopping = 0
         self.reload_requested = False
         self.metrics_dir = tempfile.mkdtemp(prefix="lastmile-metrics-")
+        # A short path: the workers' AF_UNIX sockets live there (108-byte limit).
+        self.sessions_dir = tempfile.mkdtemp(prefix="lastmile-sessions-")
+        mqtt_registry_db.create(self.sessions_dir)
 
     def _spawn(self, worker_id: int, bootstrap: dict[str, str]) -> None:
         cmd = [sys.executable, "-m", "gateway.cli", "worker", "--config", self.config_path,
                "--rules", self.rules_dir, "--worker-id", str(worker_id)]
         for name, servers in bootstrap.items():
             cmd += ["--bootstrap", f"{name}={servers}"]
-        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir}
+        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir,
+               mqtt_registry_db.ENV: self.sessions_dir}
         self.workers[worker_id] = subprocess.Popen(cmd, env=env)
         log.info("worker_started", worker=worker_id, pid=self.workers[worker_id].pid)
 
@@ -73,6 +83,7 @@ class Supervisor:
             if resolver.embedded is not None:
                 resolver.embedded.stop()
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
+            shutil.rmtree(self.sessions_dir, ignore_errors=True)
 
     def _watch(self, bootstrap: dict[str, str]) -> None:
         """Until a stop signal: restart dead workers, forward reloads."""
@@ -86,6 +97,7 @@ class Supervisor:
                 if code is None:
                     continue
                 self._mark_dead(proc.pid)
+                self._forget(worker_id)
                 count = self.restarts.get(worker_id, 0)
                 self.restarts[worker_id] = count + 1
                 delay = RESTART_BACKOFF_S[min(count, len(RESTART_BACKOFF_S) - 1)]
@@ -114,6 +126,13 @@ class Supervisor:
             self._mark_dead(proc.pid)
         log.info("supervisor_stopped")
         return code
+
+    def _forget(self, worker_id: int) -> None:
+        """A dead worker owns no client id any more (its clients may connect elsewhere)."""
+        try:
+            mqtt_registry_db.forget_worker(self.sessions_dir, worker_id)
+        except Exception:
+            log.exception("session_registry_cleanup_failed", worker=worker_id)
 
     def _mark_dead(self, pid: int) -> None:
         from prometheus_client import multiprocess

@@ -6,6 +6,7 @@ reuse-port flag) and returns its server and a cleanup; the app owns the order.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -35,7 +36,7 @@ def mqtt_enabled(config: Config) -> bool:
     return listeners.mqtt.enabled or listeners.mqtts.enabled or listeners.ws.enabled
 
 
-async def start_mqtt(pipeline: Pipeline, config: Config, reuse_port: bool
+async def start_mqtt(pipeline: Pipeline, config: Config, reuse_port: bool, worker_id: int = 0
                      ) -> tuple[MqttServer, Cleanup]:
     """The MQTT server (TCP and TLS listeners; WebSocket clients reach it through HTTP)."""
     from gateway.protocols.mqtt.events import MqttLimits
@@ -50,7 +51,11 @@ async def start_mqtt(pipeline: Pipeline, config: Config, reuse_port: bool
         topic_alias_maximum=config.limits.topic_alias_maximum,
         max_connections=config.limits.max_connections,
     )
-    server = MqttServer(pipeline, limits)
+    from gateway.sources.mqtt_registry import open_shared
+
+    # Under the supervisor (workers > 1) client ids and QoS 2 ids are shared by the workers.
+    shared = open_shared(worker_id, limits, asyncio.get_running_loop().time())
+    server = MqttServer(pipeline, limits, shared=shared)
     server.start_background()  # also for MQTT over WebSocket with no TCP listener
     if listeners.mqtt.enabled:
         await server.start(listeners.mqtt.host, listeners.mqtt.port, reuse_port=reuse_port)

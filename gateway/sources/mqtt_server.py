@@ -13,7 +13,10 @@ PUBACK / PUBREC the session releases when ``on_done`` says the message is safe.
 Reading stops while the pipeline says so (``pipeline.flow``) and while a
 connection has ``limits.receive_maximum`` messages unanswered.  One sweep task
 checks every session's deadline (CONNECT timeout, 1.5 x keep alive) and
-expires stored client state; there are no per-connection timers.
+expires stored client state; there are no per-connection timers.  With
+``workers > 1`` the store is ``mqtt_registry.SharedSessions``: a CONNECT for a
+client id another worker owns is held (no CONNACK, no reading) until that
+worker has given it up (``MqttConnection.held``).
 
 Acks arrive in batches (one per Kafka poll, or one per spool fsync): ``on_done``
 only queues the ack bytes in the session and marks the connection; one
@@ -32,7 +35,7 @@ import ssl as ssl_module
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import structlog
 
@@ -47,6 +50,9 @@ from gateway.protocols.mqtt.events import (
 )
 from gateway.protocols.mqtt.session import MqttSession
 from gateway.protocols.mqtt.store import SessionStore
+
+if TYPE_CHECKING:
+    from gateway.sources.mqtt_registry import SharedSessions
 
 __all__ = ["MqttLimits", "MqttServer"]
 
@@ -74,11 +80,14 @@ class MqttServer:
         log: Any = None,
         *,
         sweep_interval: float = 1.0,
+        shared: SharedSessions | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.limits = limits or MqttLimits()
         self.log = log if log is not None else structlog.get_logger("lastmile.mqtt")
-        self.store = SessionStore()
+        # With workers > 1 the store is shared by all workers (mqtt_registry).
+        self.shared = shared
+        self.store: SessionStore = shared if shared is not None else SessionStore()
         self.connections: set[MqttConnection] = set()
         self.refused_connections = 0  # over limits.max_connections
         self.registry: dict[str, MqttConnection] = {}  # client id -> live connection
@@ -125,6 +134,8 @@ class MqttServer:
         ``start`` calls it; MQTT over WebSocket alone (no TCP listener) needs it too.
         """
         if self._sweeper is None:
+            if self.shared is not None:
+                self.shared.attach(self)
             self._sweeper = asyncio.create_task(self._sweep_forever(), name="mqtt-sweep")
             self._unsubscribe = self.pipeline.flow.subscribe(self._on_flow)
 
@@ -159,6 +170,8 @@ class MqttServer:
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
+        if self.shared is not None:
+            self.shared.close()
 
     # --- called by connections and the pipeline -----------------------------------
 
@@ -166,20 +179,30 @@ class MqttServer:
         """The pipeline's verdict on one message; runs exactly once per PUBLISH."""
         session = token.session
         if outcome.ok:
-            events = session.ack(token)
+            self.deliver(token, 0, None)
         else:
             error = outcome.error
             if error is None:
-                events = session.ack(token, 0x80)
+                self.deliver(token, 0x80, None)
             else:
-                events = session.ack(token, error.mqtt_reason, error.message,
-                                     retriable=error.retriable)
+                self.deliver(token, error.mqtt_reason, error.message, retriable=error.retriable)
                 if session.version == 4 and token.qos and not error.retriable:
                     # 3.1.1 cannot refuse a message: it gets its ack [MQTT-3.3.5-2], so the
                     # refusal must be visible here (docs/mqtt.md).
                     self.log.info("mqtt_publish_refused", client_id=session.client_id,
                                   packet_id=token.packet_id, error=error.code,
                                   reason=error.message)
+        if token.qos == 2 and self.shared is not None:
+            self.shared.verdict(token, token.reason_code)  # another worker may wait for it
+
+    def deliver(self, token: PublishToken, code: int, reason: str | None, *,
+                retriable: bool = True) -> None:
+        """Ack ``token`` and write the ack on the connection that now waits for it.
+
+        A verdict handed over from another worker carries no retriable flag: it
+        counts as retriable, so a 3.1.1 client retries rather than being acked.
+        """
+        events = token.session.ack(token, code, reason, retriable=retriable)
         # The token follows a client that reconnected: write on its current connection.
         conn = token.session.context
         if isinstance(conn, MqttConnection):
@@ -218,7 +241,7 @@ class MqttServer:
 
 class MqttConnection(asyncio.Protocol):
     # Kept small: one per device. Shared things (limits, pipeline) live on the server.
-    __slots__ = ("_reading", "cert_identity", "server", "session", "transport")
+    __slots__ = ("_reading", "cert_identity", "held", "server", "session", "transport")
 
     def __init__(self, server: MqttServer) -> None:
         self.server = server
@@ -228,6 +251,8 @@ class MqttConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.cert_identity: str | None = None
         self._reading = True
+        # CONNACK and what follows wait while another worker gives the client id up.
+        self.held = False
 
     @property
     def peer(self) -> str:
@@ -303,7 +328,7 @@ class MqttConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        want = not self.server.pipeline.flow.paused and (
+        want = not self.held and not self.server.pipeline.flow.paused and (
             self.session.pending < self.server.limits.receive_maximum
         )
         if want != self._reading:
@@ -317,11 +342,17 @@ class MqttConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def release_hold(self) -> None:
+        """The client id is ours now: write the CONNACK and read again."""
+        if self.held:
+            self.held = False
+            self.after_ack()
+
     # --- internals -------------------------------------------------------------------
 
     def _flush(self) -> None:
         transport = self.transport
-        if transport is None:
+        if transport is None or self.held:
             return
         out = self.session.data_to_send()
         if out and not transport.is_closing():
@@ -356,7 +387,14 @@ class MqttConnection(asyncio.Protocol):
         old = registry.get(event.client_id)
         registry[event.client_id] = self
         if old is not None and old is not self:
-            old.handle_events(old.session.takeover())
+            if old.held:
+                old.abort()  # it never got its CONNACK
+            else:
+                old.handle_events(old.session.takeover())
+        shared = self.server.shared
+        if shared is not None and shared.connected(self, event.client_id):
+            self.held = True
+            self.update_reading()
         if self.server.debug:
             self.server.log.debug("mqtt_connected", peer=self.peer, client_id=event.client_id,
                                   version=event.version, session_present=event.session_present)

@@ -242,6 +242,11 @@ class MqttSession:
             self._events = None
         return events
 
+    def imported_qos2(self, count: int) -> None:
+        """``count`` unreleased QoS 2 ids came into the store after CONNECT (from another
+        worker of the gateway): they count against Receive Maximum like the others."""
+        self._inflight += count
+
     def expire(self, now: float) -> list[Event]:
         """Called by the sweep once ``now >= deadline``."""
         events: list[Event] = []

@@ -1,0 +1,266 @@
+"""The session registry's shared store: one SQLite file (WAL) for the workers of one gateway.
+
+The supervisor creates the directory and the schema (``create``) and, when a
+worker dies, orphans what it held (``forget_worker``); each worker opens its
+own connection (``RegistryDb``).  Three tables:
+
+- ``workers``: worker id -> generation of the live incarnation.  A generation
+  that is not here is dead: nothing it held is waited for.
+- ``clients``: client id -> owning worker, its generation, the claim (a fresh
+  random number per CONNECT) and when the kept state expires (NULL: connected).
+- ``qos2``: unreleased QoS 2 packet ids written at a handover: done (a verdict,
+  with its reason code) or in progress (``done = 0``), with the generation that
+  will write the verdict (``holder_gen``).
+
+Nothing is written per message: rows are written per CONNECT, per disconnect
+and per handover.  Clocks are ``CLOCK_MONOTONIC`` seconds (the event loops'
+``time()``), the same in every process of one machine.  Durability is not
+wanted (the file lives as long as the process tree): ``synchronous=OFF``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+ENV = "LASTMILE_SESSIONS_DIR"  # set by the supervisor for its workers
+DB_NAME = "sessions.sqlite3"
+ORPHAN_KEEP_S = 24 * 3600.0  # state of a dead worker's connected clients: kept this long
+BUSY_TIMEOUT_S = 5.0  # waiting for another worker's write lock longer than this is an error
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS workers (worker INTEGER PRIMARY KEY, gen INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS clients (
+    client_id TEXT PRIMARY KEY, worker INTEGER, gen INTEGER, claim INTEGER NOT NULL,
+    expires_at REAL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS clients_worker ON clients (worker);
+CREATE TABLE IF NOT EXISTS qos2 (
+    client_id TEXT NOT NULL, packet_id INTEGER NOT NULL, done INTEGER NOT NULL,
+    code INTEGER NOT NULL, holder_gen INTEGER NOT NULL,
+    PRIMARY KEY (client_id, packet_id)) WITHOUT ROWID;
+"""
+_ALIVE = "holder_gen IN (SELECT gen FROM workers)"
+
+
+def new_id() -> int:
+    """A random positive 62-bit number (generations and claims never repeat in practice)."""
+    return int.from_bytes(os.urandom(8), "big") >> 2
+
+
+def connect(directory: str | Path) -> sqlite3.Connection:
+    db = sqlite3.connect(Path(directory) / DB_NAME, isolation_level=None)
+    # SQLite's own busy handler sleeps up to 100 ms at a time: a whole event loop would
+    # stall behind a lock holder that was merely descheduled.  ``_begin`` waits in 0.1-2 ms
+    # steps instead.
+    db.execute("PRAGMA busy_timeout = 0")
+    db.execute("PRAGMA synchronous = OFF")
+    return db
+
+
+def create(directory: str | Path) -> None:
+    """Make the store for a new process tree (the supervisor, before any worker)."""
+    db = connect(directory)
+    try:
+        db.execute("PRAGMA journal_mode = WAL")
+        db.executescript(_SCHEMA)
+    finally:
+        db.close()
+
+
+def _begin(db: sqlite3.Connection) -> None:
+    delay, deadline = 0.0001, time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(delay)  # another worker writes: its transactions take microseconds
+        delay = min(delay * 2, 0.002)
+
+
+@contextlib.contextmanager
+def _txn(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    _begin(db)
+    try:
+        yield db
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def _orphan(db: sqlite3.Connection, worker: int, now: float) -> None:
+    """Forget a dead incarnation: its clients keep their rows (session present), its
+    in-progress QoS 2 verdicts are gone (a retransmission is produced again)."""
+    db.execute("DELETE FROM workers WHERE worker = ?", (worker,))
+    db.execute("UPDATE clients SET worker = NULL, gen = NULL,"
+               " expires_at = COALESCE(expires_at, ?) WHERE worker = ?",
+               (now + ORPHAN_KEEP_S, worker))
+    db.execute(f"DELETE FROM qos2 WHERE done = 0 AND NOT {_ALIVE}")
+
+
+def forget_worker(directory: str | Path, worker: int) -> None:
+    """The supervisor saw ``worker`` die: nobody waits for it any more."""
+    db = connect(directory)
+    try:
+        with _txn(db):
+            _orphan(db, worker, time.monotonic())
+    finally:
+        db.close()
+
+
+class Prev:
+    """The row a claim replaced: its owner (None: orphaned), whether that owner is this
+    incarnation or another live one, and when its kept state expires (None: connected)."""
+
+    __slots__ = ("alive", "expires_at", "mine", "worker")
+
+    def __init__(self, worker: int | None, expires_at: float | None, alive: bool,
+                 mine: bool) -> None:
+        self.worker = worker
+        self.expires_at = expires_at
+        self.alive = alive
+        self.mine = mine
+
+
+class RegistryDb:
+    """One worker's connection to the store; every call is one short transaction."""
+
+    def __init__(self, directory: str | Path, worker: int, now: float) -> None:
+        self.db = connect(directory)
+        self.worker = worker
+        self.gen = new_id()
+        with _txn(self.db) as db:
+            _orphan(db, worker, now)  # a predecessor the supervisor did not report
+            db.execute("INSERT INTO workers VALUES (?, ?)", (worker, self.gen))
+
+    def close(self) -> None:
+        with contextlib.suppress(sqlite3.Error), _txn(self.db) as db:
+            db.execute("DELETE FROM workers WHERE worker = ? AND gen = ?",
+                       (self.worker, self.gen))
+        self.db.close()
+
+    def claim(self, client_id: str) -> tuple[Prev | None, int]:
+        """Make this worker the owner of ``client_id``; the row it replaced and the claim.
+
+        A claim of our own row keeps its number: an old owner's answer still counts.
+        """
+        with _txn(self.db) as db:
+            row = db.execute(
+                "SELECT c.worker, c.gen, c.expires_at, w.gen IS NOT NULL, c.claim FROM clients c"
+                " LEFT JOIN workers w ON w.worker = c.worker AND w.gen = c.gen"
+                " WHERE c.client_id = ?", (client_id,)).fetchone()
+            mine = row is not None and row[1] == self.gen
+            claim = row[4] if mine else new_id()
+            db.execute("INSERT OR REPLACE INTO clients VALUES (?, ?, ?, ?, NULL)",
+                       (client_id, self.worker, self.gen, claim))
+        if row is None:
+            return None, claim
+        return Prev(row[0], row[2], bool(row[3]) and not mine, mine), claim
+
+    def rename_claim(self, client_id: str, claim: int) -> int:
+        """A new claim number, so a late export for the old one is not written."""
+        new = new_id()
+        with _txn(self.db) as db:
+            db.execute("UPDATE clients SET claim = ? WHERE client_id = ? AND claim = ?",
+                       (new, client_id, claim))
+        return new
+
+    def release(self, client_id: str, expires_at: float | None) -> None:
+        """The connection ended; keep the row until ``expires_at`` (None: drop it now)."""
+        with _txn(self.db) as db:
+            if expires_at is None:
+                gone = db.execute("DELETE FROM clients WHERE client_id = ? AND gen = ?",
+                                  (client_id, self.gen)).rowcount
+                if gone:
+                    db.execute("DELETE FROM qos2 WHERE client_id = ?", (client_id,))
+            else:
+                db.execute("UPDATE clients SET expires_at = ? WHERE client_id = ? AND gen = ?",
+                           (expires_at, client_id, self.gen))
+
+    def expire(self, client_ids: Iterable[str], now: float, orphans: bool) -> None:
+        with _txn(self.db) as db:
+            for cid in client_ids:
+                if db.execute("DELETE FROM clients WHERE client_id = ? AND gen = ?",
+                              (cid, self.gen)).rowcount:
+                    db.execute("DELETE FROM qos2 WHERE client_id = ?", (cid,))
+            if orphans:
+                db.execute("DELETE FROM qos2 WHERE client_id IN (SELECT client_id FROM"
+                           " clients WHERE worker IS NULL AND expires_at <= ?)", (now,))
+                db.execute("DELETE FROM clients WHERE worker IS NULL AND expires_at <= ?",
+                           (now,))
+
+    def export(self, client_id: str, claim: int, rows: list[tuple[int, bool, int]]) -> bool:
+        """Write this worker's QoS 2 ids of ``client_id`` for the claim that took it over.
+
+        False (nothing written) when that claim is no longer the current one.
+        """
+        with _txn(self.db) as db:
+            row = db.execute("SELECT claim FROM clients WHERE client_id = ?",
+                             (client_id,)).fetchone()
+            if row is None or row[0] != claim:
+                return False
+            db.executemany("INSERT OR REPLACE INTO qos2 VALUES (?, ?, ?, ?, ?)",
+                           [(client_id, pid, done, code, self.gen) for pid, done, code in rows])
+        return True
+
+    def take_rows(self, client_id: str, keep: bool) -> list[tuple[int, bool, int, int]]:
+        """The QoS 2 ids handed to this owner: (packet id, done, code, holder generation).
+
+        Verdicts are deleted as they are read (this worker holds them now); in-progress
+        rows stay until their verdict arrives; those of dead holders are dropped.
+        ``keep`` False (clean start): drop them all.
+        """
+        with _txn(self.db) as db:
+            rows: list[tuple[int, bool, int, int]] = []
+            if keep:
+                rows = [(pid, bool(done), code, gen) for pid, done, code, gen in db.execute(
+                    f"SELECT packet_id, done, code, holder_gen FROM qos2"
+                    f" WHERE client_id = ? AND (done = 1 OR {_ALIVE})", (client_id,))]
+                db.execute(f"DELETE FROM qos2 WHERE client_id = ? AND (done = 1 OR NOT {_ALIVE})",
+                           (client_id,))
+            else:
+                db.execute("DELETE FROM qos2 WHERE client_id = ?", (client_id,))
+        return rows
+
+    def verdicts(self, client_id: str) -> tuple[dict[int, int], set[int]]:
+        """Verdicts written for ``client_id`` (read and deleted) and the ids still in progress
+        at a live holder; an awaited id in neither was lost with its worker.
+
+        Polled by the sweep: a read (no lock) unless there is something to delete.
+        """
+        done: dict[int, int] = {}
+        pending: set[int] = set()
+        stale = False
+        for pid, is_done, code, alive in self.db.execute(
+                f"SELECT packet_id, done, code, {_ALIVE} FROM qos2 WHERE client_id = ?",
+                (client_id,)):
+            if is_done:
+                done[pid] = code
+            elif alive:
+                pending.add(pid)
+            else:
+                stale = True
+        if done or stale:
+            with _txn(self.db) as db:
+                db.executemany("DELETE FROM qos2 WHERE client_id = ? AND packet_id = ?"
+                               " AND done = 1", [(client_id, pid) for pid in done])
+                db.execute(f"DELETE FROM qos2 WHERE client_id = ? AND done = 0 AND NOT {_ALIVE}",
+                           (client_id,))
+        return done, pending
+
+    def write_verdict(self, client_id: str, packet_id: int, code: int) -> int | None:
+        """A late verdict of an exported id; returns the worker that owns the client now."""
+        with _txn(self.db) as db:
+            db.execute("UPDATE qos2 SET done = 1, code = ? WHERE client_id = ? AND packet_id = ?"
+                       " AND holder_gen = ? AND done = 0",
+                       (code, client_id, packet_id, self.gen))
+            row = db.execute("SELECT worker FROM clients WHERE client_id = ?",
+                             (client_id,)).fetchone()
+        return None if row is None else row[0]

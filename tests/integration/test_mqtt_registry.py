@@ -1,0 +1,142 @@
+"""The shared session registry with two in-process "workers" (two MqttServers, one store).
+
+Each server listens on its own port, so the test chooses the worker; the store and
+the datagram sockets are the real ones.  The supervisor-level tests with paho are in
+test_workers_sessions.py; these reach the cases a real process tree makes hard to
+time: a stuck old owner, a verdict holder that dies after the handover.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.model import Outcome
+from gateway.protocols.mqtt import packets as p
+from gateway.protocols.mqtt.events import MqttLimits
+from gateway.protocols.mqtt.properties import Properties
+from gateway.sources import mqtt_registry, mqtt_registry_db
+from gateway.sources.mqtt_server import MqttServer
+from tests.integration.test_mqtt_server import Client, FakePipeline
+
+pytestmark = pytest.mark.integration
+LIMITS = MqttLimits(receive_maximum=16)
+
+
+@pytest.fixture
+async def workers(tmp_path: Path) -> AsyncIterator[list[tuple[MqttServer, FakePipeline]]]:
+    mqtt_registry_db.create(tmp_path)
+    out = []
+    for worker in (0, 1):
+        pipeline = FakePipeline()
+        shared = mqtt_registry.SharedSessions(str(tmp_path), worker, LIMITS,
+                                              asyncio.get_running_loop().time())
+        srv = MqttServer(pipeline, LIMITS, sweep_interval=0.1, shared=shared)
+        await srv.start("127.0.0.1", 0)
+        out.append((srv, pipeline))
+    yield out
+    for srv, _ in out:
+        await srv.close(0.1)
+
+
+async def connect(srv: MqttServer, client_id: str, present: bool | None = None) -> Client:
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.ports[0])
+    client = Client(reader, writer, 5)
+    client.send(p.Connect(protocol_level=5, client_id=client_id, clean_start=False,
+                          properties=Properties(session_expiry_interval=300)))
+    connack = await client.recv(10)
+    assert isinstance(connack, p.Connack) and connack.reason_code == 0
+    if present is not None:
+        assert connack.session_present is present
+    return client
+
+
+def qos2(client: Client, pid: int, dup: bool = False) -> None:
+    client.send(p.Publish(topic="t", payload=b"x", qos=2, packet_id=pid, dup=dup,
+                          properties=Properties()))
+
+
+async def received(pipeline: FakePipeline, count: int) -> None:
+    for _ in range(200):
+        if len(pipeline.received) >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{len(pipeline.received)} messages, expected {count}")
+
+
+async def test_safe_and_pending_ids_move_with_the_client(workers: Any) -> None:
+    (a, pipe_a), (b, pipe_b) = workers
+    old = await connect(a, "mover", present=False)
+    qos2(old, 1)
+    qos2(old, 2)
+    await received(pipe_a, 2)
+    pipe_a.received[0][1](Outcome(ok=True))
+    assert await old.recv() == p.Pubrec(packet_id=1)
+
+    new = await connect(b, "mover", present=True)
+    got = await old.recv()
+    assert isinstance(got, p.Disconnect) and got.reason_code == 0x8E
+    qos2(new, 1, dup=True)
+    assert await new.recv() == p.Pubrec(packet_id=1)  # safe at worker 0: not produced again
+    qos2(new, 2, dup=True)
+    assert await new.recv(0.3) is None  # its verdict is still due at worker 0
+    pipe_a.received[1][1](Outcome(ok=True))
+    assert await new.recv() == p.Pubrec(packet_id=2)
+    new.send(p.Pubrel(packet_id=1))
+    assert await new.recv() == p.Pubcomp(packet_id=1)
+    assert pipe_b.received == []
+
+
+async def test_a_stuck_owner_is_given_up_and_its_late_answer_ignored(
+    workers: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (a, pipe_a), (b, _) = workers
+    monkeypatch.setattr(mqtt_registry, "HANDOVER_TIMEOUT_S", 0.3)
+    old = await connect(a, "stuck")
+    qos2(old, 7)
+    await received(pipe_a, 1)
+    pipe_a.received[0][1](Outcome(ok=True))
+    assert await old.recv() == p.Pubrec(packet_id=7)
+    loop = asyncio.get_running_loop()
+    shared_a = a.shared
+    assert shared_a is not None
+    loop.remove_reader(shared_a.mailbox.sock.fileno())  # worker 0 stops answering
+
+    await connect(b, "stuck", present=True)  # after the timeout
+    loop.add_reader(shared_a.mailbox.sock.fileno(), shared_a.mailbox._readable)
+    got = await old.recv()  # it reads the take at last and ends its connection
+    assert isinstance(got, p.Disconnect) and got.reason_code == 0x8E
+    rows = shared_a.db.db.execute("SELECT count(*) FROM qos2").fetchone()[0]
+    assert rows == 0  # its answer came for an old claim: not written
+
+
+async def test_a_verdict_lost_with_its_worker_lets_the_message_be_sent_again(
+    workers: Any, tmp_path: Path
+) -> None:
+    (a, pipe_a), (b, pipe_b) = workers
+    old = await connect(a, "orphan")
+    qos2(old, 3)
+    qos2(old, 4)
+    await received(pipe_a, 2)
+    new = await connect(b, "orphan", present=True)
+    qos2(new, 3, dup=True)  # waits for worker 0's verdict
+    shared_b = b.shared
+    assert shared_b is not None
+    for _ in range(200):  # until the retransmission has joined the id taken over
+        token = shared_b._awaiting["orphan"][3]
+        if token.session is not shared_b._limbo:
+            break
+        await asyncio.sleep(0.01)
+    mqtt_registry_db.forget_worker(tmp_path, 0)  # worker 0 dies with both verdicts
+
+    got = await new.recv()  # the client waiting on id 3 is told to send it again
+    assert isinstance(got, p.Disconnect) and got.reason_code == 0x80
+    again = await connect(b, "orphan", present=True)
+    qos2(again, 3, dup=True)
+    qos2(again, 4, dup=True)
+    await received(pipe_b, 2)  # both produced again: at least once
+    assert len(pipe_b.received) == 2
