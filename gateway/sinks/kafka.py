@@ -76,6 +76,18 @@ def classify(err: KafkaError) -> DeliveryFailed:
     )
 
 
+def _check_header_names(headers: list[tuple[str, bytes]]) -> None:
+    """Raise for a header name librdkafka cannot take.
+
+    confluent-kafka 2.x crashes the process (SIGSEGV) on a name that is not
+    encodable as UTF-8 (a lone surrogate); the edges refuse those, this is the
+    last guard.  ``isascii`` keeps the usual case to one C call per header.
+    """
+    for name, _ in headers:
+        if not name.isascii():
+            name.encode("utf-8")  # UnicodeEncodeError: this record fails alone
+
+
 class _LibrdkafkaLog:
     """librdkafka's log lines as structured events instead of raw stderr (syslog levels)."""
 
@@ -111,6 +123,10 @@ class KafkaSink:
         self._backlog: deque[tuple[Record, DeliveryCallback]] = deque()
         self.delivered = 0
         self.failed = 0
+        # Records librdkafka took, and reports handled on the loop: in_flight is the
+        # difference. librdkafka's len() also counts queued error events, so it lags.
+        self._handed = 0
+        self._reported = 0
         self.restarts = 0
         self._restart_needed = False
         # Producers replaced after a fatal error, polled until their queues are empty.
@@ -119,8 +135,7 @@ class KafkaSink:
     @property
     def in_flight(self) -> int:
         """Records handed over and not yet reported (read for metrics, not per record)."""
-        producers = [p for p in (self._producer, *self._retiring) if p is not None]
-        return len(self._backlog) + sum(len(p) for p in producers)
+        return len(self._backlog) + self._handed - self._reported
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -189,6 +204,8 @@ class KafkaSink:
         partition = record.partition
         headers: Any = record.headers or None  # the stub wants list[tuple[str, str | bytes]]
         try:
+            if headers:
+                _check_header_names(headers)
             self._producer.produce(
                 record.topic, record.value, record.key,
                 -1 if partition is None else partition,  # -1: librdkafka's partitioner
@@ -199,6 +216,15 @@ class KafkaSink:
             return False
         except KafkaException as exc:
             self._finish(record, callback, None, classify(exc.args[0]))
+            return True
+        except Exception as exc:  # any other refusal fails this record only, never hangs it
+            # OverflowError (partition beyond int32), TypeError, UnicodeEncodeError...:
+            # the record can never be produced; it must not stay open in the buffer.
+            self._finish(record, callback, None, DeliveryFailed(
+                f"Kafka client refused the record: {type(exc).__name__}: {exc}",
+                retriable=False, kafka_code="invalid_record"))
+            return True
+        self._handed += 1
         return True
 
     def _drain_backlog(self) -> None:
@@ -256,6 +282,7 @@ class KafkaSink:
     def _dispatch(self, batch: list[tuple[Record, DeliveryCallback, Any, Any]]) -> None:
         name = self.name
         delivered = 0
+        self._reported += len(batch)
         for record, callback, err, msg in batch:
             if err is None:
                 delivered += 1
