@@ -88,6 +88,17 @@ def _check_header_names(headers: list[tuple[str, bytes]]) -> None:
             name.encode("utf-8")  # UnicodeEncodeError: this record fails alone
 
 
+# Producer-only keys: idempotence would make the check's client fetch a producer id
+# (and gapless is refused without it); everything else, security included, is kept.
+_ADMIN_DROPPED = {"enable.idempotence", "enable.gapless.guarantee", "transactional.id",
+                  "error_cb"}
+
+
+def admin_settings(producer: dict[str, Any]) -> dict[str, Any]:
+    """The settings the startup metadata check uses: the producer's, minus producer-only keys."""
+    return {k: v for k, v in producer.items() if k not in _ADMIN_DROPPED}
+
+
 class _LibrdkafkaLog:
     """librdkafka's log lines as structured events instead of raw stderr (syslog levels)."""
 
@@ -151,15 +162,25 @@ class KafkaSink:
         log.info("kafka_sink_started", cluster=self.name, bootstrap=self.bootstrap)
 
     def _check_metadata(self) -> None:
-        settings: dict[str, Any] = {"bootstrap.servers": self.bootstrap,
-                                    "logger": _LibrdkafkaLog(self.name)}
+        """Ask the cluster for metadata with the producer's own settings (TLS, SASL...).
+
+        confluent-kafka's AdminClient is a librdkafka client like the producer and
+        takes the same keys, so a secured cluster is reached the way the producer
+        will reach it, and a wrong security setting fails here, at startup.
+        """
+        errors: list[str] = []
+        settings = admin_settings(self._settings)
+        settings["error_cb"] = lambda err: errors.append(err.str())
         admin = AdminClient(settings)
         try:
             md = admin.list_topics(timeout=self._connect_timeout)
         except KafkaException as exc:
+            reason = exc.args[0].str() if exc.args else str(exc)
+            admin.poll(0)  # serves error_cb: the handshake or auth failure says why
+            last = f" (last client error: {errors[-1]})" if errors else ""
             raise Unavailable(
                 f"Kafka cluster '{self.name}' at {self.bootstrap} did not answer within "
-                f"{self._connect_timeout:g}s: {exc.args[0].str() if exc.args else exc}"
+                f"{self._connect_timeout:g}s: {reason}{last}"
             ) from exc
         log.info("kafka_cluster_reachable", cluster=self.name, brokers=len(md.brokers))
 
