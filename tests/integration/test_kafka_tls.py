@@ -115,7 +115,7 @@ async def test_plaintext_client_against_tls_cluster_fails_startup(pki: Path) -> 
     async with tls_cluster(pki) as broker:
         sink = KafkaSink("secure", Cluster(bootstrap_servers=broker.bootstrap,
                                            connect_timeout_s=3.0))
-        with pytest.raises(Unavailable, match="secure.*did not answer"):
+        with pytest.raises(Unavailable, match=r"secure.*did not answer"):
             await sink.start()
 
 
