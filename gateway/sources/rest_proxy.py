@@ -18,6 +18,7 @@ import asyncio
 import base64
 import binascii
 import time
+from typing import Annotated
 
 import msgspec
 from aiohttp import web
@@ -53,10 +54,14 @@ _EMPTY = msgspec.Raw()
 _encode = msgspec.json.Encoder().encode
 
 
+# Kafka partitions are int32; librdkafka raises OverflowError beyond (issue #10).
+Partition = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
+
+
 class RestRecord(msgspec.Struct):
     key: msgspec.Raw = _EMPTY
     value: msgspec.Raw = _EMPTY
-    partition: int | None = None
+    partition: Partition | None = None
 
 
 class RestProduce(msgspec.Struct):
@@ -147,7 +152,13 @@ def _offset(outcome: Outcome) -> dict[str, object]:
 
 
 async def produce(pipeline: Pipeline, request: web.Request, identity: Identity,
-                  body: bytes, max_records: int) -> web.Response:
+                  body: bytes, max_records: int, earlier: list[object | None] | None = None,
+                  ) -> tuple[web.Response, list[object | None]]:
+    """The answer, and each record's final ``offsets`` entry (None: retriable, retry it).
+
+    ``earlier``: the entries an earlier attempt with the same Idempotency-Key
+    settled; those records are answered from it, not produced again.
+    """
     fmt = FORMATS.get(media_type(request))
     if fmt is None:
         raise UnsupportedMediaType(
@@ -156,14 +167,24 @@ async def produce(pipeline: Pipeline, request: web.Request, identity: Identity,
     topic = request.match_info["topic"]
     check_topic(rule_topic(topic))
     messages = _messages(body, fmt, topic, identity, max_records)
-    outcomes = await asyncio.gather(*(publish(pipeline, m) for m in messages))
-    refused = [o for o in outcomes if not o.ok]
-    if len(refused) == len(outcomes) and refused[0].error is not None:
-        # Nothing was taken: answer as REST Proxy does for a whole failed request.
-        raise refused[0].error
-    if all(o.dead_lettered for o in outcomes):
-        raise NoMatchingRule(f"no rule routes Kafka topic {topic!r} "
-                             "(records kept in the dead-letter topic)")
-    body_out = {"key_schema_id": None, "value_schema_id": None,
-                "offsets": [_offset(o) for o in outcomes]}
-    return web.Response(body=_encode(body_out), status=200, content_type=RESPONSE_TYPE)
+    redo = [i for i in range(len(messages))
+            if earlier is None or i >= len(earlier) or earlier[i] is None]
+    outcomes = await asyncio.gather(*(publish(pipeline, messages[i]) for i in redo))
+    if earlier is None:
+        refused = [o for o in outcomes if not o.ok]
+        if len(refused) == len(outcomes) and refused[0].error is not None:
+            # Nothing was taken: answer as REST Proxy does for a whole failed request.
+            raise refused[0].error
+        if all(o.dead_lettered for o in outcomes):
+            raise NoMatchingRule(f"no rule routes Kafka topic {topic!r} "
+                                 "(records kept in the dead-letter topic)")
+    offsets: list[object | None] = list(earlier or [None] * len(messages))
+    offsets += [None] * (len(messages) - len(offsets))
+    settled = list(offsets)
+    for index, outcome in zip(redo, outcomes, strict=True):
+        entry = _offset(outcome)
+        offsets[index] = entry
+        settled[index] = entry if entry["error_code"] != 2 else None
+    body_out = {"key_schema_id": None, "value_schema_id": None, "offsets": offsets}
+    response = web.Response(body=_encode(body_out), status=200, content_type=RESPONSE_TYPE)
+    return response, settled
