@@ -26,8 +26,15 @@ from confluent_kafka.admin import AdminClient
 
 from gateway.config import producer_settings
 from gateway.config.schema import Cluster
-from gateway.errors import DeliveryFailed, GatewayError, ShuttingDown, Unavailable
-from gateway.model import Delivery, Record
+from gateway.errors import (
+    DeliveryFailed,
+    GatewayError,
+    RecordTooLarge,
+    ShuttingDown,
+    Unavailable,
+    UnknownPartition,
+)
+from gateway.model import Delivery, Record, record_wire_size
 
 log = structlog.get_logger("lastmile.kafka")
 
@@ -142,6 +149,10 @@ class KafkaSink:
         self._restart_needed = False
         # Producers replaced after a fatal error, polled until their queues are empty.
         self._retiring: list[Producer] = []
+        # Partition count per topic, from metadata: client-chosen partitions are
+        # checked against it before any ack (docs/contract.md).
+        self.partitions: dict[str, int] = {}
+        self._refreshing: set[str] = set()
 
     @property
     def in_flight(self) -> int:
@@ -182,7 +193,55 @@ class KafkaSink:
                 f"Kafka cluster '{self.name}' at {self.bootstrap} did not answer within "
                 f"{self._connect_timeout:g}s: {reason}{last}"
             ) from exc
+        self._learn(md)
         log.info("kafka_cluster_reachable", cluster=self.name, brokers=len(md.brokers))
+
+    def _learn(self, md: Any) -> None:
+        for topic, meta in md.topics.items():
+            if meta.error is None and meta.partitions:
+                self.partitions[topic] = len(meta.partitions)
+
+    # --- explicit partitions -------------------------------------------------------
+
+    def check_partition(self, topic: str, partition: int,
+                        acks_before_kafka: bool) -> GatewayError | None:
+        """Refuse a partition the topic does not have, before any ack.
+
+        Known topic: decided from metadata (refreshed in the background when a
+        record names a partition beyond what is known: the topic may have grown).
+        Unknown topic: when the ack waits for Kafka, librdkafka itself refuses a
+        bad partition first; when it would come from the spool, the record is
+        refused with 503 until the metadata is known (one retry per new topic).
+        """
+        known = self.partitions.get(topic)
+        if known is not None and partition < known:
+            return None
+        self._refresh(topic)
+        if known is not None:
+            return UnknownPartition(f"topic '{topic}' has {known} partitions; "
+                                    f"partition {partition} does not exist",
+                                    topic=topic, partition=partition)
+        if not acks_before_kafka:
+            return None
+        return Unavailable(f"partitions of topic '{topic}' not known yet; retry",
+                           topic=topic)
+
+    def _refresh(self, topic: str) -> None:
+        if topic in self._refreshing or self._loop is None or self._producer is None:
+            return
+        self._refreshing.add(topic)
+        producer = self._producer
+
+        def fetch() -> None:
+            try:
+                self._learn(producer.list_topics(topic, timeout=self._connect_timeout))
+            except Exception as exc:  # Kafka unreachable: the next record asks again
+                log.warning("kafka_metadata_failed", cluster=self.name, topic=topic,
+                            reason=str(exc))
+            finally:
+                self._refreshing.discard(topic)
+
+        self._loop.run_in_executor(None, fetch)
 
     async def close(self, timeout: float) -> int:
         """Flush with a deadline; fail what is left. Returns the count not delivered."""
@@ -339,3 +398,30 @@ class KafkaSink:
             self._restart_needed = True
         log.warning("kafka_client_error", cluster=self.name, code=err.name(), reason=err.str(),
                     fatal=err.fatal(), at=time.time())
+
+
+Admit = Callable[[Record], GatewayError | None]
+
+
+def admission(sinks: dict[str, KafkaSink], max_record_bytes: int,
+              acks_before_kafka: Callable[[], bool]) -> Admit:
+    """The check between routing and the buffer: refuse what Kafka will always refuse.
+
+    Runs before any ack, so a client hears 413 / 404 (MQTT 5: 0x83) instead of
+    an ack for a record that could only end in the dead-letter topic.
+    """
+
+    def admit(record: Record) -> GatewayError | None:
+        size = record_wire_size(record)
+        if size > max_record_bytes:
+            return RecordTooLarge(
+                f"the Kafka record would be {size} bytes (value, key and headers); "
+                f"the limit is {max_record_bytes}", size=size, limit=max_record_bytes)
+        if record.partition is not None:
+            sink = sinks.get(record.cluster)
+            if sink is not None:
+                return sink.check_partition(record.topic, record.partition,
+                                            acks_before_kafka())
+        return None
+
+    return admit

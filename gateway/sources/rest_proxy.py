@@ -29,6 +29,7 @@ from gateway.errors import (
     PacketTooLarge,
     PayloadTooLarge,
     Unavailable,
+    UnknownPartition,
 )
 from gateway.model import Message, Outcome
 from gateway.pipeline import Pipeline
@@ -82,6 +83,11 @@ def _rest_code(error: GatewayError) -> int:
     """REST Proxy's error_code: HTTP status x 100 + sub-code, or the bare status."""
     if isinstance(error, NoMatchingRule):
         return 40401
+    kafka_code = getattr(error, "kafka_code", "")
+    if isinstance(error, UnknownPartition) or kafka_code == "_UNKNOWN_PARTITION":
+        return 40402  # REST Proxy's "partition not found"
+    if kafka_code in ("UNKNOWN_TOPIC_OR_PART", "_UNKNOWN_TOPIC"):
+        return 40401  # the topic does not exist on the cluster
     if isinstance(error, PayloadTooLarge | PacketTooLarge) and error.http_status == 413:
         return 42201 if isinstance(error, PayloadTooLarge) else 413
     if error.retriable and error.http_status >= 500:
@@ -92,8 +98,10 @@ def _rest_code(error: GatewayError) -> int:
 
 
 def error_response(error: GatewayError) -> web.Response:
-    status = 422 if _rest_code(error) == 42201 else error.http_status
-    body = {"error_code": _rest_code(error), "message": error.message, "error": error.code}
+    code = _rest_code(error)
+    status = 422 if code == 42201 else code // 100 if code in (40401, 40402) \
+        else error.http_status
+    body = {"error_code": code, "message": error.message, "error": error.code}
     return web.Response(body=_encode(body), status=status, headers=retry_headers(error),
                         content_type=RESPONSE_TYPE)
 
