@@ -203,9 +203,9 @@ def text_header(name: str, value: str) -> str:
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as exc:
-            raise BadRequest(f"header {name} is not valid UTF-8", header=name) from exc
+            raise BadRequest(f"header {name} is not valid UTF-8", header=str(name)) from exc
     if "\x00" in value:
-        raise BadRequest(f"header {name} contains NUL", header=name)
+        raise BadRequest(f"header {name} contains NUL", header=str(name))
     return value
 
 

@@ -74,7 +74,7 @@ def test_an_explicit_limit_that_fits_is_kept(tmp_path: Path) -> None:
 
 
 def test_env_set_limit_is_checked_too() -> None:
-    with pytest.raises(ConfigError, match="limits.http_max_body_bytes"):
+    with pytest.raises(ConfigError, match=r"limits\.http_max_body_bytes"):
         load_config(None, env={"LASTMILE_LIMITS__HTTP_MAX_BODY_BYTES": "2000000"})
 
 
@@ -127,3 +127,10 @@ def test_wire_size_matches_librdkafka_exactly(headers: list[tuple[str, bytes]]) 
             accepted = False
         assert accepted is ok, (value_len, headers)
     producer.purge()
+
+
+def test_integration_tests_spell_the_constants_right() -> None:
+    from tests.integration import test_contract_edge as edge
+
+    assert (edge.RECORD_FRAMING, edge.DEAD_LETTER_ROOM, edge.RULE_ROOM) == (
+        RECORD_FRAMING, DEAD_LETTER_ROOM, RULE_ROOM)
