@@ -69,6 +69,10 @@ _PRODUCER_BROKEN = {
 }
 
 
+# At most one metadata request per topic this often for partition checks.
+REFRESH_INTERVAL_S = 0.5
+
+
 def producer_broken(err: KafkaError) -> bool:
     return bool(err.fatal()) or err.code() in _PRODUCER_BROKEN
 
@@ -153,6 +157,7 @@ class KafkaSink:
         # checked against it before any ack (docs/contract.md).
         self.partitions: dict[str, int] = {}
         self._refreshing: set[str] = set()
+        self._refreshed_at: dict[str, float] = {}
 
     @property
     def in_flight(self) -> int:
@@ -229,6 +234,12 @@ class KafkaSink:
     def _refresh(self, topic: str) -> None:
         if topic in self._refreshing or self._loop is None or self._producer is None:
             return
+        now = time.monotonic()
+        if now - self._refreshed_at.get(topic, -REFRESH_INTERVAL_S) < REFRESH_INTERVAL_S:
+            return  # a client repeating a bad partition does not hammer the cluster
+        if len(self._refreshed_at) > 10_000:
+            self._refreshed_at.clear()
+        self._refreshed_at[topic] = now
         self._refreshing.add(topic)
         producer = self._producer
 
