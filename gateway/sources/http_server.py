@@ -55,7 +55,7 @@ OnError = Callable[[GatewayError], web.Response]
 USER_PROPERTY_PREFIX = "x-user-property-"
 _REPLAYED_HEADERS = ("Content-Type", "Retry-After")
 # Where a per-record handler leaves its results for the Idempotency-Key store.
-RESULTS = "lastmile.results"
+RESULTS: web.ResponseKey[list[object | None]] = web.ResponseKey("lastmile.results")
 
 
 class HttpIngest:
