@@ -188,6 +188,41 @@ async def test_record_grown_past_the_limit_by_rules_is_413(tmp_path: Path,
         assert status == 200, answer
 
 
+def publish_once(port: int, version: int, topic: str, payload: bytes) -> bytes:
+    """CONNECT, one QoS 1 PUBLISH; the bytes the gateway answers until it closes or 10 s."""
+    props = b"\x00" if version == 5 else b""
+    connect = mqtt_packet(0x10, mqtt_str("MQTT") + bytes([version, 0x02, 0, 60]) + props
+                          + mqtt_str(f"pad-{version}"))
+    publish = mqtt_packet(0x32, mqtt_str(topic) + b"\x00\x07" + props + payload)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(connect)
+        assert sock.recv(4096)[:1] == b"\x20"
+        sock.sendall(publish)
+        got = b""
+        with contextlib.suppress(TimeoutError, ConnectionResetError):
+            while chunk := sock.recv(65536):
+                got += chunk
+                if version == 5 and len(got) >= 4:
+                    break
+        return got
+
+
+@pytest.mark.parametrize("version", [5, 4])
+async def test_mqtt_record_grown_past_the_limit_by_rules_is_refused(
+        tmp_path: Path, broker: Broker, version: int) -> None:
+    pad = "p" * (RULE_ROOM + 100)
+    rules = RULES + (f'  - name: padded\n    match: {{topic: "mpad/{{tenant}}/#"}}\n'
+                     f'    kafka: {{topic: "t.mpad.{{tenant}}", headers: {{pad: "{pad}"}}}}\n')
+    with http_gateway(tmp_path, broker.bootstrap, rules_text=rules, **WRITE_AHEAD) as gw:
+        got = await asyncio.to_thread(publish_once, gw.ports["mqtt"], version,
+                                      f"mpad/{tenant()}/x", b"x" * (DEFAULT_EDGE_LIMIT - 100))
+    if version == 5:
+        # PUBACK for packet id 7 with 0x83 (0x95 is not a PUBACK reason code).
+        assert got[:1] == b"\x40" and got[2:4] == b"\x00\x07" and got[4] == 0x83, got[:16]
+    else:
+        assert got == b""  # 3.1.1 has no failure PUBACK: closed, never acked
+
+
 async def test_partition_the_topic_does_not_have_is_404_before_the_ack(
         tmp_path: Path, broker: Broker) -> None:
     # Write-ahead acks from the spool: without the check, partition 5 of a two-partition
