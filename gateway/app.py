@@ -21,13 +21,14 @@ import structlog
 
 from gateway.buffer import Buffer
 from gateway.buffer.queue import MemoryBuffer
+from gateway.config import DEAD_LETTER_DETAIL_BYTES, max_record_bytes
 from gateway.config.schema import Config
 from gateway.model import Record
 from gateway.pipeline import Pipeline
 from gateway.routing import Router, RulesReloader, load_rules
 from gateway.routing.router import dead_letter_record
 from gateway.sinks.embedded import EmbeddedBroker
-from gateway.sinks.kafka import KafkaSink
+from gateway.sinks.kafka import KafkaSink, admission
 from gateway.sources import mqtt_enabled
 
 if TYPE_CHECKING:
@@ -120,7 +121,10 @@ class App:
         await self.buffer.start()
         self._cleanups.append(("buffer", self.buffer.close))
         assert self.router is not None
-        self.pipeline = Pipeline(self.router, self.buffer)
+        buffer = self.buffer
+        admit = admission(self.sinks, max_record_bytes(cfg),
+                          lambda: bool(getattr(buffer, "via_spool", False)))
+        self.pipeline = Pipeline(self.router, self.buffer, admit)
 
     def _dead_letter_record(self, record: Record, reason: str) -> Record | None:
         """A record Kafka refused for good after it was acked: to the dead-letter topic."""
@@ -129,7 +133,8 @@ class App:
         if dead is None or (record.cluster, record.topic) == (dead.cluster, dead.topic):
             return None
         return dead_letter_record(dead, record.value, record.key, reason="kafka_refused",
-                                  detail=reason, topic=record.topic, headers=record.headers)
+                                  detail=_cut(reason, DEAD_LETTER_DETAIL_BYTES),
+                                  topic=record.topic, headers=record.headers)
 
     async def _start_sources(self) -> None:
         """Metrics, then HTTP, then MQTT: shutdown (reverse order) ends MQTT sessions,
@@ -195,6 +200,11 @@ class App:
             except Exception:
                 log.exception("shutdown_step_failed", step=name)
         log.info("gateway_stopped", worker=self.worker_id)
+
+
+def _cut(text: str, limit: int) -> str:
+    """At most ``limit`` UTF-8 bytes: the dead-letter copy must fit its room."""
+    return text.encode()[:limit].decode("utf-8", "ignore")
 
 
 async def _sync(fn: Callable[[], None]) -> None:

@@ -81,6 +81,24 @@ class PacketTooLarge(ProtocolError):
     http_status = 413
 
 
+class RecordTooLarge(PacketTooLarge):
+    """The Kafka record (value, key and headers) exceeds what the cluster accepts."""
+
+    code = "record_too_large"
+    # 0x95 is not a PUBACK/PUBREC reason code; a packet over the announced Maximum
+    # Packet Size gets DISCONNECT 0x95 from the codec instead.  This one is a record
+    # that rules made larger than its packet: "not willing to accept".
+    mqtt_reason = 0x83
+
+
+class UnknownPartition(GatewayError):
+    """The record names a partition its topic does not have."""
+
+    code = "unknown_partition"
+    mqtt_reason = 0x83
+    http_status = 404
+
+
 class NotAuthorized(GatewayError):
     """The client is not allowed to publish here."""
 

@@ -131,3 +131,29 @@ def record_size(record: Record) -> int:
     for name, value in record.headers:
         size += len(name) + len(value)
     return size
+
+
+def record_wire_size(record: Record) -> int:
+    """Bytes librdkafka counts against ``message.max.bytes``, framing excluded.
+
+    Key, value, and each header's name and value with their varint lengths
+    (``rd_kafka_headers_serialized_size``); the per-record framing bound is
+    ``config.RECORD_FRAMING``.
+    """
+    size = len(record.value)
+    if record.key is not None:
+        size += len(record.key)
+    for name, value in record.headers:
+        n = len(name) if name.isascii() else len(name.encode("utf-8", "surrogatepass"))
+        size += n + len(value) + _varint_len(n) + _varint_len(len(value))
+    return size
+
+
+def _varint_len(n: int) -> int:
+    # Kafka's zig-zag varint: 7 bits a byte of 2n.
+    n <<= 1
+    length = 1
+    while n >= 0x80:
+        n >>= 7
+        length += 1
+    return length

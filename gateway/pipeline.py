@@ -22,6 +22,9 @@ from gateway.buffer import Buffer, FlowControl
 from gateway.errors import GatewayError, ShuttingDown
 from gateway.model import Ack, Message, Outcome, Record
 
+# Refuses a routed record Kafka would always refuse (size, partition), before any ack.
+Admit = Callable[[Record], GatewayError | None]
+
 log = structlog.get_logger("lastmile.pipeline")
 
 # Young-generation threshold and the two older ones (CPython's default: 700, 10, 10).
@@ -57,10 +60,11 @@ class RouterLike(Protocol):
 
 
 class Pipeline:
-    __slots__ = ("_closing", "buffer", "counters", "flow", "router")
+    __slots__ = ("_closing", "admit", "buffer", "counters", "flow", "router")
 
-    def __init__(self, router: RouterLike, buffer: Buffer) -> None:
+    def __init__(self, router: RouterLike, buffer: Buffer, admit: Admit | None = None) -> None:
         self.router = router
+        self.admit = admit
         self.buffer = buffer
         self.flow: FlowControl = buffer.flow
         self._closing = False
@@ -83,6 +87,13 @@ class Pipeline:
             on_done(Outcome(ok=True, dropped=True, rule=result.rule))
             return
         records = result.records
+        admit = self.admit
+        if admit is not None:
+            for record in records:
+                refused = admit(record)
+                if refused is not None:
+                    on_done(Outcome(ok=False, error=refused, rule=result.rule))
+                    return
         ack = Ack(on_done, len(records), result.rule, result.dead_lettered)
         counters["records"] += len(records)
         submit = self.buffer.submit

@@ -23,7 +23,22 @@ from gateway.config.schema import Cluster, Config
 from gateway.config.yamlsrc import SourceMap, convert, parse_yaml
 from gateway.errors import ConfigError
 
-__all__ = ["Config", "ConfigError", "load_config", "producer_settings"]
+__all__ = ["Config", "ConfigError", "load_config", "max_record_bytes", "producer_settings"]
+
+# librdkafka refuses a record when key + value + headers + this framing bound exceed
+# the producer's message.max.bytes (RD_KAFKAP_MESSAGE_V2_MAX_OVERHEAD, rdkafka_proto.h).
+RECORD_FRAMING = 36
+LIBRDKAFKA_MESSAGE_MAX_BYTES = 1_000_000
+# Kept free in every accepted record for the headers a dead-letter copy adds after an
+# ack (reason, detail cut to DEAD_LETTER_DETAIL_BYTES, topic): that copy must fit too.
+DEAD_LETTER_ROOM = 1024
+DEAD_LETTER_DETAIL_BYTES = 512
+# Between an edge limit (MQTT packet, HTTP body) and the record limit: room for the key
+# and headers rules add (client id, username, constants).  A record that rules make
+# larger still is refused after routing, before any ack (docs/contract.md).
+RULE_ROOM = 8 << 10
+_EDGE_LIMITS = ("max_packet_size", "http_max_body_bytes")
+_PROPAGATION = "topic.metadata.propagation.max.ms"
 
 ENV_PREFIX = "LASTMILE_"
 SHORTHANDS: dict[str, tuple[str, ...]] = {
@@ -93,6 +108,7 @@ def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -
                 raise ConfigError(exc.reason, file=f"${name}", key=exc.key) from exc
         raise
     _check(config, smap)
+    _fit_to_kafka(config, smap, data)
     return config
 
 
@@ -122,6 +138,90 @@ def _check(config: Config, smap: SourceMap) -> None:
             raise smap.error(exc.reason, ("kafka", "clusters", name, "producer", exc.key)) from exc
         if not cluster.bootstrap_servers.strip():
             raise smap.error("must not be empty", ("kafka", "clusters", name, "bootstrap_servers"))
+
+
+def message_max_bytes(cluster: Cluster) -> int:
+    """The producer's message.max.bytes for ``cluster`` (librdkafka's default if unset)."""
+    raw = cluster.producer.get("message.max.bytes", LIBRDKAFKA_MESSAGE_MAX_BYTES)
+    if isinstance(raw, bool) or not isinstance(raw, int | str):
+        raise ConfigError("must be an integer", key="message.max.bytes")
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise ConfigError("must be an integer", key="message.max.bytes") from exc
+    if not 1000 <= value <= 1_000_000_000:
+        raise ConfigError("must be between 1000 and 1000000000 (librdkafka's range)",
+                          key="message.max.bytes")
+    return value
+
+
+def max_record_bytes(config: Config) -> int:
+    """The largest record (key + value + headers) every cluster will take.
+
+    The smallest cluster decides: a dead-letter copy may go to another cluster.
+    """
+    return min(message_max_bytes(c) for c in config.kafka.clusters.values()) \
+        - RECORD_FRAMING - DEAD_LETTER_ROOM
+
+
+def _fit_to_kafka(config: Config, smap: SourceMap, data: dict[str, Any]) -> None:
+    """What the gateway accepts must be producible (issue #10): derive or refuse.
+
+    Edge limits the operator left out are derived from the clusters' producer
+    limit; ones set above it are an error at their line.  In hand-off spool mode,
+    librdkafka must report a missing topic before the record would be spilled
+    and acknowledged, so topic.metadata.propagation.max.ms stays below
+    spool.spill_after_ms.
+    """
+    smallest = ""
+    for name, cluster in config.kafka.clusters.items():
+        try:
+            message_max_bytes(cluster)
+        except ConfigError as exc:
+            raise smap.error(exc.reason, ("kafka", "clusters", name, "producer", exc.key)) \
+                from exc
+        if not smallest or message_max_bytes(cluster) < message_max_bytes(
+                config.kafka.clusters[smallest]):
+            smallest = name
+    edge = max_record_bytes(config) - RULE_ROOM
+    key_path = ("kafka", "clusters", smallest, "producer", "message.max.bytes")
+    if edge < 1024:
+        raise smap.error(f"too small: leaves {edge} bytes for a message after the record "
+                         f"framing ({RECORD_FRAMING}), the dead-letter room "
+                         f"({DEAD_LETTER_ROOM}) and the room for rule headers ({RULE_ROOM})",
+                         key_path)
+    given = data.get("limits")
+    given = given if isinstance(given, dict) else {}
+    for key in _EDGE_LIMITS:
+        value = getattr(config.limits, key)
+        if key not in given:
+            setattr(config.limits, key, min(value, edge))
+        elif value > edge:
+            raise smap.error(
+                f"{value} bytes can not be produced to cluster '{smallest}': its "
+                f"message.max.bytes {message_max_bytes(config.kafka.clusters[smallest])} "
+                f"leaves {edge} after record framing, dead-letter room and room for rule "
+                f"headers; lower this or raise kafka.clusters.{smallest}.producer"
+                f"['message.max.bytes'] (and the brokers' limits)", ("limits", key))
+    spool = config.spool
+    if not (spool.enabled and spool.mode == "kafka"):
+        return
+    for name, cluster in config.kafka.clusters.items():
+        raw = cluster.producer.get(_PROPAGATION)
+        if raw is None:
+            cluster.producer[_PROPAGATION] = min(30_000, spool.spill_after_ms // 2)
+            continue
+        try:
+            value = int(raw)
+        except (TypeError, ValueError) as exc:
+            raise smap.error("must be an integer",
+                             ("kafka", "clusters", name, "producer", _PROPAGATION)) from exc
+        if value >= spool.spill_after_ms:
+            raise smap.error(
+                f"must be below spool.spill_after_ms ({spool.spill_after_ms}): otherwise a "
+                "record for a topic that does not exist is spilled and acknowledged before "
+                "Kafka reports the topic missing",
+                ("kafka", "clusters", name, "producer", _PROPAGATION))
 
 
 # librdkafka keys that a typed setting owns; giving both ways is an error.

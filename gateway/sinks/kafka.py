@@ -26,8 +26,15 @@ from confluent_kafka.admin import AdminClient
 
 from gateway.config import producer_settings
 from gateway.config.schema import Cluster
-from gateway.errors import DeliveryFailed, GatewayError, ShuttingDown, Unavailable
-from gateway.model import Delivery, Record
+from gateway.errors import (
+    DeliveryFailed,
+    GatewayError,
+    RecordTooLarge,
+    ShuttingDown,
+    Unavailable,
+    UnknownPartition,
+)
+from gateway.model import Delivery, Record, record_wire_size
 
 log = structlog.get_logger("lastmile.kafka")
 
@@ -62,6 +69,10 @@ _PRODUCER_BROKEN = {
 }
 
 
+# At most one metadata request per topic this often for partition checks.
+REFRESH_INTERVAL_S = 0.5
+
+
 def producer_broken(err: KafkaError) -> bool:
     return bool(err.fatal()) or err.code() in _PRODUCER_BROKEN
 
@@ -74,6 +85,29 @@ def classify(err: KafkaError) -> DeliveryFailed:
         retriable=not permanent,
         kafka_code=err.name(),
     )
+
+
+def _check_header_names(headers: list[tuple[str, bytes]]) -> None:
+    """Raise for a header name librdkafka cannot take.
+
+    confluent-kafka 2.x crashes the process (SIGSEGV) on a name that is not
+    encodable as UTF-8 (a lone surrogate); the edges refuse those, this is the
+    last guard.  ``isascii`` keeps the usual case to one C call per header.
+    """
+    for name, _ in headers:
+        if not name.isascii():
+            name.encode("utf-8")  # UnicodeEncodeError: this record fails alone
+
+
+# Producer-only keys: idempotence would make the check's client fetch a producer id
+# (and gapless is refused without it); everything else, security included, is kept.
+_ADMIN_DROPPED = {"enable.idempotence", "enable.gapless.guarantee", "transactional.id",
+                  "error_cb"}
+
+
+def admin_settings(producer: dict[str, Any]) -> dict[str, Any]:
+    """The settings the startup metadata check uses: the producer's, minus producer-only keys."""
+    return {k: v for k, v in producer.items() if k not in _ADMIN_DROPPED}
 
 
 class _LibrdkafkaLog:
@@ -111,16 +145,24 @@ class KafkaSink:
         self._backlog: deque[tuple[Record, DeliveryCallback]] = deque()
         self.delivered = 0
         self.failed = 0
+        # Records librdkafka took, and reports handled on the loop: in_flight is the
+        # difference. librdkafka's len() also counts queued error events, so it lags.
+        self._handed = 0
+        self._reported = 0
         self.restarts = 0
         self._restart_needed = False
         # Producers replaced after a fatal error, polled until their queues are empty.
         self._retiring: list[Producer] = []
+        # Partition count per topic, from metadata: client-chosen partitions are
+        # checked against it before any ack (docs/contract.md).
+        self.partitions: dict[str, int] = {}
+        self._refreshing: set[str] = set()
+        self._refreshed_at: dict[str, float] = {}
 
     @property
     def in_flight(self) -> int:
         """Records handed over and not yet reported (read for metrics, not per record)."""
-        producers = [p for p in (self._producer, *self._retiring) if p is not None]
-        return len(self._backlog) + sum(len(p) for p in producers)
+        return len(self._backlog) + self._handed - self._reported
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -136,17 +178,81 @@ class KafkaSink:
         log.info("kafka_sink_started", cluster=self.name, bootstrap=self.bootstrap)
 
     def _check_metadata(self) -> None:
-        settings: dict[str, Any] = {"bootstrap.servers": self.bootstrap,
-                                    "logger": _LibrdkafkaLog(self.name)}
+        """Ask the cluster for metadata with the producer's own settings (TLS, SASL...).
+
+        confluent-kafka's AdminClient is a librdkafka client like the producer and
+        takes the same keys, so a secured cluster is reached the way the producer
+        will reach it, and a wrong security setting fails here, at startup.
+        """
+        errors: list[str] = []
+        settings = admin_settings(self._settings)
+        settings["error_cb"] = lambda err: errors.append(err.str())
         admin = AdminClient(settings)
         try:
             md = admin.list_topics(timeout=self._connect_timeout)
         except KafkaException as exc:
+            reason = exc.args[0].str() if exc.args else str(exc)
+            admin.poll(0)  # serves error_cb: the handshake or auth failure says why
+            last = f" (last client error: {errors[-1]})" if errors else ""
             raise Unavailable(
                 f"Kafka cluster '{self.name}' at {self.bootstrap} did not answer within "
-                f"{self._connect_timeout:g}s: {exc.args[0].str() if exc.args else exc}"
+                f"{self._connect_timeout:g}s: {reason}{last}"
             ) from exc
+        self._learn(md)
         log.info("kafka_cluster_reachable", cluster=self.name, brokers=len(md.brokers))
+
+    def _learn(self, md: Any) -> None:
+        for topic, meta in md.topics.items():
+            if meta.error is None and meta.partitions:
+                self.partitions[topic] = len(meta.partitions)
+
+    # --- explicit partitions -------------------------------------------------------
+
+    def check_partition(self, topic: str, partition: int,
+                        acks_before_kafka: bool) -> GatewayError | None:
+        """Refuse a partition the topic does not have, before any ack.
+
+        Known topic: decided from metadata (refreshed in the background when a
+        record names a partition beyond what is known: the topic may have grown).
+        Unknown topic: when the ack waits for Kafka, librdkafka itself refuses a
+        bad partition first; when it would come from the spool, the record is
+        refused with 503 until the metadata is known (one retry per new topic).
+        """
+        known = self.partitions.get(topic)
+        if known is not None and partition < known:
+            return None
+        self._refresh(topic)
+        if known is not None:
+            return UnknownPartition(f"topic '{topic}' has {known} partitions; "
+                                    f"partition {partition} does not exist",
+                                    topic=topic, partition=partition)
+        if not acks_before_kafka:
+            return None
+        return Unavailable(f"partitions of topic '{topic}' not known yet; retry",
+                           topic=topic)
+
+    def _refresh(self, topic: str) -> None:
+        if topic in self._refreshing or self._loop is None or self._producer is None:
+            return
+        now = time.monotonic()
+        if now - self._refreshed_at.get(topic, -REFRESH_INTERVAL_S) < REFRESH_INTERVAL_S:
+            return  # a client repeating a bad partition does not hammer the cluster
+        if len(self._refreshed_at) > 10_000:
+            self._refreshed_at.clear()
+        self._refreshed_at[topic] = now
+        self._refreshing.add(topic)
+        producer = self._producer
+
+        def fetch() -> None:
+            try:
+                self._learn(producer.list_topics(topic, timeout=self._connect_timeout))
+            except Exception as exc:  # Kafka unreachable: the next record asks again
+                log.warning("kafka_metadata_failed", cluster=self.name, topic=topic,
+                            reason=str(exc))
+            finally:
+                self._refreshing.discard(topic)
+
+        self._loop.run_in_executor(None, fetch)
 
     async def close(self, timeout: float) -> int:
         """Flush with a deadline; fail what is left. Returns the count not delivered."""
@@ -189,6 +295,8 @@ class KafkaSink:
         partition = record.partition
         headers: Any = record.headers or None  # the stub wants list[tuple[str, str | bytes]]
         try:
+            if headers:
+                _check_header_names(headers)
             self._producer.produce(
                 record.topic, record.value, record.key,
                 -1 if partition is None else partition,  # -1: librdkafka's partitioner
@@ -199,6 +307,15 @@ class KafkaSink:
             return False
         except KafkaException as exc:
             self._finish(record, callback, None, classify(exc.args[0]))
+            return True
+        except Exception as exc:  # any other refusal fails this record only, never hangs it
+            # OverflowError (partition beyond int32), TypeError, UnicodeEncodeError...:
+            # the record can never be produced; it must not stay open in the buffer.
+            self._finish(record, callback, None, DeliveryFailed(
+                f"Kafka client refused the record: {type(exc).__name__}: {exc}",
+                retriable=False, kafka_code="invalid_record"))
+            return True
+        self._handed += 1
         return True
 
     def _drain_backlog(self) -> None:
@@ -256,6 +373,7 @@ class KafkaSink:
     def _dispatch(self, batch: list[tuple[Record, DeliveryCallback, Any, Any]]) -> None:
         name = self.name
         delivered = 0
+        self._reported += len(batch)
         for record, callback, err, msg in batch:
             if err is None:
                 delivered += 1
@@ -291,3 +409,30 @@ class KafkaSink:
             self._restart_needed = True
         log.warning("kafka_client_error", cluster=self.name, code=err.name(), reason=err.str(),
                     fatal=err.fatal(), at=time.time())
+
+
+Admit = Callable[[Record], GatewayError | None]
+
+
+def admission(sinks: dict[str, KafkaSink], max_record_bytes: int,
+              acks_before_kafka: Callable[[], bool]) -> Admit:
+    """The check between routing and the buffer: refuse what Kafka will always refuse.
+
+    Runs before any ack, so a client hears 413 / 404 (MQTT 5: 0x83) instead of
+    an ack for a record that could only end in the dead-letter topic.
+    """
+
+    def admit(record: Record) -> GatewayError | None:
+        size = record_wire_size(record)
+        if size > max_record_bytes:
+            return RecordTooLarge(
+                f"the Kafka record would be {size} bytes (value, key and headers); "
+                f"the limit is {max_record_bytes}", size=size, limit=max_record_bytes)
+        if record.partition is not None:
+            sink = sinks.get(record.cluster)
+            if sink is not None:
+                return sink.check_partition(record.topic, record.partition,
+                                            acks_before_kafka())
+        return None
+
+    return admit

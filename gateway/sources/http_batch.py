@@ -116,32 +116,63 @@ def _result(index: int, outcome: Outcome) -> dict[str, object]:
     return {"index": index, "status": error.http_status, **error.to_json()}
 
 
-async def produce_batch(pipeline: Pipeline,
-                        messages: list[Message]) -> tuple[int, dict[str, object]]:
+def _settled(outcome: Outcome) -> bool:
+    """Final: taken, or refused for a reason a retry cannot change."""
+    return outcome.ok or (outcome.error is not None and not outcome.error.retriable)
+
+
+async def produce_batch(pipeline: Pipeline, messages: list[Message],
+                        earlier: list[object | None] | None = None
+                        ) -> tuple[int, dict[str, object], list[object | None]]:
     """Publish every message; the status and body that answer the whole batch.
 
     200 only when every record was taken; 503 when none was and every refusal
     was the gateway being unable to take more (the client should retry all);
-    207 otherwise, with the status of each record.
+    207 otherwise, with the status of each record.  ``earlier`` holds the
+    results an earlier attempt with the same Idempotency-Key settled: those
+    records are answered from it, not produced again.  The third value is the
+    same for this answer (None where a record's failure was retriable).
     """
-    futures: list[asyncio.Future[Outcome]] = []
-    for message in messages:
+    futures: list[asyncio.Future[Outcome] | None] = []
+    for index, message in enumerate(messages):
+        if earlier is not None and index < len(earlier) and earlier[index] is not None:
+            futures.append(None)
+            continue
         try:
             check_topic(message.topic)
         except TopicInvalid as exc:
             futures.append(_resolved(Outcome(ok=False, error=exc)))
             continue
         futures.append(publish(pipeline, message))
-    outcomes = await asyncio.gather(*futures)
-    results = [_result(i, outcome) for i, outcome in enumerate(outcomes)]
-    taken = sum(1 for outcome in outcomes if outcome.ok)
-    body: dict[str, object] = {"taken": taken, "refused": len(outcomes) - taken,
+    outcomes = await asyncio.gather(*(f for f in futures if f is not None))
+    pending = iter(outcomes)
+    results: list[dict[str, object]] = []
+    settled: list[object | None] = []
+    retriable_only = True  # every refusal so far was "cannot take more"
+    for index, future in enumerate(futures):
+        if future is None:
+            assert earlier is not None
+            old = earlier[index]
+            assert isinstance(old, dict)
+            results.append(old)
+            settled.append(old)
+            if old.get("status") != 200:
+                retriable_only = False
+            continue
+        outcome = next(pending)
+        result = _result(index, outcome)
+        results.append(result)
+        settled.append(result if _settled(outcome) else None)
+        if not outcome.ok and not _unavailable(outcome.error):
+            retriable_only = False
+    taken = sum(1 for r in results if r.get("status") == 200)
+    body: dict[str, object] = {"taken": taken, "refused": len(results) - taken,
                                "results": results}
-    if taken == len(outcomes):
-        return 200, body
-    if taken == 0 and all(_unavailable(o.error) for o in outcomes):
-        return 503, body
-    return 207, body
+    if taken == len(results):
+        return 200, body, settled
+    if taken == 0 and retriable_only:
+        return 503, body, settled
+    return 207, body, settled
 
 
 def _unavailable(error: GatewayError | None) -> bool:

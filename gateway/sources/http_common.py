@@ -193,6 +193,22 @@ def media_type(request: web.Request) -> str:
     return request.content_type.lower()
 
 
+def text_header(name: str, value: str) -> str:
+    """A header value that becomes text (client id, user property): UTF-8, no NUL.
+
+    aiohttp decodes header bytes that are not UTF-8 to lone surrogates; those
+    cannot be encoded again for Kafka keys or headers, so they are refused here.
+    """
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise BadRequest(f"header {name} is not valid UTF-8", header=str(name)) from exc
+    if "\x00" in value:
+        raise BadRequest(f"header {name} contains NUL", header=str(name))
+    return value
+
+
 # --- who is asking ------------------------------------------------------------------------
 
 
@@ -212,7 +228,8 @@ def header_identity(allow_anonymous: bool) -> Authenticator:
     def identify(request: web.Request) -> Identity:
         if not allow_anonymous:
             raise NotAuthenticated("anonymous HTTP publishing is disabled (auth.allow_anonymous)")
-        return Identity(request.headers.get("X-Client-Id", ""), None)
+        return Identity(text_header("X-Client-Id", request.headers.get("X-Client-Id", "")),
+                        None)
 
     return identify
 

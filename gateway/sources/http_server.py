@@ -37,6 +37,7 @@ from gateway.sources.http_common import (
     outcome_json,
     publish,
     read_body,
+    text_header,
 )
 from gateway.sources.idempotency import IdempotencyCache, Stored, fingerprint
 
@@ -50,11 +51,16 @@ MqttLookup = Callable[[], "MqttServer | None"]
 
 log = structlog.get_logger("lastmile.http")
 
-Handler = Callable[[web.Request, Identity, bytes], Awaitable[web.Response]]
+# The last argument: per-record results an earlier attempt with the same
+# Idempotency-Key settled (None where a record must be produced again).
+Earlier = list[object | None] | None
+Handler = Callable[[web.Request, Identity, bytes, Earlier], Awaitable[web.Response]]
 OnError = Callable[[GatewayError], web.Response]
 
 USER_PROPERTY_PREFIX = "x-user-property-"
 _REPLAYED_HEADERS = ("Content-Type", "Retry-After")
+# Where a per-record handler leaves its results for the Idempotency-Key store.
+RESULTS: web.ResponseKey[list[object | None]] = web.ResponseKey("lastmile.results")
 
 
 class HttpIngest:
@@ -97,11 +103,12 @@ class HttpIngest:
                                    self.limits.http_body_timeout_s)
             key = request.headers.get("Idempotency-Key")
             if key is None:
-                return await self._answer(request, identity, body, handler, on_error)
+                return await self._answer(request, identity, body, handler, on_error, None)
             print_ = fingerprint(request.method, request.path_qs, body)
 
-            async def first() -> Stored:
-                response = await self._answer(request, identity, body, handler, on_error)
+            async def first(earlier: Stored | None) -> Stored:
+                response = await self._answer(request, identity, body, handler, on_error,
+                                              earlier.results if earlier else None)
                 return _stored(response)
 
             stored = await self.idempotency.run((who, key), print_, first)
@@ -110,11 +117,11 @@ class HttpIngest:
             return on_error(exc)
 
     async def _answer(self, request: web.Request, identity: Identity, body: bytes,
-                      handler: Handler, on_error: OnError) -> web.Response:
+                      handler: Handler, on_error: OnError, earlier: Earlier) -> web.Response:
         try:
             if self.pipeline.flow.paused:
                 raise Unavailable("the gateway buffer is full; retry later")
-            return await handler(request, identity, body)
+            return await handler(request, identity, body, earlier)
         except GatewayError as exc:
             return on_error(exc)
 
@@ -130,13 +137,14 @@ class HttpIngest:
         return await self._gate(request, self._rest, rest_proxy.error_response)
 
     async def _publish(self, request: web.Request, identity: Identity,
-                       body: bytes) -> web.Response:
+                       body: bytes, earlier: Earlier) -> web.Response:
         topic = request.match_info["topic"]
         check_topic(topic)
         message = Message(
             source="http", topic=topic, payload=body, qos=1,
             client_id=identity.client_id, username=identity.username,
-            content_type=request.headers.get("Content-Type"),
+            content_type=text_header("Content-Type", request.headers.get("Content-Type", ""))
+            or None,
             user_properties=_user_properties(request), received_at=time.time(),
         )
         future = publish(self.pipeline, message)
@@ -147,18 +155,23 @@ class HttpIngest:
         return _outcome_response(await future)
 
     async def _batch(self, request: web.Request, identity: Identity,
-                     body: bytes) -> web.Response:
+                     body: bytes, earlier: Earlier) -> web.Response:
         messages = parse_batch(body, media_type(request), identity,
                                self.limits.http_max_batch_records)
-        status, answer = await produce_batch(self.pipeline, messages)
-        retry = status == 503 or _any_retry(answer)
+        status, answer, settled = await produce_batch(self.pipeline, messages, earlier)
+        retry = status == 503 or any(r is None for r in settled)
         headers = {"Retry-After": str(RETRY_AFTER_S)} if retry else None
-        return json_response(answer, status, headers)
+        response = json_response(answer, status, headers)
+        response[RESULTS] = settled
+        return response
 
     async def _rest(self, request: web.Request, identity: Identity,
-                    body: bytes) -> web.Response:
-        return await rest_proxy.produce(self.pipeline, request, identity, body,
-                                        self.limits.http_max_batch_records)
+                    body: bytes, earlier: Earlier) -> web.Response:
+        response, settled = await rest_proxy.produce(
+            self.pipeline, request, identity, body, self.limits.http_max_batch_records,
+            earlier)
+        response[RESULTS] = settled
+        return response
 
 
 def _outcome_response(outcome: Outcome) -> web.Response:
@@ -176,15 +189,11 @@ def _log_async_failure(future: object) -> None:
                     detail=outcome.error.message)
 
 
-def _any_retry(answer: dict[str, object]) -> bool:
-    results = answer.get("results")
-    return isinstance(results, list) and any(r.get("status") == 503 for r in results)
-
-
 def _user_properties(request: web.Request) -> list[tuple[str, str]]:
     """``X-User-Property-Name: value`` headers play MQTT 5 user properties for rules."""
     n = len(USER_PROPERTY_PREFIX)
-    return [(name[n:].lower(), value) for name, value in request.headers.items()
+    return [(text_header(name, name)[n:].lower(), text_header(name, value))
+            for name, value in request.headers.items()
             if name.lower().startswith(USER_PROPERTY_PREFIX)]
 
 
@@ -192,7 +201,8 @@ def _stored(response: web.Response) -> Stored:
     body = response.body
     raw = body if isinstance(body, bytes) else b""
     headers = {h: response.headers[h] for h in _REPLAYED_HEADERS if h in response.headers}
-    return Stored(response.status, raw, headers)
+    results = response.get(RESULTS)
+    return Stored(response.status, raw, headers, results)
 
 
 def _replay(stored: Stored) -> web.Response:

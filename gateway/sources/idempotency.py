@@ -6,7 +6,12 @@ same (client, key) gets the stored answer, and a retry that arrives while the
 first is still being produced waits for that first answer.
 
 Rules, chosen so a retry never hides a failure the client could fix by retrying:
-- answers that say "retry" (408, 429, 5xx) are not kept; the next attempt produces;
+- only final answers are replayed.  An answer that says "retry" (408, 429, 5xx)
+  is not; neither is a batch or REST Proxy answer in which some records failed
+  retriably (a 207 with a 503 record, an ``error_code`` 2).  For those, the
+  records whose outcome is final (taken, or refused for good) are remembered,
+  and the retry produces only the others: nothing taken is produced twice, and
+  nothing refused for a passing reason is refused forever;
 - the same key with a different request (method, path, body) is refused (422),
   as Stripe does, instead of answering for a request that was not made;
 - memory is bounded by entry count and stored bytes; the oldest go first.
@@ -26,22 +31,37 @@ Scope = tuple[str, str]  # (client id, idempotency key)
 
 
 class Stored:
-    """A response as bytes, replayable any number of times."""
+    """A response as bytes, replayable any number of times.
 
-    __slots__ = ("body", "headers", "status")
+    ``results`` is set by endpoints that answer per record: the final result of
+    each record (reused by a retry), or None where the record must be produced
+    again.
+    """
 
-    def __init__(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+    __slots__ = ("body", "headers", "results", "status")
+
+    def __init__(self, status: int, body: bytes, headers: dict[str, str],
+                 results: list[object | None] | None = None) -> None:
         self.status = status
         self.body = body
         self.headers = headers
+        self.results = results
 
     @property
     def size(self) -> int:
-        return len(self.body) + 128
+        return len(self.body) + 128 + 256 * len(self.results or ())
+
+    @property
+    def final(self) -> bool:
+        """True when a retry can only get this same answer."""
+        if self.status >= 500 or self.status in (408, 429):
+            return False
+        return self.results is None or all(r is not None for r in self.results)
 
     @property
     def keep(self) -> bool:
-        return self.status < 500 and self.status not in (408, 429)
+        # A partial answer is kept for the records it settled; a retry produces the rest.
+        return self.final or any(r is not None for r in self.results or ())
 
 
 class _Entry:
@@ -73,16 +93,24 @@ class IdempotencyCache:
         return len(self._entries)
 
     async def run(self, scope: Scope, print_: bytes,
-                  produce: Callable[[], Awaitable[Stored]]) -> Stored:
-        """The stored answer for ``scope``, or ``produce()``'s, which is then stored."""
+                  produce: Callable[[Stored | None], Awaitable[Stored]]) -> Stored:
+        """The stored answer for ``scope``, or ``produce()``'s, which is then stored.
+
+        ``produce`` gets the earlier, not final answer (None on a first attempt),
+        whose settled records it must not produce again.
+        """
         while True:
             self._expire(time.monotonic())
             entry = self._entries.get(scope)
             if entry is None:
-                return await self._first(scope, print_, produce)
+                return await self._first(scope, print_, produce, None)
             if entry.fingerprint != print_:
                 raise IdempotencyKeyReused(
                     "this Idempotency-Key was used for a different request", key=scope[1])
+            if entry.future.done() and not entry.future.cancelled():
+                earlier = entry.future.result()
+                if not earlier.final:  # a retry after a passing failure: retry the rest
+                    return await self._first(scope, print_, produce, earlier)
             try:
                 stored = await asyncio.shield(entry.future)
             except asyncio.CancelledError:
@@ -93,15 +121,25 @@ class IdempotencyCache:
             return stored
 
     async def _first(self, scope: Scope, print_: bytes,
-                     produce: Callable[[], Awaitable[Stored]]) -> Stored:
+                     produce: Callable[[Stored | None], Awaitable[Stored]],
+                     earlier: Stored | None) -> Stored:
+        old = self._entries.get(scope)
+        if old is not None:
+            self._drop(scope, old)
         entry = _Entry(print_, time.monotonic() + self.window_s)
         self._entries[scope] = entry
         try:
-            stored = await produce()
+            stored = await produce(earlier)
         except BaseException:
             self._drop(scope, entry)
             entry.future.cancel()  # waiters retry as the first attempt
+            if earlier is not None and earlier.keep:
+                self._put_back(scope, print_, earlier)
             raise
+        if (earlier is not None and earlier.results is not None and stored.results is None
+                and not stored.final):
+            # Refused as a whole this time (busy): what the earlier attempt settled stays.
+            stored.results = earlier.results
         entry.future.set_result(stored)
         if stored.keep:
             self._bytes += stored.size
@@ -109,6 +147,12 @@ class IdempotencyCache:
         else:
             self._drop(scope, entry)
         return stored
+
+    def _put_back(self, scope: Scope, print_: bytes, stored: Stored) -> None:
+        entry = _Entry(print_, time.monotonic() + self.window_s)
+        entry.future.set_result(stored)
+        self._entries[scope] = entry
+        self._bytes += stored.size
 
     def _drop(self, scope: Scope, entry: _Entry) -> None:
         if self._entries.get(scope) is entry:

@@ -18,6 +18,7 @@ import asyncio
 import base64
 import binascii
 import time
+from typing import Annotated
 
 import msgspec
 from aiohttp import web
@@ -28,6 +29,7 @@ from gateway.errors import (
     PacketTooLarge,
     PayloadTooLarge,
     Unavailable,
+    UnknownPartition,
 )
 from gateway.model import Message, Outcome
 from gateway.pipeline import Pipeline
@@ -53,10 +55,14 @@ _EMPTY = msgspec.Raw()
 _encode = msgspec.json.Encoder().encode
 
 
+# Kafka partitions are int32; librdkafka raises OverflowError beyond (issue #10).
+Partition = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
+
+
 class RestRecord(msgspec.Struct):
     key: msgspec.Raw = _EMPTY
     value: msgspec.Raw = _EMPTY
-    partition: int | None = None
+    partition: Partition | None = None
 
 
 class RestProduce(msgspec.Struct):
@@ -77,6 +83,11 @@ def _rest_code(error: GatewayError) -> int:
     """REST Proxy's error_code: HTTP status x 100 + sub-code, or the bare status."""
     if isinstance(error, NoMatchingRule):
         return 40401
+    kafka_code = getattr(error, "kafka_code", "")
+    if isinstance(error, UnknownPartition) or kafka_code == "_UNKNOWN_PARTITION":
+        return 40402  # REST Proxy's "partition not found"
+    if kafka_code in ("UNKNOWN_TOPIC_OR_PART", "_UNKNOWN_TOPIC"):
+        return 40401  # the topic does not exist on the cluster
     if isinstance(error, PayloadTooLarge | PacketTooLarge) and error.http_status == 413:
         return 42201 if isinstance(error, PayloadTooLarge) else 413
     if error.retriable and error.http_status >= 500:
@@ -87,8 +98,10 @@ def _rest_code(error: GatewayError) -> int:
 
 
 def error_response(error: GatewayError) -> web.Response:
-    status = 422 if _rest_code(error) == 42201 else error.http_status
-    body = {"error_code": _rest_code(error), "message": error.message, "error": error.code}
+    code = _rest_code(error)
+    status = 422 if code == 42201 else code // 100 if code in (40401, 40402) \
+        else error.http_status
+    body = {"error_code": code, "message": error.message, "error": error.code}
     return web.Response(body=_encode(body), status=status, headers=retry_headers(error),
                         content_type=RESPONSE_TYPE)
 
@@ -147,7 +160,13 @@ def _offset(outcome: Outcome) -> dict[str, object]:
 
 
 async def produce(pipeline: Pipeline, request: web.Request, identity: Identity,
-                  body: bytes, max_records: int) -> web.Response:
+                  body: bytes, max_records: int, earlier: list[object | None] | None = None,
+                  ) -> tuple[web.Response, list[object | None]]:
+    """The answer, and each record's final ``offsets`` entry (None: retriable, retry it).
+
+    ``earlier``: the entries an earlier attempt with the same Idempotency-Key
+    settled; those records are answered from it, not produced again.
+    """
     fmt = FORMATS.get(media_type(request))
     if fmt is None:
         raise UnsupportedMediaType(
@@ -156,14 +175,24 @@ async def produce(pipeline: Pipeline, request: web.Request, identity: Identity,
     topic = request.match_info["topic"]
     check_topic(rule_topic(topic))
     messages = _messages(body, fmt, topic, identity, max_records)
-    outcomes = await asyncio.gather(*(publish(pipeline, m) for m in messages))
-    refused = [o for o in outcomes if not o.ok]
-    if len(refused) == len(outcomes) and refused[0].error is not None:
-        # Nothing was taken: answer as REST Proxy does for a whole failed request.
-        raise refused[0].error
-    if all(o.dead_lettered for o in outcomes):
-        raise NoMatchingRule(f"no rule routes Kafka topic {topic!r} "
-                             "(records kept in the dead-letter topic)")
-    body_out = {"key_schema_id": None, "value_schema_id": None,
-                "offsets": [_offset(o) for o in outcomes]}
-    return web.Response(body=_encode(body_out), status=200, content_type=RESPONSE_TYPE)
+    redo = [i for i in range(len(messages))
+            if earlier is None or i >= len(earlier) or earlier[i] is None]
+    outcomes = await asyncio.gather(*(publish(pipeline, messages[i]) for i in redo))
+    if earlier is None:
+        refused = [o for o in outcomes if not o.ok]
+        if len(refused) == len(outcomes) and refused[0].error is not None:
+            # Nothing was taken: answer as REST Proxy does for a whole failed request.
+            raise refused[0].error
+        if all(o.dead_lettered for o in outcomes):
+            raise NoMatchingRule(f"no rule routes Kafka topic {topic!r} "
+                                 "(records kept in the dead-letter topic)")
+    offsets: list[object | None] = list(earlier or [None] * len(messages))
+    offsets += [None] * (len(messages) - len(offsets))
+    settled = list(offsets)
+    for index, outcome in zip(redo, outcomes, strict=True):
+        entry = _offset(outcome)
+        offsets[index] = entry
+        settled[index] = entry if entry["error_code"] != 2 else None
+    body_out = {"key_schema_id": None, "value_schema_id": None, "offsets": offsets}
+    response = web.Response(body=_encode(body_out), status=200, content_type=RESPONSE_TYPE)
+    return response, settled

@@ -22,7 +22,7 @@ class Producer:
         self.status = status
         self.delay = delay
 
-    async def __call__(self) -> Stored:
+    async def __call__(self, earlier: Stored | None = None) -> Stored:
         self.calls += 1
         await asyncio.sleep(self.delay)
         return Stored(self.status, f"answer {self.calls}".encode(), {})
@@ -53,6 +53,49 @@ async def test_retriable_answers_are_not_kept() -> None:
     assert len(cache) == 0
 
 
+async def test_partial_answers_retry_only_the_unsettled_records() -> None:
+    # A batch answer (207) whose record 1 failed retriably: a retry must produce
+    # record 1 again, and only it; once everything is settled the answer is replayed.
+    cache = IdempotencyCache(60)
+    seen: list[list[object | None] | None] = []
+
+    async def produce(earlier: Stored | None) -> Stored:
+        seen.append(earlier.results if earlier else None)
+        if len(seen) == 1:
+            return Stored(207, b"first", {}, ["ok-0", None, "refused-2"])
+        assert earlier is not None and earlier.results is not None
+        return Stored(200, b"second", {}, [r or "ok-1" for r in earlier.results])
+
+    first = await cache.run(("c", "k"), PRINT, produce)
+    assert first.body == b"first" and not first.final and len(cache) == 1
+    second = await cache.run(("c", "k"), PRINT, produce)
+    assert second.body == b"second" and second.final
+    assert seen == [None, ["ok-0", None, "refused-2"]]
+    third = await cache.run(("c", "k"), PRINT, produce)
+    assert third.body == b"second" and len(seen) == 2  # final: replayed, not produced
+
+
+async def test_a_busy_retry_keeps_what_the_earlier_attempt_settled() -> None:
+    cache = IdempotencyCache(60)
+    answers = [Stored(207, b"partial", {}, ["ok-0", None]), Stored(503, b"busy", {})]
+    seen: list[object] = []
+
+    async def produce(earlier: Stored | None) -> Stored:
+        seen.append(earlier.results if earlier else None)
+        return answers.pop(0) if answers else Stored(200, b"done", {}, ["ok-0", "ok-1"])
+
+    for _ in range(3):
+        await cache.run(("c", "k"), PRINT, produce)
+    assert seen == [None, ["ok-0", None], ["ok-0", None]]
+
+
+def test_only_final_answers_are_final() -> None:
+    assert Stored(200, b"", {}).final and Stored(404, b"", {}).final
+    assert not Stored(503, b"", {}).final and not Stored(429, b"", {}).final
+    assert not Stored(207, b"", {}, ["r", None]).final
+    assert not Stored(200, b"", {}, [None]).keep  # nothing settled: nothing to keep
+
+
 async def test_same_key_other_request_is_refused() -> None:
     cache = IdempotencyCache(60)
     await cache.run(("c", "k"), PRINT, Producer())
@@ -63,7 +106,7 @@ async def test_same_key_other_request_is_refused() -> None:
 async def test_a_failed_first_attempt_lets_the_waiter_produce() -> None:
     cache = IdempotencyCache(60)
 
-    async def boom() -> Stored:
+    async def boom(earlier: Stored | None) -> Stored:
         await asyncio.sleep(0.02)
         raise RuntimeError("handler crashed")
 
