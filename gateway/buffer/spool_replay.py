@@ -256,11 +256,11 @@ class Replayer:
 
     # --- drain state and progress --------------------------------------------------------
 
-    def caught_up(self, in_flight_ok: bool = False) -> bool:
-        """Every spooled record is handed over (none read ahead or to retry), and
-        settled unless ``in_flight_ok``; intake is idle."""
-        return (not self.readahead and not self.rewind
-                and (in_flight_ok or self.outstanding == 0)
+    def caught_up(self) -> bool:
+        """Every spooled record is settled (none read ahead, in flight or to retry) and
+        intake is idle.  Only then may new records bypass the spool (``kafka`` mode): a
+        replay still in flight could fail, be retried, and land behind them."""
+        return (not self.readahead and not self.rewind and self.outstanding == 0
                 and self.cursor >= self.spool.next_seq and self.host.intake_idle())
 
     def _check_caught_up(self) -> None:
@@ -268,10 +268,10 @@ class Replayer:
             if self.draining and self.spool.next_seq - self.watermark() < DRAIN_LOG_MIN // 2:
                 self._drain_done()
             return
-        if not self.caught_up(in_flight_ok=True):
+        if not self.caught_up():
             return
         self.host.replay_caught_up()
-        if self.draining and self.outstanding == 0:
+        if self.draining:
             self._drain_done()
 
     def _drain_done(self) -> None:

@@ -14,10 +14,12 @@ Two modes (``spool.mode``), one code path:
 The replayer reads durable records back in seq order (on its own thread) and
 produces them with a bounded window, yielding to the loop between chunks so
 live traffic is not starved.  A spilled record whose direct produce is still
-open blocks the replayer at that seq until librdkafka settles it: delivered ->
-skipped, failed -> replayed.  That keeps the same record from reaching Kafka
-twice out of order.  Retriable replay failures rewind to the watermark after a
-pause; permanent ones go to ``dead_letter`` or are logged as lost after ack.
+open blocks the replayer until librdkafka settles it (and every other direct
+produce still open): delivered -> skipped, failed -> replayed.  A replay is
+handed to the sink only when no direct produce is open, so it never queues
+behind a younger record of its key.  Retriable replay failures rewind to the
+watermark after a pause; permanent ones go to ``dead_letter`` or are logged as
+lost after ack.  docs/spool.md ("Order across the two paths") has the cases.
 """
 
 from __future__ import annotations
@@ -291,10 +293,17 @@ class SpoolBuffer:
             self.counters["failed"] += 1
             entry.resolve(None, error)
 
-    def _spill(self, first: Entry | None, reason: str) -> None:
-        """Send every record Kafka has not settled to the spool, oldest first."""
-        entries = [first] if first is not None else []
-        entries += [e for e in self._direct if e.direct_open and not e.spilled]
+    def _spill(self, failed: Entry | None, reason: str) -> None:
+        """Send every record Kafka has not settled to the spool, in submission order.
+
+        ``failed`` (a retriable failure) may be younger than records still open (a
+        sink can refuse a new record at once while older ones wait for their
+        reports): it takes its own place, never the front.
+        """
+        entries = [e for e in self._direct
+                   if (e.direct_open or e is failed) and not e.spilled]
+        if failed is not None and not failed.spilled and failed not in entries:
+            entries.insert(0, failed)  # it was the oldest: already left the front
         for entry in entries:
             entry.spilled = True
             self.waiting.append(entry)
@@ -320,12 +329,13 @@ class SpoolBuffer:
     def replay_gate(self, seq: int) -> Gate:
         """May the replayer hand ``seq`` to a sink now?
 
-        Not while its own direct produce is open: librdkafka may still deliver it.
+        Not while any direct produce is open: a replay queued behind it in the
+        producer could land after a younger record of its key (a spilled record
+        whose direct attempt fails while a younger one's is still open).
         """
-        entry = self.spilled.get(seq)
-        if entry is not None and entry.direct_open:
+        if self._direct_pending():
             return Gate.WAIT
-        self.spilled.pop(seq, None)
+        entry = self.spilled.pop(seq, None)
         if entry is not None and (entry.direct_ok or entry.cancelled):
             return Gate.SKIP  # Kafka settled it on the direct path
         return Gate.PRODUCE
