@@ -246,11 +246,11 @@ class KafkaSink:
         """
         self._restart_needed = False
         new = Producer({**self._settings, "error_cb": self._on_error})
-        self.restarts += 1
         old = self._producer
         if old is not None:
             self._retiring.append(old)  # first: produce() refuses from here on
         self._producer = new
+        self.restarts += 1
         log.warning("kafka_producer_restarted", cluster=self.name, restarts=self.restarts)
 
     def _poll_retiring(self) -> list[Producer]:

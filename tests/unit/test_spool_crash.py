@@ -85,13 +85,15 @@ async def recover(fs: CrashFS, mode: str) -> list[bytes]:
     sink = FakeSink()
     buf = make(fs, sink, mode)
     await buf.start()
-    for _ in range(2000):
+    for _ in range(6000):  # up to 30 s on a loaded machine; usually a few ms
         if sink.pending:
             sink.deliver()
         if buf.stats()["spool_records"] == 0 and not sink.pending:
             break
         await asyncio.sleep(0.005)
+    drained = buf.stats()["spool_records"] == 0
     await buf.close(0.5)
+    assert drained, "the recovered spool did not drain"
     return sink.log
 
 
