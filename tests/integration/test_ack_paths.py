@@ -116,6 +116,8 @@ async def dead_letters(broker: Broker, value: bytes, timeout: float = 15) -> lis
 async def test_refused_after_a_spool_ack_reaches_the_dead_letter_topic(
         gateway: Any, broker: Broker) -> None:
     app, sink, ports = await gateway(broker.bootstrap, spool__mode="write-ahead")
+    # With the spool on, librdkafka never times a record out (docs/spool.md, order).
+    assert sink.inner._settings["message.timeout.ms"] == 0
     mqtt_value = b"refused-after-ack-mqtt-" + uuid.uuid4().hex.encode()
     http_value = b"refused-after-ack-http-" + uuid.uuid4().hex.encode()
     sink.refuse = lambda r: r.topic == "bench" and r.value in (mqtt_value, http_value)
@@ -158,6 +160,7 @@ async def test_refused_before_any_ack_is_an_http_502(gateway: Any, broker: Broke
 async def test_pubacks_keep_arrival_order_when_kafka_confirms_later_records_first(
         gateway: Any, broker: Broker) -> None:
     _, sink, ports = await gateway(broker.bootstrap, spool__enabled=False)
+    assert sink.inner._settings["message.timeout.ms"] == 30_000  # spool off: it fails acks
     sink.hold = lambda r: r.value == b"first"
     client = await RawClient.open(ports["mqtt"], "order-" + uuid.uuid4().hex[:8])
     values = [b"first", b"second", b"third", b"fourth"]
