@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import msgspec
 import structlog
 
 from gateway.buffer import Buffer
@@ -95,6 +96,11 @@ class App:
     async def _start_kafka(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.resolve_embedded)
         for name, cluster in self.config.kafka.clusters.items():
+            if self.config.spool.enabled:
+                # The spool, not librdkafka's timeout, bounds how long an ack waits
+                # (spill_after_ms); a record timing out in librdkafka's queue would let
+                # a younger one of its key land first (docs/spool.md, order).
+                cluster = msgspec.structs.replace(cluster, message_timeout_ms=0)
             sink = KafkaSink(name, cluster, self.bootstrap.get(name))
             await sink.start()
             self.sinks[name] = sink

@@ -10,27 +10,15 @@ from __future__ import annotations
 import structlog
 
 from gateway.buffer.flow import FlowControl
+from gateway.buffer.sink import Sinks, sink_for
 from gateway.errors import DeliveryFailed, GatewayError
 from gateway.model import Delivery, Record, record_size
-from gateway.sinks.kafka import KafkaSink
 
 log = structlog.get_logger("lastmile.buffer")
 
 
-def unknown_cluster(record: Record) -> DeliveryFailed:
-    return DeliveryFailed(f"no Kafka cluster named '{record.cluster}'")
-
-
-def sink_for(sinks: dict[str, KafkaSink], record: Record) -> KafkaSink | None:
-    """The sink of ``record.cluster``; None, with the record's ack failed, if there is none."""
-    sink = sinks.get(record.cluster)
-    if sink is None and record.ack is not None:
-        record.ack.record_failed(unknown_cluster(record))
-    return sink
-
-
 class MemoryBuffer:
-    def __init__(self, sinks: dict[str, KafkaSink], high_water: int, low_water: int) -> None:
+    def __init__(self, sinks: Sinks, high_water: int, low_water: int) -> None:
         self.sinks = sinks
         self.flow = FlowControl(high_water, low_water)
         self.failed = 0

@@ -26,7 +26,8 @@ Invariants (each one is tested; docs/spool.md explains them for operators):
 6. Bounded.  The bytes of all segment files never exceed ``max_bytes``: an
    append that would cross it raises ``SpoolFull`` and the caller holds the
    record unacknowledged (backpressure) until deletions free space.
-7. One writer.  Only the writer thread writes, fsyncs, renames or deletes files;
+7. One writer.  Only the writer thread writes, fsyncs, renames or deletes files
+   (every file operation goes through ``storage``: ``storage.py``, the crash-test seam);
    the event loop only encodes frames and hands them over, so a slow disk
    stalls acks, never the loop.
 
@@ -46,6 +47,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from gateway.buffer import spool_format as fmt
+from gateway.buffer.storage import OS, Storage
 from gateway.errors import SpoolError
 from gateway.model import Record
 
@@ -84,8 +86,9 @@ class Spool:
     """Segment files in one directory (one spool per worker process)."""
 
     def __init__(self, directory: str, *, max_bytes: int, segment_bytes: int,
-                 fsync_interval_ms: float) -> None:
+                 fsync_interval_ms: float, storage: Storage | None = None) -> None:
         self.directory = directory
+        self.storage = storage or OS  # every file operation goes through it
         self.max_bytes = max_bytes
         # At least four segments fit in max_bytes, so deleting confirmed ones frees room
         # while the newest is still being appended to.
@@ -119,23 +122,24 @@ class Spool:
     # --- recovery (before start) -----------------------------------------------
 
     def recover(self) -> Recovery:
-        os.makedirs(self.directory, exist_ok=True)
-        stored = fmt.read_ledger(self.directory)
-        if stored is None and fmt.list_segments(self.directory):
+        st = self.storage
+        st.makedirs(self.directory)
+        stored = fmt.read_ledger(self.directory, st)
+        if stored is None and fmt.list_segments(self.directory, st):
             log.warning("spool_ledger_missing", dir=self.directory,
                         note="replaying every record on disk; duplicates are possible")
         watermark = stored or 0
         report = Recovery(watermark=watermark, next_seq=watermark, records=0, bytes=0,
                           segments=0)
-        for first, path in fmt.list_segments(self.directory):
-            scan, damage, size = fmt.scan_segment(path, keep=True)
+        for first, path in fmt.list_segments(self.directory, st):
+            scan, damage, size = fmt.scan_segment(path, keep=True, storage=st)
             if damage is not None:
                 self._quarantine(damage)
                 report.damage.append(damage)
                 size = damage.offset
             last = scan.last_seq if scan.last_seq is not None else first - 1
             if scan.records == 0 or last < watermark:
-                os.unlink(path)  # empty, or wholly confirmed before the crash
+                st.unlink(path)  # empty, or wholly confirmed before the crash
                 continue
             report.records += sum(1 for seq, _ in scan.frames if seq >= watermark)
             report.next_seq = max(report.next_seq, last + 1)
@@ -151,7 +155,7 @@ class Spool:
         return report
 
     def _quarantine(self, damage: fmt.Damage) -> None:
-        aside = fmt.cut_tail(damage)
+        aside = fmt.cut_tail(damage, self.storage)
         log.error("spool_damage_cut", segment=damage.path, offset=damage.offset,
                   bytes=damage.bytes_cut, reason=damage.reason, moved_to=aside)
 
@@ -225,7 +229,8 @@ class Spool:
                 break
         for seg in self._segments:
             if seg.fd >= 0:
-                os.close(seg.fd)
+                with contextlib.suppress(OSError):
+                    self.storage.close(seg.fd)
                 seg.fd = -1
 
     def _write(self, batch: list[tuple[int, bytes]]) -> None:
@@ -238,12 +243,10 @@ class Spool:
             data = b"".join(frame for _, frame in batch)
             if new:
                 data = fmt.MAGIC + data
-            view = memoryview(data)
-            while view:
-                view = view[os.write(seg.fd, view):]
-            os.fdatasync(seg.fd)
-            if new:
-                self._fsync_dir()
+            self.storage.append(seg.fd, data)
+            self.storage.fdatasync(seg.fd)
+            if new:  # the segment's name must survive a power cut too
+                self.storage.fsync_dir(self.directory)
             self.fsyncs += 1
             seg.size += len(data)
             seg.last_seq = last
@@ -263,10 +266,10 @@ class Spool:
         if seg is not None and seg.fd >= 0 and seg.size < self.segment_bytes:
             return seg, False
         if seg is not None and seg.fd >= 0:
-            os.close(seg.fd)
+            self.storage.close(seg.fd)
             seg.fd = -1
         path = os.path.join(self.directory, fmt.segment_name(first))
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        fd = self.storage.create(path, exclusive=True)
         seg = Segment(first, path, 0, first - 1, fd)
         with self._lock:
             self._segments.append(seg)
@@ -282,23 +285,17 @@ class Spool:
             return False
         # If the cut fails, recovery cuts it instead; the segment is closed for writing anyway.
         with contextlib.suppress(OSError):
-            os.ftruncate(seg.fd, seg.size)
-        os.close(seg.fd)
+            self.storage.truncate(seg.fd, seg.size)
+        with contextlib.suppress(OSError):
+            self.storage.close(seg.fd)
         seg.fd = -1
         if seg.size == 0:
             with self._lock:
                 self._segments.remove(seg)
             with contextlib.suppress(OSError):
-                os.unlink(seg.path)
+                self.storage.unlink(seg.path)
             return True
         return False
-
-    def _fsync_dir(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def _housekeep(self, force: bool) -> None:
         """Persist the watermark, then delete segments it fully covers (invariant 2)."""
@@ -306,7 +303,7 @@ class Spool:
         now = time.monotonic()
         if watermark != self._persisted and (force or now - self._ledger_at >= LEDGER_INTERVAL_S):
             try:
-                fmt.write_ledger(self.directory, watermark)
+                fmt.write_ledger(self.directory, watermark, self.storage)
             except OSError as exc:
                 log.error("spool_ledger_write_failed", dir=self.directory, error=str(exc))
                 return
@@ -323,12 +320,13 @@ class Spool:
             if seg.fd >= 0:
                 if seg.size < self._roll_min and not force:
                     continue  # keep appending to a small active segment
-                os.close(seg.fd)
+                with contextlib.suppress(OSError):
+                    self.storage.close(seg.fd)
                 seg.fd = -1
             with self._lock:
                 self._segments.remove(seg)
             try:
-                os.unlink(seg.path)
+                self.storage.unlink(seg.path)
             except OSError as exc:
                 log.error("spool_segment_delete_failed", segment=seg.path, error=str(exc))
                 continue
@@ -382,14 +380,15 @@ class Spool:
     def _read_segment(self, path: str, pos: int, cursor: int, limit: int, max_records: int,
                       out: list[tuple[int, Record]]) -> bool:
         """Append records from one segment; True when reading should stop here."""
+        st = self.storage
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = st.open_read(path)
         except FileNotFoundError:
             return False  # deleted: every record in it was confirmed
         try:
             data = b""
             while True:
-                chunk = os.pread(fd, READ_CHUNK, pos + len(data))
+                chunk = st.pread(fd, READ_CHUNK, pos + len(data))
                 if not chunk:
                     return False
                 data += chunk
@@ -409,4 +408,4 @@ class Spool:
                     return False
                 pos, data = pos + scan.valid_end, data[scan.valid_end:]
         finally:
-            os.close(fd)
+            st.close(fd)

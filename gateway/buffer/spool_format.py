@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import google_crc32c
 import msgspec
 
+from gateway.buffer.storage import OS, Storage
 from gateway.model import Record
 
 MAGIC = b"LMSPOOL1"
@@ -82,10 +83,10 @@ def parse_segment_name(name: str) -> int | None:
     return None
 
 
-def list_segments(directory: str) -> list[tuple[int, str]]:
+def list_segments(directory: str, storage: Storage = OS) -> list[tuple[int, str]]:
     """(first seq, path) of every segment in the directory, oldest first."""
     found = []
-    for name in os.listdir(directory):
+    for name in storage.listdir(directory):
         first = parse_segment_name(name)
         if first is not None:
             found.append((first, os.path.join(directory, name)))
@@ -156,10 +157,10 @@ def walk_frames(data: bytes, start: int = 0, keep: bool = False) -> FrameScan:
     return scan
 
 
-def scan_segment(path: str, keep: bool = False) -> tuple[FrameScan, Damage | None, int]:
+def scan_segment(path: str, keep: bool = False,
+                 storage: Storage = OS) -> tuple[FrameScan, Damage | None, int]:
     """Read-only check of one segment file: (scan, damage or None, file size)."""
-    with open(path, "rb") as f:
-        data = f.read()
+    data = storage.read_file(path)
     if data[: len(MAGIC)] != MAGIC:
         reason = "torn" if len(data) < len(MAGIC) and MAGIC.startswith(data) else "corrupt"
         return FrameScan(), Damage(path, 0, len(data), reason), len(data)
@@ -170,24 +171,37 @@ def scan_segment(path: str, keep: bool = False) -> tuple[FrameScan, Damage | Non
     return scan, damage, len(data)
 
 
-def cut_tail(damage: Damage) -> str:
-    """Move the damaged tail aside (kept for a person), truncate, fsync; returns where."""
+def cut_tail(damage: Damage, storage: Storage = OS) -> str:
+    """Move the damaged tail aside (kept for a person), cut the segment there; returns where.
+
+    The aside copy is synced first; the segment is cut by replacing it with its
+    sound prefix (write, sync, rename, sync the directory), so a crash in the
+    middle leaves the old or the new file, never a half-cut one.
+    """
+    directory = os.path.dirname(damage.path)
+    data = storage.read_file(damage.path)
     aside = f"{damage.path}.corrupt-{damage.offset}"
-    with open(damage.path, "r+b") as f:
-        f.seek(damage.offset)
-        with open(aside, "wb") as out:
-            out.write(f.read())
-            os.fsync(out.fileno())
-        f.truncate(damage.offset)
-        os.fsync(f.fileno())
+    _write_synced(storage, aside, data[damage.offset:])
+    tmp = damage.path + ".cut"
+    _write_synced(storage, tmp, data[: damage.offset])
+    storage.rename(tmp, damage.path)
+    storage.fsync_dir(directory)
     return aside
 
 
-def read_ledger(directory: str) -> int | None:
+def _write_synced(storage: Storage, path: str, data: bytes) -> None:
+    fd = storage.create(path, exclusive=False)
+    try:
+        storage.append(fd, data)
+        storage.fdatasync(fd)
+    finally:
+        storage.close(fd)
+
+
+def read_ledger(directory: str, storage: Storage = OS) -> int | None:
     """The persisted watermark, or None when the ledger is missing or damaged."""
     try:
-        with open(os.path.join(directory, LEDGER), "rb") as f:
-            data = f.read(_LEDGER.size + 4)
+        data = storage.read_file(os.path.join(directory, LEDGER))[: _LEDGER.size + 4]
     except FileNotFoundError:
         return None
     if len(data) != _LEDGER.size + 4:
@@ -199,15 +213,10 @@ def read_ledger(directory: str) -> int | None:
     return int(watermark)
 
 
-def write_ledger(directory: str, watermark: int) -> None:
-    """Replace the ledger atomically (write, fsync, rename): a crash leaves old or new."""
+def write_ledger(directory: str, watermark: int, storage: Storage = OS) -> None:
+    """Replace the ledger atomically (write, sync, rename, sync the directory)."""
     head = _LEDGER.pack(_LEDGER_MAGIC, watermark)
-    data = head + struct.pack("<I", google_crc32c.value(head))
     tmp = os.path.join(directory, LEDGER + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, os.path.join(directory, LEDGER))
+    _write_synced(storage, tmp, head + struct.pack("<I", google_crc32c.value(head)))
+    storage.rename(tmp, os.path.join(directory, LEDGER))
+    storage.fsync_dir(directory)

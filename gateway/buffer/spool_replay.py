@@ -11,22 +11,44 @@ bookkeeping.
 from __future__ import annotations
 
 import asyncio
+import enum
 import functools
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Executor
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import structlog
 
-from gateway.buffer.queue import unknown_cluster
+from gateway.buffer.sink import Sinks, unknown_cluster
+from gateway.buffer.spool import Spool
 from gateway.errors import GatewayError
 from gateway.model import Delivery, Record
 
-if TYPE_CHECKING:
-    from gateway.buffer.spooled import DeadLetter, SpoolBuffer
-
 log = structlog.get_logger("lastmile.spool")
+
+DeadLetter = Callable[[Record, str], Record | None]
+
+
+class Gate(enum.Enum):
+    """The buffer's word on one spooled seq (see ``Host.replay_gate``)."""
+
+    WAIT = "wait"  # a direct produce is still open: hand nothing over yet
+    SKIP = "skip"  # Kafka settled it on the direct path
+    PRODUCE = "produce"
+
+
+class Host(Protocol):
+    """What the replayer needs from the buffer that feeds the spool, and nothing else."""
+
+    def replay_gate(self, seq: int) -> Gate: ...
+
+    def intake_idle(self) -> bool:
+        """No record waits to be appended or fsynced, and the spool takes writes."""
+
+    def replay_caught_up(self) -> None:
+        """Called when every spooled record is settled and intake is idle."""
 
 WINDOW = 20_000  # replayed records in flight to librdkafka at most
 CHUNK = 2_000  # records per disk read and per turn of the loop
@@ -36,9 +58,14 @@ DRAIN_LOG_MIN = 1_000  # write-ahead: below this backlog the spool is just doing
 
 
 class Replayer:
-    def __init__(self, buffer: SpoolBuffer, dead_letter: DeadLetter | None) -> None:
-        self.buffer = buffer
-        self.spool = buffer.spool
+    def __init__(self, spool: Spool, sinks: Sinks, host: Host, counters: dict[str, int], *,
+                 mode: str, dead_letter: DeadLetter | None) -> None:
+        self.spool = spool
+        self.sinks = sinks
+        self.host = host
+        self.counters = counters
+        self.mode = mode
+        self.write_ahead = mode == "write-ahead"
         self.dead_letter = dead_letter
         self.cursor = 0
         self.readahead: deque[tuple[int, Record]] = deque()
@@ -82,7 +109,7 @@ class Replayer:
         """Keep draining while it makes progress (Kafka up), then stop; the rest stays on disk."""
         loop = asyncio.get_running_loop()
         last, still_since = self.watermark(), loop.time()
-        while loop.time() < deadline and not self._caught_up():
+        while loop.time() < deadline and not self.caught_up():
             await asyncio.sleep(0.05)
             mark = self.watermark()
             if mark != last:
@@ -140,28 +167,26 @@ class Replayer:
     def _produce_some(self) -> int:
         """Produce (or skip) from the read-ahead in order; returns how many were taken."""
         sent = taken = 0
-        readahead, spilled = self.readahead, self.buffer.spilled
+        readahead, gate = self.readahead, self.host.replay_gate
         while readahead and self.outstanding < WINDOW and sent < CHUNK:
             seq, record = readahead[0]
-            entry = spilled.get(seq)
-            if entry is not None:
-                if entry.direct_open:
-                    break  # librdkafka may still deliver it: wait for its verdict
-                del spilled[seq]
-                if entry.direct_ok or entry.cancelled:
-                    self.done.add(seq)
+            verdict = gate(seq)
+            if verdict is Gate.WAIT:
+                break  # librdkafka may still deliver a direct attempt: wait for its verdict
+            if verdict is Gate.SKIP:
+                self.done.add(seq)
             readahead.popleft()
             taken += 1
             self.inflight.append(seq)
             if seq in self.done:
-                self.buffer.counters["skipped"] += 1
+                self.counters["skipped"] += 1
                 continue
             self._produce(seq, record)
             sent += 1
         return taken
 
     def _produce(self, seq: int, record: Record) -> None:
-        sink = self.buffer.sinks.get(record.cluster)
+        sink = self.sinks.get(record.cluster)
         if sink is None:
             self._refused(seq, record, unknown_cluster(record))
             return
@@ -173,7 +198,7 @@ class Replayer:
         self.outstanding -= 1
         if error is None:
             self.done.add(seq)
-            self.buffer.counters["replayed"] += 1
+            self.counters["replayed"] += 1
         elif error.retriable:
             self._retry_later(error)
         else:
@@ -183,7 +208,7 @@ class Replayer:
 
     def _retry_later(self, error: GatewayError) -> None:
         if not self.rewind:
-            self.buffer.counters["replay_retries"] += 1
+            self.counters["replay_retries"] += 1
             log.warning("spool_replay_retry", reason=error.message, watermark=self.watermark())
         self.rewind = True
 
@@ -199,9 +224,9 @@ class Replayer:
     def _refused(self, seq: int, record: Record, error: GatewayError) -> None:
         reason = error.message
         target = self.dead_letter(record, reason) if self.dead_letter is not None else None
-        if target is not None and target.cluster in self.buffer.sinks:
+        if target is not None and target.cluster in self.sinks:
             self.outstanding += 1
-            self.buffer.sinks[target.cluster].produce(
+            self.sinks[target.cluster].produce(
                 target, functools.partial(self._on_dead_letter, seq, record))
             return
         self._lost(seq, record, reason)
@@ -211,7 +236,7 @@ class Replayer:
         self.outstanding -= 1
         if error is None:
             self.done.add(seq)
-            self.buffer.counters["dead_lettered"] += 1
+            self.counters["dead_lettered"] += 1
             log.warning("spool_record_dead_lettered", topic=original.topic, seq=seq,
                         dead_letter_topic=target.topic)
         elif error.retriable:
@@ -223,7 +248,7 @@ class Replayer:
 
     def _lost(self, seq: int, record: Record, reason: str) -> None:
         self.done.add(seq)
-        self.buffer.counters["lost_after_ack"] += 1
+        self.counters["lost_after_ack"] += 1
         log.error("spool_record_lost_after_ack", cluster=record.cluster, topic=record.topic,
                   seq=seq, reason=reason,
                   note="acknowledged to the client from the spool; Kafka refused it for good "
@@ -231,29 +256,27 @@ class Replayer:
 
     # --- drain state and progress --------------------------------------------------------
 
-    def _caught_up(self) -> bool:
-        buf = self.buffer
+    def caught_up(self) -> bool:
+        """Every spooled record is settled (none read ahead, in flight or to retry) and
+        intake is idle.  Only then may new records bypass the spool (``kafka`` mode): a
+        replay still in flight could fail, be retried, and land behind them."""
         return (not self.readahead and not self.rewind and self.outstanding == 0
-                and self.cursor >= self.spool.next_seq and not buf.waiting and not buf.unsynced)
+                and self.cursor >= self.spool.next_seq and self.host.intake_idle())
 
     def _check_caught_up(self) -> None:
-        buf = self.buffer
-        if buf.write_ahead:
+        if self.write_ahead:
             if self.draining and self.spool.next_seq - self.watermark() < DRAIN_LOG_MIN // 2:
                 self._drain_done()
             return
-        caught = (not self.readahead and not self.rewind and self.cursor >= self.spool.next_seq
-                  and not buf.waiting and not buf.unsynced and not buf.broken)
-        if not caught:
+        if not self.caught_up():
             return
-        buf.via_spool = False  # Kafka takes records directly again
-        if self.draining and self.outstanding == 0:
+        self.host.replay_caught_up()
+        if self.draining:
             self._drain_done()
 
     def _drain_done(self) -> None:
-        buf = self.buffer
         self.draining = False
-        replayed = buf.counters["replayed"] - self._replayed_at_start
+        replayed = self.counters["replayed"] - self._replayed_at_start
         log.info("spool_drain_complete", replayed=replayed,
                  seconds=round(time.monotonic() - self._drain_from, 2))
 
@@ -262,19 +285,19 @@ class Replayer:
             return
         self.draining = True
         self._drain_from = time.monotonic()
-        self._replayed_at_start = self.buffer.counters["replayed"]
-        log.warning("spool_drain_started", reason=reason, mode=self.buffer.config.mode)
+        self._replayed_at_start = self.counters["replayed"]
+        log.warning("spool_drain_started", reason=reason, mode=self.mode)
 
     def tick(self) -> None:
         """Called by the buffer's timer: progress lines while a drain is under way."""
         now = time.monotonic()
         backlog = self.spool.next_seq - self.watermark()
-        if self.buffer.write_ahead and not self.draining and backlog >= DRAIN_LOG_MIN:
+        if self.write_ahead and not self.draining and backlog >= DRAIN_LOG_MIN:
             self.draining_since(f"{backlog} records behind")
         if not self.draining or now - self._progress_at < PROGRESS_EVERY_S:
             return
         self._progress_at = now
-        replayed = self.buffer.counters["replayed"] - self._replayed_at_start
+        replayed = self.counters["replayed"] - self._replayed_at_start
         elapsed = max(now - self._drain_from, 1e-3)
         log.info("spool_drain_progress", remaining_records=backlog, replayed=replayed,
                  rate_per_s=round(replayed / elapsed), in_flight=self.outstanding,

@@ -14,10 +14,12 @@ Two modes (``spool.mode``), one code path:
 The replayer reads durable records back in seq order (on its own thread) and
 produces them with a bounded window, yielding to the loop between chunks so
 live traffic is not starved.  A spilled record whose direct produce is still
-open blocks the replayer at that seq until librdkafka settles it: delivered ->
-skipped, failed -> replayed.  That keeps the same record from reaching Kafka
-twice out of order.  Retriable replay failures rewind to the watermark after a
-pause; permanent ones go to ``dead_letter`` or are logged as lost after ack.
+open blocks the replayer until librdkafka settles it (and every other direct
+produce still open): delivered -> skipped, failed -> replayed.  A replay is
+handed to the sink only when no direct produce is open, so it never queues
+behind a younger record of its key.  Retriable replay failures rewind to the
+watermark after a pause; permanent ones go to ``dead_letter`` or are logged as
+lost after ack.  docs/spool.md ("Order across the two paths") has the cases.
 """
 
 from __future__ import annotations
@@ -32,18 +34,17 @@ from concurrent.futures import ThreadPoolExecutor
 import structlog
 
 from gateway.buffer.flow import FlowControl
-from gateway.buffer.queue import sink_for
+from gateway.buffer.sink import Sinks, sink_for
 from gateway.buffer.spool import Spool, SpoolFull
-from gateway.buffer.spool_replay import Replayer
+from gateway.buffer.spool_replay import DeadLetter, Gate, Replayer
+from gateway.buffer.storage import Storage
 from gateway.config.schema import Buffer as BufferConfig
 from gateway.config.schema import Spool as SpoolConfig
 from gateway.errors import GatewayError, ShuttingDown, SpoolError
 from gateway.model import Delivery, Record, record_size
-from gateway.sinks.kafka import KafkaSink
 
 log = structlog.get_logger("lastmile.spool")
 
-DeadLetter = Callable[[Record, str], Record | None]
 BROKEN_PAUSE_S = 1.0
 
 
@@ -88,23 +89,24 @@ class Entry:
 
 
 class SpoolBuffer:
-    def __init__(self, sinks: dict[str, KafkaSink], spool: SpoolConfig, buffer: BufferConfig,
+    def __init__(self, sinks: Sinks, spool: SpoolConfig, buffer: BufferConfig,
                  directory: str | os.PathLike[str] | None = None, *,
-                 dead_letter: DeadLetter | None = None) -> None:
+                 dead_letter: DeadLetter | None = None, storage: Storage | None = None) -> None:
         self.sinks = sinks
         self.config = spool
         self.write_ahead = spool.mode == "write-ahead"
+        # Bytes held in memory (not yet safe) drive the hysteresis; "spool full" and
+        # "spool broken" are holds on the same signal.
         self.flow = FlowControl(buffer.high_water_bytes, buffer.low_water_bytes)
         self.spool = Spool(os.fspath(directory or spool.dir), max_bytes=spool.max_bytes,
                            segment_bytes=spool.segment_bytes,
-                           fsync_interval_ms=spool.fsync_interval_ms)
+                           fsync_interval_ms=spool.fsync_interval_ms, storage=storage)
         self.counters: dict[str, int] = dict.fromkeys(
             ("submitted", "delivered", "spooled_acks", "spilled", "failed", "spool_write_failed",
              "replayed", "skipped", "dead_lettered", "lost_after_ack", "replay_retries"), 0)
-        self.replayer = Replayer(self, dead_letter)
+        self.replayer = Replayer(self.spool, sinks, self, self.counters, mode=spool.mode,
+                                 dead_letter=dead_letter)
         self.via_spool = self.write_ahead
-        self.mem_bytes = 0
-        self._mem_paused = False
         self.full = False
         self.broken = False
         self.closing = False
@@ -156,7 +158,7 @@ class SpoolBuffer:
         rp = self.replayer
         return {
             **self.counters,
-            "pending_bytes": self.mem_bytes,
+            "pending_bytes": self.flow.pending_bytes,
             "spool_bytes": self.spool.used_bytes,
             "spool_records": max(0, self.spool.next_seq - rp.watermark()),
             "spool_segments": self.spool.segment_count(),
@@ -180,9 +182,7 @@ class SpoolBuffer:
         size = record_size(record)
         entry = Entry(self, record, size, self._stamp)
         self.counters["submitted"] += 1
-        self.mem_bytes += size
-        if not self._mem_paused and self.mem_bytes >= self.flow.high:
-            self._update_flow()
+        self.flow.add(size)
         if self.via_spool:
             self.waiting.append(entry)
             self.pump()
@@ -212,7 +212,7 @@ class SpoolBuffer:
                     self.full = True
                     log.warning("spool_full", dir=spool.directory, bytes=spool.used_bytes,
                                 max_bytes=spool.max_bytes, waiting=len(self.waiting))
-                    self._update_flow()
+                    self.flow.hold("spool full", True)
                 return
             self.waiting.popleft()
             self.unsynced.append(entry)
@@ -221,7 +221,7 @@ class SpoolBuffer:
         if self.full and not self.waiting:
             self.full = False
             log.info("spool_space_available", dir=spool.directory, bytes=spool.used_bytes)
-            self._update_flow()
+            self.flow.hold("spool full", False)
 
     # --- callbacks from the writer thread and Kafka (on the loop) ---------------------
 
@@ -249,12 +249,12 @@ class SpoolBuffer:
                   errno=error.errno, first_seq=first, last_seq=last,
                   note="acks of these records failed; intake paused")
         self.broken = True
-        self._update_flow()
+        self.flow.hold("spool broken", True)
         asyncio.get_running_loop().call_later(BROKEN_PAUSE_S, self._spool_retry)
 
     def _spool_retry(self) -> None:
         self.broken = False
-        self._update_flow()
+        self.flow.hold("spool broken", False)
         self.pump()
 
     def _on_freed(self, nbytes: int) -> None:
@@ -293,10 +293,17 @@ class SpoolBuffer:
             self.counters["failed"] += 1
             entry.resolve(None, error)
 
-    def _spill(self, first: Entry | None, reason: str) -> None:
-        """Send every record Kafka has not settled to the spool, oldest first."""
-        entries = [first] if first is not None else []
-        entries += [e for e in self._direct if e.direct_open and not e.spilled]
+    def _spill(self, failed: Entry | None, reason: str) -> None:
+        """Send every record Kafka has not settled to the spool, in submission order.
+
+        ``failed`` (a retriable failure) may be younger than records still open (a
+        sink can refuse a new record at once while older ones wait for their
+        reports): it takes its own place, never the front.
+        """
+        entries = [e for e in self._direct
+                   if (e.direct_open or e is failed) and not e.spilled]
+        if failed is not None and not failed.spilled and failed not in entries:
+            entries.insert(0, failed)  # it was the oldest: already left the front
         for entry in entries:
             entry.spilled = True
             self.waiting.append(entry)
@@ -309,18 +316,38 @@ class SpoolBuffer:
 
     # --- memory bound and timers -----------------------------------------------------
 
-    def _release(self, nbytes: int) -> None:
-        self.mem_bytes -= nbytes
-        if self._mem_paused and self.mem_bytes <= self.flow.low:
-            self._update_flow()
+    @property
+    def mem_bytes(self) -> int:
+        """Bytes of records held in memory: not yet safe (on disk or in Kafka)."""
+        return self.flow.pending_bytes
 
-    def _update_flow(self) -> None:
-        if self._mem_paused:
-            self._mem_paused = self.mem_bytes > self.flow.low
-        else:
-            self._mem_paused = self.mem_bytes >= self.flow.high
-        self.flow.pending_bytes = self.mem_bytes
-        self.flow.set(self._mem_paused or self.full or self.broken)
+    def _release(self, nbytes: int) -> None:
+        self.flow.remove(nbytes)
+
+    # --- what the replayer asks (its whole view of this buffer) -------------------
+
+    def replay_gate(self, seq: int) -> Gate:
+        """May the replayer hand ``seq`` to a sink now?
+
+        Not while any direct produce is open: a replay queued behind it in the
+        producer could land after a younger record of its key (a spilled record
+        whose direct attempt fails while a younger one's is still open).
+        """
+        if self._direct_pending():
+            return Gate.WAIT
+        entry = self.spilled.pop(seq, None)
+        if entry is not None and (entry.direct_ok or entry.cancelled):
+            return Gate.SKIP  # Kafka settled it on the direct path
+        return Gate.PRODUCE
+
+    def intake_idle(self) -> bool:
+        """Nothing waits to be written or synced, and the spool takes writes."""
+        return not (self.waiting or self.unsynced or self.broken)
+
+    def replay_caught_up(self) -> None:
+        """Every spooled record is confirmed: new records may go straight to Kafka."""
+        if not self.write_ahead:
+            self.via_spool = False
 
     def _tick_s(self) -> float:
         return min(0.25, self.config.spill_after_ms / 4000.0)
@@ -330,7 +357,6 @@ class SpoolBuffer:
         self._tick_handle = asyncio.get_running_loop().call_later(tick, self._tick)
         now = time.monotonic()
         self._stamp = now + tick
-        self.flow.pending_bytes = self.mem_bytes
         oldest = next((e for e in self._direct if e.direct_open and not e.spilled), None)
         if oldest is not None and not self.closing:
             age_ms = (now - oldest.at) * 1000.0
@@ -345,8 +371,3 @@ async def _poll_until(done: Callable[[], bool], deadline: float) -> None:
         if done() or loop.time() >= deadline:
             return
         await asyncio.sleep(0.01)
-
-
-def worker_spool_dir(base: str, worker: int) -> str:
-    """The directory one worker process owns: spools are never shared between processes."""
-    return os.path.join(base, f"worker-{worker}")

@@ -158,6 +158,7 @@ class KafkaSink:
         self.partitions: dict[str, int] = {}
         self._refreshing: set[str] = set()
         self._refreshed_at: dict[str, float] = {}
+        self._gone: set[Producer] = set()  # empty, removal from _retiring posted
 
     @property
     def in_flight(self) -> int:
@@ -279,6 +280,10 @@ class KafkaSink:
 
     def produce(self, record: Record, callback: DeliveryCallback) -> None:
         """Hand one record to librdkafka; ``callback`` runs later on the loop."""
+        if self._retiring:  # never ahead of a purged record not yet reported: refuse now
+            self._finish(record, callback, None,
+                         DeliveryFailed("Kafka producer restarting", retriable=True))
+            return
         if self._backlog:
             self._backlog.append((record, callback))
             return
@@ -336,35 +341,49 @@ class KafkaSink:
                 self._restart_producer()
             assert self._producer is not None
             self._producer.poll(0.05)
-            self._poll_retiring()
+            emptied = self._poll_retiring()
             batch = self._take_reports()
-            if batch:
+            if batch or emptied:
                 try:
                     loop.call_soon_threadsafe(self._dispatch, batch)
+                    for old in emptied:  # after its last reports: FIFO on the loop
+                        loop.call_soon_threadsafe(self._retired, old)
                 except RuntimeError:  # loop closed during shutdown
                     return
 
     def _restart_producer(self) -> None:
         """Replace a producer that can no longer send (poll thread only).
 
-        The loop's next produce() uses the new producer; what the old one still
-        holds is purged, and its delivery reports (retriable errors) reach the
-        records' callbacks, so the buffer retries or spools them.
+        What the old one still holds is purged, and its delivery reports
+        (retriable errors) reach the records' callbacks, so the buffer retries or
+        spools them.  Until the loop has run the last of those callbacks,
+        ``produce()`` refuses at once (retriable): a new record on the new
+        producer could otherwise reach Kafka before an older purged one of its
+        key is spooled (docs/spool.md, "Order across the two paths").
         """
         self._restart_needed = False
+        new = Producer({**self._settings, "error_cb": self._on_error})
         old = self._producer
-        self._producer = Producer({**self._settings, "error_cb": self._on_error})
-        self.restarts += 1
         if old is not None:
-            old.purge()
-            self._retiring.append(old)
+            self._retiring.append(old)  # first: produce() refuses from here on
+        self._producer = new
+        self.restarts += 1
         log.warning("kafka_producer_restarted", cluster=self.name, restarts=self.restarts)
 
-    def _poll_retiring(self) -> None:
+    def _poll_retiring(self) -> list[Producer]:
+        """Purge and poll retired producers; returns those now empty (removed on the loop)."""
+        emptied = []
         for old in list(self._retiring):
+            old.purge()  # again: a produce() racing the swap may have slipped in
             old.poll(0)
-            if len(old) == 0:
-                self._retiring.remove(old)
+            if len(old) == 0 and old not in self._gone:
+                self._gone.add(old)
+                emptied.append(old)
+        return emptied
+
+    def _retired(self, old: Producer) -> None:
+        self._retiring.remove(old)
+        self._gone.discard(old)
 
     def _take_reports(self) -> list[tuple[Record, DeliveryCallback, Any, Any]]:
         batch, self._reports = self._reports, []
