@@ -76,6 +76,10 @@ _CONNACK_REASONS = frozenset(
     {0x80, 0x81, 0x82, 0x83, 0x84, 0x85, 0x86, 0x87, 0x88, 0x89, 0x8A, 0x8C, 0x90, 0x95,
      0x97, 0x99, 0x9A, 0x9B, 0x9C, 0x9D, 0x9F}
 )
+# Reason codes a PUBACK / PUBREC may carry (MQTT 5.0, 3.4.2.1 and 3.5.2.1). A failure
+# whose code is not one of them (0x89 busy, 0x8B shutting down, 0x95 too large) is
+# sent as 0x80 Unspecified error, its reason string still saying why.
+_ACK_REASONS = frozenset({0x00, 0x10, 0x80, 0x83, 0x87, 0x90, 0x91, 0x97, 0x99})
 _GRACE: dict[int, float] = {}  # keep alive -> 1.5 x keep alive, one float shared by all
 
 
@@ -483,6 +487,8 @@ class MqttSession:
             props = None
             if code >= 0x80 and token.reason_string and self.problem_info:
                 props = Properties(reason_string=token.reason_string)
+            if code not in _ACK_REASONS:
+                code = 0x80
             if token.qos == 1:
                 self._inflight -= 1
                 self._send(p.Puback(packet_id=token.packet_id, reason_code=code, properties=props))
