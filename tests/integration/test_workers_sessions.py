@@ -70,6 +70,29 @@ def _server_inode(server_port: int, client_port: int) -> int | None:
     return None
 
 
+def _listen_inodes(server_port: int) -> set[int]:
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as fh:
+            next(fh)
+            for line in fh:
+                f = line.split()
+                if int(f[1].split(":")[1], 16) == server_port and f[3] == "0A":
+                    inodes.add(int(f[9]))
+    return inodes
+
+
+def listening(server_port: int, pid: int) -> bool:
+    """Whether worker ``pid`` holds a listening socket on ``server_port`` (SO_REUSEPORT)."""
+    targets = {f"socket:[{inode}]" for inode in _listen_inodes(server_port)}
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in targets:
+                    return True
+    return False
+
+
 def worker_of(server_port: int, client_port: int, pids: list[int]) -> int | None:
     """The worker pid that accepted the connection from ``client_port`` (None: not yet)."""
     inode = _server_inode(server_port, client_port)
@@ -87,6 +110,7 @@ def worker_of(server_port: int, client_port: int, pids: list[int]) -> int | None
 
 def port_for(server_port: int, worker: int, pids: list[int]) -> int:
     """A local port whose connections to ``server_port`` the kernel gives to ``worker``."""
+    wait_for(partial(listening, server_port, worker), 90, f"worker {worker} listening")
     for _ in range(200):
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
@@ -208,7 +232,7 @@ def start(factory: Any, rules_dir: Path, **overrides: Any) -> tuple[GatewayProce
     assert gw.proc is not None
     pids = wait_for(lambda: (p := worker_pids(gw.proc.pid)) and len(p) == 2 and p, 30, "workers")
     for pid in pids:  # both workers listen (each has its own SO_REUSEPORT socket)
-        port_for(ports["mqtt"], pid, pids)
+        wait_for(partial(listening, ports["mqtt"], pid), 90, f"worker {pid} listening")
     return gw, ports, pids
 
 
