@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,22 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1,
+               what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds.
+
+    The deadline is generous on purpose: it decides nothing but "it never happened".
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
 
 
 def wait_port(host: str, port: int, timeout: float = 15.0, proc: Any = None) -> None:
@@ -118,6 +134,36 @@ class Broker:
             consumer.close()
         return got
 
+    def read_all(self, topic: str, timeout: float = 30.0) -> list[Any]:
+        """Every record of ``topic`` up to its end, read until idle at the high watermarks.
+
+        ``read(topic, n)`` stops at n records, so it cannot see an extra or a duplicate;
+        this reads each partition up to the high watermark taken at the start (call it
+        after the records the test expects are known to be in).
+        """
+        parts = self.partitions(topic)
+        if not parts:
+            return []
+        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": "tests",
+                             "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+        deadline = time.monotonic() + timeout
+        try:
+            ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), 10)[1]
+                    for p in parts}
+            consumer.assign([TopicPartition(topic, p, 0) for p in parts])
+            got: list[Any] = []
+            position = {p: 0 for p in parts}
+            while any(position[p] < ends[p] for p in parts):
+                if time.monotonic() >= deadline:
+                    raise AssertionError(f"{topic}: read {position} of {ends} in {timeout:g}s")
+                for msg in consumer.consume(1000, 0.2):
+                    if msg.error() is None:
+                        got.append(msg)
+                        position[msg.partition()] = msg.offset() + 1
+        finally:
+            consumer.close()
+        return got
+
 
 def write_config(path: Path, *, bootstrap: str, rules_dir: str | Path,
                  spool_dir: str | Path, **overrides: Any) -> dict[str, int]:
@@ -189,3 +235,67 @@ def running(proc: GatewayProcess, wait_for: tuple[str, int]) -> Iterator[Gateway
     finally:
         if proc.proc is not None and proc.proc.poll() is None:
             proc.stop()
+
+
+def log_events(text: str, event: str) -> list[dict[str, Any]]:
+    """The JSON log lines of one event (``log.format: json``)."""
+    import json
+
+    found = []
+    for line in text.splitlines():
+        # Workers share one stderr; every line must still be one JSON object.
+        assert '}{"' not in line, f"two log lines run together: {line[:300]}"
+        if line.startswith("{") and f'"{event}"' in line:
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if entry.get("event") == event:
+                    found.append(entry)
+    return found
+
+
+def child_pids(parent: int, marker: bytes = b"worker") -> list[int]:
+    """Live child processes of ``parent`` whose command line contains ``marker``."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                stat = fh.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                cmd = fh.read()
+        except OSError:
+            continue
+        if int(stat[1]) == parent and stat[0] != "Z" and marker in cmd:
+            pids.append(int(entry))
+    return sorted(pids)
+
+
+def serving_pid(sock: socket.socket, pids: list[int]) -> int | None:
+    """Which of ``pids`` holds the server end of the loopback connection ``sock``.
+
+    With SO_REUSEPORT the kernel picks the worker; tests that must reach every
+    worker open connections until each one holds at least one.
+    """
+    client_port = sock.getsockname()[1]
+    server_port = sock.getpeername()[1]
+    inode = None
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as fh:
+            next(fh)
+            for line in fh:
+                fields = line.split()
+                local, remote = fields[1], fields[2]
+                if (int(local.rsplit(":", 1)[1], 16) == server_port
+                        and int(remote.rsplit(":", 1)[1], 16) == client_port):
+                    inode = fields[9]
+    if inode is None:
+        return None
+    target = f"socket:[{inode}]"
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                        return pid
+    return None
