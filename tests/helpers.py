@@ -112,7 +112,11 @@ class Broker:
         return sorted(md.topics[topic].partitions) if topic in md.topics else []
 
     def read(self, topic: str, count: int, timeout: float = 20.0) -> list[Any]:
-        """Read at least ``count`` records of ``topic`` from the start (all partitions)."""
+        """Records of ``topic`` from the start (all partitions): wait for at least ``count``,
+        then read on to the end, so an extra or a duplicate shows in the result.
+
+        Returns what it has at ``timeout`` (callers assert on the count).
+        """
         deadline = time.monotonic() + timeout
         parts: list[int] = []
         while not parts and time.monotonic() < deadline:
@@ -121,45 +125,39 @@ class Broker:
                 time.sleep(0.2)
         if not parts:
             return []
-        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": "tests",
-                             "enable.auto.commit": False, "auto.offset.reset": "earliest"})
-        consumer.assign([TopicPartition(topic, p, 0) for p in parts])
-        got: list[Any] = []
-        try:
-            while len(got) < count and time.monotonic() < deadline:
-                for msg in consumer.consume(1000, 0.2):
-                    if msg.error() is None:
-                        got.append(msg)
-        finally:
-            consumer.close()
-        return got
+        return self._consume(topic, parts, count, deadline)
 
     def read_all(self, topic: str, timeout: float = 30.0) -> list[Any]:
-        """Every record of ``topic`` up to its end, read until idle at the high watermarks.
-
-        ``read(topic, n)`` stops at n records, so it cannot see an extra or a duplicate;
-        this reads each partition up to the high watermark taken at the start (call it
-        after the records the test expects are known to be in).
-        """
+        """Every record ``topic`` holds now (none if it does not exist); fails at ``timeout``."""
         parts = self.partitions(topic)
         if not parts:
             return []
+        deadline = time.monotonic() + timeout
+        got = self._consume(topic, parts, 0, deadline)
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{topic}: not read to the end in {timeout:g}s")
+        return got
+
+    def _consume(self, topic: str, parts: list[int], count: int, deadline: float) -> list[Any]:
+        # The end is the high watermark of the fetch responses: tansu answers
+        # ListOffsets(latest) with 1 whatever the partition holds.
         consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": "tests",
                              "enable.auto.commit": False, "auto.offset.reset": "earliest"})
-        deadline = time.monotonic() + timeout
+        got: list[Any] = []
+        position = {p: 0 for p in parts}
         try:
-            ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), 10)[1]
-                    for p in parts}
             consumer.assign([TopicPartition(topic, p, 0) for p in parts])
-            got: list[Any] = []
-            position = {p: 0 for p in parts}
-            while any(position[p] < ends[p] for p in parts):
-                if time.monotonic() >= deadline:
-                    raise AssertionError(f"{topic}: read {position} of {ends} in {timeout:g}s")
+            while time.monotonic() < deadline:
                 for msg in consumer.consume(1000, 0.2):
                     if msg.error() is None:
                         got.append(msg)
                         position[msg.partition()] = msg.offset() + 1
+                if len(got) < count:
+                    continue
+                ends = [consumer.get_watermark_offsets(TopicPartition(topic, p), cached=True)[1]
+                        for p in parts]
+                if all(0 <= end <= position[p] for p, end in zip(parts, ends, strict=True)):
+                    break
         finally:
             consumer.close()
         return got

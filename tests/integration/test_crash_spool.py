@@ -68,7 +68,7 @@ def kafka_values(broker: Broker, client_id: str, want: set[int], timeout: float)
     deadline = time.monotonic() + timeout
     got: list[int] = []
     while time.monotonic() < deadline:
-        got = [int(m.value()) for m in broker.read("bench", 10_000_000, timeout=3)
+        got = [int(m.value()) for m in broker.read_all("bench")
                if m.key() == client_id.encode()]
         if want <= set(got):
             break
