@@ -297,3 +297,22 @@ def serving_pid(sock: socket.socket, pids: list[int]) -> int | None:
                     if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
                         return pid
     return None
+
+
+def readme_block(after: str, lang: str) -> str:
+    """The first fenced ``lang`` block of README.md after the line containing ``after``."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index(after)
+    fence = text.index(f"```{lang}\n", start) + len(f"```{lang}\n")
+    return text[fence:text.index("```", fence)]
+
+
+def readme_commands(after: str) -> list[tuple[str, str]]:
+    """(command, comment) pairs of a README ``sh`` block, continuation lines joined."""
+    joined = readme_block(after, "sh").replace("\\\n", " ")
+    commands = []
+    for line in joined.splitlines():
+        command, _, comment = line.partition(" #")
+        if command.strip():
+            commands.append((" ".join(command.split()), comment.strip()))
+    return commands
