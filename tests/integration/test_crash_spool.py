@@ -80,6 +80,9 @@ def kafka_values(broker: Broker, client_id: str, want: set[int], timeout: float)
 # (100), more PUBACKs while Kafka hangs can only have come from the spool.
 WARM = 50
 SPOOLED = 300
+# Records never time out in librdkafka here (a timeout also sends them to the spool):
+# PUBACKs during the hang can only come from the spool taking over after spill_after_ms.
+NO_TIMEOUT = {"kafka__clusters__default__message_timeout_ms": 600_000}
 
 
 def acks_continue(pubs: list[PahoPublisher], more: int, what: str,
@@ -93,7 +96,8 @@ def acks_continue(pubs: list[PahoPublisher], more: int, what: str,
 @pytest.mark.timeout(180)
 def test_kill9_during_kafka_outage_loses_no_puback(gateway_factory: Any,
                                                    fresh_broker: Broker) -> None:
-    proc, ports = gateway_factory(bootstrap=fresh_broker.bootstrap, spool__spill_after_ms=1000)
+    proc, ports = gateway_factory(bootstrap=fresh_broker.bootstrap, spool__spill_after_ms=1000,
+                                  **NO_TIMEOUT)
     proc.start(("127.0.0.1", ports["mqtt"]))
     pubs = [PahoPublisher(ports["mqtt"]).start() for _ in range(4)]
     acks_continue(pubs, WARM, "the publishers' first PUBACKs")

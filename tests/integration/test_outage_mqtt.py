@@ -12,6 +12,7 @@ import pytest
 
 from tests.helpers import Broker
 from tests.integration.test_crash_spool import (
+    NO_TIMEOUT,
     SPOOLED,
     WARM,
     PahoPublisher,
@@ -24,7 +25,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 @pytest.mark.timeout(180)
 def test_mqtt_publishers_across_a_kafka_hang(gateway_factory: Any, fresh_broker: Broker) -> None:
-    proc, ports = gateway_factory(bootstrap=fresh_broker.bootstrap, spool__spill_after_ms=1000)
+    proc, ports = gateway_factory(bootstrap=fresh_broker.bootstrap, spool__spill_after_ms=1000,
+                                  **NO_TIMEOUT)
     proc.start(("127.0.0.1", ports["mqtt"]))
     try:
         pubs = [PahoPublisher(ports["mqtt"]).start() for _ in range(4)]

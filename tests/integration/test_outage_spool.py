@@ -139,8 +139,10 @@ async def run_outage(tmp_path: Path, mode: str, kind: str) -> None:
     topic = f"outage-{mode}-{kind}"
     try:
         await asyncio.to_thread(broker.create_topic, topic, 3)
+        # No librdkafka timeout (it would spool records too): acks during the outage
+        # can only come from the spool taking over after spill_after_ms.
         sink = KafkaSink("default", Cluster(bootstrap_servers=broker.bootstrap,
-                                            linger_ms=5))
+                                            linger_ms=5, message_timeout_ms=600_000))
         await sink.start()
         buf = SpoolBuffer({"default": sink},
                           SpoolConfig(mode=mode, spill_after_ms=1_000,  # type: ignore[arg-type]
