@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml | $(BIN)/python
 run: $(STAMP)
 	$(BIN)/lastmile serve --config config/gateway.yaml --rules bridge-rules
 
+# Everything, the slow outage and crash tests included (-m "not slow" leaves them out
+# while iterating); the ten slowest are listed at the end.
 test: $(STAMP)
-	$(BIN)/pytest -q -p no:cacheprovider
+	$(BIN)/pytest -q -p no:cacheprovider --durations=10
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway tests benchmarks

@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,22 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1,
+               what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds.
+
+    The deadline is generous on purpose: it decides nothing but "it never happened".
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
 
 
 def wait_port(host: str, port: int, timeout: float = 15.0, proc: Any = None) -> None:
@@ -75,14 +91,10 @@ class Broker:
     def stop(self) -> None:
         if self.proc is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.proc.pid, signal.SIGCONT)
-        self.proc.terminate()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        # In memory, nothing to save: SIGKILL (tansu can take seconds to act on SIGTERM
+        # after it was paused, and every paused-broker test paid that in teardown).
+        self.proc.kill()
+        self.proc.wait()
         self.proc = None
 
     def create_topic(self, topic: str, partitions: int = 1) -> None:
@@ -96,7 +108,11 @@ class Broker:
         return sorted(md.topics[topic].partitions) if topic in md.topics else []
 
     def read(self, topic: str, count: int, timeout: float = 20.0) -> list[Any]:
-        """Read at least ``count`` records of ``topic`` from the start (all partitions)."""
+        """Records of ``topic`` from the start (all partitions): wait for at least ``count``,
+        then read on to the end, so an extra or a duplicate shows in the result.
+
+        Returns what it has at ``timeout`` (callers assert on the count).
+        """
         deadline = time.monotonic() + timeout
         parts: list[int] = []
         while not parts and time.monotonic() < deadline:
@@ -105,15 +121,39 @@ class Broker:
                 time.sleep(0.2)
         if not parts:
             return []
+        return self._consume(topic, parts, count, deadline)
+
+    def read_all(self, topic: str, timeout: float = 30.0) -> list[Any]:
+        """Every record ``topic`` holds now (none if it does not exist); fails at ``timeout``."""
+        parts = self.partitions(topic)
+        if not parts:
+            return []
+        deadline = time.monotonic() + timeout
+        got = self._consume(topic, parts, 0, deadline)
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{topic}: not read to the end in {timeout:g}s")
+        return got
+
+    def _consume(self, topic: str, parts: list[int], count: int, deadline: float) -> list[Any]:
+        # The end is the high watermark of the fetch responses: tansu answers
+        # ListOffsets(latest) with 1 whatever the partition holds.
         consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": "tests",
                              "enable.auto.commit": False, "auto.offset.reset": "earliest"})
-        consumer.assign([TopicPartition(topic, p, 0) for p in parts])
         got: list[Any] = []
+        position = {p: 0 for p in parts}
         try:
-            while len(got) < count and time.monotonic() < deadline:
+            consumer.assign([TopicPartition(topic, p, 0) for p in parts])
+            while time.monotonic() < deadline:
                 for msg in consumer.consume(1000, 0.2):
                     if msg.error() is None:
                         got.append(msg)
+                        position[msg.partition()] = msg.offset() + 1
+                if len(got) < count:
+                    continue
+                ends = [consumer.get_watermark_offsets(TopicPartition(topic, p), cached=True)[1]
+                        for p in parts]
+                if all(0 <= end <= position[p] for p, end in zip(parts, ends, strict=True)):
+                    break
         finally:
             consumer.close()
         return got
@@ -189,3 +229,86 @@ def running(proc: GatewayProcess, wait_for: tuple[str, int]) -> Iterator[Gateway
     finally:
         if proc.proc is not None and proc.proc.poll() is None:
             proc.stop()
+
+
+def log_events(text: str, event: str) -> list[dict[str, Any]]:
+    """The JSON log lines of one event (``log.format: json``)."""
+    import json
+
+    found = []
+    for line in text.splitlines():
+        # Workers share one stderr; every line must still be one JSON object.
+        assert '}{"' not in line, f"two log lines run together: {line[:300]}"
+        if line.startswith("{") and f'"{event}"' in line:
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if entry.get("event") == event:
+                    found.append(entry)
+    return found
+
+
+def child_pids(parent: int, marker: bytes = b"worker") -> list[int]:
+    """Live child processes of ``parent`` whose command line contains ``marker``."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                stat = fh.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                cmd = fh.read()
+        except OSError:
+            continue
+        if int(stat[1]) == parent and stat[0] != "Z" and marker in cmd:
+            pids.append(int(entry))
+    return sorted(pids)
+
+
+def serving_pid(sock: socket.socket, pids: list[int]) -> int | None:
+    """Which of ``pids`` holds the server end of the loopback connection ``sock``.
+
+    With SO_REUSEPORT the kernel picks the worker; tests that must reach every
+    worker open connections until each one holds at least one.
+    """
+    client_port = sock.getsockname()[1]
+    server_port = sock.getpeername()[1]
+    inode = None
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as fh:
+            next(fh)
+            for line in fh:
+                fields = line.split()
+                local, remote = fields[1], fields[2]
+                if (int(local.rsplit(":", 1)[1], 16) == server_port
+                        and int(remote.rsplit(":", 1)[1], 16) == client_port):
+                    inode = fields[9]
+    if inode is None:
+        return None
+    target = f"socket:[{inode}]"
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                        return pid
+    return None
+
+
+def readme_block(after: str, lang: str) -> str:
+    """The first fenced ``lang`` block of README.md after the line containing ``after``."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index(after)
+    fence = text.index(f"```{lang}\n", start) + len(f"```{lang}\n")
+    return text[fence:text.index("```", fence)]
+
+
+def readme_commands(after: str) -> list[tuple[str, str]]:
+    """(command, comment) pairs of a README ``sh`` block, continuation lines joined."""
+    joined = readme_block(after, "sh").replace("\\\n", " ")
+    commands = []
+    for line in joined.splitlines():
+        command, _, comment = line.partition(" #")
+        if command.strip():
+            commands.append((" ".join(command.split()), comment.strip()))
+    return commands

@@ -25,14 +25,17 @@ async def test_10k_records_with_keys_and_headers_round_trip(broker: Broker) -> N
     calls: Counter[int] = Counter()
     done = asyncio.Event()
     failures: list[GatewayError] = []
+    # The callback runs inside the sink's dispatch, which logs and swallows exceptions:
+    # keep what it saw and assert on it here.
+    deliveries: dict[int, Delivery | None] = {}
     n = 10_000
 
     def on_result(record: Record, delivery: Delivery | None, error: GatewayError | None) -> None:
-        calls[int(record.value.split(b"-")[1])] += 1
+        seq = int(record.value.split(b"-")[1])
+        calls[seq] += 1
+        deliveries[seq] = delivery
         if error is not None:
             failures.append(error)
-        else:
-            assert delivery is not None and delivery.topic == topic and delivery.offset >= 0
         if sum(calls.values()) >= n:
             done.set()
 
@@ -45,9 +48,11 @@ async def test_10k_records_with_keys_and_headers_round_trip(broker: Broker) -> N
     await sink.close(10)
     assert not failures
     assert len(calls) == n and set(calls.values()) == {1}  # each ack exactly once
+    for seq, delivery in deliveries.items():
+        assert delivery is not None and delivery.topic == topic and delivery.offset >= 0, seq
 
-    got = await asyncio.to_thread(broker.read, topic, n, 60)
-    assert len(got) == n
+    got = await asyncio.to_thread(broker.read_all, topic, 60)
+    assert len(got) == n  # read to the end: a duplicate or an extra would show here
     by_seq = {}
     for msg in got:
         headers = dict(msg.headers())
@@ -57,21 +62,30 @@ async def test_10k_records_with_keys_and_headers_round_trip(broker: Broker) -> N
     for i in (0, 1, 4999, 9999):
         assert by_seq[i].value() == f"value-{i}".encode()
         assert by_seq[i].key() == f"device-{i % 50}".encode()
-    # Same key -> same partition, in production order.
+    # Same key -> same partition, in production order (offsets rise with seq per key),
+    # and each delivery report names where Kafka put the record.
     partitions: dict[bytes, set[int]] = {}
     for msg in got:
         partitions.setdefault(msg.key(), set()).add(msg.partition())
     assert all(len(p) == 1 for p in partitions.values())
     assert len({msg.partition() for msg in got}) == 3
+    by_key: dict[bytes, list[tuple[int, int]]] = {}
+    for msg in got:
+        by_key.setdefault(msg.key(), []).append((msg.offset(), int(dict(msg.headers())["seq"])))
+    for key, pairs in by_key.items():
+        seqs = [seq for _, seq in sorted(pairs)]
+        assert seqs == sorted(seqs), f"{key!r}: not in production order"
+    for seq, msg in by_seq.items():
+        delivery = deliveries[seq]
+        assert delivery is not None
+        assert (delivery.partition, delivery.offset) == (msg.partition(), msg.offset())
 
 
 async def test_unreachable_at_start_is_a_clear_error() -> None:
     sink = KafkaSink("edge", Cluster(bootstrap_servers=f"127.0.0.1:{free_port()}",
                                      connect_timeout_s=1.5))
-    started = time.monotonic()
     with pytest.raises(Unavailable, match=r"edge.*did not answer within 1.5s"):
-        await sink.start()
-    assert time.monotonic() - started < 10
+        await asyncio.wait_for(sink.start(), 60)  # gives up on its own: no hang
 
 
 async def test_broker_gone_fails_acks_with_reason_after_timeout(fresh_broker: Broker) -> None:

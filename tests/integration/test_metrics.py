@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import time
 import urllib.request
 
 import pytest
 
-from tests.helpers import Broker
+from gateway.protocols.mqtt import packets as p
+from tests.helpers import Broker, child_pids, log_events, serving_pid, wait_until
+from tests.integration.test_mqtt_e2e import RawClient
 
 pytestmark = pytest.mark.integration
 
@@ -27,6 +28,15 @@ def sample(text: str, name: str) -> float:
     raise AssertionError(f"{name} not in metrics")
 
 
+def metrics_when(base: str, name: str, at_least: float) -> str | None:
+    """The /metrics text once ``name`` has reached ``at_least`` (else None)."""
+    _, text = get(f"{base}/metrics")
+    try:
+        return text if sample(text, name) >= at_least else None
+    except AssertionError:  # not exported yet
+        return None
+
+
 def test_metrics_health_and_readiness(gateway_factory, broker: Broker) -> None:
     import paho.mqtt.client as mqtt
 
@@ -43,8 +53,9 @@ def test_metrics_health_and_readiness(gateway_factory, broker: Broker) -> None:
     for i in range(5):
         client.publish("bench/metrics-1/x", str(i), qos=1).wait_for_publish(10)
     client.publish("metrics/unrouted", b"?", qos=1).wait_for_publish(10)  # dead-lettered
-    time.sleep(1.5)  # the pump copies counters once a second
-    _, text = get(f"{base}/metrics")
+    # The pump copies counters once a second: wait for the copy, not for a second.
+    text = wait_until(lambda: metrics_when(base, 'lastmile_pipeline_total{event="messages"}', 6),
+                      30, what="the counters in /metrics")
     assert sample(text, 'lastmile_pipeline_total{event="messages"}') >= 5
     assert sample(text, 'lastmile_records_total{cluster="default",result="delivered"}') >= 5
     assert sample(text, "lastmile_mqtt_connections") == 1
@@ -55,3 +66,47 @@ def test_metrics_health_and_readiness(gateway_factory, broker: Broker) -> None:
     assert "lastmile_rules_info{version=" in text
     client.disconnect()
     client.loop_stop()
+
+
+def test_metrics_are_summed_over_workers(gateway_factory, broker: Broker) -> None:
+    """With two workers any worker's /metrics shows the sum: 3 messages through one
+    worker and 4 through the other read 7, whichever worker answers."""
+    gw, ports = gateway_factory(workers=2)
+    gw.start(wait_for=("127.0.0.1", ports["mqtt"]))
+    assert gw.proc is not None
+    wait_until(lambda: len(log_events(gw.log_text(), "gateway_started")) == 2, 60,
+               what="both workers started")
+    workers = child_pids(gw.proc.pid)
+    by_worker: dict[int, RawClient] = {}
+    spare = []
+    for n in range(200):
+        raw = RawClient(ports["mqtt"], f"sum-{n}")
+        pid = serving_pid(raw.sock, workers)
+        if pid is not None and pid not in by_worker:
+            by_worker[pid] = raw
+        else:
+            spare.append(raw)
+        if len(by_worker) == 2:
+            break
+    assert len(by_worker) == 2, "could not reach both workers"
+    for raw in spare:
+        raw.close()
+    for count, raw in zip((3, 4), by_worker.values(), strict=True):
+        for i in range(count):
+            raw.send(p.Publish(topic="bench/sum/x", payload=b"%d" % i, qos=1, packet_id=i + 1))
+            assert raw.recv(30) == p.Puback(packet_id=i + 1)
+    base = f"http://127.0.0.1:{ports['metrics']}"
+
+    def summed() -> bool:
+        _, text = get(f"{base}/metrics")
+        try:
+            return (sample(text, 'lastmile_pipeline_total{event="messages"}') == 7
+                    and sample(text, "lastmile_mqtt_connections") == 2)
+        except AssertionError:
+            return False
+
+    wait_until(summed, 30, what="/metrics to show the sum over both workers")
+    for _ in range(10):  # whichever worker answers (each request is a new connection)
+        assert summed()
+    for raw in by_worker.values():
+        raw.close()

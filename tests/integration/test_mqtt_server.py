@@ -73,6 +73,14 @@ class Client:
             self.buf += chunk
 
 
+async def until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Poll ``predicate`` on the loop (the server runs on it too) until true."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
 @pytest.fixture
 async def server() -> AsyncIterator[tuple[MqttServer, FakePipeline]]:
     pipeline = FakePipeline()
@@ -116,7 +124,7 @@ async def test_reading_stops_at_the_inflight_bound_and_on_backpressure(server: A
     client = await connect(srv, "bound")
     for pid in (1, 2):
         publish(client, pid)
-    await asyncio.sleep(0.2)
+    await until(lambda: len(pipeline.received) == 2)
     (conn,) = srv.connections
     assert len(pipeline.received) == 2 and not conn._reading
     pipeline.received[0][1](Outcome(ok=True))
@@ -175,7 +183,7 @@ async def test_acks_of_one_batch_leave_in_one_write(server: Any) -> None:
     client = await connect(srv, "batch")
     publish(client, 1)
     publish(client, 2)
-    await asyncio.sleep(0.2)
+    await until(lambda: len(pipeline.received) == 2)
     (conn,) = srv.connections
     counting = CountingTransport(conn.transport)
     conn.transport = counting

@@ -13,7 +13,7 @@ import pytest
 
 from tests.helpers import Broker, free_port
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 RULES = """
 rules:

@@ -6,33 +6,37 @@ PUBACKed message is in Kafka and each client's messages are in the order sent.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import pytest
 
 from tests.helpers import Broker
-from tests.integration.test_crash_spool import PahoPublisher, kafka_values
+from tests.integration.test_crash_spool import (
+    NO_TIMEOUT,
+    SPOOLED,
+    WARM,
+    PahoPublisher,
+    acks_continue,
+    kafka_values,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
 def test_mqtt_publishers_across_a_kafka_hang(gateway_factory: Any, fresh_broker: Broker) -> None:
-    proc, ports = gateway_factory(bootstrap=fresh_broker.bootstrap, spool__spill_after_ms=1000)
+    proc, ports = gateway_factory(bootstrap=fresh_broker.bootstrap, spool__spill_after_ms=1000,
+                                  **NO_TIMEOUT)
     proc.start(("127.0.0.1", ports["mqtt"]))
     try:
         pubs = [PahoPublisher(ports["mqtt"]).start() for _ in range(4)]
-        time.sleep(2.0)
-        before = {p.client_id: len(p.acked) for p in pubs}
+        acks_continue(pubs, WARM, "the publishers' first PUBACKs")
         fresh_broker.pause()
-        time.sleep(10.0)
-        acked_in_outage = {p.client_id: len(p.acked) - before[p.client_id] for p in pubs}
+        # PUBACKs go on from the spool once Kafka is 1 s late (past paho's window of 100).
+        acks_continue(pubs, SPOOLED, "PUBACKs from the spool while Kafka hangs")
         fresh_broker.resume()
-        time.sleep(2.0)
+        acks_continue(pubs, WARM, "PUBACKs after Kafka is back")
         acked = {p.client_id: p.halt() for p in pubs}
-        # ~100 msg/s each; PUBACKs go on from the spool once Kafka is 1 s late.
-        assert all(n > 100 * 6 for n in acked_in_outage.values()), acked_in_outage
         for client_id, numbers in acked.items():
             got = kafka_values(fresh_broker, client_id, numbers, timeout=40)
             missing = numbers - set(got)

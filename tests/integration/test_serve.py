@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -11,37 +13,70 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, GatewayProcess, free_port, wait_port
+from tests.helpers import ROOT, GatewayProcess, free_port, readme_commands, wait_port
 
 pytestmark = pytest.mark.integration
 
 
-def test_shipped_config_starts_embedded_broker_and_stops_cleanly(tmp_path: Path) -> None:
-    mqtt, kafka, metrics, http = free_port(), free_port(), free_port(), free_port()
+DEFAULT_PORTS = {"1883": "mqtt", "9100": "metrics", "8080": "http"}
+
+
+def walkthrough_argv(command: str, ports: dict[str, int]) -> list[str]:
+    """A README walkthrough command on this test's ports, ``lastmile`` from this checkout."""
+    command = re.sub(r"localhost:(\d+)", lambda m: f"127.0.0.1:{ports[DEFAULT_PORTS[m[1]]]}",
+                     command)
+    command = re.sub(r"-p (\d+)", lambda m: f"-p {ports[DEFAULT_PORTS[m[1]]]}", command)
+    argv = shlex.split(command)
+    if argv[0] == ".venv/bin/lastmile":
+        argv = [sys.executable, "-m", "gateway.cli", *argv[1:]]
+    return argv
+
+
+def test_readme_walkthrough_on_the_shipped_config(tmp_path: Path) -> None:
+    """The README's 60-second walkthrough, read from README.md and run as written (ports
+    moved to free ones): shipped config, embedded broker, and what each comment says."""
+    ports = {"mqtt": free_port(), "http": free_port(), "metrics": free_port()}
+    kafka = free_port()
     env = {
-        "LASTMILE_MQTT_PORT": str(mqtt),
-        "LASTMILE_HTTP_PORT": str(http),
-        "LASTMILE_LISTENERS__METRICS__PORT": str(metrics),
+        "LASTMILE_MQTT_PORT": str(ports["mqtt"]),
+        "LASTMILE_HTTP_PORT": str(ports["http"]),
+        "LASTMILE_LISTENERS__METRICS__PORT": str(ports["metrics"]),
         "LASTMILE_KAFKA__EMBEDDED__PORT": str(kafka),
         "LASTMILE_SPOOL_DIR": str(tmp_path / "spool"),
     }
+    steps = readme_commands("## 60-second walkthrough")
+    assert steps[0][0] == "make run"  # what `make run` runs is what we start here
+    assert "lastmile serve --config config/gateway.yaml" in (ROOT / "Makefile").read_text()
     gw = GatewayProcess(ROOT / "config" / "gateway.yaml", tmp_path / "gw.log", env=env)
-    gw.start(wait_for=("127.0.0.1", mqtt))
+    gw.start(wait_for=("127.0.0.1", ports["mqtt"]))
+    outputs: list[tuple[str, str, str]] = []
     try:
         wait_port("127.0.0.1", kafka)  # the embedded broker answers where the log says
-        subprocess.run(["mosquitto_pub", "-p", str(mqtt), "-i", "walkthrough-1", "-q", "1",
-                        "-t", "bench/walkthrough-1/temp", "-m", "21.5"], check=True, timeout=20)
-        # As the README says: lastmile consume reads what arrived in the embedded broker.
-        out = subprocess.run([sys.executable, "-m", "gateway.cli", "consume", "bench",
-                              "--config", str(ROOT / "config" / "gateway.yaml")],
-                             capture_output=True, text=True, cwd=ROOT, timeout=60,
-                             env={**os.environ, **env})
-        assert out.returncode == 0, out.stderr
-        lines = out.stdout.splitlines()
-        assert len(lines) == 1 and lines[0].endswith(" walkthrough-1 21.5"), out.stdout
+        for command, comment in steps[1:]:
+            out = subprocess.run(walkthrough_argv(command, ports), capture_output=True,
+                                 text=True, cwd=ROOT, timeout=60, env={**os.environ, **env})
+            assert out.returncode == 0, (command, out.stderr)
+            outputs.append((command, comment, out.stdout))
     finally:
         code = gw.stop(signal.SIGTERM)
     assert code == 0, gw.log_text()[-3000:]
+    checked = 0
+    for command, comment, stdout in outputs:
+        if comment.startswith("prints: "):  # lastmile consume
+            assert stdout.splitlines() == [comment.removeprefix("prints: ")], stdout
+            checked += 1
+        elif command.endswith("/readyz"):
+            body = json.loads(stdout)
+            assert body["ready"] is True and body["rules_version"] and body["counters"]
+            checked += 1
+        elif "/v1/publish/" in command:
+            assert json.loads(stdout)["deliveries"][0]["topic"] == "mobile.events", stdout
+            checked += 1
+        elif " rules test " in command:
+            topic, key = re.fullmatch(r"topic (\S+), key (\S+)", comment).groups()  # type: ignore[union-attr]
+            assert f"topic {topic} key '{key}'" in stdout, stdout
+            checked += 1
+    assert checked == 4, outputs
     events = [json.loads(line)["event"] for line in gw.log_text().splitlines()
               if line.startswith("{")]
     assert "embedded_kafka_started" in events

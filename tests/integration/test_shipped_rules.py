@@ -11,7 +11,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from tests.helpers import Broker
+from tests.helpers import Broker, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -64,6 +64,10 @@ async def test_sample_rules_end_to_end(gateway_factory, broker: Broker) -> None:
     assert mqtt5_publish(ports["mqtt"], "energy/p1/inv-2/alarm/overheat", b"!", props) == 0x87
     # Unmatched topics go to the dead-letter topic with the reason.
     assert mqtt5_publish(ports["mqtt"], "nobody/routes/this", b"lost?") == 0
-    dead = [m for m in broker.read("lastmile.dead-letter", 50)
-            if dict(m.headers()).get("lastmile-topic") == b"nobody/routes/this"]
+
+    def dead_letters() -> list:
+        return [m for m in broker.read_all("lastmile.dead-letter")
+                if dict(m.headers()).get("lastmile-topic") == b"nobody/routes/this"]
+
+    dead = wait_until(dead_letters, 30, what="the dead letter")
     assert len(dead) == 1 and dict(dead[0].headers())["lastmile-reason"] == b"no_matching_rule"

@@ -63,6 +63,16 @@ def test_version_depends_on_bytes_and_names(rules_dir: Path) -> None:
     assert load_rules(rules_dir).version != first
 
 
+async def edit_until_seen(path: Path, text: str, event: asyncio.Event,
+                          timeout: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not event.is_set():
+        assert asyncio.get_running_loop().time() < deadline, f"{path.name}: edit never seen"
+        await asyncio.to_thread(path.write_text, text)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), 1.0)
+
+
 async def test_watch_picks_up_edits(rules_dir: Path) -> None:
     router = Router(load_rules(rules_dir))
     seen: dict[str, asyncio.Event] = {"rules_loaded": asyncio.Event()}
@@ -70,12 +80,10 @@ async def test_watch_picks_up_edits(rules_dir: Path) -> None:
     reloader = RulesReloader(rules_dir, router, lambda e, _: seen[e].set(), debounce_ms=50)
     task = asyncio.create_task(reloader.run())
     try:
-        await asyncio.sleep(0.3)  # let the watcher start before the edit
-        (rules_dir / "10-r.yaml").write_text(V2)
-        await asyncio.wait_for(seen["rules_loaded"].wait(), 10)
+        # The watcher starts in its own time: write again until it has seen the edit.
+        await edit_until_seen(rules_dir / "10-r.yaml", V2, seen["rules_loaded"])
         assert _topic(router) == "v2"
-        (rules_dir / "10-r.yaml").write_text(BROKEN)
-        await asyncio.wait_for(seen["rules_reload_failed"].wait(), 10)
+        await edit_until_seen(rules_dir / "10-r.yaml", BROKEN, seen["rules_reload_failed"])
         assert _topic(router) == "v2"
     finally:
         task.cancel()
