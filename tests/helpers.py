@@ -265,34 +265,46 @@ def child_pids(parent: int, marker: bytes = b"worker") -> list[int]:
     return sorted(pids)
 
 
+def tcp_inodes(server_port: int, client_port: int | None = None) -> set[int]:
+    """Inodes of loopback sockets on ``server_port``: the server end of the connection
+    from ``client_port``, or (None) the listening sockets (one per SO_REUSEPORT worker)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as fh:
+            next(fh)
+            for line in fh:
+                f = line.split()
+                if int(f[1].rsplit(":", 1)[1], 16) != server_port:
+                    continue
+                if client_port is None:
+                    if f[3] == "0A":  # LISTEN
+                        inodes.add(int(f[9]))
+                elif int(f[2].rsplit(":", 1)[1], 16) == client_port and int(f[9]):
+                    inodes.add(int(f[9]))
+    return inodes
+
+
+def pid_holding(inodes: set[int], pids: list[int]) -> int | None:
+    """Which of ``pids`` has one of the sockets ``inodes`` open."""
+    targets = {f"socket:[{inode}]" for inode in inodes}
+    if not targets:
+        return None
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") in targets:
+                        return pid
+    return None
+
+
 def serving_pid(sock: socket.socket, pids: list[int]) -> int | None:
     """Which of ``pids`` holds the server end of the loopback connection ``sock``.
 
     With SO_REUSEPORT the kernel picks the worker; tests that must reach every
     worker open connections until each one holds at least one.
     """
-    client_port = sock.getsockname()[1]
-    server_port = sock.getpeername()[1]
-    inode = None
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as fh:
-            next(fh)
-            for line in fh:
-                fields = line.split()
-                local, remote = fields[1], fields[2]
-                if (int(local.rsplit(":", 1)[1], 16) == server_port
-                        and int(remote.rsplit(":", 1)[1], 16) == client_port):
-                    inode = fields[9]
-    if inode is None:
-        return None
-    target = f"socket:[{inode}]"
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                with contextlib.suppress(OSError):
-                    if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
-                        return pid
-    return None
+    return pid_holding(tcp_inodes(sock.getpeername()[1], sock.getsockname()[1]), pids)
 
 
 def readme_block(after: str, lang: str) -> str:

@@ -15,7 +15,6 @@ import signal
 import socket
 import struct
 import threading
-import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -28,9 +27,16 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from tests.helpers import Broker, GatewayProcess, free_port
+from tests.helpers import (
+    Broker,
+    GatewayProcess,
+    child_pids,
+    free_port,
+    pid_holding,
+    tcp_inodes,
+    wait_until,
+)
 from tests.integration.test_mqtt_tls import make_pki
-from tests.integration.test_workers import worker_pids
 
 pytestmark = pytest.mark.integration
 
@@ -42,70 +48,20 @@ LINGER_RST = struct.pack("ii", 1, 0)  # close with RST: no TIME_WAIT on a reused
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what or predicate}")
+    return wait_until(predicate, timeout, 0.05, what or str(predicate))
 
 
 # --- which worker holds a connection ------------------------------------------------------
 
 
-def _server_inode(server_port: int, client_port: int) -> int | None:
-    """Inode of the gateway's end of the loopback connection from ``client_port``."""
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as fh:
-            next(fh)
-            for line in fh:
-                f = line.split()
-                local = int(f[1].split(":")[1], 16)
-                remote = int(f[2].split(":")[1], 16)
-                if local == server_port and remote == client_port and f[3] == "01":
-                    inode = int(f[9])
-                    if inode:
-                        return inode
-    return None
-
-
-def _listen_inodes(server_port: int) -> set[int]:
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as fh:
-            next(fh)
-            for line in fh:
-                f = line.split()
-                if int(f[1].split(":")[1], 16) == server_port and f[3] == "0A":
-                    inodes.add(int(f[9]))
-    return inodes
-
-
 def listening(server_port: int, pid: int) -> bool:
     """Whether worker ``pid`` holds a listening socket on ``server_port`` (SO_REUSEPORT)."""
-    targets = {f"socket:[{inode}]" for inode in _listen_inodes(server_port)}
-    with contextlib.suppress(OSError):
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            with contextlib.suppress(OSError):
-                if os.readlink(f"/proc/{pid}/fd/{fd}") in targets:
-                    return True
-    return False
+    return pid_holding(tcp_inodes(server_port), [pid]) is not None
 
 
 def worker_of(server_port: int, client_port: int, pids: list[int]) -> int | None:
     """The worker pid that accepted the connection from ``client_port`` (None: not yet)."""
-    inode = _server_inode(server_port, client_port)
-    if inode is None:
-        return None
-    target = f"socket:[{inode}]"
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                with contextlib.suppress(OSError):
-                    if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
-                        return pid
-    return None
+    return pid_holding(tcp_inodes(server_port, client_port), pids)
 
 
 def port_for(server_port: int, worker: int, pids: list[int]) -> int:
@@ -230,7 +186,7 @@ def start(factory: Any, rules_dir: Path, **overrides: Any) -> tuple[GatewayProce
     gw, ports = factory(workers=2, **overrides)
     gw.start(wait_for=("127.0.0.1", ports["mqtt"]))
     assert gw.proc is not None
-    pids = wait_for(lambda: (p := worker_pids(gw.proc.pid)) and len(p) == 2 and p, 30, "workers")
+    pids = wait_for(lambda: (p := child_pids(gw.proc.pid)) and len(p) == 2 and p, 30, "workers")
     for pid in pids:  # both workers listen (each has its own SO_REUSEPORT socket)
         wait_for(partial(listening, ports["mqtt"], pid), 90, f"worker {pid} listening")
     return gw, ports, pids
@@ -355,7 +311,7 @@ def test_a_dead_owner_does_not_block_its_clients(gateway: Any) -> None:
     second = Device(cid, 5).connect(port, port_for(port, pids[1], pids))
     try:
         assert second.connacks == [True]  # the session outlives its worker (state is lost)
-        new = wait_for(lambda: set(worker_pids(gw.proc.pid)) - set(pids), 30, "the restart")
+        new = wait_for(lambda: set(child_pids(gw.proc.pid)) - set(pids), 30, "the restart")
         restarted = new.pop()
         third = Device(cid, 5).connect(port, port_for(port, restarted, [pids[1], restarted]))
         wait_for(lambda: second.disconnects, 15, "the takeover by the restarted worker")
