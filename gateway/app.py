@@ -128,8 +128,7 @@ class App:
         self._cleanups.append(("buffer", self.buffer.close))
         assert self.router is not None
         buffer = self.buffer
-        admit = admission(self.sinks, max_record_bytes(cfg),
-                          lambda: bool(getattr(buffer, "via_spool", False)))
+        admit = admission(self.sinks, max_record_bytes(cfg), lambda: buffer.via_spool)
         self.pipeline = Pipeline(self.router, self.buffer, admit)
 
     def _dead_letter_record(self, record: Record, reason: str) -> Record | None:

@@ -16,6 +16,9 @@ __all__ = ["Buffer", "FlowControl"]
 
 class Buffer(Protocol):
     flow: FlowControl
+    # True while acks come from the spool before Kafka has the record (write-ahead
+    # mode, or draining an outage): what Kafka will refuse must be caught before.
+    via_spool: bool
 
     def submit(self, record: Record) -> None:
         """Take one record (with ``record.ack`` set); resolve its ack when safe or failed."""

@@ -18,6 +18,8 @@ log = structlog.get_logger("lastmile.buffer")
 
 
 class MemoryBuffer:
+    via_spool = False  # every ack waits for Kafka's delivery report
+
     def __init__(self, sinks: Sinks, high_water: int, low_water: int) -> None:
         self.sinks = sinks
         self.flow = FlowControl(high_water, low_water)

@@ -173,16 +173,14 @@ def _fit_to_kafka(config: Config, smap: SourceMap, data: dict[str, Any]) -> None
     and acknowledged, so topic.metadata.propagation.max.ms stays below
     spool.spill_after_ms.
     """
-    smallest = ""
+    sizes: dict[str, int] = {}
     for name, cluster in config.kafka.clusters.items():
         try:
-            message_max_bytes(cluster)
+            sizes[name] = message_max_bytes(cluster)
         except ConfigError as exc:
             raise smap.error(exc.reason, ("kafka", "clusters", name, "producer", exc.key)) \
                 from exc
-        if not smallest or message_max_bytes(cluster) < message_max_bytes(
-                config.kafka.clusters[smallest]):
-            smallest = name
+    smallest = min(sizes, key=sizes.__getitem__)
     edge = max_record_bytes(config) - RULE_ROOM
     key_path = ("kafka", "clusters", smallest, "producer", "message.max.bytes")
     if edge < 1024:
@@ -199,7 +197,7 @@ def _fit_to_kafka(config: Config, smap: SourceMap, data: dict[str, Any]) -> None
         elif value > edge:
             raise smap.error(
                 f"{value} bytes can not be produced to cluster '{smallest}': its "
-                f"message.max.bytes {message_max_bytes(config.kafka.clusters[smallest])} "
+                f"message.max.bytes {sizes[smallest]} "
                 f"leaves {edge} after record framing, dead-letter room and room for rule "
                 f"headers; lower this or raise kafka.clusters.{smallest}.producer"
                 f"['message.max.bytes'] (and the brokers' limits)", ("limits", key))
