@@ -307,6 +307,27 @@ def serving_pid(sock: socket.socket, pids: list[int]) -> int | None:
     return pid_holding(tcp_inodes(sock.getpeername()[1], sock.getsockname()[1]), pids)
 
 
+def one_per_worker(connect: Callable[[int], Any], pids: list[int],
+                   tries: int = 200) -> dict[int, Any]:
+    """One client connection held by each worker (SO_REUSEPORT: the kernel picks).
+
+    ``connect(n)`` opens the n-th connection and returns a client with ``.sock`` and
+    ``.close()``; connections that landed on a worker already covered are closed.
+    """
+    by_worker: dict[int, Any] = {}
+    for n in range(tries):
+        client = connect(n)
+        pid = serving_pid(client.sock, pids)
+        if pid is not None and pid not in by_worker:
+            by_worker[pid] = client
+            if len(by_worker) == len(pids):
+                break
+        else:
+            client.close()
+    assert set(by_worker) == set(pids), "could not reach every worker"
+    return by_worker
+
+
 def readme_block(after: str, lang: str) -> str:
     """The first fenced ``lang`` block of README.md after the line containing ``after``."""
     text = (ROOT / "README.md").read_text()

@@ -19,7 +19,14 @@ from typing import Any
 import pytest
 
 from gateway.protocols.mqtt import packets as p
-from tests.helpers import Broker, GatewayProcess, child_pids, log_events, serving_pid, wait_until
+from tests.helpers import (
+    Broker,
+    GatewayProcess,
+    child_pids,
+    log_events,
+    one_per_worker,
+    wait_until,
+)
 from tests.integration.test_mqtt_e2e import RawClient
 
 pytestmark = pytest.mark.integration
@@ -193,18 +200,7 @@ def test_sighup_reloads_rules_in_every_worker(gateway_factory: Any, broker: Brok
     pids = child_pids(gw.proc.pid) if workers > 1 else [gw.proc.pid]
     assert len(pids) == workers
     # One connection on each worker (the kernel spreads them; open more until it has).
-    by_worker: dict[int, RawClient] = {}
-    spare: list[RawClient] = []
-    for n in range(200):
-        raw = RawClient(ports["mqtt"], f"hup-{run}-{n}")
-        pid = serving_pid(raw.sock, pids)
-        if pid is not None and pid not in by_worker:
-            by_worker[pid] = raw
-        else:
-            spare.append(raw)
-        if len(by_worker) == workers:
-            break
-    assert set(by_worker) == set(pids), "could not reach every worker"
+    by_worker = one_per_worker(lambda n: RawClient(ports["mqtt"], f"hup-{run}-{n}"), pids)
 
     loaded_before = len(log_events(gw.log_text(), "rules_loaded"))
     (rules_dir / "05-hup.yaml").write_text(RULES.format(version="v2"))
@@ -219,6 +215,6 @@ def test_sighup_reloads_rules_in_every_worker(gateway_factory: Any, broker: Brok
     assert broker.read_all(f"hup.{run}.v1") == []
     assert gw.proc.poll() is None  # SIGHUP must not end any process
     assert child_pids(gw.proc.pid) == (pids if workers > 1 else [])
-    for raw in [*by_worker.values(), *spare]:
+    for raw in by_worker.values():
         raw.close()
     assert gw.stop() == 0

@@ -7,7 +7,7 @@ import urllib.request
 import pytest
 
 from gateway.protocols.mqtt import packets as p
-from tests.helpers import Broker, child_pids, log_events, serving_pid, wait_until
+from tests.helpers import Broker, child_pids, log_events, one_per_worker, wait_until
 from tests.integration.test_mqtt_e2e import RawClient
 
 pytestmark = pytest.mark.integration
@@ -77,20 +77,7 @@ def test_metrics_are_summed_over_workers(gateway_factory, broker: Broker) -> Non
     wait_until(lambda: len(log_events(gw.log_text(), "gateway_started")) == 2, 60,
                what="both workers started")
     workers = child_pids(gw.proc.pid)
-    by_worker: dict[int, RawClient] = {}
-    spare = []
-    for n in range(200):
-        raw = RawClient(ports["mqtt"], f"sum-{n}")
-        pid = serving_pid(raw.sock, workers)
-        if pid is not None and pid not in by_worker:
-            by_worker[pid] = raw
-        else:
-            spare.append(raw)
-        if len(by_worker) == 2:
-            break
-    assert len(by_worker) == 2, "could not reach both workers"
-    for raw in spare:
-        raw.close()
+    by_worker = one_per_worker(lambda n: RawClient(ports["mqtt"], f"sum-{n}"), workers)
     for count, raw in zip((3, 4), by_worker.values(), strict=True):
         for i in range(count):
             raw.send(p.Publish(topic="bench/sum/x", payload=b"%d" % i, qos=1, packet_id=i + 1))
