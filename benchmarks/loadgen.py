@@ -123,7 +123,11 @@ def run(s: Settings, clients_out: str | None = None) -> dict[str, object]:
     s.check()
     if not s.run_id:
         s.run_id = random.randrange(1, 2**31)
-    ctx = mp.get_context("fork")
+    # "spawn", not "fork": a forked child inherits its parent's state, and inside
+    # pytest that includes confluent-kafka clients and their threads from earlier
+    # tests; the child's garbage collector then crashed on them (SIGSEGV, seen on CI's
+    # kind of box).  Each worker times its connects from its own start.
+    ctx = mp.get_context("spawn")
     q: mp.Queue = ctx.Queue()
     start, stop = ctx.Event(), ctx.Event()
     per = [
