@@ -61,6 +61,7 @@ def gateway_config(path: Path, bootstrap: str, spool: bool, spool_dir: Path,
         "rules": {"dir": str(ROOT / "bridge-rules"), "watch": False},
         "spool": {"enabled": spool, "dir": str(spool_dir), "mode": spool_mode},
         "log": {"level": "warning", "format": "json"},
+        "auth": {"allow_anonymous": True},
     }
     path.write_text(yaml.safe_dump(cfg))
     return mqtt

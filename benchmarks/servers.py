@@ -180,6 +180,7 @@ def lastmile_config(
         "rules": {"dir": str(ROOT / "bridge-rules"), "watch": False},
         "spool": {"dir": str(spool_dir)},
         "log": {"level": "warning", "format": "json"},
+        "auth": {"allow_anonymous": True},
     }
 
 

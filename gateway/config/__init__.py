@@ -112,6 +112,25 @@ def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -
     return config
 
 
+def _check_auth(config: Config, smap: SourceMap) -> None:
+    """Anonymous access off needs a way in: a password file, JWTs or client certificates."""
+    auth = config.auth
+    jwt = auth.jwt
+    if jwt is not None and not (jwt.jwks_file or jwt.jwks_url):
+        raise smap.error("give jwks_file or jwks_url", ("auth", "jwt"))
+    if auth.allow_anonymous:
+        return
+    mtls = any(
+        listener.enabled and listener.require_client_cert
+        for listener in (config.listeners.mqtts,)
+    )
+    if not (auth.password_file or jwt is not None or mtls):
+        raise smap.error(
+            "false, but no client could ever authenticate: set auth.password_file or auth.jwt, "
+            "require client certificates on a TLS listener, or say allow_anonymous: true",
+            ("auth", "allow_anonymous"))
+
+
 def _check(config: Config, smap: SourceMap) -> None:
     """Cross-field checks msgspec cannot express."""
     if config.workers < 1:
@@ -125,10 +144,7 @@ def _check(config: Config, smap: SourceMap) -> None:
     tls = config.listeners.mqtts
     if tls.enabled and not (tls.certfile and tls.keyfile):
         raise smap.error("certfile and keyfile are required", ("listeners", "mqtts"))
-    if not config.auth.allow_anonymous:
-        raise smap.error("must be true: no authentication method is implemented yet "
-                         "(mTLS identities can be restricted per rule with allow.identities)",
-                         ("auth", "allow_anonymous"))
+    _check_auth(config, smap)
     if config.buffer.low_water_bytes >= config.buffer.high_water_bytes:
         raise smap.error("must be below high_water_bytes", ("buffer", "low_water_bytes"))
     for name, cluster in config.kafka.clusters.items():

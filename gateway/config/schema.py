@@ -107,10 +107,26 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     idempotency_max_bytes: int = 64 << 20
 
 
+class Jwt(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """JWTs as passwords (MQTT) or Bearer tokens (HTTP); the identity is ``sub``."""
+
+    jwks_file: str | None = None  # re-read when it changes
+    jwks_url: str | None = None  # fetched at start, then every refresh_s in the background
+    refresh_s: float = 300.0
+    issuer: str | None = None  # iss must equal this when set
+    audience: str | None = None  # aud must contain this when set
+    algorithms: list[str] = msgspec.field(default_factory=lambda: ["RS256", "ES256", "EdDSA"])
+    leeway_s: float = 30.0  # clock skew allowed on exp / nbf
+
+
 class Auth(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    # No authentication method exists yet (password file, JWT: planned); until one does,
-    # turning anonymous access off would lock every client out, so it is refused.
-    allow_anonymous: bool = True
+    # Off by default: say true explicitly to let clients in without credentials.
+    allow_anonymous: bool = False
+    password_file: str | None = None  # mosquitto_passwd format ($6$ / $7$), re-read on change
+    jwt: Jwt | None = None
+    # Failed attempts from one source address before its next attempts are held back.
+    failures_before_delay: int = 5
+    max_failure_delay_s: float = 10.0
 
 
 class Log(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -22,6 +22,7 @@ from gateway.config import load_config
 from gateway.errors import DeliveryFailed
 from gateway.model import Delivery, Message, Outcome
 from gateway.sources.http_server import HttpIngest
+from tests.helpers import ANON
 
 pytestmark = pytest.mark.integration
 
@@ -50,7 +51,7 @@ class FlakyPipeline:
 @pytest.fixture
 async def served() -> AsyncIterator[tuple[str, FlakyPipeline]]:
     pipeline = FlakyPipeline()
-    config = load_config(None, env={})
+    config = load_config(None, env=ANON)
     ingest = HttpIngest(pipeline, config.limits, allow_anonymous=True)  # type: ignore[arg-type]
     server = TestServer(ingest.web_app())
     await server.start_server()

@@ -104,6 +104,7 @@ def test_unreachable_kafka_fails_startup_clearly(tmp_path: Path) -> None:
         f"      bootstrap_servers: 127.0.0.1:{dead}\n      connect_timeout_s: 1\n"
         f"listeners:\n  mqtt: {{port: {free_port()}}}\n  http: {{port: {free_port()}}}\n"
         f"  metrics: {{port: {free_port()}}}\n"
+        "auth: {allow_anonymous: true}\n"
     )
     proc = subprocess.run([sys.executable, "-m", "gateway.cli", "serve", "--config", str(cfg)],
                           capture_output=True, text=True, cwd=ROOT, timeout=60)

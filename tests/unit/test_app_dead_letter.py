@@ -8,13 +8,13 @@ from gateway.app import App
 from gateway.config import load_config
 from gateway.model import Record
 from gateway.routing import Router, load_rules
-from tests.helpers import ROOT
+from tests.helpers import ANON, ROOT
 
 pytestmark = pytest.mark.unit
 
 
 def test_refused_record_becomes_a_dead_letter_record_once() -> None:
-    app = App(load_config(None, env={}), str(ROOT / "bridge-rules"))
+    app = App(load_config(None, env=ANON), str(ROOT / "bridge-rules"))
     app.router = Router(load_rules(ROOT / "bridge-rules"))
     record = Record(cluster="default", topic="edge.too.big", value=b"v", key=b"k",
                     headers=[("plant", b"p1")])

@@ -8,7 +8,7 @@ import pytest
 
 from gateway.config import load_config, producer_settings
 from gateway.errors import ConfigError
-from tests.helpers import ROOT
+from tests.helpers import ANON, ROOT
 
 pytestmark = pytest.mark.unit
 
@@ -20,7 +20,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_defaults_serve_without_a_file() -> None:
-    config = load_config(None, env={})
+    config = load_config(None, env=ANON)
     assert config.listeners.mqtt.port == 1883
     assert config.listeners.http.port == 8080
     assert config.kafka.clusters["default"].bootstrap_servers == "embedded"
@@ -28,8 +28,15 @@ def test_defaults_serve_without_a_file() -> None:
     assert config.spool.dir == "var/spool"
 
 
+def test_built_in_default_refuses_anonymous_clients() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, env={})
+    assert info.value.key == "auth.allow_anonymous"
+    assert load_config(None, env={"LASTMILE_AUTH__PASSWORD_FILE": "/x"}).auth.password_file == "/x"
+
+
 def test_shipped_config_loads() -> None:
-    config = load_config(ROOT / "config" / "gateway.yaml", env={})
+    config = load_config(ROOT / "config" / "gateway.yaml", env=ANON)
     assert config.kafka.clusters["default"].bootstrap_servers == "embedded"
     assert config.kafka.clusters["default"].acks == "all"
 
@@ -48,7 +55,9 @@ def test_shipped_config_loads() -> None:
          "kafka.clusters.default.producer.linger.ms", "conflicts with the typed setting"),
         ("log:\n  level: info\n  level: debug\n", 3, "log.level", "duplicate key"),
         ("auth:\n  allow_anonymous: false\n", 2, "auth.allow_anonymous",
-         "no authentication method is implemented yet"),
+         "no client could ever authenticate"),
+        ("auth:\n  allow_anonymous: true\n  jwt: {issuer: x}\n", 3, "auth.jwt",
+         "give jwks_file or jwks_url"),
         ("listeners: [1, 2\n", 2, "", "invalid YAML"),
     ],
 )
@@ -57,7 +66,7 @@ def test_errors_name_file_line_and_key(
 ) -> None:
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as info:
-        load_config(path, env={})
+        load_config(path, env={} if text.startswith("auth:") else ANON)
     err = info.value
     assert err.file == str(path)
     assert err.line == line, str(err)
@@ -68,7 +77,7 @@ def test_errors_name_file_line_and_key(
 
 def test_env_overrides_apply_and_name_the_variable_on_error(tmp_path: Path) -> None:
     path = write(tmp_path, "listeners:\n  mqtt: {port: 1883}\n")
-    config = load_config(path, env={
+    config = load_config(path, env={**ANON,
         "LASTMILE_BOOTSTRAP_SERVERS": "kafka-1:9092,kafka-2:9092",
         "LASTMILE_MQTT_PORT": "1884",
         "LASTMILE_HTTP_PORT": "8081",
@@ -80,11 +89,11 @@ def test_env_overrides_apply_and_name_the_variable_on_error(tmp_path: Path) -> N
     assert config.listeners.http.port == 8081
     assert config.spool.fsync_interval_ms == 2.5
     with pytest.raises(ConfigError, match=r"^\$LASTMILE_MQTT_PORT: listeners.mqtt.port"):
-        load_config(path, env={"LASTMILE_MQTT_PORT": "not-a-port"})
+        load_config(path, env={**ANON, "LASTMILE_MQTT_PORT": "not-a-port"})
 
 
 def test_librdkafka_passthrough_and_typed_settings() -> None:
-    config = load_config(None, env={"LASTMILE_KAFKA__CLUSTERS__DEFAULT__PRODUCER":
+    config = load_config(None, env={**ANON, "LASTMILE_KAFKA__CLUSTERS__DEFAULT__PRODUCER":
                                     "{batch.num.messages: 5000, client.id: edge-gw}"})
     settings = producer_settings(config.kafka.clusters["default"], "k:9092")
     assert settings["bootstrap.servers"] == "k:9092"

@@ -21,6 +21,7 @@ from gateway.config import (
 )
 from gateway.errors import ConfigError
 from gateway.model import Record, record_wire_size
+from tests.helpers import ANON
 
 pytestmark = pytest.mark.unit
 
@@ -32,7 +33,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_defaults_are_derived_from_the_producer_limit() -> None:
-    config = load_config(None, env={})
+    config = load_config(None, env=ANON)
     limit = 1_000_000 - RECORD_FRAMING - DEAD_LETTER_ROOM
     assert max_record_bytes(config) == limit
     assert config.limits.max_packet_size == limit - RULE_ROOM
@@ -44,7 +45,7 @@ def test_defaults_are_derived_from_the_producer_limit() -> None:
 def test_a_larger_producer_limit_lets_the_defaults_stay_1_mib(tmp_path: Path) -> None:
     path = write(tmp_path, "kafka:\n  clusters:\n    default:\n      producer:\n"
                            "        message.max.bytes: 2000000\n")
-    config = load_config(path, env={})
+    config = load_config(path, env=ANON)
     assert config.limits.max_packet_size == 1 << 20
     assert config.limits.http_max_body_bytes == 1 << 20
 
@@ -52,7 +53,7 @@ def test_a_larger_producer_limit_lets_the_defaults_stay_1_mib(tmp_path: Path) ->
 def test_the_smallest_cluster_decides(tmp_path: Path) -> None:
     path = write(tmp_path, "kafka:\n  clusters:\n    default: {}\n    small:\n"
                            "      producer: {message.max.bytes: 100000}\n")
-    config = load_config(path, env={})
+    config = load_config(path, env=ANON)
     assert max_record_bytes(config) == 100_000 - RECORD_FRAMING - DEAD_LETTER_ROOM
     assert config.limits.max_packet_size == max_record_bytes(config) - RULE_ROOM
 
@@ -62,7 +63,7 @@ def test_an_explicit_limit_kafka_cannot_take_names_file_line_and_key(tmp_path: P
                                                                       key: str) -> None:
     path = write(tmp_path, f"workers: 1\nlimits:\n  {key}: 1048576\n")
     with pytest.raises(ConfigError) as info:
-        load_config(path, env={})
+        load_config(path, env=ANON)
     err = info.value
     assert (err.file, err.line, err.key) == (str(path), 3, f"limits.{key}")
     assert "message.max.bytes" in err.reason and "default" in err.reason
@@ -70,12 +71,12 @@ def test_an_explicit_limit_kafka_cannot_take_names_file_line_and_key(tmp_path: P
 
 def test_an_explicit_limit_that_fits_is_kept(tmp_path: Path) -> None:
     path = write(tmp_path, "limits:\n  max_packet_size: 65536\n")
-    assert load_config(path, env={}).limits.max_packet_size == 65536
+    assert load_config(path, env=ANON).limits.max_packet_size == 65536
 
 
 def test_env_set_limit_is_checked_too() -> None:
     with pytest.raises(ConfigError, match=r"limits\.http_max_body_bytes"):
-        load_config(None, env={"LASTMILE_LIMITS__HTTP_MAX_BODY_BYTES": "2000000"})
+        load_config(None, env={**ANON, "LASTMILE_LIMITS__HTTP_MAX_BODY_BYTES": "2000000"})
 
 
 @pytest.mark.parametrize("value", ["lots", "10", "true"])
@@ -83,26 +84,26 @@ def test_a_bad_message_max_bytes_is_located(tmp_path: Path, value: str) -> None:
     path = write(tmp_path, "kafka:\n  clusters:\n    default:\n      producer:\n"
                            f"        message.max.bytes: {value}\n")
     with pytest.raises(ConfigError) as info:
-        load_config(path, env={})
+        load_config(path, env=ANON)
     assert info.value.key == "kafka.clusters.default.producer.message.max.bytes"
     assert info.value.line == 5
 
 
 def test_propagation_is_derived_below_spill_after(tmp_path: Path) -> None:
-    config = load_config(None, env={})
+    config = load_config(None, env=ANON)
     assert config.spool.mode == "kafka"
     propagation = config.kafka.clusters["default"].producer["topic.metadata.propagation.max.ms"]
     assert isinstance(propagation, int) and propagation < config.spool.spill_after_ms
     path = write(tmp_path, "kafka:\n  clusters:\n    default:\n      producer:\n"
                            "        topic.metadata.propagation.max.ms: 30000\n")
     with pytest.raises(ConfigError) as info:
-        load_config(path, env={})
+        load_config(path, env=ANON)
     assert info.value.key == "kafka.clusters.default.producer.topic.metadata.propagation.max.ms"
     assert "spill_after_ms" in info.value.reason
 
 
 def test_propagation_left_alone_when_acks_wait_for_kafka() -> None:
-    config = load_config(None, env={"LASTMILE_SPOOL__ENABLED": "false"})
+    config = load_config(None, env={**ANON, "LASTMILE_SPOOL__ENABLED": "false"})
     assert "topic.metadata.propagation.max.ms" not in config.kafka.clusters["default"].producer
 
 
