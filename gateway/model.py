@@ -8,7 +8,7 @@ the source back once, when the message is safe or has failed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import msgspec
 
@@ -24,9 +24,13 @@ class Message(msgspec.Struct, kw_only=True):
     qos: int = 0
     retain: bool = False
     client_id: str = ""
+    # Who the client proved to be (gateway.auth.Identity): never a name nobody verified.
+    # username: the password-file user or the JWT's sub; None when anonymous.
     username: str | None = None
     # Identity proven by a client certificate (subject CN), when mTLS is on.
     cert_identity: str | None = None
+    # The verified JWT's claims as text ({claim.NAME} in templates, allow.claims).
+    claims: Mapping[str, str] | None = None
     # MQTT 5 properties that rules and headers may use.
     user_properties: list[tuple[str, str]] = []
     content_type: str | None = None
