@@ -42,6 +42,7 @@ from gateway.sources.http_common import (
 from gateway.sources.idempotency import IdempotencyCache, Stored, fingerprint
 
 if TYPE_CHECKING:
+    from gateway.auth import Authenticator as CredentialCheck
     from gateway.config.schema import Config, Limits
     from gateway.sources import Cleanup
     from gateway.sources.mqtt_server import MqttServer
@@ -231,8 +232,13 @@ async def _json_errors(request: web.Request,
 
 
 async def start_http(pipeline: Pipeline, config: Config, reuse_port: bool,
-                     mqtt: MqttLookup) -> tuple[HttpIngest, Cleanup] | None:
-    """The HTTP listener (ingest, REST Proxy, MQTT over WebSocket), or None when off."""
+                     mqtt: MqttLookup, *, auth: CredentialCheck | None = None
+                     ) -> tuple[HttpIngest, Cleanup] | None:
+    """The HTTP listener (ingest, REST Proxy, MQTT over WebSocket), or None when off.
+
+    (wt-mqttauth: ``auth`` is accepted so the app can pass it; wt-httpauth uses it.)
+    """
+    del auth  # the HTTP endpoints' authentication lands with wt-httpauth
     listener = config.listeners.http
     if not listener.enabled:
         return None
