@@ -238,15 +238,18 @@ async def test_a_publish_pipelined_behind_a_refused_connect_never_reaches_kafka(
     connect = mqtt_raw.connect(f"pipe-{run}")
     if credentials is not None:
         connect = connect_with(f"pipe-{run}", *credentials)
-    # CONNECT and two PUBLISHes (QoS 0 and 1) in one send, as a client that does not wait.
-    writer.write(connect + mqtt_raw.publish(f"auth/{run}/sneak", b"sneak-0", 0, 0)
-                 + mqtt_raw.publish(f"auth/{run}/sneak", b"sneak-1", 1, 1))
+    # CONNECT and two PUBLISHes in one send, as a client that does not wait for CONNACK.
+    writer.write(connect + mqtt_raw.publish(f"auth/{run}/sneak", b"sneak-1", 1, 1)
+                 + mqtt_raw.publish(f"auth/{run}/sneak", b"sneak-2", 2, 2))
     await writer.drain()
-    answer = await asyncio.wait_for(reader.read(), 30)  # everything, until the close
-    assert answer == (b"\x20\x02\x00\x04" if credentials else b"\x20\x02\x00\x05")
+    try:
+        answer = await asyncio.wait_for(reader.read(), 10)  # everything, until the close
+    except TimeoutError:
+        answer = b"(still open)"
     writer.close()
     records = await asyncio.to_thread(only_marker, broker, gw, run)
-    assert [r.value() for r in records] == [b"marker"]
+    assert [r.value() for r in records] == [b"marker"]  # not one byte of the sneak
+    assert answer == (b"\x20\x02\x00\x04" if credentials else b"\x20\x02\x00\x05")
 
 
 def connect_with(client_id: str, user: str, password: str) -> bytes:
