@@ -28,10 +28,14 @@ transport when a log line needs it.
 Authentication (``auth``, a ``gateway.auth.Authenticator``).  The session
 holds a valid CONNECT (``AuthRequested``); the connection asks ``auth.quick``
 on the spot (anonymous, certificate, cached credentials: no task, no delay).
-Otherwise reading stops, and one task for that CONNECT waits out
-``auth.delay_for(peer host)`` (a guessing address slows down, nobody else
-does), awaits ``auth.verify`` (hashing off the loop) and hands the verdict to
-the session, unless the connection went away meanwhile.  The accepted
+Otherwise one task for that CONNECT waits out ``auth.delay_for(peer host)`` (a
+guessing address slows down, nobody else does), awaits ``auth.verify``
+(hashing off the loop) and hands the verdict to the session, unless the
+connection went away meanwhile.  While it waits the session keeps what arrives
+unparsed; the socket is still read up to ``AUTH_HOLD_BYTES`` of that, so a
+client that hangs up is seen at once (a paused socket would not report the
+close) and its task is cancelled; past the bound reading stops, and the
+CONNECT timeout ends a client that never gets a verdict.  The accepted
 ``Identity`` is the only source of ``username``, ``cert_identity`` and
 ``claims`` on every ``Message``.  Refusals are logged at most once per source
 address per ``refusal_log_interval`` (the Authenticator's counters see all).
@@ -397,9 +401,11 @@ class MqttConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        want = not self.held and self.session.state is not AWAIT_AUTH and (
-            not self.server.pipeline.flow.paused
-            and self.session.pending < self.server.limits.receive_maximum
+        session = self.session
+        want = not self.held and (
+            session.state is not AWAIT_AUTH or session.buffered < AUTH_HOLD_BYTES
+        ) and not self.server.pipeline.flow.paused and (
+            session.pending < self.server.limits.receive_maximum
         )
         if want != self._reading:
             self._reading = want
@@ -429,7 +435,6 @@ class MqttConnection(asyncio.Protocol):
         if verdict is not None:
             self._verdict(verdict, creds)
             return
-        self.update_reading()  # AWAIT_AUTH: nothing more is read until the verdict
         self.server.auth_tasks[self] = asyncio.get_running_loop().create_task(
             self._verify(auth, creds), name="mqtt-auth")
 
@@ -475,7 +480,8 @@ class MqttConnection(asyncio.Protocol):
             transport.write(out)
         if self.session.closing:
             transport.close()
-        elif self._reading and self.session.pending >= self.server.limits.receive_maximum:
+        elif self._reading and (self.session.pending >= self.server.limits.receive_maximum
+                                or self.session.state is AWAIT_AUTH):
             self.update_reading()
 
     def _message(self, event: PublishReceived, received_at: float) -> Message:
@@ -545,6 +551,8 @@ class MqttConnection(asyncio.Protocol):
 # down (0x8B), keep alive timeout (0x8D), session taken over (0x8E).
 _ROUTINE = frozenset({0x80, 0x8B, 0x8D, 0x8E})
 _AUTH_REFUSED = frozenset({0x86, 0x87})  # 5.0 CONNACK codes of a refused CONNECT
+# Bytes read and kept unparsed while a CONNECT waits for its verdict; then reading stops.
+AUTH_HOLD_BYTES = 65_536
 # Bounds on refusal logging: addresses remembered per interval, characters of a logged
 # client id or username (both come from the client, up to 64 KiB each).
 _MAX_REFUSAL_HOSTS = 4096

@@ -181,6 +181,13 @@ class MqttSession:
         deadline = self.last_received + self._grace
         return deadline if deadline < self._valid_until else self._valid_until
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not parsed yet (a partial packet, or all that came while
+        ``AWAIT_AUTH``): the I/O layer bounds them by not reading."""
+        buf = self._buf
+        return len(buf) if buf is not None else 0
+
     def data_to_send(self) -> bytes:
         out = self._out
         if out is None:
