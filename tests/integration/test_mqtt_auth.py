@@ -418,7 +418,11 @@ def test_metrics_count_acceptances_and_refusals_by_kind(gw: Gw) -> None:
 
 def test_anonymous_access_is_announced_loudly(gateway_factory: Any, gw: Gw) -> None:
     assert log_events(gw.proc.log_text(), "auth_anonymous_allowed") == []
-    proc, ports = gateway_factory()  # tests not about auth run with allow_anonymous: true
+    # Tests not about auth run with allow_anonymous: true; two workers, two warnings.
+    proc, ports = gateway_factory(workers=2)
     with running(proc, ("127.0.0.1", ports["mqtt"])):
-        (line,) = log_events(proc.log_text(), "auth_anonymous_allowed")
-        assert line["level"] == "warning"
+        wait_until(lambda: len(log_events(proc.log_text(), "gateway_started")) == 2, 60,
+                   what="both workers started")
+        lines = log_events(proc.log_text(), "auth_anonymous_allowed")
+        assert sorted(line["worker"] for line in lines) == [0, 1]
+        assert {line["level"] for line in lines} == {"warning"}
