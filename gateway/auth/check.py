@@ -47,6 +47,7 @@ import hashlib
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -94,6 +95,7 @@ class Authenticator:
         self._cache: OrderedDict[tuple[str, bytes], Identity] = OrderedDict()
         self._cache_size = cache_size
         self._cache_key = secrets.token_bytes(32)
+        self.clock: Callable[[], float] = time.monotonic  # the throttle's clock (tests set it)
         self._failures: OrderedDict[str, tuple[int, float]] = OrderedDict()
         self._throttle_size = throttle_size
         self._hash_threads = hash_threads
@@ -275,7 +277,7 @@ class Authenticator:
     def _failed(self, host: str) -> None:
         if not host:
             return  # an unknown source must not share one bucket with every other
-        now = time.monotonic()
+        now = self.clock()
         previous = self._failures.pop(host, None)
         count = 1 if previous is None or now - previous[1] > FORGET_AFTER_S else previous[0] + 1
         self._failures[host] = (count, now)
@@ -285,7 +287,7 @@ class Authenticator:
     def failures(self, host: str) -> int:
         """Recent failures counted against ``host`` (0 once forgotten)."""
         record = self._failures.get(host)
-        if record is None or time.monotonic() - record[1] > FORGET_AFTER_S:
+        if record is None or self.clock() - record[1] > FORGET_AFTER_S:
             return 0
         return record[0]
 
