@@ -309,8 +309,11 @@ class JwtVerifier:
     def _may_refresh(self) -> bool:
         if self.config.jwks_file is not None and signature(self.config.jwks_file) != self._file_sig:
             return True
-        return (self.config.jwks_url is not None
-                and time.monotonic() - self._last_fetch >= self.refetch_min_s)
+        if self.config.jwks_url is None:
+            return False
+        # A fetch under way may bring the key: wait for it rather than refuse.
+        return (self._fetch_lock.locked()
+                or time.monotonic() - self._last_fetch >= self.refetch_min_s)
 
     async def check_async(self, token: bytes) -> TokenClaims | str:
         """``check``, refreshing the JWKS first when the token names an unknown kid."""
