@@ -49,12 +49,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import structlog
 
 from gateway.auth import ANONYMOUS, AuthRefusal, Credentials, Identity, Verdict
+from gateway.auth import Authenticator as AuthenticatorProtocol
 from gateway.auth.jwks import JwtVerifier, TokenClaims, check_algorithms, looks_like_jwt
 from gateway.auth.passwd import PasswordHash, hash_password, load_password_file
 from gateway.auth.watch import Signature, signature
@@ -174,7 +175,7 @@ class Authenticator:
     async def verify(self, creds: Credentials) -> Verdict:
         verdict = self._decide(creds)
         if verdict is None:
-            if self._is_jwt(creds):
+            if self._is_jwt(creds):  # _decide answered every other JWT case
                 assert self.jwt is not None and creds.password is not None
                 verdict = self._jwt_verdict(await self.jwt.check_async(creds.password), creds)
             else:
@@ -193,7 +194,8 @@ class Authenticator:
         if self._is_jwt(creds):
             if self.jwt is None:
                 return _bad("bearer tokens are not accepted here (auth.jwt is not configured)")
-            assert creds.password is not None
+            if not creds.password:
+                return _bad("empty bearer token")
             result = self.jwt.check(creds.password)
             return None if result is None else self._jwt_verdict(result, creds)
         if creds.username is None and creds.password is None:
@@ -305,3 +307,9 @@ class Authenticator:
 
 def _bad(message: str) -> AuthRefusal:
     return AuthRefusal(reason="bad_credentials", message=message)
+
+
+if TYPE_CHECKING:  # mypy proves the class satisfies the listeners' protocol
+
+    def _conforms(auth: Authenticator) -> AuthenticatorProtocol:
+        return auth

@@ -81,7 +81,7 @@ def looks_like_jwt(token: bytes) -> bool:
     head = token.split(b".", 1)[0]
     try:
         header = json.loads(base64.urlsafe_b64decode(head + b"=" * (-len(head) % 4)))
-    except (ValueError, binascii.Error):
+    except (ValueError, binascii.Error, RecursionError):  # RecursionError: "[[[[..."
         return False
     return isinstance(header, dict) and "alg" in header
 

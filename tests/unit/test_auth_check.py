@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import pytest
 from gateway.auth import ANONYMOUS, AuthRefusal, Credentials, Identity, Verdict
 from gateway.auth.check import Authenticator
 from gateway.auth.passwd import hash_password
-from gateway.config.schema import Auth
+from gateway.config.schema import Auth, Jwt
 from gateway.errors import ConfigError
 
 pytestmark = pytest.mark.unit
@@ -81,6 +82,12 @@ async def test_an_unverified_username_is_never_an_identity() -> None:
 async def test_bearer_without_jwt_configured_is_bad_credentials() -> None:
     auth = Authenticator(Auth(allow_anonymous=True), log=Log())
     verdict = auth.quick(Credentials(password=b"a.b.c", bearer=True))
+    assert isinstance(verdict, AuthRefusal) and verdict.reason == "bad_credentials"
+    jwt_auth = Authenticator(Auth(jwt=Jwt(jwks_file="/nonexistent")), log=Log())
+    verdict = jwt_auth.quick(Credentials(bearer=True))
+    assert isinstance(verdict, AuthRefusal) and verdict.reason == "bad_credentials"
+    deep = base64.urlsafe_b64encode(b"[" * 12_000) + b".e30.x"
+    verdict = jwt_auth.quick(Credentials(username="u", password=deep))
     assert isinstance(verdict, AuthRefusal) and verdict.reason == "bad_credentials"
 
 
