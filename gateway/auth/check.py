@@ -46,7 +46,7 @@ import asyncio
 import hashlib
 import secrets
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -57,7 +57,12 @@ import structlog
 from gateway.auth import ANONYMOUS, AuthRefusal, Credentials, Identity, Verdict
 from gateway.auth import Authenticator as AuthenticatorProtocol
 from gateway.auth.jwks import JwtVerifier, TokenClaims, check_algorithms, looks_like_jwt
-from gateway.auth.passwd import PasswordHash, hash_password, load_password_file
+from gateway.auth.passwd import (
+    DEFAULT_ITERATIONS,
+    SALT_BYTES,
+    PasswordHash,
+    load_password_file,
+)
 from gateway.auth.watch import Signature, signature
 from gateway.config.schema import Auth
 from gateway.errors import ConfigError
@@ -67,8 +72,15 @@ REASONS = ("missing", "bad_credentials")
 FORGET_AFTER_S = 60.0  # a quiet minute clears an address's failure count
 FIRST_DELAY_S = 0.25
 
-# Unknown users are checked against this, so they cost what a known user costs.
-_DUMMY = hash_password(b"", salt=b"\0" * 12)
+
+
+def _dummy_for(users: dict[str, PasswordHash]) -> PasswordHash:
+    """What an unknown user is checked against: the file's most common hash kind and
+    iteration count, so unknown users cost what known ones do (no user enumeration by
+    timing).  Its digest of zeros matches nothing."""
+    kinds = Counter((h.kind, h.iterations) for h in users.values())
+    kind, iterations = kinds.most_common(1)[0][0] if kinds else ("7", DEFAULT_ITERATIONS)
+    return PasswordHash(kind, b"\0" * SALT_BYTES, b"\0" * 64, iterations)
 
 
 class Authenticator:
@@ -91,6 +103,7 @@ class Authenticator:
             self.jwt = JwtVerifier(config.jwt, log=self.log, cache_size=cache_size,
                                    refetch_min_s=jwks_refetch_min_s)
         self._users: dict[str, PasswordHash] = {}
+        self._dummy = _dummy_for({})
         self._users_sig: Signature = None
         self._generation = 0  # bumped when the password file changes
         self._cache: OrderedDict[tuple[str, bytes], Identity] = OrderedDict()
@@ -111,6 +124,7 @@ class Authenticator:
         if path is not None:
             self._users_sig = signature(path)
             self._users = load_password_file(path)
+            self._dummy = _dummy_for(self._users)
             self.log.info("auth_password_file_loaded", file=path, users=len(self._users))
         if self.jwt is not None:
             await self.jwt.start()
@@ -160,6 +174,7 @@ class Authenticator:
                            keeping_users=len(self._users))
             return False
         self._users = users
+        self._dummy = _dummy_for(users)
         self._generation += 1
         self._cache.clear()
         self.password_reloads += 1
@@ -235,7 +250,7 @@ class Authenticator:
             self._executor = ThreadPoolExecutor(self._hash_threads,
                                                 thread_name_prefix="lastmile-auth")
         loop = asyncio.get_running_loop()
-        ok = await loop.run_in_executor(self._executor, (entry or _DUMMY).matches, password)
+        ok = await loop.run_in_executor(self._executor, (entry or self._dummy).matches, password)
         if not ok or entry is None:
             return _bad(f"unknown user or wrong password for {user!r}")
         identity = Identity(method="password", name=user)

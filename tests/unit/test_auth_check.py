@@ -258,3 +258,16 @@ async def test_verification_does_not_block_the_loop(tmp_path: Path) -> None:
     await auth.close()
     assert seen_while_hashing >= 50, seen_while_hashing
     assert [isinstance(r, Identity) for r in results] == [True, False] * 4
+
+
+def test_unknown_users_cost_the_files_usual_hash() -> None:
+    from gateway.auth.check import _dummy_for
+    from gateway.auth.passwd import parse_hash
+
+    six = parse_hash("$6$9SJ5ICpF/B4QcYek$1qCgbo4FYbRjAna3qgnZxwNsfSP5GVvU1/7ZryZWVUoUr8BnEDVBE"
+                     "jQGSPyCbhVXtgroUzWIMizAOKSUyObQ0A==")
+    slow = hash_password(b"x", iterations=1000)
+    dummy = _dummy_for({"a": six, "b": slow, "c": slow})
+    assert (dummy.kind, dummy.iterations) == ("7", 1000)
+    assert _dummy_for({"a": six}).kind == "6"
+    assert not dummy.matches(b"") and not _dummy_for({}).matches(b"")
