@@ -56,7 +56,7 @@ import structlog
 
 from gateway.auth import ANONYMOUS, AuthRefusal, Credentials, Identity, Verdict
 from gateway.auth import Authenticator as AuthenticatorProtocol
-from gateway.auth.jwks import JwtVerifier, TokenClaims, check_algorithms, looks_like_jwt
+from gateway.auth.jwks import JwtVerifier, TokenClaims, check_config, looks_like_jwt
 from gateway.auth.passwd import (
     DEFAULT_ITERATIONS,
     SALT_BYTES,
@@ -99,7 +99,7 @@ class Authenticator:
         self.password_reload_failures = 0
         self.jwt: JwtVerifier | None = None
         if config.jwt is not None:
-            check_algorithms(config.jwt.algorithms)
+            check_config(config.jwt)
             self.jwt = JwtVerifier(config.jwt, log=self.log, cache_size=cache_size,
                                    refetch_min_s=jwks_refetch_min_s)
         self._users: dict[str, PasswordHash] = {}

@@ -61,6 +61,15 @@ class TokenClaims:
     exp: float
 
 
+def check_config(config: Jwt) -> None:
+    """ConfigError for settings that would be unsafe or spin: see ``check_algorithms``."""
+    check_algorithms(config.algorithms)
+    if not config.refresh_s > 0:
+        raise ConfigError("must be more than 0", key="auth.jwt.refresh_s")
+    if not config.leeway_s >= 0:
+        raise ConfigError("must be 0 or more", key="auth.jwt.leeway_s")
+
+
 def check_algorithms(algorithms: list[str]) -> None:
     """ConfigError unless every algorithm is an asymmetric one PyJWT knows."""
     known = get_default_algorithms()

@@ -198,6 +198,12 @@ def test_unsafe_algorithms_are_a_config_error(tmp_path: Path, algs: list[str]) -
         make(tmp_path / "jwks.json", algorithms=algs)
 
 
+@pytest.mark.parametrize(("key", "value"), [("refresh_s", 0), ("leeway_s", -1)])
+def test_bad_timings_are_a_config_error(tmp_path: Path, key: str, value: float) -> None:
+    with pytest.raises(ConfigError, match=rf"auth\.jwt\.{key}"):
+        make(tmp_path / "jwks.json", **{key: value})
+
+
 def test_jwt_shape_and_claims_text() -> None:
     key = Key("EC", "e")
     assert looks_like_jwt(key.token())
