@@ -153,7 +153,17 @@ class App:
         metrics = await start_metrics(self, cfg.listeners.metrics, self.reuse_port)
         if metrics is not None:
             self._cleanups.append(("metrics listener", metrics))
-        http = await start_http(pipeline, cfg, self.reuse_port, lambda: self.mqtt)
+        # (httpauth) minimal wiring for the HTTP auth tests; the app helper owns this.
+        from gateway.auth.check import Authenticator
+
+        auth = Authenticator(cfg.auth)
+        await auth.start()
+
+        async def close_auth(_timeout: float) -> None:
+            await auth.close()
+
+        self._cleanups.append(("authenticator", close_auth))
+        http = await start_http(pipeline, cfg, self.reuse_port, lambda: self.mqtt, auth=auth)
         if http is not None:
             self.http, http_cleanup = http
             self._cleanups.append(("http listener", http_cleanup))
