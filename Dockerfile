@@ -19,7 +19,10 @@ WORKDIR /var/lib/lastmile
 # refuses them: mount a password file / set auth.jwt (docs/security.md).
 ENV LASTMILE_SPOOL_DIR=/var/lib/lastmile/spool \
     LASTMILE_RULES__DIR=/etc/lastmile/rules \
-    LASTMILE_AUTH__ALLOW_ANONYMOUS=false
+    LASTMILE_AUTH__ALLOW_ANONYMOUS=false \
+    LASTMILE_LISTENERS__METRICS__HOST=0.0.0.0
+# (metrics/health default to 127.0.0.1; in a container they are reachable only where
+# the port is published, and probes need them on the container's address)
 # mqtt, mqtts, http (+ MQTT over WebSocket), https (+ WSS), metrics/health
 EXPOSE 1883 8883 8080 8443 9100
 STOPSIGNAL SIGTERM
