@@ -183,3 +183,43 @@ def test_https_peercert_and_ca_rotation(tmp_path: Path, pki: Pki) -> None:
             await runner.cleanup()
 
     run(main())
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_reload_switches_new_handshakes_on_tls_1_2_and_1_3(tmp_path: Path, pki: Pki,
+                                                           version: ssl.TLSVersion) -> None:
+    live = tmp_path / "live"
+    live.mkdir()
+    for name in ("server.crt", "server.key"):
+        shutil.copy(pki.dir / name, live / name)
+    tls = ServerTls(TlsListener(certfile=str(live / "server.crt"),
+                                keyfile=str(live / "server.key")), "mqtts")
+
+    async def served() -> str:
+        context = ssl.create_default_context(cafile=str(pki.ca))
+        context.check_hostname = False
+        context.minimum_version = context.maximum_version = version
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
+        sslobj = writer.get_extra_info("ssl_object")
+        assert sslobj.version() == {ssl.TLSVersion.TLSv1_2: "TLSv1.2",
+                                    ssl.TLSVersion.TLSv1_3: "TLSv1.3"}[version]
+        cert = sslobj.getpeercert()
+        writer.close()
+        return str(dict(rdn[0] for rdn in cert["subject"])["commonName"])
+
+    async def main() -> None:
+        nonlocal port
+        server = await asyncio.start_server(lambda _r, w: w.close(), "127.0.0.1", 0,
+                                            ssl=tls.context)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            assert await served() == "localhost"
+            shutil.copy(pki.dir / "other.crt", live / "server.crt")
+            shutil.copy(pki.dir / "other.key", live / "server.key")
+            assert tls.reload()
+            assert await served() == "someone-else"
+        finally:
+            server.close()
+
+    port = 0
+    run(main())
