@@ -18,26 +18,55 @@ class Listener(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class TlsListener(Listener, forbid_unknown_fields=True, kw_only=True):
+    """A TLS listener; the files are re-read when they change (gateway/tls.py)."""
+
     enabled: bool = False
-    certfile: str | None = None
-    keyfile: str | None = None
-    cafile: str | None = None
-    require_client_cert: bool = False
+    certfile: str | None = None  # PEM: the server certificate, then any intermediates
+    keyfile: str | None = None  # PEM, unencrypted
+    cafile: str | None = None  # PEM: CAs whose client certificates are accepted
+    require_client_cert: bool = False  # with cafile: no certificate, no handshake
+
+
+# Each listener keeps its own port default when its section is given without one.
+class MqttListener(Listener, forbid_unknown_fields=True, kw_only=True):
+    port: int = 1883
+
+
+class MqttsListener(TlsListener, forbid_unknown_fields=True, kw_only=True):
+    port: int = 8883
+
+
+class HttpListener(Listener, forbid_unknown_fields=True, kw_only=True):
+    port: int = 8080
+
+
+class HttpsListener(TlsListener, forbid_unknown_fields=True, kw_only=True):
+    """The HTTP routes (and MQTT over WebSocket: WSS) over TLS."""
+
+    port: int = 8443
+
+
+class MetricsListener(Listener, forbid_unknown_fields=True, kw_only=True):
+    """/metrics, /healthz, /readyz: loopback unless the operator opens it."""
+
+    host: str = "127.0.0.1"
+    port: int = 9100
 
 
 class WebSocketListener(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """MQTT over WebSocket, served on the HTTP listener."""
+    """MQTT over WebSocket, served on the HTTP and HTTPS listeners."""
 
     enabled: bool = True
     path: str = "/mqtt"
 
 
 class Listeners(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    mqtt: Listener = msgspec.field(default_factory=lambda: Listener(port=1883))
-    mqtts: TlsListener = msgspec.field(default_factory=lambda: TlsListener(port=8883))
-    http: Listener = msgspec.field(default_factory=lambda: Listener(port=8080))
+    mqtt: MqttListener = msgspec.field(default_factory=MqttListener)
+    mqtts: MqttsListener = msgspec.field(default_factory=MqttsListener)
+    http: HttpListener = msgspec.field(default_factory=HttpListener)
+    https: HttpsListener = msgspec.field(default_factory=HttpsListener)
     ws: WebSocketListener = msgspec.field(default_factory=WebSocketListener)
-    metrics: Listener = msgspec.field(default_factory=lambda: Listener(port=9100))
+    metrics: MetricsListener = msgspec.field(default_factory=MetricsListener)
 
 
 class Cluster(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

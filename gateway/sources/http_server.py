@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from gateway.config.schema import Auth, Config, Limits
     from gateway.sources import Cleanup
     from gateway.sources.mqtt_server import MqttServer
+    from gateway.tls import ServerTls
 
 # The MQTT server for WebSocket clients, looked up per request (it starts after HTTP).
 MqttLookup = Callable[[], "MqttServer | None"]
@@ -242,9 +243,10 @@ def schemes(auth: Auth) -> tuple[str, ...]:
 async def start_http(pipeline: Pipeline, config: Config, reuse_port: bool,
                      mqtt: MqttLookup, *, auth: Authenticator | None = None
                      ) -> tuple[HttpIngest, Cleanup] | None:
-    """The HTTP listener (ingest, REST Proxy, MQTT over WebSocket), or None when off."""
-    listener = config.listeners.http
-    if not listener.enabled:
+    """The HTTP and HTTPS listeners (ingest, REST Proxy, MQTT over WebSocket: WS and WSS),
+    one app behind both, or None when both are off."""
+    listener, secure = config.listeners.http, config.listeners.https
+    if not (listener.enabled or secure.enabled):
         return None
     ws = config.listeners.ws
     ingest = HttpIngest(pipeline, config.limits, allow_anonymous=config.auth.allow_anonymous,
@@ -254,12 +256,35 @@ async def start_http(pipeline: Pipeline, config: Config, reuse_port: bool,
     runner = web.AppRunner(ingest.web_app(), access_log=None,
                            shutdown_timeout=config.shutdown_timeout_s / 2)
     await runner.setup()
-    site = web.TCPSite(runner, listener.host, listener.port,
-                       reuse_port=reuse_port or None, backlog=1024)
-    await site.start()
-    log.info("http_listening", host=listener.host, port=listener.port)
+    if listener.enabled:
+        site = web.TCPSite(runner, listener.host, listener.port,
+                           reuse_port=reuse_port or None, backlog=1024)
+        await site.start()
+        log.info("http_listening", host=listener.host, port=listener.port)
+    tls = await _start_https(runner, config, reuse_port)
 
     async def cleanup(_timeout: float) -> None:
+        if tls is not None:
+            await tls.close()
         await runner.cleanup()
 
     return ingest, cleanup
+
+
+async def _start_https(runner: web.AppRunner, config: Config, reuse_port: bool
+                       ) -> ServerTls | None:
+    """The same routes over TLS; the client certificate is the transport's ``peercert``."""
+    listener = config.listeners.https
+    if not listener.enabled:
+        return None
+    from gateway.tls import ServerTls
+
+    tls = ServerTls(listener, "https")  # follows certificate file changes
+    site = web.TCPSite(runner, listener.host, listener.port, ssl_context=tls.context,
+                       reuse_port=reuse_port or None, backlog=1024)
+    await site.start()
+    tls.start()
+    log.info("https_listening", host=listener.host, port=listener.port,
+             client_cert="required" if listener.require_client_cert
+             else "optional" if listener.cafile else "none")
+    return tls
