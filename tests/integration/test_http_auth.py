@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -22,8 +23,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
-from tests.helpers import Broker
+from tests.helpers import Broker, free_port
 from tests.integration.http_support import Gateway, http_gateway, tenant
+from tests.support.pki import Pki
 
 pytestmark = pytest.mark.integration
 
@@ -42,6 +44,10 @@ rules:
     match: {topic: "alice/{tenant}/#", source: http}
     kafka: {topic: "t.alice.{tenant}"}
     allow: {usernames: [alice]}
+  - name: devices-only
+    match: {topic: "dev/{tenant}/#", source: http}
+    kafka: {topic: "t.dev.{tenant}", key: "{client_id}"}
+    allow: {identities: ["device-*"]}
   - name: rest-alice-only
     match: {topic: "kafka/{name}", source: http}
     kafka: {topic: "{name}"}
@@ -122,11 +128,12 @@ class Answer:
         return json.loads(self.text)
 
 
-def post(gw: Gateway, path: str, body: bytes = b"{}", **headers: str) -> Answer:
-    request = urllib.request.Request(gw.url + path, data=body, headers=headers,
-                                     method="POST")
+def post(gw: Gateway, path: str, body: bytes = b"{}", *, tls: ssl.SSLContext | None = None,
+         **headers: str) -> Answer:
+    base = f"https://localhost:{gw.ports['https']}" if tls is not None else gw.url
+    request = urllib.request.Request(base + path, data=body, headers=headers, method="POST")
     try:
-        with urllib.request.urlopen(request, timeout=30) as resp:
+        with urllib.request.urlopen(request, timeout=30, context=tls) as resp:
             return Answer(resp.status, resp.headers.get_all("WWW-Authenticate") or [],
                           resp.read().decode())
     except urllib.error.HTTPError as exc:
@@ -272,3 +279,36 @@ def test_anonymous_mode_serves_the_readme_walkthrough(tmp_path: Path, broker: Br
         assert delivery["topic"] == "mobile.events"
         records = broker.read("mobile.events", 1)
         assert any(r.key() == user.encode() for r in records)
+
+
+def test_a_client_certificate_is_the_third_way_in(tmp_path: Path, broker: Broker,
+                                                  keys: Keys) -> None:
+    """HTTPS with optional client certificates: the verified CN is the identity that
+    ``allow.identities`` checks; no certificate and no credentials is still 401."""
+    pki = Pki(tmp_path / "pki")
+    (crt, key), device, intruder = (pki.issue("server", "localhost", server=True),
+                                    pki.issue("device", "device-7"),
+                                    pki.issue("intruder", "intruder"))
+    https = {"enabled": True, "host": "127.0.0.1", "port": free_port(), "certfile": str(crt),
+             "keyfile": str(key), "cafile": str(pki.ca)}
+    settings = auth_settings(tmp_path, keys, listeners__https=https)
+    with http_gateway(tmp_path, broker.bootstrap, RULES, **settings) as gw:
+        gw.ports["https"] = https["port"]
+
+        def tls(cert: tuple[Path, Path] | None) -> ssl.SSLContext:
+            context = ssl.create_default_context(cafile=str(pki.ca))
+            if cert is not None:
+                context.load_cert_chain(*cert)
+            return context
+
+        t = tenant()
+        path = f"/v1/publish/dev/{t}/temp"
+        bare = post(gw, path, b"no-cert", tls=tls(None))
+        assert bare.status_code == 401 and bare.challenges == CHALLENGES, bare.text
+        assert post(gw, path, b"intruder", tls=tls(intruder)).status_code == 403
+        alice = post(gw, path, b"alice", tls=tls(None), **basic("alice", "alice-pw"))
+        assert alice.status_code == 403, alice.text  # known, but not a device-* identity
+        ok = post(gw, path, b"device", tls=tls(device), **{"X-Client-Id": "d7"})
+        assert ok.status_code == 200, ok.text
+        (record,) = broker.read(f"t.dev.{t}", 1)
+        assert (record.value(), record.key()) == (b"device", b"d7")
