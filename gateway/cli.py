@@ -127,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_rules_parser(sub)
 
+    from gateway.auth.passwd_cli import add_passwd_parser
+
+    add_passwd_parser(sub)
+
     spool = sub.add_parser("spool", help="inspect the durable spool")
     spool_sub = spool.add_subparsers(dest="spool_command", metavar="COMMAND", required=True)
     inspect = spool_sub.add_parser("inspect", help="records, bytes and age per Kafka topic")

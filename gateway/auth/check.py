@@ -46,16 +46,23 @@ import asyncio
 import hashlib
 import secrets
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import structlog
 
 from gateway.auth import ANONYMOUS, AuthRefusal, Credentials, Identity, Verdict
-from gateway.auth.jwks import JwtVerifier, TokenClaims, check_algorithms, looks_like_jwt
-from gateway.auth.passwd import PasswordHash, hash_password, load_password_file
+from gateway.auth import Authenticator as AuthenticatorProtocol
+from gateway.auth.jwks import JwtVerifier, TokenClaims, check_config, looks_like_jwt
+from gateway.auth.passwd import (
+    DEFAULT_ITERATIONS,
+    SALT_BYTES,
+    PasswordHash,
+    load_password_file,
+)
 from gateway.auth.watch import Signature, signature
 from gateway.config.schema import Auth
 from gateway.errors import ConfigError
@@ -65,8 +72,15 @@ REASONS = ("missing", "bad_credentials")
 FORGET_AFTER_S = 60.0  # a quiet minute clears an address's failure count
 FIRST_DELAY_S = 0.25
 
-# Unknown users are checked against this, so they cost what a known user costs.
-_DUMMY = hash_password(b"", salt=b"\0" * 12)
+
+
+def _dummy_for(users: dict[str, PasswordHash]) -> PasswordHash:
+    """What an unknown user is checked against: the file's most common hash kind and
+    iteration count, so unknown users cost what known ones do (no user enumeration by
+    timing).  Its digest of zeros matches nothing."""
+    kinds = Counter((h.kind, h.iterations) for h in users.values())
+    kind, iterations = kinds.most_common(1)[0][0] if kinds else ("7", DEFAULT_ITERATIONS)
+    return PasswordHash(kind, b"\0" * SALT_BYTES, b"\0" * 64, iterations)
 
 
 class Authenticator:
@@ -85,15 +99,17 @@ class Authenticator:
         self.password_reload_failures = 0
         self.jwt: JwtVerifier | None = None
         if config.jwt is not None:
-            check_algorithms(config.jwt.algorithms)
+            check_config(config.jwt)
             self.jwt = JwtVerifier(config.jwt, log=self.log, cache_size=cache_size,
                                    refetch_min_s=jwks_refetch_min_s)
         self._users: dict[str, PasswordHash] = {}
+        self._dummy = _dummy_for({})
         self._users_sig: Signature = None
         self._generation = 0  # bumped when the password file changes
         self._cache: OrderedDict[tuple[str, bytes], Identity] = OrderedDict()
         self._cache_size = cache_size
         self._cache_key = secrets.token_bytes(32)
+        self.clock: Callable[[], float] = time.monotonic  # the throttle's clock (tests set it)
         self._failures: OrderedDict[str, tuple[int, float]] = OrderedDict()
         self._throttle_size = throttle_size
         self._hash_threads = hash_threads
@@ -108,6 +124,7 @@ class Authenticator:
         if path is not None:
             self._users_sig = signature(path)
             self._users = load_password_file(path)
+            self._dummy = _dummy_for(self._users)
             self.log.info("auth_password_file_loaded", file=path, users=len(self._users))
         if self.jwt is not None:
             await self.jwt.start()
@@ -157,6 +174,7 @@ class Authenticator:
                            keeping_users=len(self._users))
             return False
         self._users = users
+        self._dummy = _dummy_for(users)
         self._generation += 1
         self._cache.clear()
         self.password_reloads += 1
@@ -172,7 +190,7 @@ class Authenticator:
     async def verify(self, creds: Credentials) -> Verdict:
         verdict = self._decide(creds)
         if verdict is None:
-            if self._is_jwt(creds):
+            if self._is_jwt(creds):  # _decide answered every other JWT case
                 assert self.jwt is not None and creds.password is not None
                 verdict = self._jwt_verdict(await self.jwt.check_async(creds.password), creds)
             else:
@@ -191,7 +209,8 @@ class Authenticator:
         if self._is_jwt(creds):
             if self.jwt is None:
                 return _bad("bearer tokens are not accepted here (auth.jwt is not configured)")
-            assert creds.password is not None
+            if not creds.password:
+                return _bad("empty bearer token")
             result = self.jwt.check(creds.password)
             return None if result is None else self._jwt_verdict(result, creds)
         if creds.username is None and creds.password is None:
@@ -231,7 +250,7 @@ class Authenticator:
             self._executor = ThreadPoolExecutor(self._hash_threads,
                                                 thread_name_prefix="lastmile-auth")
         loop = asyncio.get_running_loop()
-        ok = await loop.run_in_executor(self._executor, (entry or _DUMMY).matches, password)
+        ok = await loop.run_in_executor(self._executor, (entry or self._dummy).matches, password)
         if not ok or entry is None:
             return _bad(f"unknown user or wrong password for {user!r}")
         identity = Identity(method="password", name=user)
@@ -275,7 +294,7 @@ class Authenticator:
     def _failed(self, host: str) -> None:
         if not host:
             return  # an unknown source must not share one bucket with every other
-        now = time.monotonic()
+        now = self.clock()
         previous = self._failures.pop(host, None)
         count = 1 if previous is None or now - previous[1] > FORGET_AFTER_S else previous[0] + 1
         self._failures[host] = (count, now)
@@ -285,7 +304,7 @@ class Authenticator:
     def failures(self, host: str) -> int:
         """Recent failures counted against ``host`` (0 once forgotten)."""
         record = self._failures.get(host)
-        if record is None or time.monotonic() - record[1] > FORGET_AFTER_S:
+        if record is None or self.clock() - record[1] > FORGET_AFTER_S:
             return 0
         return record[0]
 
@@ -303,3 +322,9 @@ class Authenticator:
 
 def _bad(message: str) -> AuthRefusal:
     return AuthRefusal(reason="bad_credentials", message=message)
+
+
+if TYPE_CHECKING:  # mypy proves the class satisfies the listeners' protocol
+
+    def _conforms(auth: Authenticator) -> AuthenticatorProtocol:
+        return auth

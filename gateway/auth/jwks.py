@@ -61,6 +61,15 @@ class TokenClaims:
     exp: float
 
 
+def check_config(config: Jwt) -> None:
+    """ConfigError for settings that would be unsafe or spin: see ``check_algorithms``."""
+    check_algorithms(config.algorithms)
+    if not config.refresh_s > 0:
+        raise ConfigError("must be more than 0", key="auth.jwt.refresh_s")
+    if not config.leeway_s >= 0:
+        raise ConfigError("must be 0 or more", key="auth.jwt.leeway_s")
+
+
 def check_algorithms(algorithms: list[str]) -> None:
     """ConfigError unless every algorithm is an asymmetric one PyJWT knows."""
     known = get_default_algorithms()
@@ -81,7 +90,7 @@ def looks_like_jwt(token: bytes) -> bool:
     head = token.split(b".", 1)[0]
     try:
         header = json.loads(base64.urlsafe_b64decode(head + b"=" * (-len(head) % 4)))
-    except (ValueError, binascii.Error):
+    except (ValueError, binascii.Error, RecursionError):  # RecursionError: "[[[[..."
         return False
     return isinstance(header, dict) and "alg" in header
 
@@ -309,8 +318,11 @@ class JwtVerifier:
     def _may_refresh(self) -> bool:
         if self.config.jwks_file is not None and signature(self.config.jwks_file) != self._file_sig:
             return True
-        return (self.config.jwks_url is not None
-                and time.monotonic() - self._last_fetch >= self.refetch_min_s)
+        if self.config.jwks_url is None:
+            return False
+        # A fetch under way may bring the key: wait for it rather than refuse.
+        return (self._fetch_lock.locked()
+                or time.monotonic() - self._last_fetch >= self.refetch_min_s)
 
     async def check_async(self, token: bytes) -> TokenClaims | str:
         """``check``, refreshing the JWKS first when the token names an unknown kid."""

@@ -71,17 +71,17 @@ def parse_hash(text: str) -> PasswordHash:
     """``$6$...`` or ``$7$...``; ValueError saying what is wrong (never echoing the hash)."""
     parts = text.split("$")
     if len(parts) == 4 and parts[0] == "" and parts[1] == "6":
-        digest = _b64(parts[3], "hash")
+        salt, digest = _b64(parts[2], "salt"), _b64(parts[3], "hash")
         if len(digest) != 64:
             raise ValueError("$6$ hash is not 64 bytes")
-        return PasswordHash("6", _b64(parts[2], "salt"), digest)
+        return PasswordHash("6", salt, digest)
     if len(parts) == 5 and parts[0] == "" and parts[1] == "7":
         if not parts[2].isdigit() or not 1 <= int(parts[2]) <= MAX_ITERATIONS:
             raise ValueError(f"$7$ iteration count must be 1..{MAX_ITERATIONS}")
-        digest = _b64(parts[4], "hash")
+        salt, digest = _b64(parts[3], "salt"), _b64(parts[4], "hash")
         if len(digest) != 64:
             raise ValueError("$7$ hash is not 64 bytes")
-        return PasswordHash("7", _b64(parts[3], "salt"), digest, int(parts[2]))
+        return PasswordHash("7", salt, digest, int(parts[2]))
     if text.startswith(("$6$", "$7$")):
         raise ValueError("malformed hash")
     raise ValueError("not a $6$ or $7$ hash (plain-text passwords are not accepted; "
