@@ -116,7 +116,7 @@ class Pump:
                     RULES_INFO.remove(self._version)
                 self._version = table.version
                 for rule in table.entries:  # seen at 0 before the first refusal
-                    if rule.allow is not None or rule.action == "deny":
+                    if rule.allow is not None or rule.action == "deny" or rule.topic_claims:
                         AUTHZ_REFUSED.labels(rule.name)
             RULES_INFO.labels(table.version).set(table.rules)
         mqtt = app.mqtt
