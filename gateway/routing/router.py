@@ -168,6 +168,12 @@ def _record_planned(cand: Candidate, message: Message, ctx: Context) -> Record:
     """``_record`` with the parts the cache pre-rendered taken as they are."""
     rule = cand.rule
     topic = cand.topic
+    if message.headers and rule.header_names:
+        for name, _ in message.headers:
+            if name.lower() in rule.header_names:
+                raise _Refused(ReservedHeader(
+                    f"header {name!r} is set by rule {rule.name}; a client may not set it",
+                    header=name))
     try:
         if topic is None:
             assert rule.topic is not None  # compile guarantees it for action kafka
@@ -197,12 +203,6 @@ def _record_planned(cand: Candidate, message: Message, ctx: Context) -> Record:
     if cand.topic is None and not valid_kafka_topic(topic):
         raise _Invalid(TopicInvalid(f"rendered Kafka topic {topic!r} is not a legal name"), rule)
     if message.headers:
-        names = rule.header_names
-        for name, _ in message.headers:
-            if name.lower() in names:
-                raise _Refused(ReservedHeader(
-                    f"header {name!r} is set by rule {rule.name}; a client may not set it",
-                    header=name))
         headers.extend(message.headers)  # explicit hints extend what templates produce
     return Record(
         cluster=rule.cluster,
