@@ -45,6 +45,8 @@ RECORDS = Counter("lastmile_records_total", "Kafka records by result", ["cluster
 RULES_RELOADS = Counter("lastmile_rules_reloads_total", "Rules reloads by result", ["result"])
 REFUSED = Counter("lastmile_refused_total", "Messages refused or dead-lettered by reason",
                   ["reason"])
+AUTHZ_REFUSED = Counter("lastmile_authorization_refused_total",
+                        "Publishes refused by a rule's allow or deny, by rule", ["rule"])
 BUFFER = Counter("lastmile_buffer_events_total", "Buffer and spool events", ["event"])
 BUFFER_STATE = Gauge("lastmile_buffer_state", "Buffer and spool levels (bytes, records, segments)",
                      ["name"], multiprocess_mode="livesum")
@@ -107,11 +109,15 @@ class Pump:
             self._counters(MESSAGES, {"routed": router.routed, "dropped": router.dropped,
                                       "dead_lettered": router.dead_lettered})
             self._counters(REFUSED, router.refused_by_reason)
+            self._counters(AUTHZ_REFUSED, router.refused_by_rule)
             table = app.router.table
             if table.version != self._version:
                 if self._version:
                     RULES_INFO.remove(self._version)
                 self._version = table.version
+                for rule in table.entries:  # seen at 0 before the first refusal
+                    if rule.allow is not None or rule.action == "deny" or rule.topic_claims:
+                        AUTHZ_REFUSED.labels(rule.name)
             RULES_INFO.labels(table.version).set(table.rules)
         mqtt = app.mqtt
         if mqtt is not None:

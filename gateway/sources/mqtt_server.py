@@ -186,9 +186,11 @@ class MqttServer:
                 self.deliver(token, 0x80, None)
             else:
                 self.deliver(token, error.mqtt_reason, error.message, retriable=error.retriable)
-                if session.version == 4 and token.qos and not error.retriable:
+                if (session.version == 4 and token.qos and not error.retriable
+                        and error.code != "not_authorized"):
                     # 3.1.1 cannot refuse a message: it gets its ack [MQTT-3.3.5-2], so the
-                    # refusal must be visible here (docs/mqtt.md).
+                    # refusal must be visible here (docs/mqtt.md).  Authorization refusals
+                    # are logged by the pipeline already, rate-limited (publish_not_authorized).
                     self.log.info("mqtt_publish_refused", client_id=session.client_id,
                                   packet_id=token.packet_id, error=error.code,
                                   reason=error.message)
