@@ -154,8 +154,9 @@ class RegistryDb:
                     "SELECT count(*) FROM clients WHERE worker IS NULL").fetchone()
                 if orphans > max_sessions:
                     _delete_clients(db, [cid for (cid,) in db.execute(
-                        "SELECT client_id FROM clients WHERE worker IS NULL"
-                        " ORDER BY expires_at LIMIT ?", (orphans - max_sessions,))])
+                        "SELECT client_id FROM clients INDEXED BY clients_orphans"
+                        " WHERE worker IS NULL ORDER BY expires_at LIMIT ?",
+                        (orphans - max_sessions,))])
 
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error), _txn(self.db) as db:
@@ -213,8 +214,8 @@ class RegistryDb:
                 self._delete_mine(db, cid)
             if orphans:
                 _delete_clients(db, [cid for (cid,) in db.execute(
-                    "SELECT client_id FROM clients WHERE worker IS NULL AND expires_at <= ?"
-                    " LIMIT ?", (now, ORPHAN_BATCH))])
+                    "SELECT client_id FROM clients INDEXED BY clients_orphans"
+                    " WHERE worker IS NULL AND expires_at <= ? LIMIT ?", (now, ORPHAN_BATCH))])
 
     def _delete_mine(self, db: sqlite3.Connection, client_id: str) -> None:
         if db.execute("DELETE FROM clients WHERE client_id = ? AND gen = ?",
