@@ -138,6 +138,10 @@ class SharedSessions(SessionStore):
         else:
             self.db.release(client_id, 1e18 if expiry is None else now + expiry, evicted)
 
+    def _holds(self, client_id: str, state: ClientState) -> bool:
+        # Ids still coming from the old owner (its connection ended during the handover).
+        return bool(state.qos2) or client_id in self._handovers
+
     def _evicted(self, client_id: str, qos2_ids: int) -> None:
         self._forget_ids(client_id)
         self._evicting.append(client_id)  # its row goes in the release's transaction

@@ -107,7 +107,7 @@ class SessionStore:
             del self._states[client_id]
             return
         expires = FOREVER if expiry is None else now + expiry
-        if state.qos2:
+        if self._holds(client_id, state):
             self._kept[client_id] = expires
             self._push(self._kept_heap, self._kept, expires, client_id)
         else:
@@ -134,6 +134,10 @@ class SessionStore:
                     dead.append(cid)
         self.expired += len(dead)
         return dead
+
+    def _holds(self, client_id: str, state: ClientState) -> bool:
+        """Whether a released session has something to resume (keeps its ClientState)."""
+        return bool(state.qos2)
 
     def _evict_one(self) -> None:
         """Drop the session released longest ago, an empty one if there is one."""
