@@ -6,7 +6,7 @@ Durations are plain numbers in the unit their name says (``_ms``, ``_s``).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -125,6 +125,12 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     connect_timeout_s: float = 10.0
     max_keepalive_s: int = 0  # 0: accept the client's; else MQTT 5 Server Keep Alive cap
     topic_alias_maximum: int = 65_535
+    # Disconnected MQTT sessions kept per worker for a reconnect (0: none); over it the one
+    # released longest ago is dropped, empty ones first (docs/sessions.md, "Bounds").
+    max_sessions: Annotated[int, msgspec.Meta(ge=0)] = 100_000
+    # Longer MQTT client ids are refused at CONNECT (MQTT 5: 0x85, 3.1.1: 0x02); MQTT
+    # guarantees 23.
+    max_client_id_bytes: Annotated[int, msgspec.Meta(ge=23, le=65_535)] = 256
     http_max_body_bytes: int = 1 << 20
     http_max_batch_records: int = 1_000
     http_rate_per_client: float = 0.0  # requests/s; 0 = unlimited

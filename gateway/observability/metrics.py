@@ -57,6 +57,12 @@ CONNECTIONS = Gauge("lastmile_mqtt_connections", "Open MQTT connections",
                     multiprocess_mode="livesum")
 MQTT_REFUSED = Counter("lastmile_mqtt_refused_connections_total",
                        "MQTT connections closed unread: over limits.max_connections")
+SESSIONS = Gauge("lastmile_mqtt_sessions_retained",
+                 "Disconnected MQTT sessions kept for a reconnect (limits.max_sessions per worker)",
+                 multiprocess_mode="livesum")
+SESSION_EVENTS = Counter("lastmile_mqtt_sessions_total",
+                         "MQTT sessions expired, evicted (over limits.max_sessions), and CONNECTs "
+                         "refused for a client id over limits.max_client_id_bytes", ["event"])
 PENDING_BYTES = Gauge("lastmile_buffer_pending_bytes", "Bytes waiting for Kafka or the spool",
                       multiprocess_mode="livesum")
 PAUSED = Gauge("lastmile_backpressure_paused", "1 while sources are paused",
@@ -123,6 +129,10 @@ class Pump:
         if mqtt is not None:
             CONNECTIONS.set(len(mqtt.connections))
             self._delta(MQTT_REFUSED, (), mqtt.refused_connections)
+            store = mqtt.store
+            SESSIONS.set(store.retained)
+            self._counters(SESSION_EVENTS, {"expired": store.expired, "evicted": store.evicted,
+                                            "refused_client_id": store.refused_client_ids})
 
     async def run(self, interval: float = 1.0) -> None:
         failures = 0

@@ -37,6 +37,8 @@ async def start_mqtt(pipeline: Pipeline, config: Config, reuse_port: bool, worke
         max_keep_alive=config.limits.max_keepalive_s,
         topic_alias_maximum=config.limits.topic_alias_maximum,
         max_connections=config.limits.max_connections,
+        max_sessions=config.limits.max_sessions,
+        max_client_id_bytes=config.limits.max_client_id_bytes,
     )
     from gateway.sources.mqtt_registry import open_shared
 

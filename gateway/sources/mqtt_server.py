@@ -87,7 +87,9 @@ class MqttServer:
         self.log = log if log is not None else structlog.get_logger("lastmile.mqtt")
         # With workers > 1 the store is shared by all workers (mqtt_registry).
         self.shared = shared
-        self.store: SessionStore = shared if shared is not None else SessionStore()
+        self.store: SessionStore = (
+            shared if shared is not None else SessionStore(self.limits.max_sessions))
+        self.store.on_evict = self._session_evicted
         self.connections: set[MqttConnection] = set()
         self.refused_connections = 0  # over limits.max_connections
         self.registry: dict[str, MqttConnection] = {}  # client id -> live connection
@@ -224,6 +226,12 @@ class MqttServer:
         for conn in dirty:
             conn.after_ack()
 
+    def _session_evicted(self, client_id: str, qos2_ids: int) -> None:
+        """Over limits.max_sessions: the client reconnects with session present = 0."""
+        if self.debug:
+            self.log.debug("mqtt_session_evicted", client_id=client_id, qos2_ids=qos2_ids,
+                           retained=self.store.retained, evicted=self.store.evicted)
+
     def _on_flow(self, paused: bool) -> None:
         for conn in self.connections:
             conn.update_reading()
@@ -235,7 +243,8 @@ class MqttServer:
             self.sweep(loop.time())
 
     def sweep(self, now: float) -> None:
-        """Expire sessions past their deadline and stored state past its expiry."""
+        """Expire sessions past their deadline and stored state past its expiry (the
+        store's work is proportional to what expires: a heap, not a scan)."""
         for conn in [c for c in self.connections if c.session.deadline <= now]:
             conn.handle_events(conn.session.expire(now))
         self.store.expire(now)
