@@ -79,7 +79,7 @@ async def test_rest_proxy_refuses_topics_not_on_the_allow_list(gw: Gw, broker: B
     for topic in ("lastmile.dead-letter", "_schemas", "other-app.payments"):
         status, answer = await post(f"{gw.url}/topics/{topic}", body, JSON_V2)
         assert status == 403, (topic, answer)
-        assert answer["error"] == "not_authorized" and answer["error_code"] == 403
+        assert answer["error"] == "not_authorized" and answer["error_code"] == 40301
         assert answer["message"] == "topic not in the REST Proxy allow-list"
     # A listed topic (clicks.* in the shipped rule) is produced as before.
     listed = f"clicks.{mark}"
