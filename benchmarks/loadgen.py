@@ -52,6 +52,9 @@ class Settings:
     sndbuf: int = 65536  # SO_SNDBUF of publishing sockets; 0 = kernel autotuning
     run_id: int = 0
     client_prefix: str = "lmb"
+    username: str = ""  # CONNECT credentials (every connection the same)
+    password: str = ""
+    credentials: str = ""  # file of "username<TAB>password" lines, one per connection
 
     def client_id(self, idx: int) -> str:
         return f"{self.client_prefix}-{self.run_id}-{idx}"
@@ -164,7 +167,7 @@ def run(s: Settings, clients_out: str | None = None) -> dict[str, object]:
     result: dict[str, object] = {
         "event": "result",
         "mode": s.mode,
-        "settings": asdict(s),
+        "settings": {**asdict(s), "password": "***" if s.password else ""},
         "connect": summary,
     }
     errors = _merge_errors(conn + final)
@@ -244,6 +247,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, str | None]:
     ap.add_argument("--sndbuf", type=int, default=d.sndbuf)
     ap.add_argument("--run-id", type=int, default=0)
     ap.add_argument("--client-prefix", default=d.client_prefix)
+    ap.add_argument("--username", default=d.username)
+    ap.add_argument("--password", default=d.password, help="a password or a JWT")
+    ap.add_argument("--credentials", default=d.credentials,
+                    help="file of username<TAB>password lines; connection i uses line i")
     ap.add_argument(
         "--clients-out",
         default=None,

@@ -52,12 +52,18 @@ def _utf8(s: str | bytes) -> bytes:
     return len(b).to_bytes(2, "big") + b
 
 
-def encode_connect(client_id: str, version: int = MQTT311, keepalive: int = 60) -> bytes:
-    """CONNECT with clean session/start, no will, no credentials, no properties."""
-    var = _utf8(b"MQTT") + bytes([version, 0x02]) + keepalive.to_bytes(2, "big")
+def encode_connect(client_id: str, version: int = MQTT311, keepalive: int = 60,
+                   username: str = "", password: str = "") -> bytes:
+    """CONNECT with clean session/start, no will, no properties; credentials when given."""
+    flags = 0x02 | (0x80 if username else 0) | (0x40 if password else 0)
+    var = _utf8(b"MQTT") + bytes([version, flags]) + keepalive.to_bytes(2, "big")
     if version == MQTT5:
         var += b"\x00"  # property length
     body = var + _utf8(client_id)
+    if username:
+        body += _utf8(username)
+    if password:
+        body += _utf8(password)
     return b"\x10" + encode_varint(len(body)) + body
 
 

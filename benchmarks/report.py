@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -261,6 +262,43 @@ def _errors(data: dict[str, Any]) -> list[str]:
     return out or ["- none"]
 
 
+def _auth_section() -> list[str]:
+    """From benchmarks/results/auth.json (``python -m benchmarks.bench_auth``), a run of its own."""
+    path = ROOT / "benchmarks" / "results" / "auth.json"
+    if not path.exists():
+        return [f"{NM}: run `python -m benchmarks.bench_auth`."]
+    auth = json.loads(path.read_text())
+    res = auth["results"]
+
+    def rate(key: str) -> Any:
+        return _get(res.get(key, {}), "connect", "connect_rate")
+
+    def p99(key: str) -> Any:
+        return _get(res.get(key, {}), "connect", "connect_latency_ms", "p99")
+
+    lines = [
+        f"Run: {auth['started']}, {auth['seconds']} s, load average {auth['loadavg_start']} "
+        f"at start, {auth['loadavg_end']} at end. {auth['connections']:,} devices, each with "
+        "its own credentials and nothing cached (a cold reconnect): a `$7$` password-file line "
+        "per device (PBKDF2-SHA512, 101 iterations, as `mosquitto_passwd` writes; the same "
+        "file for both), or an ES256 JWT per device (Lastmile only). Loadgen `connect` mode, "
+        f"2 processes; Lastmile with {auth['workers']} workers. Same load generator, same run.",
+        "",
+        "| auth | Lastmile conn/s | p99 (ms) | vs Lastmile anonymous | Mosquitto conn/s "
+        "| p99 (ms) | Lastmile / Mosquitto |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name in ("anonymous", "password", "jwt"):
+        lm, mq = f"lastmile/{name}", f"mosquitto/{name}"
+        lines.append(
+            f"| {name} | {_fmt(rate(lm), '{:,.0f}')} | {_fmt(p99(lm), '{:,.1f}')} "
+            f"| {_ratio(rate(lm), rate('lastmile/anonymous'))} "
+            f"| {_fmt(rate(mq), '{:,.0f}')} | {_fmt(p99(mq), '{:,.1f}')} "
+            f"| {_ratio(rate(lm), rate(mq))} |"
+        )
+    return lines
+
+
 def markdown(data: dict[str, Any]) -> str:
     m, v, p = data["machine"], data["versions"], data["plan"]
     mode = "quick (`--quick`)" if data["quick"] else "full"
@@ -345,6 +383,10 @@ def markdown(data: dict[str, Any]) -> str:
         "- Kafka latency: payload send time to the Kafka record timestamp (CreateTime, set "
         "on the gateway side; tansu does not do LogAppendTime). At maximum QoS 0 load it "
         "includes the time messages waited in socket buffers and the gateway's buffer.",
+        "",
+        "## Authentication: connect rate",
+        "",
+        *_auth_section(),
         "",
         "## Errors and omissions",
         "",

@@ -122,15 +122,17 @@ def mosquitto_version() -> str:
 class Mosquitto(Server):
     name = "mosquitto"
 
-    def start(self) -> None:
+    def start(self, password_file: Path | None = None) -> None:
         b = mosquitto_bin()
         if not b:
             raise StartError("mosquitto binary not found (apt-get install mosquitto)")
         port = free_port()
         conf = self.workdir / "mosquitto.conf"
+        auth = ("allow_anonymous false\n" f"password_file {password_file}\n"
+                if password_file else "allow_anonymous true\n")
         conf.write_text(
             f"listener {port} 127.0.0.1\n"
-            "allow_anonymous true\n"
+            + auth +
             "max_connections -1\n"
             "set_tcp_nodelay true\n"
             "persistence false\n"

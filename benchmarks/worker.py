@@ -195,7 +195,11 @@ async def _connect(
                     lambda: Conn(wg, enc, s["version"]), sock=sock
                 )
                 cid = f"{s['client_prefix']}-{s['run_id']}-{idx}"
-                proto.transport.write(w.encode_connect(cid, s["version"], s["keepalive"]))
+                user, password = s["username"], s["password"]
+                if "_creds" in s:
+                    user, password = s["_creds"][idx % len(s["_creds"])]
+                proto.transport.write(w.encode_connect(
+                    cid, s["version"], s["keepalive"], user, password))
                 rc = await proto.connack
         except (OSError, TimeoutError, w.ProtocolError) as e:
             sock.close()
@@ -358,6 +362,10 @@ def worker_main(
     s: dict[str, Any], wid: int, lo: int, hi: int, q: Any, start: Any, stop: Any
 ) -> None:
     raise_nofile()
+    if s.get("credentials"):
+        # One "username<TAB>password" line per device; connection i uses line i.
+        with open(s["credentials"]) as f:
+            s["_creds"] = [tuple(line.rstrip("\n").split("\t", 1)) for line in f if line.strip()]
     import uvloop
 
     uvloop.run(_worker(s, wid, lo, hi, q, start, stop))

@@ -107,6 +107,14 @@ class NotAuthorized(GatewayError):
     http_status = 403
 
 
+class ReservedHeader(GatewayError):
+    """A client-supplied header would set or shadow one the gateway or the rule sets."""
+
+    code = "reserved_header"
+    mqtt_reason = 0x99  # the PUBACK code for "the message is not acceptable as sent"
+    http_status = 400
+
+
 class TopicInvalid(GatewayError):
     """The topic name is not valid."""
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from gateway.config.schema import Cluster, Config
+from gateway.config.schema import Cluster, Config, TlsListener
 from gateway.config.yamlsrc import SourceMap, convert, parse_yaml
 from gateway.errors import ConfigError
 
@@ -122,7 +122,7 @@ def _check_auth(config: Config, smap: SourceMap) -> None:
         return
     mtls = any(
         listener.enabled and listener.require_client_cert
-        for listener in (config.listeners.mqtts,)
+        for listener in (config.listeners.mqtts, config.listeners.https)
     )
     if not (auth.password_file or jwt is not None or mtls):
         raise smap.error(
@@ -131,19 +131,41 @@ def _check_auth(config: Config, smap: SourceMap) -> None:
             ("auth", "allow_anonymous"))
 
 
+TLS_LISTENERS = ("mqtts", "https")
+
+
+def _check_tls(listener: TlsListener, section: str, smap: SourceMap) -> None:
+    """An enabled TLS listener's files load and belong together, checked before serving."""
+    if not listener.enabled:
+        return
+    path = ("listeners", section)
+    for key in ("certfile", "keyfile"):
+        if not getattr(listener, key):
+            raise smap.error(f"{key} is required when the listener is enabled",
+                             (*path, key))
+    if listener.require_client_cert and not listener.cafile:
+        raise smap.error("require_client_cert needs a cafile (the CAs clients' certificates "
+                         "come from)", (*path, "require_client_cert"))
+    from gateway.tls import TlsFileError, build_context
+
+    try:
+        build_context(listener)
+    except TlsFileError as exc:
+        raise smap.error(f"{exc.file}: {exc.reason}", (*path, exc.key)) from exc
+
+
 def _check(config: Config, smap: SourceMap) -> None:
     """Cross-field checks msgspec cannot express."""
     if config.workers < 1:
         raise smap.error("must be at least 1", ("workers",))
     if not config.kafka.clusters:
         raise smap.error("at least one cluster is required", ("kafka", "clusters"))
-    for section in ("mqtt", "mqtts", "http", "metrics"):
+    for section in ("mqtt", "mqtts", "http", "https", "metrics"):
         listener = getattr(config.listeners, section)
         if not 0 <= listener.port <= 65535:
             raise smap.error("port out of range 0-65535", ("listeners", section, "port"))
-    tls = config.listeners.mqtts
-    if tls.enabled and not (tls.certfile and tls.keyfile):
-        raise smap.error("certfile and keyfile are required", ("listeners", "mqtts"))
+    for section in TLS_LISTENERS:
+        _check_tls(getattr(config.listeners, section), section, smap)
     _check_auth(config, smap)
     if config.buffer.low_water_bytes >= config.buffer.high_water_bytes:
         raise smap.error("must be below high_water_bytes", ("buffer", "low_water_bytes"))

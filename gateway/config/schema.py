@@ -6,7 +6,7 @@ Durations are plain numbers in the unit their name says (``_ms``, ``_s``).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -18,26 +18,55 @@ class Listener(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class TlsListener(Listener, forbid_unknown_fields=True, kw_only=True):
+    """A TLS listener; the files are re-read when they change (gateway/tls.py)."""
+
     enabled: bool = False
-    certfile: str | None = None
-    keyfile: str | None = None
-    cafile: str | None = None
-    require_client_cert: bool = False
+    certfile: str | None = None  # PEM: the server certificate, then any intermediates
+    keyfile: str | None = None  # PEM, unencrypted
+    cafile: str | None = None  # PEM: CAs whose client certificates are accepted
+    require_client_cert: bool = False  # with cafile: no certificate, no handshake
+
+
+# Each listener keeps its own port default when its section is given without one.
+class MqttListener(Listener, forbid_unknown_fields=True, kw_only=True):
+    port: int = 1883
+
+
+class MqttsListener(TlsListener, forbid_unknown_fields=True, kw_only=True):
+    port: int = 8883
+
+
+class HttpListener(Listener, forbid_unknown_fields=True, kw_only=True):
+    port: int = 8080
+
+
+class HttpsListener(TlsListener, forbid_unknown_fields=True, kw_only=True):
+    """The HTTP routes (and MQTT over WebSocket: WSS) over TLS."""
+
+    port: int = 8443
+
+
+class MetricsListener(Listener, forbid_unknown_fields=True, kw_only=True):
+    """/metrics, /healthz, /readyz: loopback unless the operator opens it."""
+
+    host: str = "127.0.0.1"
+    port: int = 9100
 
 
 class WebSocketListener(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """MQTT over WebSocket, served on the HTTP listener."""
+    """MQTT over WebSocket, served on the HTTP and HTTPS listeners."""
 
     enabled: bool = True
     path: str = "/mqtt"
 
 
 class Listeners(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    mqtt: Listener = msgspec.field(default_factory=lambda: Listener(port=1883))
-    mqtts: TlsListener = msgspec.field(default_factory=lambda: TlsListener(port=8883))
-    http: Listener = msgspec.field(default_factory=lambda: Listener(port=8080))
+    mqtt: MqttListener = msgspec.field(default_factory=MqttListener)
+    mqtts: MqttsListener = msgspec.field(default_factory=MqttsListener)
+    http: HttpListener = msgspec.field(default_factory=HttpListener)
+    https: HttpsListener = msgspec.field(default_factory=HttpsListener)
     ws: WebSocketListener = msgspec.field(default_factory=WebSocketListener)
-    metrics: Listener = msgspec.field(default_factory=lambda: Listener(port=9100))
+    metrics: MetricsListener = msgspec.field(default_factory=MetricsListener)
 
 
 class Cluster(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -96,6 +125,12 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     connect_timeout_s: float = 10.0
     max_keepalive_s: int = 0  # 0: accept the client's; else MQTT 5 Server Keep Alive cap
     topic_alias_maximum: int = 65_535
+    # Disconnected MQTT sessions kept per worker for a reconnect (0: none); over it the one
+    # released longest ago is dropped, empty ones first (docs/sessions.md, "Bounds").
+    max_sessions: Annotated[int, msgspec.Meta(ge=0)] = 100_000
+    # Longer MQTT client ids are refused at CONNECT (MQTT 5: 0x85, 3.1.1: 0x02); MQTT
+    # guarantees 23.
+    max_client_id_bytes: Annotated[int, msgspec.Meta(ge=23, le=65_535)] = 256
     http_max_body_bytes: int = 1 << 20
     http_max_batch_records: int = 1_000
     http_rate_per_client: float = 0.0  # requests/s; 0 = unlimited

@@ -61,6 +61,8 @@ RECORDS = Counter("lastmile_records_total", "Kafka records by result", ["cluster
 RULES_RELOADS = Counter("lastmile_rules_reloads_total", "Rules reloads by result", ["result"])
 REFUSED = Counter("lastmile_refused_total", "Messages refused or dead-lettered by reason",
                   ["reason"])
+AUTHZ_REFUSED = Counter("lastmile_authorization_refused_total",
+                        "Publishes refused by a rule's allow or deny, by rule", ["rule"])
 BUFFER = Counter("lastmile_buffer_events_total", "Buffer and spool events", ["event"])
 BUFFER_STATE = Gauge("lastmile_buffer_state", "Buffer and spool levels (bytes, records, segments)",
                      ["name"], multiprocess_mode="livesum")
@@ -71,6 +73,12 @@ CONNECTIONS = Gauge("lastmile_mqtt_connections", "Open MQTT connections",
                     multiprocess_mode="livesum")
 MQTT_REFUSED = Counter("lastmile_mqtt_refused_connections_total",
                        "MQTT connections closed unread: over limits.max_connections")
+SESSIONS = Gauge("lastmile_mqtt_sessions_retained",
+                 "Disconnected MQTT sessions kept for a reconnect (limits.max_sessions per worker)",
+                 multiprocess_mode="livesum")
+SESSION_EVENTS = Counter("lastmile_mqtt_sessions_total",
+                         "MQTT sessions expired, evicted (over limits.max_sessions), and CONNECTs "
+                         "refused for a client id over limits.max_client_id_bytes", ["event"])
 PENDING_BYTES = Gauge("lastmile_buffer_pending_bytes", "Bytes waiting for Kafka or the spool",
                       multiprocess_mode="livesum")
 PAUSED = Gauge("lastmile_backpressure_paused", "1 while sources are paused",
@@ -135,16 +143,24 @@ class Pump:
             self._counters(MESSAGES, {"routed": router.routed, "dropped": router.dropped,
                                       "dead_lettered": router.dead_lettered})
             self._counters(REFUSED, router.refused_by_reason)
+            self._counters(AUTHZ_REFUSED, router.refused_by_rule)
             table = app.router.table
             if table.version != self._version:
                 if self._version:
                     RULES_INFO.remove(self._version)
                 self._version = table.version
+                for rule in table.entries:  # seen at 0 before the first refusal
+                    if rule.allow is not None or rule.action == "deny" or rule.topic_claims:
+                        AUTHZ_REFUSED.labels(rule.name)
             RULES_INFO.labels(table.version).set(table.rules)
         mqtt = app.mqtt
         if mqtt is not None:
             CONNECTIONS.set(len(mqtt.connections))
             self._delta(MQTT_REFUSED, (), mqtt.refused_connections)
+            store = mqtt.store
+            SESSIONS.set(store.retained)
+            self._counters(SESSION_EVENTS, {"expired": store.expired, "evicted": store.evicted,
+                                            "refused_client_id": store.refused_client_ids})
         auth = app.auth
         if auth is not None:
             self._counters(AUTH_ACCEPTED, auth.accepted)

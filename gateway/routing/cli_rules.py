@@ -129,6 +129,8 @@ def _print_result(table: RuleTable, message: Message, result: RouteResult) -> No
     print(
         f"rules version {table.version}: {message.source} publish to {message.topic!r} "
         f"by client {message.client_id!r}, username {message.username!r}"
+        + (f", certificate {message.cert_identity!r}" if message.cert_identity else "")
+        + (f", claims {dict(message.claims)!r}" if message.claims else "")
     )
     where = {r.name: f"{r.file}:{r.line}" for r in table.entries}
     print(f"rule: {result.rule} ({where[result.rule]})" if result.rule else "rule: (none matched)")
@@ -160,6 +162,8 @@ def rules_test(
     qos: int = 0,
     json_out: bool = False,
     user_properties: list[tuple[str, str]] | None = None,
+    cert_identity: str | None = None,
+    claims: list[tuple[str, str]] | None = None,
 ) -> int:
     """Route one imaginary publish through the rules in ``directory`` and show the result."""
     table = _load(directory, json_out)
@@ -177,6 +181,8 @@ def rules_test(
         qos=qos,
         client_id=client_id,
         username=username,
+        cert_identity=cert_identity,
+        claims=dict(claims) if claims else None,
         user_properties=user_properties or [],
     )
     result = route(table, message)
@@ -187,7 +193,7 @@ def rules_test(
     return 0
 
 
-def _user_property(text: str) -> tuple[str, str]:
+def _name_value(text: str) -> tuple[str, str]:
     name, sep, value = text.partition("=")
     if not sep:
         raise argparse.ArgumentTypeError("expected NAME=VALUE")
@@ -208,12 +214,15 @@ def add_rules_parser(subparsers: Any) -> None:
     test.add_argument("topic")
     test.add_argument("--payload", help="payload text, or @FILE to read a file")
     test.add_argument("--client-id", default=DEFAULT_CLIENT_ID)
-    test.add_argument("--username")
+    test.add_argument("--username", help="the verified name (password-file user, JWT sub)")
+    test.add_argument("--cert-identity", help="the client certificate's identity (CN)")
+    test.add_argument("--claim", type=_name_value, action="append", default=[],
+                      metavar="NAME=VALUE", help="a verified JWT claim (repeatable)")
     test.add_argument("--source", default="mqtt", choices=["mqtt", "http", "bridge"])
     test.add_argument("--qos", type=int, default=0, choices=[0, 1, 2])
     test.add_argument(
         "--user-property",
-        type=_user_property,
+        type=_name_value,
         action="append",
         default=[],
         metavar="NAME=VALUE",
@@ -232,6 +241,8 @@ def add_rules_parser(subparsers: Any) -> None:
             a.qos,
             a.json,
             a.user_property,
+            a.cert_identity,
+            a.claim,
         )
     )
 

@@ -14,18 +14,30 @@ from dataclasses import dataclass
 import msgspec
 
 from gateway.model import Message
-from gateway.routing.rules import MatchSpec, Path, RuleSpec
+from gateway.routing.rules import AllowSpec, MatchSpec, Path, RuleSpec
 from gateway.routing.templates import (
     Template,
     TemplateError,
     check_kafka_topic_template,
     compile_template,
+    split_fields,
     valid_kafka_topic,
 )
-from gateway.routing.trie import Allow, FilterError, Glob, TopicFilter, Trie, parse_filter
+from gateway.routing.trie import (
+    Allow,
+    FilterError,
+    Glob,
+    Patterns,
+    TopicFilter,
+    Trie,
+    parse_filter,
+)
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 DEFAULT_KEY = "{client_id}"
+# Kafka header names the gateway writes itself (dead-letter metadata, later sequence
+# stamps): no rule template and no client may set one.  Compared in lower case.
+RESERVED_HEADER_PREFIX = "lastmile-"
 
 Problem = tuple[str, Path]  # message, key path relative to the rule
 
@@ -48,6 +60,7 @@ class CompiledRule:
         "dead_letter_invalid",
         "file",
         "filter",
+        "header_names",
         "headers",
         "index",
         "key",
@@ -58,7 +71,9 @@ class CompiledRule:
         "reason",
         "sources",
         "topic",
+        "topic_claims",
         "username",
+        "where",
     )
 
     def __init__(self, spec: RuleSpec, index: int, file: str, line: int | None) -> None:
@@ -68,12 +83,15 @@ class CompiledRule:
         self.line = line
         self.action = spec.action
         self.continue_ = spec.continue_
-        self.reason = spec.reason or f"rejected by rule {spec.name}"
+        verb = "not allowed to publish" if spec.action == "deny" else "rejected"
+        self.reason = spec.reason or f"{verb} by rule {spec.name}"
         self.filter: TopicFilter = TopicFilter("", (), ())
         self.sources: frozenset[str] | None = None
         self.client_id: Glob | None = None
         self.username: Glob | None = None
         self.allow: Allow | None = None
+        # (capture name, globs): the rule applies only when every capture matches (``where``).
+        self.where: tuple[tuple[str, Glob], ...] = ()
         self.payload_json = spec.payload is not None and spec.payload.format == "json"
         self.max_bytes = spec.payload.max_bytes if spec.payload else None
         self.dead_letter_invalid = False
@@ -81,6 +99,10 @@ class CompiledRule:
         self.topic: Template | None = None
         self.key: Template | None = None
         self.headers: tuple[tuple[str, Template], ...] = ()
+        # Lower-cased names the templates set: a client header may not shadow them.
+        self.header_names: frozenset[str] = frozenset()
+        # Claims the Kafka topic renders from: without them the topic would be another one.
+        self.topic_claims: tuple[str, ...] = ()
 
     def applies(self, message: Message) -> bool:
         """The per-message match conditions: client id and username.
@@ -175,21 +197,47 @@ def _compile_match(rule: CompiledRule, spec: RuleSpec, problems: list[Problem]) 
     rule.username = Glob(usernames) if usernames is not None else None
 
 
+def _capture_names(rule: CompiledRule) -> list[str]:
+    return [n for n, _ in rule.filter.captures]
+
+
+def _unknown_capture(name: str, rule: CompiledRule) -> str:
+    names = ", ".join(f"{{{n}}}" for n in _capture_names(rule)) or "none"
+    return f"unknown capture {{{name}}}; this rule's match captures: {names}"
+
+
+def _compile_where(rule: CompiledRule, spec: RuleSpec, problems: list[Problem]) -> None:
+    if spec.where is None:
+        return
+    if not spec.where:
+        problems.append(("where lists no capture; remove it or name one", ("where",)))
+    captures = _capture_names(rule)
+    where = []
+    for name, globs in spec.where.items():
+        if name not in captures:
+            problems.append((_unknown_capture(name, rule), ("where", name)))
+        elif not globs:
+            problems.append((f"where.{name} lists no value; nothing would match", ("where", name)))
+        else:
+            where.append((name, Glob(globs)))
+    rule.where = tuple(where)
+
+
 def _check_action(spec: RuleSpec, problems: list[Problem]) -> None:
     if spec.action == "kafka":
         if spec.kafka is None:
             problems.append(("action kafka needs a 'kafka:' block with a topic", ("kafka",)))
         if spec.reason is not None:
-            problems.append(("'reason' is only for action reject", ("reason",)))
+            problems.append(("'reason' is only for action reject or deny", ("reason",)))
         return
-    # drop and reject never reach Kafka, so these keys would silently do nothing.
+    # drop, reject and deny never reach Kafka, so these keys would silently do nothing.
     for key in ("kafka", "payload", "allow"):
         if getattr(spec, key) is not None:
             problems.append((f"'{key}' has no effect with action {spec.action}", (key,)))
     if spec.continue_:
         problems.append((f"'continue' has no effect with action {spec.action}", ("continue",)))
     if spec.action == "drop" and spec.reason is not None:
-        problems.append(("'reason' is only for action reject", ("reason",)))
+        problems.append(("'reason' is only for action reject or deny", ("reason",)))
 
 
 def _template(
@@ -224,10 +272,19 @@ def _compile_kafka(rule: CompiledRule, spec: RuleSpec, problems: list[Problem]) 
         rule.key = _template(key, rule, ("kafka", "key"), problems)
     headers = []
     for name, source in kafka.headers.items():
+        if name.lower().startswith(RESERVED_HEADER_PREFIX):
+            problems.append((
+                f"header names starting with '{RESERVED_HEADER_PREFIX}' are reserved for the "
+                "gateway (dead-letter metadata); choose another name",
+                ("kafka", "headers", name)))
+            continue
         template = _template(source, rule, ("kafka", "headers", name), problems)
         if template is not None:
             headers.append((name, template))
     rule.headers = tuple(headers)
+    rule.header_names = frozenset(name.lower() for name in kafka.headers)
+    if rule.topic is not None:
+        rule.topic_claims = rule.topic.claims
 
 
 def _compile_payload_and_allow(
@@ -244,12 +301,54 @@ def _compile_payload_and_allow(
     else:
         rule.dead_letter_invalid = has_dead_letter
     if spec.allow is not None:
-        allow = spec.allow
-        if not (allow.usernames or allow.client_ids or allow.identities):
-            problems.append(
-                ("allow lists nobody; give usernames, client_ids or identities", ("allow",))
-            )
-        rule.allow = Allow(allow.usernames, allow.client_ids, allow.identities)
+        rule.allow = _compile_allow(rule, spec.allow, problems)
+
+
+def _patterns(
+    rule: CompiledRule, globs: list[str], where: Path, problems: list[Problem]
+) -> Patterns:
+    """Allow globs; ``{name}`` is one of the rule's captures, ``{{`` ``}}`` are braces."""
+    static: list[str] = []
+    dynamic: list[list[str]] = []
+    captures = _capture_names(rule)
+    for i, text in enumerate(globs):
+        try:
+            pieces, _ = split_fields(text)
+        except TemplateError as exc:
+            problems.append((str(exc), (*where, i)))
+            continue
+        bad = [n for n in pieces[1::2] if n not in captures]
+        for name in bad:
+            problems.append((_unknown_capture(name, rule), (*where, i)))
+        if bad:
+            continue
+        if len(pieces) == 1:
+            static.append(pieces[0])
+        else:
+            dynamic.append(pieces)
+    return Patterns(static, dynamic)
+
+
+def _compile_allow(rule: CompiledRule, allow: AllowSpec, problems: list[Problem]) -> Allow:
+    if allow.client_ids is not msgspec.UNSET:
+        problems.append((
+            "client_ids is no longer accepted: a client chooses its own client id, so it "
+            "proves nothing; use usernames (password file or JWT sub), identities "
+            "(certificate CN) or claims (JWT)", ("allow", "client_ids")))
+    elif not (allow.usernames or allow.identities or allow.claims):
+        problems.append(("allow lists nobody; give usernames, identities or claims", ("allow",)))
+    claims = []
+    for name, globs in allow.claims.items():
+        where: Path = ("allow", "claims", name)
+        if not name:
+            problems.append(("empty claim name", where))
+        elif not globs:
+            problems.append((f"claim {name!r} lists no value; nobody would match", where))
+        else:
+            claims.append((name, _patterns(rule, globs, where, problems)))
+    usernames = _patterns(rule, allow.usernames, ("allow", "usernames"), problems)
+    identities = _patterns(rule, allow.identities, ("allow", "identities"), problems)
+    return Allow(usernames, identities, claims)
 
 
 def compile_rule(
@@ -261,6 +360,7 @@ def compile_rule(
         problems.append(("rule names use letters, digits, '.', '_' and '-'", ("name",)))
     rule = CompiledRule(spec, index, file, line)
     _compile_match(rule, spec, problems)
+    _compile_where(rule, spec, problems)
     _check_action(spec, problems)
     _compile_payload_and_allow(rule, spec, has_dead_letter, problems)
     _compile_kafka(rule, spec, problems)

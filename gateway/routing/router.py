@@ -5,8 +5,11 @@ Semantics, in the order operators read them in docs/rules.md:
   (source, client id, username) fail is skipped as if its filter had not matched;
 - the first applying rule decides; a kafka rule with ``continue: true`` adds its
   record and lets later rules add theirs (fan-out);
-- a refusal anywhere (reject, allow, payload check) refuses the whole message:
+- a refusal anywhere (reject, deny, allow, payload check) refuses the whole message:
   no partial fan-out, only the dead-letter record when the rule sends it there;
+- a client header named ``lastmile-*``, or named like a header the rule's
+  templates set, refuses the message (``reserved_header``): never dropped silently,
+  never dead-lettered;
 - drop ends evaluation; records already added by ``continue`` rules stand.
 """
 
@@ -21,11 +24,13 @@ from gateway.errors import (
     PayloadInvalid,
     PayloadTooLarge,
     Rejected,
+    ReservedHeader,
     TopicInvalid,
 )
 from gateway.model import Message, Record
 from gateway.routing.compile import (
     CACHE_TOPIC_MAX,
+    RESERVED_HEADER_PREFIX,
     Candidate,
     CompiledRule,
     DeadLetter,
@@ -41,7 +46,8 @@ class RouteResult(msgspec.Struct):
     error: GatewayError | None = None
     dropped: bool = False
     dead_lettered: bool = False
-    rule: str = ""
+    rule: str = ""  # the first rule that applied
+    refused_by: str = ""  # the rule that refused the message, when one did
 
 
 class _Invalid(Exception):
@@ -86,6 +92,8 @@ def _plan(table: RuleTable, topic: str, source: str) -> tuple[Candidate, ...]:
         if rule.sources is not None and source not in rule.sources:
             continue
         captures = _captures(rule, levels) if rule.filter.captures else _NO_CAPTURES
+        if rule.where and not all(g.matches(captures[n]) for n, g in rule.where):
+            continue  # like a filter that did not match
         cand = Candidate(rule, captures)
         if rule.action == "kafka":
             _prerender(cand, Context(probe, captures, None))
@@ -109,6 +117,31 @@ def _prerender(cand: Candidate, ctx: Context) -> None:
     if all(t.per_topic(names) for _, t in rule.headers):
         rendered = ((name, t.render(ctx)) for name, t in rule.headers)
         cand.headers = tuple((name, v.encode()) for name, v in rendered if v)
+
+
+class _Refused(Exception):
+    """A refusal no ``on_invalid`` applies to: the client is told, nothing is dead-lettered."""
+
+    def __init__(self, error: GatewayError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def _check_topic_claims(rule: CompiledRule, message: Message) -> None:
+    # An absent claim would render another, valid topic ("t..x"): refuse instead.
+    claims = message.claims or {}
+    for name in rule.topic_claims:
+        if not claims.get(name):
+            raise _Refused(NotAuthorized(
+                f"rule {rule.name} routes by claim {name!r}, which this client's "
+                "credentials do not carry"))
+
+
+def _reserved(headers: list[tuple[str, bytes]]) -> str | None:
+    for name, _ in headers:
+        if name.lower().startswith(RESERVED_HEADER_PREFIX):
+            return name
+    return None
 
 
 def _candidates(table: RuleTable, message: Message) -> tuple[Candidate, ...]:
@@ -135,9 +168,17 @@ def _record_planned(cand: Candidate, message: Message, ctx: Context) -> Record:
     """``_record`` with the parts the cache pre-rendered taken as they are."""
     rule = cand.rule
     topic = cand.topic
+    if message.headers and rule.header_names:
+        for name, _ in message.headers:
+            if name.lower() in rule.header_names:
+                raise _Refused(ReservedHeader(
+                    f"header {name!r} is set by rule {rule.name}; a client may not set it",
+                    header=name))
     try:
         if topic is None:
             assert rule.topic is not None  # compile guarantees it for action kafka
+            if rule.topic_claims:
+                _check_topic_claims(rule, message)
             topic = rule.topic.render(ctx)
         if cand.key_static:
             key = cand.key
@@ -183,18 +224,27 @@ def route(table: RuleTable, message: Message) -> RouteResult:
     records: list[Record] = []
     first = ""
     ctx: Context | None = None
+    if message.headers:
+        reserved = _reserved(message.headers)
+        if reserved is not None:
+            return _refuse(ReservedHeader(
+                f"header {reserved!r}: names starting with '{RESERVED_HEADER_PREFIX}' are "
+                "reserved for the gateway", header=reserved), "")
     for cand in _candidates(table, message):
         rule = cand.rule
         if cand.checks_identity and not rule.applies(message):
             continue
         first = first or rule.name
-        if rule.allow is not None and not rule.allow.permits(message):
-            return _refuse(NotAuthorized(f"not allowed to publish by rule {rule.name}"), first)
+        if rule.allow is not None and not rule.allow.permits(message, cand.captures):
+            error = NotAuthorized(f"not allowed to publish to this topic by rule {rule.name}")
+            return _refuse(error, first, rule.name)
         action = rule.action
         if action == "drop":
             return RouteResult(records, dropped=not records, rule=first)
         if action == "reject":
-            return _refuse(Rejected(rule.reason), first)
+            return _refuse(Rejected(rule.reason), first, rule.name)
+        if action == "deny":
+            return _refuse(NotAuthorized(rule.reason), first, rule.name)
         if ctx is None:
             ctx = Context(message, cand.captures, None)
         else:
@@ -206,7 +256,9 @@ def route(table: RuleTable, message: Message) -> RouteResult:
         except _Invalid as invalid:
             if invalid.rule.dead_letter_invalid:
                 return _dead_letter(table, message, invalid.error, first, invalid.rule.name)
-            return _refuse(invalid.error, first)
+            return _refuse(invalid.error, first, rule.name)
+        except _Refused as refused:
+            return _refuse(refused.error, first, rule.name)
         if not rule.continue_:
             break
     if first:
@@ -223,8 +275,8 @@ def _unmatched(table: RuleTable, message: Message) -> RouteResult:
     return _refuse(error, "")
 
 
-def _refuse(error: GatewayError, rule: str) -> RouteResult:
-    return RouteResult([], error=error, rule=rule)
+def _refuse(error: GatewayError, rule: str, refused_by: str = "") -> RouteResult:
+    return RouteResult([], error=error, rule=rule, refused_by=refused_by)
 
 
 def dead_letter_record(
@@ -234,13 +286,14 @@ def dead_letter_record(
     """The one shape of a dead-letter record: the original value and key, and why.
 
     ``context`` adds ``lastmile-<name>`` headers after the topic (client id, source).
+    ``headers`` follow, without any ``lastmile-*`` one: nothing may shadow the gateway's.
     """
     lines = [("lastmile-reason", reason.encode()), ("lastmile-detail", detail.encode())]
     if rule is not None:
         lines.append(("lastmile-rule", rule.encode()))
     lines.append(("lastmile-topic", topic.encode()))
     lines += [(f"lastmile-{name.replace('_', '-')}", v.encode()) for name, v in context.items()]
-    lines += headers
+    lines += [h for h in headers if not h[0].lower().startswith(RESERVED_HEADER_PREFIX)]
     return Record(cluster=dead.cluster, topic=dead.topic, value=value, key=key, headers=lines)
 
 
@@ -268,6 +321,8 @@ class Router:
         self.dropped = 0
         self.dead_lettered = 0
         self.refused_by_reason: dict[str, int] = {}
+        # Authorization refusals (allow, deny, a missing claim) per refusing rule.
+        self.refused_by_rule: dict[str, int] = {}
 
     def route(self, message: Message) -> RouteResult:
         result = route(self.table, message)
@@ -280,6 +335,9 @@ class Router:
         if result.error is not None or result.dead_lettered:
             reason = result.error.code if result.error is not None else _dl_reason(result)
             self.refused_by_reason[reason] = self.refused_by_reason.get(reason, 0) + 1
+            if isinstance(result.error, NotAuthorized):
+                rule = result.refused_by
+                self.refused_by_rule[rule] = self.refused_by_rule.get(rule, 0) + 1
         return result
 
     def swap(self, table: RuleTable) -> None:

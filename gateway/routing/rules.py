@@ -50,18 +50,21 @@ class PayloadSpec(_Spec):
 
 class AllowSpec(_Spec):
     usernames: list[str] = []
-    client_ids: list[str] = []
     identities: list[str] = []
+    claims: dict[str, list[str]] = {}
+    # No longer accepted (a client id is the client's own choice); read only to say so.
+    client_ids: list[str] | msgspec.UnsetType = msgspec.UNSET
 
 
 class RuleSpec(_Spec):
     name: str
     match: str | MatchSpec
-    action: Literal["kafka", "drop", "reject"] = "kafka"
+    action: Literal["kafka", "drop", "reject", "deny"] = "kafka"
     reason: str | None = None
     kafka: KafkaSpec | None = None
     payload: PayloadSpec | None = None
     allow: AllowSpec | None = None
+    where: dict[str, list[str]] | None = None
     continue_: bool = msgspec.field(default=False, name="continue")
 
 

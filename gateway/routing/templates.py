@@ -19,6 +19,7 @@ BUILTINS = frozenset({"topic", "client_id", "username", "source", "qos"})
 # Built-ins fixed by (topic, source): with the captures, what a routing-cache entry may pre-render.
 PER_TOPIC = frozenset({"topic", "source"})
 USER_PROPERTY = "user_property."
+CLAIM = "claim."
 JSON = "json:"
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -51,6 +52,16 @@ def _user_property(name: str) -> Getter:
             if key == name:
                 return value
         return ""
+
+    return get
+
+
+def _claim(name: str) -> Getter:
+    # Claims come from a verified JWT only; a client without one renders empty (the
+    # router refuses a Kafka topic that needs a claim the client lacks).
+    def get(ctx: Context) -> str:
+        claims = ctx.message.claims
+        return claims.get(name, "") if claims is not None else ""
 
     return get
 
@@ -98,13 +109,14 @@ def _capture(name: str) -> Getter:
 class Template:
     """A compiled template: literal text and getters, rendered by one join."""
 
-    __slots__ = ("constant", "parts", "source", "uses_json", "variables")
+    __slots__ = ("claims", "constant", "parts", "source", "uses_json", "variables")
 
     def __init__(self, source: str, parts: list[str | Getter], variables: list[str]) -> None:
         self.source = source
         self.parts = tuple(parts)
         self.variables = tuple(variables)
         self.uses_json = any(v.startswith(JSON) for v in variables)
+        self.claims = tuple(v[len(CLAIM) :] for v in variables if v.startswith(CLAIM))
         # Most templates are fixed text ("bench") or one variable; skip the join then.
         self.constant: str | None = None if variables else self.literal_text()
 
@@ -124,7 +136,7 @@ class Template:
         return "".join(p for p in self.parts if isinstance(p, str))
 
 
-def _split(source: str) -> tuple[list[str], set[int]]:
+def split_fields(source: str) -> tuple[list[str], set[int]]:
     """Split into literal text and variable names; odd indexes are variables."""
     out: list[str] = []
     text: list[str] = []
@@ -158,6 +170,8 @@ def _getter(name: str, captures: Iterable[str], allow_json: bool) -> Getter:
         return _capture(name)
     if name.startswith(USER_PROPERTY) and len(name) > len(USER_PROPERTY):
         return _user_property(name[len(USER_PROPERTY) :])
+    if name.startswith(CLAIM) and len(name) > len(CLAIM):
+        return _claim(name[len(CLAIM) :])
     if name.startswith(JSON):
         pointer = name[len(JSON) :]
         if not allow_json:
@@ -165,14 +179,15 @@ def _getter(name: str, captures: Iterable[str], allow_json: bool) -> Getter:
         if not pointer.startswith("/"):
             raise TemplateError(f"JSON pointer must start with '/': {{{name}}}")
         return _json_pointer(pointer)
-    known = [*sorted({*BUILTINS, *captures}), "user_property.NAME", "json:/POINTER"]
+    known = [*sorted({*BUILTINS, *captures}), "user_property.NAME", "claim.NAME",
+             "json:/POINTER"]
     raise TemplateError(f"unknown variable {{{name}}}; known: {', '.join(known)}")
 
 
 def compile_template(source: str, captures: Iterable[str], allow_json: bool = True) -> Template:
     """Parse ``source``; raise TemplateError naming the first bad variable."""
     captures = frozenset(captures)
-    pieces, var_idx = _split(source)
+    pieces, var_idx = split_fields(source)
     parts: list[str | Getter] = []
     variables: list[str] = []
     for i, piece in enumerate(pieces):

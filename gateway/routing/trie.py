@@ -9,8 +9,9 @@ in file order, and `match` returns positions sorted, so first-match and
 from __future__ import annotations
 
 import fnmatch
+import glob
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from gateway.model import Message
@@ -140,19 +141,66 @@ def _is_glob(pattern: str) -> bool:
     return any(c in pattern for c in "*?[")
 
 
+class Patterns:
+    """Globs that may name the rule's captures: ``plant-*``, ``{device}``, ``plant-{plant}``.
+
+    A captured value is matched literally (a topic level ``*`` matches only the
+    name ``*``), and an empty one matches nobody: ``devices//x`` names no device.
+    """
+
+    __slots__ = ("dynamic", "static")
+
+    def __init__(self, static: list[str], dynamic: list[list[str]]) -> None:
+        self.static = Glob(static)
+        # Literal text at even indexes, capture names at odd ones (templates.split_fields).
+        self.dynamic = tuple(tuple(pieces) for pieces in dynamic)
+
+    def __bool__(self) -> bool:
+        return bool(self.static.patterns or self.dynamic)
+
+    def matches(self, value: str | None, captures: Mapping[str, str]) -> bool:
+        if not value:  # None (anonymous) or an empty name never matches
+            return False
+        if self.static.matches(value):
+            return True
+        return any(_matches_rendered(p, value, captures) for p in self.dynamic)
+
+
+def _matches_rendered(pieces: tuple[str, ...], value: str, captures: Mapping[str, str]) -> bool:
+    parts = []
+    for i, piece in enumerate(pieces):
+        if i % 2:
+            captured = captures[piece]
+            if not captured:
+                return False
+            parts.append(glob.escape(captured))
+        else:
+            parts.append(piece)
+    return fnmatch.fnmatchcase(value, "".join(parts))
+
+
 class Allow:
-    """Who may publish under a rule: any listed username, client id or certificate identity."""
+    """Who may publish under a rule: a verified username, certificate identity, or JWT claims.
 
-    __slots__ = ("client_ids", "identities", "usernames")
+    Never the client id: a client chooses its own, so it proves nothing.
+    """
 
-    def __init__(self, usernames: list[str], client_ids: list[str], identities: list[str]) -> None:
-        self.usernames = Glob(usernames)
-        self.client_ids = Glob(client_ids)
-        self.identities = Glob(identities)
+    __slots__ = ("claims", "identities", "usernames")
 
-    def permits(self, message: Message) -> bool:
-        return (
-            self.usernames.matches(message.username)
-            or self.client_ids.matches(message.client_id or None)
-            or self.identities.matches(message.cert_identity)
-        )
+    def __init__(
+        self, usernames: Patterns, identities: Patterns, claims: list[tuple[str, Patterns]]
+    ) -> None:
+        self.usernames = usernames
+        self.identities = identities
+        self.claims = tuple(claims)
+
+    def permits(self, message: Message, captures: Mapping[str, str]) -> bool:
+        if self.usernames.matches(message.username, captures):
+            return True
+        if self.identities.matches(message.cert_identity, captures):
+            return True
+        claims = message.claims
+        if not self.claims or not claims:
+            return False
+        # Every named claim must match one of its globs.
+        return all(p.matches(claims.get(name), captures) for name, p in self.claims)

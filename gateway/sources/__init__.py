@@ -7,29 +7,16 @@ reuse-port flag) and returns its server and a cleanup; the app owns the order.
 from __future__ import annotations
 
 import asyncio
-import ssl
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from gateway.auth import Authenticator
-    from gateway.config.schema import Config, TlsListener
+    from gateway.config.schema import Config
     from gateway.pipeline import Pipeline
     from gateway.sources.mqtt_server import MqttServer
 
 Cleanup = Callable[[float], Awaitable[object]]
-
-
-def tls_context(listener: TlsListener) -> ssl.SSLContext:
-    """Server TLS context; with ``require_client_cert`` clients need a cert from ``cafile``."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    assert listener.certfile and listener.keyfile
-    context.load_cert_chain(listener.certfile, listener.keyfile)
-    if listener.cafile:
-        context.load_verify_locations(listener.cafile)
-        context.verify_mode = ssl.CERT_REQUIRED if listener.require_client_cert \
-            else ssl.CERT_OPTIONAL
-    return context
 
 
 def mqtt_enabled(config: Config) -> bool:
@@ -55,6 +42,8 @@ async def start_mqtt(pipeline: Pipeline, config: Config, reuse_port: bool, worke
         max_keep_alive=config.limits.max_keepalive_s,
         topic_alias_maximum=config.limits.topic_alias_maximum,
         max_connections=config.limits.max_connections,
+        max_sessions=config.limits.max_sessions,
+        max_client_id_bytes=config.limits.max_client_id_bytes,
     )
     from gateway.sources.mqtt_registry import open_shared
 
@@ -64,11 +53,18 @@ async def start_mqtt(pipeline: Pipeline, config: Config, reuse_port: bool, worke
     server.start_background()  # also for MQTT over WebSocket with no TCP listener
     if listeners.mqtt.enabled:
         await server.start(listeners.mqtt.host, listeners.mqtt.port, reuse_port=reuse_port)
+    tls = None
     if listeners.mqtts.enabled:
+        from gateway.tls import ServerTls
+
+        tls = ServerTls(listeners.mqtts, "mqtts")  # follows certificate file changes
         await server.start(listeners.mqtts.host, listeners.mqtts.port,
-                           ssl=tls_context(listeners.mqtts), reuse_port=reuse_port)
+                           ssl=tls.context, reuse_port=reuse_port)
+        tls.start()
 
     async def close(timeout: float) -> None:
+        if tls is not None:
+            await tls.close()
         await server.stop_accepting()
         await server.close(timeout)
 

@@ -19,8 +19,8 @@ import msgspec
 from gateway.errors import GatewayError, TopicInvalid, Unavailable
 from gateway.model import Message, Outcome
 from gateway.pipeline import Pipeline
+from gateway.sources.http_auth import Caller
 from gateway.sources.http_common import (
-    Identity,
     MalformedBatch,
     TooManyRecords,
     UnsupportedMediaType,
@@ -65,11 +65,12 @@ def _payload(record: BatchRecord) -> bytes:
     return bytes(record.payload)
 
 
-def _message(raw: bytes, identity: Identity, now: float) -> Message:
+def _message(raw: bytes, caller: Caller, now: float) -> Message:
     record = _decode_record(raw)
     return Message(
         source="http", topic=record.topic, payload=_payload(record), qos=1,
-        client_id=identity.client_id, username=identity.username,
+        client_id=caller.client_id, username=caller.identity.name,
+        cert_identity=caller.identity.cert, claims=caller.identity.claims,
         key=record.key.encode() if record.key is not None else None,
         headers=[(name, value.encode()) for name, value in record.headers.items()],
         received_at=now,
@@ -90,7 +91,7 @@ def _items(body: bytes, content_type: str) -> list[tuple[bytes, int | None]]:
         f"Content-Type {content_type!r}: use application/json or application/x-ndjson")
 
 
-def parse_batch(body: bytes, content_type: str, identity: Identity,
+def parse_batch(body: bytes, content_type: str, caller: Caller,
                 max_records: int) -> list[Message]:
     """Messages for every record, or the error naming the first bad one."""
     items = _items(body, content_type)
@@ -102,7 +103,7 @@ def parse_batch(body: bytes, content_type: str, identity: Identity,
     messages = []
     for index, (raw, line) in enumerate(items):
         try:
-            messages.append(_message(raw, identity, now))
+            messages.append(_message(raw, caller, now))
         except (msgspec.DecodeError, ValueError) as exc:
             where = f"record {index}" + (f" (line {line})" if line is not None else "")
             raise MalformedBatch(f"{where}: {exc}", index=index, line=line) from exc
@@ -128,7 +129,8 @@ async def produce_batch(pipeline: Pipeline, messages: list[Message],
 
     200 only when every record was taken; 503 when none was and every refusal
     was the gateway being unable to take more (the client should retry all);
-    207 otherwise, with the status of each record.  ``earlier`` holds the
+    403 when none was because rules' ``allow`` refused every one; 207
+    otherwise, with the status of each record.  ``earlier`` holds the
     results an earlier attempt with the same Idempotency-Key settled: those
     records are answered from it, not produced again.  The third value is the
     same for this answer (None where a record's failure was retriable).
@@ -172,6 +174,9 @@ async def produce_batch(pipeline: Pipeline, messages: list[Message],
         return 200, body, settled
     if taken == 0 and retriable_only:
         return 503, body, settled
+    if taken == 0 and all(r.get("status") == 403 for r in results):
+        # Nothing here is this client's to publish: say so as a whole, not as a 2xx.
+        return 403, body, settled
     return 207, body, settled
 
 

@@ -1,8 +1,9 @@
-"""What every HTTP ingest endpoint shares: errors as JSON, bodies, identity, rates.
+"""What every HTTP ingest endpoint shares: errors as JSON, bodies, rates.
 
 The handlers in ``http_server`` and ``rest_proxy`` only decide what a request
-means; reading the body within its limits, finding out who is asking, and
-turning a ``GatewayError`` into an honest status live here once.
+means; reading the body within its limits, rate limits, and turning a
+``GatewayError`` into an honest status live here once (who is asking:
+``http_auth``).
 """
 
 from __future__ import annotations
@@ -10,11 +11,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import NamedTuple
+from collections.abc import Hashable, Sequence
 
 import msgspec
 from aiohttp import web
+from multidict import CIMultiDict
 
 from gateway.errors import (
     GatewayError,
@@ -81,6 +82,12 @@ class NotAuthenticated(NotAuthorized):
     code = "not_authenticated"
     http_status = 401
 
+    def __init__(self, message: str = "", *, challenges: Sequence[str] = (),
+                 **details: object) -> None:
+        super().__init__(message, **details)
+        # WWW-Authenticate values: the schemes a client may answer with (RFC 7235).
+        self.challenges = list(challenges)
+
 
 class IdempotencyKeyReused(ProtocolError):
     """This Idempotency-Key was already used for a different request."""
@@ -110,8 +117,18 @@ def retry_headers(error: GatewayError) -> dict[str, str]:
     return {}
 
 
+def error_headers(error: GatewayError) -> CIMultiDict[str]:
+    """Retry-After (see retry_headers) and, on a 401, one WWW-Authenticate per scheme."""
+    headers = CIMultiDict(retry_headers(error))
+    if isinstance(error, NotAuthenticated):
+        for challenge in error.challenges:
+            headers.add("WWW-Authenticate", challenge)
+    return headers
+
+
 def error_response(error: GatewayError) -> web.Response:
-    return json_response(error.to_json(), error.http_status, retry_headers(error))
+    return web.Response(body=_encode(error.to_json()), status=error.http_status,
+                        headers=error_headers(error), content_type="application/json")
 
 
 def delivery_json(delivery: Delivery) -> dict[str, object]:
@@ -209,33 +226,15 @@ def text_header(name: str, value: str) -> str:
     return value
 
 
-# --- who is asking ------------------------------------------------------------------------
-
-
-class Identity(NamedTuple):
-    client_id: str
-    username: str | None
-
-
-# The hook for real authentication (password file, JWT): it gets the request and
-# returns the identity or raises NotAuthenticated / NotAuthorized.
-Authenticator = Callable[[web.Request], Identity]
-
-
-def header_identity(allow_anonymous: bool) -> Authenticator:
-    """Identity from ``X-Client-Id``; with anonymous access off nothing passes yet."""
-
-    def identify(request: web.Request) -> Identity:
-        if not allow_anonymous:
-            raise NotAuthenticated("anonymous HTTP publishing is disabled (auth.allow_anonymous)")
-        return Identity(text_header("X-Client-Id", request.headers.get("X-Client-Id", "")),
-                        None)
-
-    return identify
+# --- rates ---------------------------------------------------------------------------------
 
 
 class RateLimiter:
-    """A token bucket per client, in a bounded LRU (an idle client's bucket is full anyway)."""
+    """A token bucket per client, in a bounded LRU (an idle client's bucket is full anyway).
+
+    ``client`` is the caller's scope (``http_auth.Caller.scope``): a verified
+    identity, or the source address of an anonymous client.
+    """
 
     __slots__ = ("_buckets", "burst", "max_clients", "rate")
 
@@ -243,9 +242,9 @@ class RateLimiter:
         self.rate = rate
         self.burst = max(1.0, burst or rate)
         self.max_clients = max_clients
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self._buckets: OrderedDict[Hashable, tuple[float, float]] = OrderedDict()
 
-    def take(self, client: str, now: float | None = None) -> float:
+    def take(self, client: Hashable, now: float | None = None) -> float:
         """0 when allowed; otherwise the seconds until a token is available."""
         if self.rate <= 0:
             return 0.0
@@ -262,7 +261,7 @@ class RateLimiter:
             self._buckets.popitem(last=False)
         return wait
 
-    def check(self, client: str) -> None:
+    def check(self, client: Hashable) -> None:
         wait = self.take(client)
         if wait > 0:
             raise QuotaExceeded(f"more than {self.rate:g} requests/s",

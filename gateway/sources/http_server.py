@@ -1,9 +1,11 @@
 """The HTTP listener: ingest for apps, REST Proxy v2 produce, MQTT over WebSocket.
 
-Every POST goes through the same gate, in this order: who is asking (the
-authenticator hook), their request rate, the body (size and time limits),
-the Idempotency-Key (a retry gets the first answer), then whether the
-gateway can take more (503 with Retry-After while the buffer is paused).
+Every POST goes through the same gate, in this order: who is asking
+(``http_auth``: 401 with WWW-Authenticate when nobody this gateway accepts),
+their request rate (per verified identity, or per address when anonymous),
+the body (size and time limits), the Idempotency-Key (a retry gets the first
+answer, within the same scope as the rate), then whether the gateway can
+take more (503 with Retry-After while the buffer is paused).
 Only then does a handler turn the body into Messages for the pipeline.
 
 Statuses are honest: 200 only once every record is safe (Kafka or the spool),
@@ -23,15 +25,13 @@ from gateway.errors import GatewayError, Unavailable
 from gateway.model import Message, Outcome
 from gateway.pipeline import Pipeline
 from gateway.sources import rest_proxy
+from gateway.sources.http_auth import AnonymousOnly, Caller, HttpAuth
 from gateway.sources.http_batch import parse_batch, produce_batch
 from gateway.sources.http_common import (
     RETRY_AFTER_S,
-    Authenticator,
-    Identity,
     RateLimiter,
     check_topic,
     error_response,
-    header_identity,
     json_response,
     media_type,
     outcome_json,
@@ -42,10 +42,11 @@ from gateway.sources.http_common import (
 from gateway.sources.idempotency import IdempotencyCache, Stored, fingerprint
 
 if TYPE_CHECKING:
-    from gateway.auth import Authenticator as CredentialCheck
-    from gateway.config.schema import Config, Limits
+    from gateway.auth import Authenticator
+    from gateway.config.schema import Auth, Config, Limits
     from gateway.sources import Cleanup
     from gateway.sources.mqtt_server import MqttServer
+    from gateway.tls import ServerTls
 
 # The MQTT server for WebSocket clients, looked up per request (it starts after HTTP).
 MqttLookup = Callable[[], "MqttServer | None"]
@@ -55,7 +56,7 @@ log = structlog.get_logger("lastmile.http")
 # The last argument: per-record results an earlier attempt with the same
 # Idempotency-Key settled (None where a record must be produced again).
 Earlier = list[object | None] | None
-Handler = Callable[[web.Request, Identity, bytes, Earlier], Awaitable[web.Response]]
+Handler = Callable[[web.Request, Caller, bytes, Earlier], Awaitable[web.Response]]
 OnError = Callable[[GatewayError], web.Response]
 
 USER_PROPERTY_PREFIX = "x-user-property-"
@@ -69,11 +70,13 @@ class HttpIngest:
 
     def __init__(self, pipeline: Pipeline, limits: Limits, *, allow_anonymous: bool,
                  websocket: tuple[str, MqttLookup] | None = None,
-                 authenticate: Authenticator | None = None) -> None:
+                 auth: Authenticator | None = None, schemes: tuple[str, ...] = ()) -> None:
+        """``auth``: the process's Authenticator (None: anonymous access or nothing);
+        ``schemes``: what 401 answers offer, "basic" and/or "bearer" (see schemes())."""
         self.pipeline = pipeline
         self.limits = limits
         self.websocket = websocket  # (path, MQTT server lookup) when MQTT over WS is on
-        self.authenticate = authenticate or header_identity(allow_anonymous)
+        self.auth = HttpAuth(auth or AnonymousOnly(allow_anonymous), schemes)
         self.rate = RateLimiter(limits.http_rate_per_client, limits.http_rate_burst)
         self.idempotency = IdempotencyCache(limits.idempotency_window_s,
                                             limits.idempotency_max_keys,
@@ -96,33 +99,33 @@ class HttpIngest:
     async def _gate(self, request: web.Request, handler: Handler,
                     on_error: OnError = error_response) -> web.Response:
         try:
-            identity = self.authenticate(request)
-            # Anonymous clients are told apart by address, for rates and idempotency alike.
-            who = identity.client_id or f"ip:{request.remote}"
-            self.rate.check(who)
+            caller = await self.auth.identify(request)
+            # Bound to the verified identity (or the address of an anonymous client):
+            # X-Client-Id alone reaches no one else's bucket or stored answers.
+            self.rate.check(caller.scope)
             body = await read_body(request, self.limits.http_max_body_bytes,
                                    self.limits.http_body_timeout_s)
             key = request.headers.get("Idempotency-Key")
             if key is None:
-                return await self._answer(request, identity, body, handler, on_error, None)
+                return await self._answer(request, caller, body, handler, on_error, None)
             print_ = fingerprint(request.method, request.path_qs, body)
 
             async def first(earlier: Stored | None) -> Stored:
-                response = await self._answer(request, identity, body, handler, on_error,
+                response = await self._answer(request, caller, body, handler, on_error,
                                               earlier.results if earlier else None)
                 return _stored(response)
 
-            stored = await self.idempotency.run((who, key), print_, first)
+            stored = await self.idempotency.run((caller.scope, key), print_, first)
             return _replay(stored)
         except GatewayError as exc:
             return on_error(exc)
 
-    async def _answer(self, request: web.Request, identity: Identity, body: bytes,
+    async def _answer(self, request: web.Request, caller: Caller, body: bytes,
                       handler: Handler, on_error: OnError, earlier: Earlier) -> web.Response:
         try:
             if self.pipeline.flow.paused:
                 raise Unavailable("the gateway buffer is full; retry later")
-            return await handler(request, identity, body, earlier)
+            return await handler(request, caller, body, earlier)
         except GatewayError as exc:
             return on_error(exc)
 
@@ -137,13 +140,14 @@ class HttpIngest:
     async def rest_produce(self, request: web.Request) -> web.Response:
         return await self._gate(request, self._rest, rest_proxy.error_response)
 
-    async def _publish(self, request: web.Request, identity: Identity,
+    async def _publish(self, request: web.Request, caller: Caller,
                        body: bytes, earlier: Earlier) -> web.Response:
         topic = request.match_info["topic"]
         check_topic(topic)
         message = Message(
             source="http", topic=topic, payload=body, qos=1,
-            client_id=identity.client_id, username=identity.username,
+            client_id=caller.client_id, username=caller.identity.name,
+            cert_identity=caller.identity.cert, claims=caller.identity.claims,
             content_type=text_header("Content-Type", request.headers.get("Content-Type", ""))
             or None,
             user_properties=_user_properties(request), received_at=time.time(),
@@ -155,9 +159,9 @@ class HttpIngest:
             return json_response({"accepted": True}, 202)
         return _outcome_response(await future)
 
-    async def _batch(self, request: web.Request, identity: Identity,
+    async def _batch(self, request: web.Request, caller: Caller,
                      body: bytes, earlier: Earlier) -> web.Response:
-        messages = parse_batch(body, media_type(request), identity,
+        messages = parse_batch(body, media_type(request), caller,
                                self.limits.http_max_batch_records)
         status, answer, settled = await produce_batch(self.pipeline, messages, earlier)
         retry = status == 503 or any(r is None for r in settled)
@@ -166,10 +170,10 @@ class HttpIngest:
         response[RESULTS] = settled
         return response
 
-    async def _rest(self, request: web.Request, identity: Identity,
+    async def _rest(self, request: web.Request, caller: Caller,
                     body: bytes, earlier: Earlier) -> web.Response:
         response, settled = await rest_proxy.produce(
-            self.pipeline, request, identity, body, self.limits.http_max_batch_records,
+            self.pipeline, request, caller, body, self.limits.http_max_batch_records,
             earlier)
         response[RESULTS] = settled
         return response
@@ -231,30 +235,56 @@ async def _json_errors(request: web.Request,
         return json_response({"error": "internal_error", "message": "internal error"}, 500)
 
 
-async def start_http(pipeline: Pipeline, config: Config, reuse_port: bool,
-                     mqtt: MqttLookup, *, auth: CredentialCheck | None = None
-                     ) -> tuple[HttpIngest, Cleanup] | None:
-    """The HTTP listener (ingest, REST Proxy, MQTT over WebSocket), or None when off.
+def schemes(auth: Auth) -> tuple[str, ...]:
+    """The Authorization schemes this configuration accepts."""
+    return (("basic",) if auth.password_file else ()) + (("bearer",) if auth.jwt else ())
 
-    (wt-mqttauth: ``auth`` is accepted so the app can pass it; wt-httpauth uses it.)
-    """
-    del auth  # the HTTP endpoints' authentication lands with wt-httpauth
-    listener = config.listeners.http
-    if not listener.enabled:
+
+async def start_http(pipeline: Pipeline, config: Config, reuse_port: bool,
+                     mqtt: MqttLookup, *, auth: Authenticator | None = None
+                     ) -> tuple[HttpIngest, Cleanup] | None:
+    """The HTTP and HTTPS listeners (ingest, REST Proxy, MQTT over WebSocket: WS and WSS),
+    one app behind both, or None when both are off."""
+    listener, secure = config.listeners.http, config.listeners.https
+    if not (listener.enabled or secure.enabled):
         return None
     ws = config.listeners.ws
     ingest = HttpIngest(pipeline, config.limits, allow_anonymous=config.auth.allow_anonymous,
-                        websocket=(ws.path, mqtt) if ws.enabled else None)
+                        websocket=(ws.path, mqtt) if ws.enabled else None,
+                        auth=auth, schemes=schemes(config.auth))
     # Handlers finish in-flight requests on shutdown, bounded by the app's deadline.
     runner = web.AppRunner(ingest.web_app(), access_log=None,
                            shutdown_timeout=config.shutdown_timeout_s / 2)
     await runner.setup()
-    site = web.TCPSite(runner, listener.host, listener.port,
-                       reuse_port=reuse_port or None, backlog=1024)
-    await site.start()
-    log.info("http_listening", host=listener.host, port=listener.port)
+    if listener.enabled:
+        site = web.TCPSite(runner, listener.host, listener.port,
+                           reuse_port=reuse_port or None, backlog=1024)
+        await site.start()
+        log.info("http_listening", host=listener.host, port=listener.port)
+    tls = await _start_https(runner, config, reuse_port)
 
     async def cleanup(_timeout: float) -> None:
+        if tls is not None:
+            await tls.close()
         await runner.cleanup()
 
     return ingest, cleanup
+
+
+async def _start_https(runner: web.AppRunner, config: Config, reuse_port: bool
+                       ) -> ServerTls | None:
+    """The same routes over TLS; the client certificate is the transport's ``peercert``."""
+    listener = config.listeners.https
+    if not listener.enabled:
+        return None
+    from gateway.tls import ServerTls
+
+    tls = ServerTls(listener, "https")  # follows certificate file changes
+    site = web.TCPSite(runner, listener.host, listener.port, ssl_context=tls.context,
+                       reuse_port=reuse_port or None, backlog=1024)
+    await site.start()
+    tls.start()
+    log.info("https_listening", host=listener.host, port=listener.port,
+             client_cert="required" if listener.require_client_cert
+             else "optional" if listener.cafile else "none")
+    return tls

@@ -2,7 +2,7 @@
 
 A mobile app on a flaky network often cannot tell whether its POST arrived.
 With an ``Idempotency-Key`` header it may simply retry: within the window the
-same (client, key) gets the stored answer, and a retry that arrives while the
+same (caller, key) gets the stored answer, and a retry that arrives while the
 first is still being produced waits for that first answer.
 
 Rules, chosen so a retry never hides a failure the client could fix by retrying:
@@ -23,11 +23,14 @@ import asyncio
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 
 from gateway.sources.http_common import IdempotencyKeyReused
 
-Scope = tuple[str, str]  # (client id, idempotency key)
+# (caller scope, idempotency key).  The caller scope is http_auth.Caller.scope: the
+# verified identity (with its X-Client-Id), or the source address of an anonymous
+# client; never a header alone, so no one replays another's stored answers.
+Scope = tuple[Hashable, str]
 
 
 class Stored:

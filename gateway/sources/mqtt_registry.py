@@ -70,12 +70,12 @@ class Handover:
 class SharedSessions(SessionStore):
     """``SessionStore`` whose ownership and unreleased QoS 2 ids move between workers."""
 
-    __slots__ = ("_awaiting", "_closed", "_exported", "_handovers", "_limbo", "_sweeps", "db",
-                 "mailbox", "server")
+    __slots__ = ("_awaiting", "_closed", "_evicting", "_exported", "_handovers", "_limbo",
+                 "_sweeps", "db", "mailbox", "server")
 
     def __init__(self, directory: str, worker: int, limits: MqttLimits, now: float) -> None:
-        super().__init__()
-        self.db = RegistryDb(directory, worker, now)
+        super().__init__(limits.max_sessions)
+        self.db = RegistryDb(directory, worker, now, limits.max_sessions)
         self.mailbox = Mailbox(Path(directory), worker, self._on_message)
         self.server: MqttServer | None = None
         self._handovers: dict[str, Handover] = {}  # claimed, waiting for the old owner
@@ -86,6 +86,7 @@ class SharedSessions(SessionStore):
         self._limbo = MqttSession(limits, SessionStore(), now)
         self._sweeps = 0
         self._closed = False
+        self._evicting: list[str] = []  # evicted by the release being written
 
     def attach(self, server: MqttServer) -> None:
         self.server = server
@@ -107,9 +108,8 @@ class SharedSessions(SessionStore):
              now: float) -> tuple[ClientState, bool]:
         prev, claim = self.db.claim(client_id)
         if prev is not None and prev.mine:
-            before = self._states.get(client_id)
             state, present = super().open(client_id, clean_start, owner, now)
-            if state is not before:  # a new session here: ids kept for the old one are void
+            if not present:  # a new session here: ids kept for the old one are void
                 if self._forget_ids(client_id):
                     self.db.rename_claim(client_id, claim)  # its old owner's answer too
                 self.db.take_rows(client_id, keep=False)
@@ -129,18 +129,28 @@ class SharedSessions(SessionStore):
                 expiry: int | None, now: float) -> None:
         if self._states.get(client_id) is not state or state.owner is not owner:
             return  # taken over, here or by another worker
-        super().release(client_id, state, owner, expiry, now)
-        if expiry == 0:
+        evicted = self._evicting = []
+        super().release(client_id, state, owner, expiry, now)  # may evict (max_sessions)
+        self._evicting = []
+        if expiry == 0 or client_id in evicted:
             self._awaiting.pop(client_id, None)
-            self.db.release(client_id, None)
+            self.db.release(client_id, None, evicted)
         else:
-            self.db.release(client_id, 1e18 if expiry is None else now + expiry)
+            self.db.release(client_id, 1e18 if expiry is None else now + expiry, evicted)
+
+    def _holds(self, client_id: str, state: ClientState) -> bool:
+        # Ids still coming from the old owner (its connection ended during the handover).
+        return bool(state.qos2) or client_id in self._handovers
+
+    def _evicted(self, client_id: str, qos2_ids: int) -> None:
+        self._forget_ids(client_id)
+        self._evicting.append(client_id)  # its row goes in the release's transaction
+        super()._evicted(client_id, qos2_ids)
 
     def expire(self, now: float) -> int:
-        dead = [cid for cid, st in self._states.items()
-                if st.owner is None and st.expires_at is not None and st.expires_at <= now]
+        dead = self._expire_ids(now)  # a heap: proportional to what expires
         for cid in dead:
-            self._drop_local(cid)
+            self._forget_ids(cid)
         self._sweeps += 1
         orphans = self._sweeps % ORPHAN_SWEEP_EVERY == 0
         try:
@@ -307,9 +317,7 @@ class SharedSessions(SessionStore):
                     LOST, "the worker holding this message's verdict died"))
 
     def _drop_local(self, client_id: str) -> None:
-        state = self._states.pop(client_id, None)
-        if state is not None:
-            state.owner = None
+        self._drop(client_id)
         self._forget_ids(client_id)
 
     def _forget_ids(self, client_id: str) -> bool:

@@ -31,6 +31,7 @@ ENV = "LASTMILE_SESSIONS_DIR"  # set by the supervisor for its workers
 DB_NAME = "sessions.sqlite3"
 ORPHAN_KEEP_S = 24 * 3600.0  # state of a dead worker's connected clients: kept this long
 BUSY_TIMEOUT_S = 5.0  # waiting for another worker's write lock longer than this is an error
+ORPHAN_BATCH = 2000  # expired rows of dead workers removed per orphan sweep, at most
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS workers (worker INTEGER PRIMARY KEY, gen INTEGER NOT NULL);
@@ -38,6 +39,7 @@ CREATE TABLE IF NOT EXISTS clients (
     client_id TEXT PRIMARY KEY, worker INTEGER, gen INTEGER, claim INTEGER NOT NULL,
     expires_at REAL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS clients_worker ON clients (worker);
+CREATE INDEX IF NOT EXISTS clients_orphans ON clients (expires_at) WHERE worker IS NULL;
 CREATE TABLE IF NOT EXISTS qos2 (
     client_id TEXT NOT NULL, packet_id INTEGER NOT NULL, done INTEGER NOT NULL,
     code INTEGER NOT NULL, holder_gen INTEGER NOT NULL,
@@ -105,6 +107,11 @@ def _orphan(db: sqlite3.Connection, worker: int, now: float) -> None:
     db.execute(f"DELETE FROM qos2 WHERE done = 0 AND NOT {_ALIVE}")
 
 
+def _delete_clients(db: sqlite3.Connection, client_ids: list[str]) -> None:
+    db.executemany("DELETE FROM qos2 WHERE client_id = ?", [(c,) for c in client_ids])
+    db.executemany("DELETE FROM clients WHERE client_id = ?", [(c,) for c in client_ids])
+
+
 def forget_worker(directory: str | Path, worker: int) -> None:
     """The supervisor saw ``worker`` die: nobody waits for it any more."""
     db = connect(directory)
@@ -132,13 +139,24 @@ class Prev:
 class RegistryDb:
     """One worker's connection to the store; every call is one short transaction."""
 
-    def __init__(self, directory: str | Path, worker: int, now: float) -> None:
+    def __init__(self, directory: str | Path, worker: int, now: float,
+                 max_sessions: int | None = None) -> None:
         self.db = connect(directory)
         self.worker = worker
         self.gen = new_id()
         with _txn(self.db) as db:
             _orphan(db, worker, now)  # a predecessor the supervisor did not report
             db.execute("INSERT INTO workers VALUES (?, ?)", (worker, self.gen))
+            if max_sessions is not None:
+                # Rows orphaned by dead workers (a crash loop adds some at every restart):
+                # at most max_sessions, the soonest to expire go first.
+                (orphans,) = db.execute(
+                    "SELECT count(*) FROM clients WHERE worker IS NULL").fetchone()
+                if orphans > max_sessions:
+                    _delete_clients(db, [cid for (cid,) in db.execute(
+                        "SELECT client_id FROM clients INDEXED BY clients_orphans"
+                        " WHERE worker IS NULL ORDER BY expires_at LIMIT ?",
+                        (orphans - max_sessions,))])
 
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error), _txn(self.db) as db:
@@ -172,29 +190,37 @@ class RegistryDb:
                        (new, client_id, claim))
         return new
 
-    def release(self, client_id: str, expires_at: float | None) -> None:
-        """The connection ended; keep the row until ``expires_at`` (None: drop it now)."""
+    def release(self, client_id: str, expires_at: float | None,
+                evicted: Iterable[str] = ()) -> None:
+        """The connection ended; keep the row until ``expires_at`` (None: drop it now).
+
+        ``evicted``: client ids this worker stopped keeping (over max_sessions).
+        """
         with _txn(self.db) as db:
             if expires_at is None:
-                gone = db.execute("DELETE FROM clients WHERE client_id = ? AND gen = ?",
-                                  (client_id, self.gen)).rowcount
-                if gone:
-                    db.execute("DELETE FROM qos2 WHERE client_id = ?", (client_id,))
+                self._delete_mine(db, client_id)
             else:
                 db.execute("UPDATE clients SET expires_at = ? WHERE client_id = ? AND gen = ?",
                            (expires_at, client_id, self.gen))
+            for cid in evicted:
+                if cid != client_id:
+                    self._delete_mine(db, cid)
 
     def expire(self, client_ids: Iterable[str], now: float, orphans: bool) -> None:
+        """Drop this worker's expired rows and (``orphans``) at most ``ORPHAN_BATCH`` expired
+        rows of dead workers (an index on their expiry: no scan)."""
         with _txn(self.db) as db:
             for cid in client_ids:
-                if db.execute("DELETE FROM clients WHERE client_id = ? AND gen = ?",
-                              (cid, self.gen)).rowcount:
-                    db.execute("DELETE FROM qos2 WHERE client_id = ?", (cid,))
+                self._delete_mine(db, cid)
             if orphans:
-                db.execute("DELETE FROM qos2 WHERE client_id IN (SELECT client_id FROM"
-                           " clients WHERE worker IS NULL AND expires_at <= ?)", (now,))
-                db.execute("DELETE FROM clients WHERE worker IS NULL AND expires_at <= ?",
-                           (now,))
+                _delete_clients(db, [cid for (cid,) in db.execute(
+                    "SELECT client_id FROM clients INDEXED BY clients_orphans"
+                    " WHERE worker IS NULL AND expires_at <= ? LIMIT ?", (now, ORPHAN_BATCH))])
+
+    def _delete_mine(self, db: sqlite3.Connection, client_id: str) -> None:
+        if db.execute("DELETE FROM clients WHERE client_id = ? AND gen = ?",
+                      (client_id, self.gen)).rowcount:
+            db.execute("DELETE FROM qos2 WHERE client_id = ?", (client_id,))
 
     def export(self, client_id: str, claim: int, rows: list[tuple[int, bool, int]]) -> bool:
         """Write this worker's QoS 2 ids of ``client_id`` for the claim that took it over.

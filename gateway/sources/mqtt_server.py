@@ -114,7 +114,9 @@ class MqttServer:
         self.log = log if log is not None else structlog.get_logger("lastmile.mqtt")
         # With workers > 1 the store is shared by all workers (mqtt_registry).
         self.shared = shared
-        self.store: SessionStore = shared if shared is not None else SessionStore()
+        self.store: SessionStore = (
+            shared if shared is not None else SessionStore(self.limits.max_sessions))
+        self.store.on_evict = self._session_evicted
         self.connections: set[MqttConnection] = set()
         self.refused_connections = 0  # over limits.max_connections
         self.registry: dict[str, MqttConnection] = {}  # client id -> live connection
@@ -216,9 +218,11 @@ class MqttServer:
                 self.deliver(token, 0x80, None)
             else:
                 self.deliver(token, error.mqtt_reason, error.message, retriable=error.retriable)
-                if session.version == 4 and token.qos and not error.retriable:
+                if (session.version == 4 and token.qos and not error.retriable
+                        and error.code != "not_authorized"):
                     # 3.1.1 cannot refuse a message: it gets its ack [MQTT-3.3.5-2], so the
-                    # refusal must be visible here (docs/mqtt.md).
+                    # refusal must be visible here (docs/mqtt.md).  Authorization refusals
+                    # are logged by the pipeline already, rate-limited (publish_not_authorized).
                     self.log.info("mqtt_publish_refused", client_id=session.client_id,
                                   packet_id=token.packet_id, error=error.code,
                                   reason=error.message)
@@ -252,6 +256,12 @@ class MqttServer:
         for conn in dirty:
             conn.after_ack()
 
+    def _session_evicted(self, client_id: str, qos2_ids: int) -> None:
+        """Over limits.max_sessions: the client reconnects with session present = 0."""
+        if self.debug:
+            self.log.debug("mqtt_session_evicted", client_id=client_id, qos2_ids=qos2_ids,
+                           retained=self.store.retained, evicted=self.store.evicted)
+
     def _on_flow(self, paused: bool) -> None:
         for conn in self.connections:
             conn.update_reading()
@@ -263,7 +273,8 @@ class MqttServer:
             self.sweep(loop.time())
 
     def sweep(self, now: float) -> None:
-        """Expire sessions past their deadline and stored state past its expiry."""
+        """Expire sessions past their deadline and stored state past its expiry (the
+        store's work is proportional to what expires: a heap, not a scan)."""
         for conn in [c for c in self.connections if c.session.deadline <= now]:
             conn.handle_events(conn.session.expire(now))
         self.store.expire(now)

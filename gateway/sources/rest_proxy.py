@@ -8,8 +8,9 @@ and partitions from the request win over the rule's.
 
 Answers keep REST Proxy's shapes: ``offsets`` with per-record ``error_code``
 1 (not retriable) or 2 (retriable) and ``{"error_code", "message"}`` bodies for
-whole-request errors (40401 topic not found, 42201 too large, 50003 retriable
-Kafka error...).  Our own stable ``error`` code rides along in those bodies.
+whole-request errors (40101 not authenticated, 40301 not allowed by a rule,
+40401 topic not found, 42201 too large, 50003 retriable Kafka error...).  Our
+own stable ``error`` code rides along in those bodies.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from aiohttp import web
 from gateway.errors import (
     GatewayError,
     NoMatchingRule,
+    NotAuthorized,
     PacketTooLarge,
     PayloadTooLarge,
     Unavailable,
@@ -33,15 +35,16 @@ from gateway.errors import (
 )
 from gateway.model import Message, Outcome
 from gateway.pipeline import Pipeline
+from gateway.sources.http_auth import Caller
 from gateway.sources.http_common import (
     BadRequest,
-    Identity,
+    NotAuthenticated,
     TooManyRecords,
     UnsupportedMediaType,
     check_topic,
+    error_headers,
     media_type,
     publish,
-    retry_headers,
 )
 
 RESPONSE_TYPE = "application/vnd.kafka.v2+json"
@@ -81,6 +84,10 @@ def rule_topic(kafka_topic: str) -> str:
 
 def _rest_code(error: GatewayError) -> int:
     """REST Proxy's error_code: HTTP status x 100 + sub-code, or the bare status."""
+    if isinstance(error, NotAuthenticated):
+        return 40101  # REST Proxy's authentication error (WWW-Authenticate rides along)
+    if isinstance(error, NotAuthorized):
+        return 40301  # REST Proxy's authorization error: a rule's allow refused
     if isinstance(error, NoMatchingRule):
         return 40401
     kafka_code = getattr(error, "kafka_code", "")
@@ -102,7 +109,7 @@ def error_response(error: GatewayError) -> web.Response:
     status = 422 if code == 42201 else code // 100 if code in (40401, 40402) \
         else error.http_status
     body = {"error_code": code, "message": error.message, "error": error.code}
-    return web.Response(body=_encode(body), status=status, headers=retry_headers(error),
+    return web.Response(body=_encode(body), status=status, headers=error_headers(error),
                         content_type=RESPONSE_TYPE)
 
 
@@ -119,7 +126,7 @@ def _bytes(raw: msgspec.Raw, fmt: str) -> bytes | None:
         raise BadRequest(f"binary key/value is not valid base64: {exc}") from exc
 
 
-def _messages(body: bytes, fmt: str, topic: str, identity: Identity,
+def _messages(body: bytes, fmt: str, topic: str, caller: Caller,
               max_records: int) -> list[Message]:
     try:
         request = _decode(body)
@@ -138,7 +145,8 @@ def _messages(body: bytes, fmt: str, topic: str, identity: Identity,
             raise BadRequest(f"binary key/value must be a base64 string: {exc}") from exc
         out.append(Message(
             source="http", topic=rule_topic(topic), payload=value or b"", qos=1,
-            client_id=identity.client_id, username=identity.username,
+            client_id=caller.client_id, username=caller.identity.name,
+            cert_identity=caller.identity.cert, claims=caller.identity.claims,
             key=key, partition=record.partition, received_at=now))
     return out
 
@@ -159,7 +167,7 @@ def _offset(outcome: Outcome) -> dict[str, object]:
             "error": f"{error.code}: {error.message}"}
 
 
-async def produce(pipeline: Pipeline, request: web.Request, identity: Identity,
+async def produce(pipeline: Pipeline, request: web.Request, caller: Caller,
                   body: bytes, max_records: int, earlier: list[object | None] | None = None,
                   ) -> tuple[web.Response, list[object | None]]:
     """The answer, and each record's final ``offsets`` entry (None: retriable, retry it).
@@ -174,7 +182,7 @@ async def produce(pipeline: Pipeline, request: web.Request, identity: Identity,
             "or application/vnd.kafka.binary.v2+json")
     topic = request.match_info["topic"]
     check_topic(rule_topic(topic))
-    messages = _messages(body, fmt, topic, identity, max_records)
+    messages = _messages(body, fmt, topic, caller, max_records)
     redo = [i for i in range(len(messages))
             if earlier is None or i >= len(earlier) or earlier[i] is None]
     outcomes = await asyncio.gather(*(publish(pipeline, messages[i]) for i in redo))

@@ -140,3 +140,48 @@ async def test_a_verdict_lost_with_its_worker_lets_the_message_be_sent_again(
     qos2(again, 4, dup=True)
     await received(pipe_b, 2)  # both produced again: at least once
     assert len(pipe_b.received) == 2
+
+
+async def test_ids_handed_over_after_the_new_connection_dropped_are_kept(workers: Any) -> None:
+    """Issue 13: a released session with nothing of its own is kept as an id and an expiry
+    only; one still waiting for the old owner's ids must keep its state to receive them."""
+    (a, pipe_a), (b, pipe_b) = workers
+    old = await connect(a, "dropped")
+    qos2(old, 3)
+    await received(pipe_a, 1)
+    pipe_a.received[0][1](Outcome(ok=True))
+    assert await old.recv() == p.Pubrec(packet_id=3)
+    loop = asyncio.get_running_loop()
+    shared_a, shared_b = a.shared, b.shared
+    assert shared_a is not None and shared_b is not None
+    loop.remove_reader(shared_a.mailbox.sock.fileno())  # worker 0 answers late
+    reader, writer = await asyncio.open_connection("127.0.0.1", b.ports[0])
+    held = Client(reader, writer, 5)
+    held.send(p.Connect(protocol_level=5, client_id="dropped", clean_start=False,
+                        properties=Properties(session_expiry_interval=300)))
+    for _ in range(500):
+        if "dropped" in shared_b._handovers:
+            break
+        await asyncio.sleep(0.01)
+    for _ in range(500):
+        if b.connections:
+            break
+        await asyncio.sleep(0.01)
+    # The connection ends before its CONNACK (a held connection does not read, so the
+    # transport's end stands in for a reset noticed by the kernel).
+    next(iter(b.connections)).abort()
+    writer.close()
+    for _ in range(500):
+        if not b.connections:
+            break
+        await asyncio.sleep(0.01)
+    assert not b.connections and "dropped" in shared_b._handovers
+    loop.add_reader(shared_a.mailbox.sock.fileno(), shared_a.mailbox._readable)
+    for _ in range(500):
+        if "dropped" not in shared_b._handovers:
+            break
+        await asyncio.sleep(0.01)
+    new = await connect(b, "dropped", present=True)
+    qos2(new, 3, dup=True)
+    assert await new.recv() == p.Pubrec(packet_id=3)  # safe at worker 0: not produced again
+    assert pipe_b.received == []

@@ -22,7 +22,7 @@ BROKEN = str(ROOT / "tests/fixtures/rules/invalid-templates/rules")
 def test_check_valid(capsys: pytest.CaptureFixture[str]) -> None:
     assert rules_check(SHIPPED, json_out=False) == 0
     out = capsys.readouterr().out
-    assert out.startswith("ok: 9 rules in 7 files, version ")
+    assert out.startswith("ok: 10 rules in 7 files, version ")
 
 
 def test_check_lists_every_error_with_location(capsys: pytest.CaptureFixture[str]) -> None:
@@ -30,7 +30,8 @@ def test_check_lists_every_error_with_location(capsys: pytest.CaptureFixture[str
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == (
         f"{BROKEN}/10-rules.yaml:5: unknown-var: kafka.topic: unknown variable {{sight}}; "
-        "known: client_id, qos, site, source, topic, username, user_property.NAME, json:/POINTER"
+        "known: client_id, qos, site, source, topic, username, user_property.NAME, "
+        "claim.NAME, json:/POINTER"
     )
     assert len(lines) == 6 and lines[-1].startswith("5 error(s)")
 
@@ -45,19 +46,19 @@ def test_check_json(capsys: pytest.CaptureFixture[str]) -> None:
     }  # fmt: skip
     assert rules_check(SHIPPED, json_out=True) == 0
     ok = json.loads(capsys.readouterr().out)
-    assert ok["ok"] is True and ok["rules"] == 9 and ok["clusters"] == ["default"]
+    assert ok["ok"] is True and ok["rules"] == 10 and ok["clusters"] == ["default"]
 
 
 def test_test_shows_exact_record(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     payload = tmp_path / "reading.json"
     payload.write_text('{"meter": {"id": "m-7"}}')
     code = rules_test(
-        SHIPPED, "energy/p1/inv3/telemetry/power", f"@{payload}", "dev-1", "plant-1", "mqtt", 1,
+        SHIPPED, "energy/p1/inv3/telemetry/power", f"@{payload}", "dev-1", "plant-p1", "mqtt", 1,
         False,
     )  # fmt: skip
     assert code == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[1] == f"rule: energy-telemetry ({SHIPPED}/20-energy.yaml:17)"
+    assert out[1] == f"rule: energy-telemetry ({SHIPPED}/20-energy.yaml:19)"
     assert out[2] == "kafka: cluster default topic edge.energy.telemetry.p1 key 'inv3'"
     assert out[3:] == [
         "  header mqtt-topic: energy/p1/inv3/telemetry/power",

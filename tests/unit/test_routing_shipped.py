@@ -60,9 +60,16 @@ def _route(router: Router, topic: str, payload: bytes = b"{}", **kw: object) -> 
         ("bench/0/1", b"x", {}, ("telemetry", "bench")),
         ("energy/p1/inv2/alarm/overheat", b"hot", {"username": "plant-p1"},
          ("energy-alarms", "edge.energy.alarms")),
-        ("energy/p1/inv2/alarm/overheat", b"hot", {"cert_identity": "gw.plants.example.com"},
+        ("energy/p1/inv2/alarm/overheat", b"hot", {"cert_identity": "p1.plants.example.com"},
          ("energy-alarms", "edge.energy.alarms")),
         ("energy/p1/inv2/alarm/overheat", b"hot", {"username": "guest"},
+         ("energy-alarms", "error:not_authorized")),
+        # A plant publishes under its own name only, whichever way it proves it.
+        ("energy/p1/inv2/alarm/overheat", b"hot", {"username": "plant-p2"},
+         ("energy-alarms", "error:not_authorized")),
+        ("energy/p1/inv2/alarm/overheat", b"hot", {"cert_identity": "p2.plants.example.com"},
+         ("energy-alarms", "error:not_authorized")),
+        ("energy/p1/inv2/alarm/overheat", b"hot", {"client_id": "plant-p1"},
          ("energy-alarms", "error:not_authorized")),
         ("energy/p1/inv2/telemetry/power", b'{"meter": {"id": "m1"}}', {"username": "plant-p1"},
          ("energy-telemetry", "edge.energy.telemetry.p1")),
@@ -77,6 +84,13 @@ def _route(router: Router, topic: str, payload: bytes = b"{}", **kw: object) -> 
         ("app/shop/events/login", b'{"user": {"id": "u1"}}', {},
          ("mobile-events-not-over-mqtt", "error:rejected")),
         ("debug/fw/trace", b"...", {}, ("debug", "dropped")),
+        # REST Proxy: the listed topics only; the gateway's own and others' are refused.
+        ("kafka/orders", b"{}", {"source": "http"}, ("rest-proxy", "orders")),
+        ("kafka/clicks.eu", b"{}", {"source": "http"}, ("rest-proxy", "clicks.eu")),
+        ("kafka/lastmile.dead-letter", b"{}", {"source": "http"},
+         ("rest-proxy-unlisted", "error:not_authorized")),
+        ("kafka/_schemas", b"{}", {"source": "http"},
+         ("rest-proxy-unlisted", "error:not_authorized")),
         ("unknown/topic", b"...", {}, ("", "lastmile.dead-letter")),
     ],
 )  # fmt: skip
@@ -91,14 +105,15 @@ def test_every_shipped_rule_is_reachable(router: Router) -> None:
     reached = set()
     for topic, payload, kw in [
         ("bench/1", b"", {}),
-        ("energy/p/u/alarm/x", b"", {"username": "plant-1"}),
-        ("energy/p/u/telemetry/x", b'{"meter": {"id": 1}}', {"username": "plant-1"}),
+        ("energy/p/u/alarm/x", b"", {"username": "plant-p"}),
+        ("energy/p/u/telemetry/x", b'{"meter": {"id": 1}}', {"username": "plant-p"}),
         ("ott/s/r/tcp-retransmits", b'{"session_id": 1}', {}),
         ("ott/s/r/buffering", b'{"session_id": 1}', {}),
         ("app/a/events/e", b'{"user": {"id": 1}}', {"source": "http"}),
         ("app/a/events/e", b"", {}),
         ("debug/x", b"", {}),
         ("kafka/orders", b"{}", {"source": "http"}),
+        ("kafka/_schemas", b"{}", {"source": "http"}),
     ]:
         reached.add(_route(router, topic, payload, **kw)[0])
     assert reached == {r.name for r in router.table.entries}

@@ -36,6 +36,10 @@ class MqttLimits:
     # Open connections per server (per worker process); 0 = no limit.  The I/O layer
     # closes a connection over the limit before reading anything from it.
     max_connections: int = 0
+    # Released sessions kept per worker; over it the soonest to expire goes (docs/sessions.md).
+    max_sessions: int = 100_000
+    # A longer client id is refused at CONNECT (MQTT 5: 0x85, 3.1.1: 0x02).
+    max_client_id_bytes: int = 256
 
 
 class PublishToken:

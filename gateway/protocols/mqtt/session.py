@@ -506,6 +506,10 @@ class MqttSession:
         if props.authentication_method is not None:
             return self._refuse(0x8C, "enhanced authentication is not supported", level)
         client_id = pk.client_id
+        limit = self._limits.max_client_id_bytes  # docs/sessions.md, "Bounds"
+        if len(client_id) > limit // 4 and len(client_id.encode()) > limit:
+            self._store.refused_client_ids += 1
+            return self._refuse(0x85 if level == 5 else 0x02, "client id too long", level)
         assigned = None
         if not client_id:
             if level == 4 and not pk.clean_start:
