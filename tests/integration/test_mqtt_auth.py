@@ -39,12 +39,18 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow,
               pytest.mark.filterwarnings("ignore:Callback API version 1:DeprecationWarning")]
 
 ISSUER, AUDIENCE = "https://auth.example.test", "lastmile"
-USERS = {"alice": "alice-pw", "bob": "bob-pw", "carol": "carol-pw"}
+USERS = {"alice": "alice-pw", "bob": "bob-pw", "carol": "carol-pw", "plant-p1": "p1-pw"}
 RULES = """
 rules:
   - name: auth-test
     match: "auth/{run}/#"
     kafka: {topic: "auth.{run}", key: "{client_id}", headers: {who: "{username}"}}
+  - name: plants
+    match: "plants/{plant}/#"
+    kafka: {topic: "auth.plants-{plant}", headers: {who: "{username}"}}
+    allow:
+      usernames: ["plant-{plant}"]
+      claims: {site: ["{plant}"]}
   - name: secure
     match: "secure/{device}/#"
     kafka: {topic: "auth.tls-{device}", key: "{client_id}"}
@@ -65,8 +71,9 @@ class Gw:
         return self.ports["mqtt"]
 
     def token(self, sub: str = "sensor-42", *, exp_in: float = 3600, aud: str = AUDIENCE,
-              key: rsa.RSAPrivateKey | None = None) -> str:
-        claims = {"sub": sub, "iss": ISSUER, "aud": aud, "exp": int(time.time() + exp_in)}
+              key: rsa.RSAPrivateKey | None = None, **extra: str) -> str:
+        claims = {"sub": sub, "iss": ISSUER, "aud": aud, "exp": int(time.time() + exp_in),
+                  **extra}
         return jwt.encode(claims, key or self.key, algorithm="RS256", headers={"kid": "k1"})
 
     def metrics(self) -> str:
@@ -327,6 +334,45 @@ def test_a_connection_ends_when_its_token_expires(gw: Gw) -> None:
     while not reasons and time.monotonic() < deadline:
         client.loop(0.2)
     assert reasons and reasons[0] == (0x87, "token expired")
+
+
+# --- authorization: who was proven decides where it may publish ---------------------------
+
+
+def puback_code(client: paho.Client, topic: str) -> int:
+    """QoS 1 publish; the PUBACK reason code (5.0) or 0 once acked (3.1.1)."""
+    codes: list[int] = []
+    if client.protocol == paho.MQTTv5:
+        client.on_publish = lambda _c, _u, _m, rc, _p: codes.append(rc.value)
+    else:  # callback API 1 (see paho_client): no code to give
+        client.on_publish = lambda _c, _u, _m: codes.append(0)
+    client.loop_start()
+    try:
+        client.publish(topic, b"reading", qos=1).wait_for_publish(15)
+        wait_until(lambda: codes, 15, what="the PUBACK")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return codes[0]
+
+
+def test_rules_see_the_proven_identity_only(gw: Gw, broker: Broker) -> None:
+    topic = f"plants/p1/{run_id()}"
+    # The password user plant-p1, and a JWT whose claim site is p1: allowed.
+    assert puback_code(connack(gw.mqtt, 5, "plant-p1", "p1-pw")[1], topic) == 0
+    token = gw.token("gateway-7", site="p1")
+    assert puback_code(connack(gw.mqtt, 5, "jwt", token)[1], topic) == 0
+    # Proven, but someone else: alice, and a token for site p2 (5.0: PUBACK 0x87).
+    assert puback_code(connack(gw.mqtt, 5, "alice", "alice-pw")[1], topic) == 0x87
+    token = gw.token("gateway-8", site="p2")
+    assert puback_code(connack(gw.mqtt, 5, "plant-p1", token)[1], topic) == 0x87
+    # A 3.1.1 client is acked either way ([MQTT-3.3.5-2], docs/mqtt.md): the record says.
+    code, client = connack(gw.mqtt, 4, "alice", "alice-pw")
+    assert code == 0 and puback_code(client, topic) == 0
+    got = broker.read("auth.plants-p1", 2)
+    mine = sorted(headers(r)["who"] for r in got if r.topic() == "auth.plants-p1")
+    assert b"plant-p1" in mine and b"gateway-7" in mine
+    assert b"alice" not in mine and b"gateway-8" not in mine
 
 
 # --- certificates and WebSocket ----------------------------------------------------------
