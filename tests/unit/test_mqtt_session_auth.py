@@ -228,3 +228,21 @@ def test_any_split_of_connect_and_pipelined_bytes_gives_the_same_outcome(
     events = s.authenticated(ALICE if accept else BAD, NOW)
     assert published(events) == (["a", "b"] if accept else [])
     assert s.closing is not accept
+
+
+@settings(max_examples=200, deadline=None)
+@given(tail=st.binary(max_size=300), version=st.sampled_from([4, 5]),
+       verdict=st.sampled_from([ALICE, BAD, MISSING]), split=st.integers(0, 300))
+def test_hostile_bytes_behind_a_waiting_connect_never_crash(
+        tail: bytes, version: int, verdict: Identity | AuthRefusal, split: int) -> None:
+    s = session()
+    events = s.receive_data(connect(version) + tail[:split], NOW)
+    assert [type(e) for e in events] == [AuthRequested]
+    assert s.receive_data(tail[split:], NOW) == []  # nothing parsed before the verdict
+    events = s.authenticated(verdict, NOW)
+    if isinstance(verdict, AuthRefusal):
+        assert published(events) == [] and s.closing
+    else:
+        assert isinstance(events[0], Connected)
+    s.data_to_send()
+    s.connection_lost(NOW)
