@@ -472,13 +472,13 @@ def test_alias_bytes_are_bounded_and_going_over_is_0x97() -> None:
     peer.connect()
     for alias in (1, 2):  # 2 x 1,000 bytes: within the bound
         peer.publish(0, qos=0, topic=f"{alias}/" + "x" * 998, props=P(topic_alias=alias))
-    assert peer.session._alias_bytes == alias_bytes(peer.session) == 2000
+    assert alias_bytes(peer.session) == peer.session._alias_bytes == 2000
     # Replacing an alias counts the difference; setting the same topic again costs nothing.
     peer.publish(0, qos=0, topic="short", props=P(topic_alias=2))
     peer.publish(0, qos=0, topic="short", props=P(topic_alias=2))
-    assert peer.session._alias_bytes == alias_bytes(peer.session) == 1005
+    assert alias_bytes(peer.session) == peer.session._alias_bytes == 1005
     peer.publish(0, qos=0, topic="é" * 997, props=P(topic_alias=3))  # 1,994 bytes: 2,999
-    assert peer.session._alias_bytes == alias_bytes(peer.session) == 2999
+    assert alias_bytes(peer.session) == peer.session._alias_bytes == 2999
     peer.received()
     events = peer.publish(1, qos=1, topic="y/z", props=P(topic_alias=4))  # 3,002: over
     assert not any(isinstance(e, PublishReceived) for e in events)
