@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, get_args
 
 import structlog
 from prometheus_client import Counter, Gauge
+
+from gateway.auth import REFUSAL_CODES, Method
 
 if TYPE_CHECKING:
     from gateway.pipeline import Pipeline
@@ -37,6 +39,20 @@ class Watched(Protocol):
     router: Router | None
     reloader: RulesReloader | None
     mqtt: MqttServer | None
+
+    @property
+    def auth(self) -> AuthCounters | None: ...
+
+
+class AuthCounters(Protocol):
+    """The counters ``gateway.auth.check.Authenticator`` keeps (every verdict it gives)."""
+
+    @property
+    def accepted(self) -> Mapping[str, int]: ...  # per method
+    @property
+    def refused(self) -> Mapping[str, int]: ...  # per refusal reason
+    @property
+    def throttled(self) -> int: ...  # attempts held back by the failed-attempt throttle
 
 MESSAGES = Counter("lastmile_pipeline_total",
                    "Messages in, records out, and routing outcomes (routed, dropped, "
@@ -76,6 +92,18 @@ PAUSED = Gauge("lastmile_backpressure_paused", "1 while sources are paused",
                multiprocess_mode="livemax")
 IN_FLIGHT = Gauge("lastmile_kafka_in_flight", "Records handed to librdkafka, not yet reported",
                   ["cluster"], multiprocess_mode="livesum")
+AUTH_ACCEPTED = Counter("lastmile_auth_accepted_total",
+                        "Clients let in (MQTT CONNECT, HTTP request), by method", ["method"])
+AUTH_REFUSED = Counter("lastmile_auth_refused_total",
+                       "Clients refused (MQTT CONNACK 0x04/0x05/0x86/0x87, HTTP 401), by reason",
+                       ["reason"])
+AUTH_THROTTLED = Counter("lastmile_auth_throttled_total",
+                         "Authentication attempts held back: their address kept failing")
+# Pre-initialised: the first acceptance or refusal is an increase a rate() can see.
+for _method in get_args(Method):
+    AUTH_ACCEPTED.labels(_method)
+for _reason in REFUSAL_CODES:
+    AUTH_REFUSED.labels(_reason)
 RULES_INFO = Gauge("lastmile_rules_info", "Active rules version (value is the rule count)",
                    ["version"], multiprocess_mode="liveall")
 
@@ -141,6 +169,11 @@ class Pump:
             SESSIONS.set(store.retained)
             self._counters(SESSION_EVENTS, {"expired": store.expired, "evicted": store.evicted,
                                             "refused_client_id": store.refused_client_ids})
+        auth = app.auth
+        if auth is not None:
+            self._counters(AUTH_ACCEPTED, auth.accepted)
+            self._counters(AUTH_REFUSED, auth.refused)
+            self._delta(AUTH_THROTTLED, (), auth.throttled)
 
     async def run(self, interval: float = 1.0) -> None:
         failures = 0

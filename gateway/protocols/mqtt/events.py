@@ -89,6 +89,19 @@ class Connected(msgspec.Struct, kw_only=True):
     properties: Properties | None
 
 
+class AuthRequested(msgspec.Struct, kw_only=True):
+    """A valid CONNECT waits for the I/O layer's verdict (``session.authenticated``).
+
+    Emitted only by a session made with ``authenticate=True``.  Nothing is sent
+    and nothing that arrived after the CONNECT is processed until the verdict.
+    """
+
+    client_id: str
+    version: int
+    username: str | None
+    password: bytes | None
+
+
 class PublishReceived(msgspec.Struct, kw_only=True):
     """A PUBLISH to hand to the pipeline; answer with ``token.session.ack``.
 
@@ -111,4 +124,4 @@ class Disconnected(msgspec.Struct, kw_only=True):
     limit: str | None = None
 
 
-Event = Connected | PublishReceived | Disconnected
+Event = Connected | PublishReceived | Disconnected | AuthRequested
