@@ -563,3 +563,20 @@ def test_the_partial_clock_stops_while_the_server_does_not_read() -> None:
     assert s.deadline == 200.0 + 900
     s.reading_paused(False, 300.0)
     assert s.deadline == 305.0
+
+
+def test_no_partial_clock_while_a_connect_waits_for_its_verdict() -> None:
+    from gateway.auth import Identity
+    from gateway.protocols.mqtt.session import AWAIT_AUTH
+
+    s = MqttSession(MqttLimits(partial_packet_timeout=5.0, connect_timeout=10.0),
+                    SessionStore(), 100.0, authenticate=True)
+    half = encode(p.Publish(topic="t", payload=b"x" * 50, qos=1, packet_id=1), 4)[:20]
+    s.receive_data(encode(p.Connect(protocol_level=4, client_id="c", keep_alive=60), 4) + half,
+                   100.0)
+    assert s.state is AWAIT_AUTH and s._buf is not None
+    assert s.deadline == 110.0  # the CONNECT timeout, no partial clock on unread bytes
+    s.receive_data(half[:3], 101.0)
+    assert s.deadline == 110.0
+    s.authenticated(Identity(method="password", name="c"), 108.0)
+    assert s.deadline == 113.0  # the tail left incomplete starts its clock at the verdict
