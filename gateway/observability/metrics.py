@@ -73,6 +73,13 @@ CONNECTIONS = Gauge("lastmile_mqtt_connections", "Open MQTT connections",
                     multiprocess_mode="livesum")
 MQTT_REFUSED = Counter("lastmile_mqtt_refused_connections_total",
                        "MQTT connections closed unread: over limits.max_connections")
+MQTT_LIMIT_CLOSES = Counter("lastmile_mqtt_limit_closes_total",
+                            "MQTT connections closed by a per-connection bound: keep_alive "
+                            "(1.5 x the keep alive in force, capped by limits.max_keepalive_s), "
+                            "partial_packet (limits.partial_packet_timeout_s), "
+                            "topic_alias_bytes (limits.topic_alias_max_bytes)", ["limit"])
+for _limit in ("keep_alive", "partial_packet", "topic_alias_bytes"):
+    MQTT_LIMIT_CLOSES.labels(_limit)  # exported at 0 before the first close
 SESSIONS = Gauge("lastmile_mqtt_sessions_retained",
                  "Disconnected MQTT sessions kept for a reconnect (limits.max_sessions per worker)",
                  multiprocess_mode="livesum")
@@ -157,6 +164,7 @@ class Pump:
         if mqtt is not None:
             CONNECTIONS.set(len(mqtt.connections))
             self._delta(MQTT_REFUSED, (), mqtt.refused_connections)
+            self._counters(MQTT_LIMIT_CLOSES, mqtt.limit_closes)
             store = mqtt.store
             SESSIONS.set(store.retained)
             self._counters(SESSION_EVENTS, {"expired": store.expired, "evicted": store.evicted,

@@ -41,6 +41,8 @@ async def start_mqtt(pipeline: Pipeline, config: Config, reuse_port: bool, worke
         connect_timeout=config.limits.connect_timeout_s,
         max_keep_alive=config.limits.max_keepalive_s,
         topic_alias_maximum=config.limits.topic_alias_maximum,
+        topic_alias_max_bytes=config.limits.topic_alias_max_bytes,
+        partial_packet_timeout=config.limits.partial_packet_timeout_s,
         max_connections=config.limits.max_connections,
         max_sessions=config.limits.max_sessions,
         max_client_id_bytes=config.limits.max_client_id_bytes,

@@ -119,6 +119,8 @@ class MqttServer:
         self.store.on_evict = self._session_evicted
         self.connections: set[MqttConnection] = set()
         self.refused_connections = 0  # over limits.max_connections
+        # Connections ended by a per-connection bound, by its name (Disconnected.limit).
+        self.limit_closes: dict[str, int] = {}
         self.registry: dict[str, MqttConnection] = {}  # client id -> live connection
         self._servers: list[asyncio.Server] = []
         self._sweep_interval = sweep_interval
@@ -395,6 +397,9 @@ class MqttConnection(asyncio.Protocol):
                 elif isinstance(event, Connected):
                     self._register(event)
                 elif isinstance(event, Disconnected):
+                    if event.limit is not None:
+                        closes = self.server.limit_closes
+                        closes[event.limit] = closes.get(event.limit, 0) + 1
                     self._log_disconnect(event)
                 elif isinstance(event, AuthRequested):
                     self._authenticate(event)
@@ -420,6 +425,8 @@ class MqttConnection(asyncio.Protocol):
         )
         if want != self._reading:
             self._reading = want
+            # A partial packet we do not read is not the client's stall (partial timeout).
+            self.session.reading_paused(not want, asyncio.get_running_loop().time())
             if want:
                 transport.resume_reading()
             else:
@@ -548,7 +555,7 @@ class MqttConnection(asyncio.Protocol):
         getattr(self.server.log, "debug" if normal else "info")(
             "mqtt_disconnected", peer=self.peer, client_id=self.session.client_id,
             reason_code=f"0x{event.reason_code:02X}", reason=event.reason,
-            by_client=event.by_client,
+            by_client=event.by_client, limit=event.limit,
         )
 
     def _crash(self, where: str) -> None:

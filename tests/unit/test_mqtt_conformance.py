@@ -48,7 +48,10 @@ from gateway.protocols.mqtt.store import SessionStore
 pytestmark = pytest.mark.unit
 
 # Small limits so the rows stay short: Receive Maximum 2, aliases 1..2, packets <= 128 bytes.
-LIMITS = MqttLimits(receive_maximum=2, topic_alias_maximum=2, max_packet_size=128)
+# No keep alive cap: these rows are the specification's own keep alive rules; the gateway's
+# idle bound on top of them (limits.max_keepalive_s) is tested in test_mqtt_session.py.
+LIMITS = MqttLimits(receive_maximum=2, topic_alias_maximum=2, max_packet_size=128,
+                    max_keep_alive=0)
 NOW = 100.0
 
 # CONNECT "c", clean start, keep alive 0 (5.0: properties 17 00 = no problem information).

@@ -105,6 +105,14 @@ def _grace(keep: int) -> float:
     return grace
 
 
+class OverLimit(ProtocolViolation):
+    """A client went past a per-connection bound (``limit`` names it, for the counters)."""
+
+    def __init__(self, limit: str, reason: int, message: str) -> None:
+        super().__init__(reason, message)
+        self.limit = limit
+
+
 def _check_response_topic(topic: str) -> None:
     """A Response Topic is a Topic Name: not empty, no wildcards [MQTT-3.3.2-13/14]."""
     if not topic or "+" in topic or "#" in topic:
@@ -120,11 +128,12 @@ class MqttSession:
     """
 
     __slots__ = (
-        "_aliases", "_authenticate", "_buf", "_client", "_connect", "_events", "_expiry",
-        "_grace", "_inflight", "_limits", "_new_client_id", "_order", "_out", "_store",
-        "_valid_until", "client_id", "client_max_packet_size", "client_receive_maximum",
-        "client_topic_alias_maximum", "context", "identity", "keep_alive", "last_received",
-        "pending", "problem_info", "state", "username", "version", "will",
+        "_alias_bytes", "_aliases", "_authenticate", "_buf", "_client", "_connect", "_events",
+        "_expiry", "_grace", "_inflight", "_limits", "_new_client_id", "_order", "_out",
+        "_partial_until", "_store", "_valid_until", "client_id", "client_max_packet_size",
+        "client_receive_maximum", "client_topic_alias_maximum", "context", "identity",
+        "keep_alive", "last_received", "pending", "problem_info", "state", "username", "version",
+        "will",
     )
 
     def __init__(
@@ -150,6 +159,8 @@ class MqttSession:
         self._events: list[Event] | None = None  # events of the current call
         self._order: deque[PublishToken] | None = None  # acks to send, in arrival order
         self._aliases: dict[int, str] | None = None
+        self._alias_bytes = 0  # UTF-8 bytes of the topics in _aliases (topic_alias_max_bytes)
+        self._partial_until = NO_DEADLINE  # _buf's packet must be complete by then
         self._client: ClientState | None = None
         self._inflight = 0  # QoS 1/2 not yet PUBACKed / PUBCOMPed (Receive Maximum)
         self._expiry = 0  # seconds to keep the client state after close
@@ -176,10 +187,21 @@ class MqttSession:
 
     @property
     def deadline(self) -> float:
-        """When the sweep must call ``expire`` (CONNECT timeout, 1.5 x keep alive, or the
-        identity's expiry)."""
+        """When the sweep must call ``expire`` (CONNECT timeout, 1.5 x keep alive, the
+        identity's expiry, or a partial packet's timeout)."""
         deadline = self.last_received + self._grace
-        return deadline if deadline < self._valid_until else self._valid_until
+        if self._valid_until < deadline:
+            deadline = self._valid_until
+        partial = self._partial_until
+        return deadline if deadline < partial else partial
+
+    def reading_paused(self, paused: bool, now: float) -> None:
+        """The I/O layer stopped (or resumed) reading: a packet we do not read cannot be
+        the client's fault, so its partial timeout stops, and starts over on resume."""
+        if paused:
+            self._partial_until = NO_DEADLINE
+        elif self._buf is not None and self.state is not AWAIT_AUTH:
+            self._partial_until = now + self._limits.partial_packet_timeout
 
     @property
     def buffered(self) -> int:
@@ -254,11 +276,13 @@ class MqttSession:
         if buf is not None:
             buf += data
             src = buf
+        completed = False  # a packet ended in this chunk: a tail left is a new packet
         try:
             while True:
                 version = self.version
                 packets, used = decode_packets(src, version, self._limits.max_packet_size)
                 for packet in packets:
+                    completed = True
                     self._handle(packet, now)
                     if self.state is CLOSED:
                         return
@@ -270,8 +294,16 @@ class MqttSession:
                     break  # only the CONNECT pass needs a second round
             if not src:
                 self._buf = None
-            elif src is not buf:
-                self._buf = bytearray(src)
+                self._partial_until = NO_DEADLINE
+            else:
+                if src is not buf:
+                    self._buf = bytearray(src)
+                if self.state is AWAIT_AUTH:
+                    self._partial_until = NO_DEADLINE  # kept unread until the verdict
+                elif completed or buf is None:
+                    # The clock of an incomplete packet starts with its first byte
+                    # (limits.partial_packet_timeout; the sweep checks it).
+                    self._partial_until = now + self._limits.partial_packet_timeout
         except UnsupportedProtocolVersion as exc:
             # [MQTT-3.1.2-2]: 3.1.1 requires return code 0x01; 5.0 leaves the answer
             # open, and a client of an unknown level reads the 3.1.1 form best.
@@ -289,7 +321,8 @@ class MqttSession:
                 code = exc.mqtt_reason if exc.mqtt_reason in _CONNACK_REASONS else 0x82
                 self._refuse(code, exc.message, 5)
             else:
-                self._fail(exc.mqtt_reason, exc.message)
+                self._fail(exc.mqtt_reason, exc.message,
+                           limit=exc.limit if isinstance(exc, OverLimit) else None)
 
     def ack(
         self, token: PublishToken, reason_code: int = 0, reason: str | None = None,
@@ -328,11 +361,19 @@ class MqttSession:
         """Called by the sweep once ``now >= deadline``."""
         events: list[Event] = []
         self._events = events
-        if self.state is CONNECTED and now >= self.deadline:
+        if self.state is not CLOSED and now >= self._partial_until:
+            # A packet started and never finished (a stalled or trickling client): MQTT 5
+            # hears 0x8D, the keep alive answer, as no whole packet came in time.
+            message = f"packet incomplete for {self._limits.partial_packet_timeout:g} s"
+            if self.state is CONNECTED:
+                self._fail(0x8D, message, limit="partial_packet")
+            else:
+                self._close(0x8D, message, will_due=False, limit="partial_packet")
+        elif self.state is CONNECTED and now >= self.deadline:
             if now >= self._valid_until:
                 self._fail(0x87, "token expired")  # 0x87 Not authorized
             else:
-                self._fail(0x8D, "keep alive timeout")
+                self._fail(0x8D, "keep alive timeout", limit="keep_alive")
         elif self.state is AWAIT_CONNECT and now >= self.deadline:
             self._close(0x8D, "no CONNECT in time", will_due=False)
         elif self.state is AWAIT_AUTH and now >= self.deadline:
@@ -431,12 +472,28 @@ class MqttSession:
         self._emit(PublishReceived(token=token, publish=pk))
 
     def _resolve_alias(self, topic: str, alias: int) -> str:
-        if not 0 < alias <= self._limits.topic_alias_maximum:
+        limits = self._limits
+        if not 0 < alias <= limits.topic_alias_maximum:
             raise ProtocolViolation(0x94, f"topic alias {alias} out of range")
         aliases = self._aliases
         if topic:
             if aliases is None:
                 aliases = self._aliases = {}
+            old = aliases.get(alias)
+            if old == topic:
+                return old  # set again to the same topic (some clients always do)
+            size = len(topic) if topic.isascii() else len(topic.encode())
+            if old is not None:
+                size -= len(old) if old.isascii() else len(old.encode())
+            held = self._alias_bytes + size
+            if held > limits.topic_alias_max_bytes:
+                # Bounded memory per connection (docs/mqtt.md, "Topic aliases"): MQTT 5
+                # has no way to announce a byte bound, so going over it is 0x97, "an
+                # implementation or administrative imposed limit has been exceeded".
+                raise OverLimit("topic_alias_bytes", 0x97, (
+                    f"topic aliases would hold {held} bytes of topic names, over the "
+                    f"{limits.topic_alias_max_bytes} allowed"))
+            self._alias_bytes = held
             aliases[alias] = topic
             return topic
         known = aliases.get(alias) if aliases is not None else None
@@ -625,19 +682,24 @@ class MqttSession:
         self._send(p.Connack(reason_code=code))
         self._close(code, message, will_due=False)
 
-    def _fail(self, reason: int, message: str) -> None:
+    def _fail(self, reason: int, message: str, *, limit: str | None = None) -> None:
         """Close for a protocol-level reason; MQTT 5 clients get a DISCONNECT first."""
         if self.state is CONNECTED and self.version == 5:
             props = Properties(reason_string=message) if self.problem_info else None
             self._send(p.Disconnect(reason_code=reason, properties=props))
-        self._close(reason, message, will_due=self.state is CONNECTED)
+        self._close(reason, message, will_due=self.state is CONNECTED, limit=limit)
 
-    def _close(self, reason: int, message: str, *, will_due: bool, by_client: bool = False) -> None:
+    def _close(self, reason: int, message: str, *, will_due: bool, by_client: bool = False,
+               limit: str | None = None) -> None:
         if self.state is CLOSED:
             return
         self.state = CLOSED
         self._buf = None
+        self._partial_until = NO_DEADLINE
+        self._aliases = None
+        self._alias_bytes = 0
         self._emit(Disconnected(
             reason_code=reason, reason=message, by_client=by_client, will_due=will_due,
+            limit=limit,
         ))
 
