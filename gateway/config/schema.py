@@ -139,6 +139,17 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Longer MQTT client ids are refused at CONNECT (MQTT 5: 0x85, 3.1.1: 0x02); MQTT
     # guarantees 23.
     max_client_id_bytes: Annotated[int, msgspec.Meta(ge=23, le=65_535)] = 256
+    # MQTT output a client has not read: above it the gateway stops reading that client,
+    # and closes it when it stays above for slow_reader_timeout_s (docs/mqtt.md).
+    max_write_buffer_bytes: Annotated[int, msgspec.Meta(ge=4096)] = 64 << 10
+    slow_reader_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    # New MQTT connections per second per worker (token bucket; burst 0: one second's
+    # worth); over it MQTT 5 gets CONNACK 0x9F, 3.1.1 a close.  0: no limit (the default).
+    connect_rate_per_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    connect_burst: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # Open MQTT connections per source address per worker; more are closed unread.
+    # 0: no limit (the default: devices behind carrier NAT share addresses).
+    max_connections_per_source: Annotated[int, msgspec.Meta(ge=0)] = 0
     http_max_body_bytes: int = 1 << 20
     http_max_batch_records: int = 1_000
     http_rate_per_client: float = 0.0  # requests/s; 0 = unlimited
