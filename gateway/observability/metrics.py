@@ -77,9 +77,18 @@ MQTT_LIMIT_CLOSES = Counter("lastmile_mqtt_limit_closes_total",
                             "MQTT connections closed by a per-connection bound: keep_alive "
                             "(1.5 x the keep alive in force, capped by limits.max_keepalive_s), "
                             "partial_packet (limits.partial_packet_timeout_s), "
-                            "topic_alias_bytes (limits.topic_alias_max_bytes)", ["limit"])
-for _limit in ("keep_alive", "partial_packet", "topic_alias_bytes"):
+                            "topic_alias_bytes (limits.topic_alias_max_bytes), slow_reader "
+                            "(output unread above limits.max_write_buffer_bytes for "
+                            "limits.slow_reader_timeout_s)", ["limit"])
+for _limit in ("keep_alive", "partial_packet", "topic_alias_bytes", "slow_reader"):
     MQTT_LIMIT_CLOSES.labels(_limit)  # exported at 0 before the first close
+MQTT_CONNECT_LIMITS = Counter("lastmile_mqtt_connect_limits_total",
+                              "MQTT connections refused by a connect limit: connect_rate "
+                              "(limits.connect_rate_per_s: CONNACK 0x9F, 3.1.1 closed), "
+                              "per_source (limits.max_connections_per_source: closed unread)",
+                              ["limit"])
+for _limit in ("connect_rate", "per_source"):
+    MQTT_CONNECT_LIMITS.labels(_limit)
 SESSIONS = Gauge("lastmile_mqtt_sessions_retained",
                  "Disconnected MQTT sessions kept for a reconnect (limits.max_sessions per worker)",
                  multiprocess_mode="livesum")
@@ -165,6 +174,7 @@ class Pump:
             CONNECTIONS.set(len(mqtt.connections))
             self._delta(MQTT_REFUSED, (), mqtt.refused_connections)
             self._counters(MQTT_LIMIT_CLOSES, mqtt.limit_closes)
+            self._counters(MQTT_CONNECT_LIMITS, mqtt.connect_refusals)
             store = mqtt.store
             SESSIONS.set(store.retained)
             self._counters(SESSION_EVENTS, {"expired": store.expired, "evicted": store.evicted,
