@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from gateway.sources.http_common import IdempotencyKeyReused, RateLimiter
-from gateway.sources.idempotency import IdempotencyCache, Stored, fingerprint
+from gateway.sources.idempotency import IdempotencyCache, Stored, entry_size, fingerprint
 
 pytestmark = pytest.mark.unit
 
@@ -130,7 +130,8 @@ async def test_window_and_bounds() -> None:
     for i in range(10):
         await bounded.run(("c", str(i)), PRINT, Producer())
     assert len(bounded) == 3
-    by_bytes = IdempotencyCache(60, max_bytes=3 * Stored(200, b"answer 1", {}).size)
+    one = entry_size(("c", "0"), Stored(200, b"answer 1", {}))
+    by_bytes = IdempotencyCache(60, max_bytes=3 * one)
     for i in range(10):
         await by_bytes.run(("c", str(i)), PRINT, Producer())
     assert len(by_bytes) == 3
