@@ -268,6 +268,8 @@ async def read_body(request: web.Request, max_bytes: int, timeout_s: float,
                 chunks.append(chunk)
     except TimeoutError as exc:
         raise RequestTimeout(f"body not received within {timeout_s:g}s") from exc
+    except ConnectionError as exc:  # nobody is left to answer; the hold is released
+        raise BadRequest("the client closed the connection before its body ended") from exc
     return b"".join(chunks)
 
 
