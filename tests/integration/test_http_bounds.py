@@ -282,7 +282,7 @@ async def test_bodies_over_the_budget_get_503_and_the_budget_comes_back(
     await metric_at_least(gw, refused("inflight_body_bytes"), before + 1)
     # A client that gives up mid-body and one that stalls past the body timeout give
     # their share back too.
-    r1, quitter = await open_raw(gw)
+    _, quitter = await open_raw(gw)
     quitter.write(body_head(t, 1000) + b"x" * 10)
     r2, staller = await open_raw(gw)
     staller.write(body_head(t, 1000) + b"x" * 10)
