@@ -215,8 +215,9 @@ class BodyBudget:
     def hold(self) -> Hold:
         return Hold(self)
 
-    def _take(self, n: int) -> None:
-        if self.limit and self.used and self.used + n > self.limit:
+    def _take(self, n: int, own: int) -> None:
+        # ``own``: what the asking request already holds (alone, it always fits).
+        if self.limit and self.used > own and self.used + n > self.limit:
             self.refused += 1
             raise BodyBudgetExceeded(
                 f"request bodies in flight would exceed {self.limit} bytes; retry later",
@@ -233,7 +234,7 @@ class Hold:
 
     def grow_to(self, n: int) -> None:
         if n > self.bytes:
-            self.budget._take(n - self.bytes)
+            self.budget._take(n - self.bytes, self.bytes)
             self.bytes = n
 
     def release(self) -> None:
