@@ -343,7 +343,9 @@ async def _start_https(factory: Callable[[], asyncio.Protocol], config: Config,
     tls = ServerTls(listener, "https")  # follows certificate file changes
     servers.append(await asyncio.get_running_loop().create_server(
         factory, listener.host, listener.port, ssl=tls.context,
-        reuse_port=reuse_port or None, backlog=1024))
+        reuse_port=reuse_port or None, backlog=1024,
+        # A handshake is part of the first head: the same deadline (asyncio's is 60 s).
+        ssl_handshake_timeout=config.limits.http_header_timeout_s))
     tls.start()
     log.info("https_listening", host=listener.host, port=listener.port,
              client_cert="required" if listener.require_client_cert
