@@ -1,9 +1,10 @@
 """One gateway process: staged startup, the main wait, staged shutdown.
 
-Startup order: rules -> embedded broker (dev only) -> Kafka sinks -> buffer ->
-pipeline -> listeners.  Shutdown runs the same stages in reverse with one
-deadline: stop accepting, stop intake, let in-flight acks finish, flush Kafka,
-stop the embedded broker.  Every teardown step runs even if an earlier one
+Startup order: rules -> authenticator (password file, JWKS) -> embedded
+broker (dev only) -> Kafka sinks -> buffer -> pipeline -> listeners.  Shutdown
+runs the same stages in reverse with one deadline: stop accepting, stop intake,
+let in-flight acks finish, flush Kafka, stop the embedded broker, close the
+authenticator.  Every teardown step runs even if an earlier one
 failed (errors are logged, not swallowed silently).
 """
 
@@ -33,6 +34,7 @@ from gateway.sinks.kafka import KafkaSink, admission
 from gateway.sources import mqtt_enabled
 
 if TYPE_CHECKING:
+    from gateway.auth.check import Authenticator
     from gateway.sources.http_server import HttpIngest
     from gateway.sources.mqtt_server import MqttServer
 
@@ -58,6 +60,7 @@ class App:
         self.pipeline: Pipeline | None = None
         self.mqtt: MqttServer | None = None
         self.http: HttpIngest | None = None
+        self.auth: Authenticator | None = None
         self._cleanups: list[tuple[str, Cleanup]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
@@ -68,6 +71,7 @@ class App:
     async def start(self) -> None:
         try:
             self._start_rules()  # first: a bad rules file needs no Kafka to be reported
+            await self._start_auth()  # so does a bad password file or JWKS
             await self._start_kafka()
             await self._start_buffer()
             await self._start_sources()
@@ -113,6 +117,25 @@ class App:
         if self.config.rules.watch:
             self._tasks.append(asyncio.create_task(self.reloader.run(), name="rules-watch"))
 
+    async def _start_auth(self) -> None:
+        """The one Authenticator of this worker: every listener asks it (closed last)."""
+        from gateway.auth.check import Authenticator
+
+        cfg = self.config.auth
+        if cfg.allow_anonymous:
+            # Said once per worker, loudly: an exposed gateway in this state is open to all.
+            log.warning("auth_anonymous_allowed", worker=self.worker_id,
+                        detail="auth.allow_anonymous is true: any client that can reach a "
+                               "listener publishes without credentials (set it to false "
+                               "and configure auth.password_file or auth.jwt)")
+        self.auth = Authenticator(cfg, log=structlog.get_logger("lastmile.auth"))
+        await self.auth.start()
+        self._cleanups.append(("authenticator", self._close_auth))
+
+    async def _close_auth(self, _timeout: float) -> None:
+        if self.auth is not None:
+            await self.auth.close()
+
     async def _start_buffer(self) -> None:
         cfg = self.config
         if cfg.spool.enabled:
@@ -153,23 +176,15 @@ class App:
         metrics = await start_metrics(self, cfg.listeners.metrics, self.reuse_port)
         if metrics is not None:
             self._cleanups.append(("metrics listener", metrics))
-        # (httpauth) minimal wiring for the HTTP auth tests; the app helper owns this.
-        from gateway.auth.check import Authenticator
-
-        auth = Authenticator(cfg.auth)
-        await auth.start()
-
-        async def close_auth(_timeout: float) -> None:
-            await auth.close()
-
-        self._cleanups.append(("authenticator", close_auth))
+        auth = self.auth
+        assert auth is not None
         http = await start_http(pipeline, cfg, self.reuse_port, lambda: self.mqtt, auth=auth)
         if http is not None:
             self.http, http_cleanup = http
             self._cleanups.append(("http listener", http_cleanup))
         if mqtt_enabled(cfg):
             self.mqtt, mqtt_cleanup = await start_mqtt(pipeline, cfg, self.reuse_port,
-                                                        self.worker_id)
+                                                        self.worker_id, auth=auth)
             self._cleanups.append(("mqtt listeners", mqtt_cleanup))
 
     # --- running -----------------------------------------------------------------

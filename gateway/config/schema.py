@@ -123,8 +123,16 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_packet_size: int = 1 << 20
     max_inflight: int = 256  # MQTT 5 Receive Maximum and the 3.1.1 inflight bound
     connect_timeout_s: float = 10.0
-    max_keepalive_s: int = 0  # 0: accept the client's; else MQTT 5 Server Keep Alive cap
-    topic_alias_maximum: int = 65_535
+    # The longest silence any MQTT connection gets (docs/mqtt.md, "Idle and partial input"):
+    # MQTT 5 keep alives of 0 or above it are replaced (Server Keep Alive); a 3.1.1 client
+    # asking 0 or more is closed after 1.5 x this of silence.  0: no cap (not recommended).
+    max_keepalive_s: Annotated[int, msgspec.Meta(ge=0, le=65_535)] = 3_600
+    # An MQTT packet not complete this long after its first byte closes the connection.
+    partial_packet_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    # MQTT 5 Topic Alias Maximum (Mosquitto's default; 0: no aliases), and the bytes of
+    # topic names one connection's aliases may hold (over it: DISCONNECT 0x97).
+    topic_alias_maximum: Annotated[int, msgspec.Meta(ge=0, le=65_535)] = 10
+    topic_alias_max_bytes: Annotated[int, msgspec.Meta(ge=1)] = 64 << 10
     # Disconnected MQTT sessions kept per worker for a reconnect (0: none); over it the one
     # released longest ago is dropped, empty ones first (docs/sessions.md, "Bounds").
     max_sessions: Annotated[int, msgspec.Meta(ge=0)] = 100_000

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, get_args
 
 import structlog
 from prometheus_client import Counter, Gauge
+
+from gateway.auth import REFUSAL_CODES, Method
 
 if TYPE_CHECKING:
     from gateway.pipeline import Pipeline
@@ -40,6 +42,20 @@ class Watched(Protocol):
     mqtt: MqttServer | None
     http: HttpIngest | None
 
+    @property
+    def auth(self) -> AuthCounters | None: ...
+
+
+class AuthCounters(Protocol):
+    """The counters ``gateway.auth.check.Authenticator`` keeps (every verdict it gives)."""
+
+    @property
+    def accepted(self) -> Mapping[str, int]: ...  # per method
+    @property
+    def refused(self) -> Mapping[str, int]: ...  # per refusal reason
+    @property
+    def throttled(self) -> int: ...  # attempts held back by the failed-attempt throttle
+
 MESSAGES = Counter("lastmile_pipeline_total",
                    "Messages in, records out, and routing outcomes (routed, dropped, "
                    "dead_lettered)", ["event"])
@@ -59,6 +75,13 @@ CONNECTIONS = Gauge("lastmile_mqtt_connections", "Open MQTT connections",
                     multiprocess_mode="livesum")
 MQTT_REFUSED = Counter("lastmile_mqtt_refused_connections_total",
                        "MQTT connections closed unread: over limits.max_connections")
+MQTT_LIMIT_CLOSES = Counter("lastmile_mqtt_limit_closes_total",
+                            "MQTT connections closed by a per-connection bound: keep_alive "
+                            "(1.5 x the keep alive in force, capped by limits.max_keepalive_s), "
+                            "partial_packet (limits.partial_packet_timeout_s), "
+                            "topic_alias_bytes (limits.topic_alias_max_bytes)", ["limit"])
+for _limit in ("keep_alive", "partial_packet", "topic_alias_bytes"):
+    MQTT_LIMIT_CLOSES.labels(_limit)  # exported at 0 before the first close
 SESSIONS = Gauge("lastmile_mqtt_sessions_retained",
                  "Disconnected MQTT sessions kept for a reconnect (limits.max_sessions per worker)",
                  multiprocess_mode="livesum")
@@ -82,6 +105,18 @@ PAUSED = Gauge("lastmile_backpressure_paused", "1 while sources are paused",
                multiprocess_mode="livemax")
 IN_FLIGHT = Gauge("lastmile_kafka_in_flight", "Records handed to librdkafka, not yet reported",
                   ["cluster"], multiprocess_mode="livesum")
+AUTH_ACCEPTED = Counter("lastmile_auth_accepted_total",
+                        "Clients let in (MQTT CONNECT, HTTP request), by method", ["method"])
+AUTH_REFUSED = Counter("lastmile_auth_refused_total",
+                       "Clients refused (MQTT CONNACK 0x04/0x05/0x86/0x87, HTTP 401), by reason",
+                       ["reason"])
+AUTH_THROTTLED = Counter("lastmile_auth_throttled_total",
+                         "Authentication attempts held back: their address kept failing")
+# Pre-initialised: the first acceptance or refusal is an increase a rate() can see.
+for _method in get_args(Method):
+    AUTH_ACCEPTED.labels(_method)
+for _reason in REFUSAL_CODES:
+    AUTH_REFUSED.labels(_reason)
 RULES_INFO = Gauge("lastmile_rules_info", "Active rules version (value is the rule count)",
                    ["version"], multiprocess_mode="liveall")
 
@@ -142,10 +177,16 @@ class Pump:
         if mqtt is not None:
             CONNECTIONS.set(len(mqtt.connections))
             self._delta(MQTT_REFUSED, (), mqtt.refused_connections)
+            self._counters(MQTT_LIMIT_CLOSES, mqtt.limit_closes)
             store = mqtt.store
             SESSIONS.set(store.retained)
             self._counters(SESSION_EVENTS, {"expired": store.expired, "evicted": store.evicted,
                                             "refused_client_id": store.refused_client_ids})
+        auth = app.auth
+        if auth is not None:
+            self._counters(AUTH_ACCEPTED, auth.accepted)
+            self._counters(AUTH_REFUSED, auth.refused)
+            self._delta(AUTH_THROTTLED, (), auth.throttled)
 
         http = getattr(app, "http", None)  # test doubles may have no HTTP side
         if http is not None:

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from gateway.auth import Authenticator
     from gateway.config.schema import Config
     from gateway.pipeline import Pipeline
     from gateway.sources.mqtt_server import MqttServer
@@ -23,9 +24,13 @@ def mqtt_enabled(config: Config) -> bool:
     return listeners.mqtt.enabled or listeners.mqtts.enabled or listeners.ws.enabled
 
 
-async def start_mqtt(pipeline: Pipeline, config: Config, reuse_port: bool, worker_id: int = 0
-                     ) -> tuple[MqttServer, Cleanup]:
-    """The MQTT server (TCP and TLS listeners; WebSocket clients reach it through HTTP)."""
+async def start_mqtt(pipeline: Pipeline, config: Config, reuse_port: bool, worker_id: int = 0,
+                     *, auth: Authenticator | None = None) -> tuple[MqttServer, Cleanup]:
+    """The MQTT server (TCP and TLS listeners; WebSocket clients reach it through HTTP).
+
+    ``auth`` decides every CONNECT (TCP, TLS and WebSocket alike); None lets every
+    client in unchecked, which only tests and embedded use want.
+    """
     from gateway.protocols.mqtt.events import MqttLimits
     from gateway.sources.mqtt_server import MqttServer
 
@@ -36,6 +41,8 @@ async def start_mqtt(pipeline: Pipeline, config: Config, reuse_port: bool, worke
         connect_timeout=config.limits.connect_timeout_s,
         max_keep_alive=config.limits.max_keepalive_s,
         topic_alias_maximum=config.limits.topic_alias_maximum,
+        topic_alias_max_bytes=config.limits.topic_alias_max_bytes,
+        partial_packet_timeout=config.limits.partial_packet_timeout_s,
         max_connections=config.limits.max_connections,
         max_sessions=config.limits.max_sessions,
         max_client_id_bytes=config.limits.max_client_id_bytes,
@@ -44,7 +51,7 @@ async def start_mqtt(pipeline: Pipeline, config: Config, reuse_port: bool, worke
 
     # Under the supervisor (workers > 1) client ids and QoS 2 ids are shared by the workers.
     shared = open_shared(worker_id, limits, asyncio.get_running_loop().time())
-    server = MqttServer(pipeline, limits, shared=shared)
+    server = MqttServer(pipeline, limits, shared=shared, auth=auth)
     server.start_background()  # also for MQTT over WebSocket with no TCP listener
     if listeners.mqtt.enabled:
         await server.start(listeners.mqtt.host, listeners.mqtt.port, reuse_port=reuse_port)

@@ -24,6 +24,21 @@ only queues the ack bytes in the session and marks the connection; one
 ``transport.write``.  An idle connection holds no buffers (the session creates
 them on use) and no copy of anything shared: ``peer`` is read from the
 transport when a log line needs it.
+
+Authentication (``auth``, a ``gateway.auth.Authenticator``).  The session
+holds a valid CONNECT (``AuthRequested``); the connection asks ``auth.quick``
+on the spot (anonymous, certificate, cached credentials: no task, no delay).
+Otherwise one task for that CONNECT waits out ``auth.delay_for(peer host)`` (a
+guessing address slows down, nobody else does), awaits ``auth.verify``
+(hashing off the loop) and hands the verdict to the session, unless the
+connection went away meanwhile.  While it waits the session keeps what arrives
+unparsed; the socket is still read up to ``AUTH_HOLD_BYTES`` of that, so a
+client that hangs up is seen at once (a paused socket would not report the
+close) and its task is cancelled; past the bound reading stops, and the
+CONNECT timeout ends a client that never gets a verdict.  The accepted
+``Identity`` is the only source of ``username``, ``cert_identity`` and
+``claims`` on every ``Message``.  Refusals are logged at most once per source
+address per ``refusal_log_interval`` (the Authenticator's counters see all).
 """
 
 from __future__ import annotations
@@ -39,8 +54,10 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import structlog
 
+from gateway.auth import AuthRefusal, Credentials, Identity
 from gateway.model import Message, Outcome
 from gateway.protocols.mqtt.events import (
+    AuthRequested,
     Connected,
     Disconnected,
     Event,
@@ -48,10 +65,11 @@ from gateway.protocols.mqtt.events import (
     PublishReceived,
     PublishToken,
 )
-from gateway.protocols.mqtt.session import MqttSession
+from gateway.protocols.mqtt.session import AWAIT_AUTH, MqttSession
 from gateway.protocols.mqtt.store import SessionStore
 
 if TYPE_CHECKING:
+    from gateway.auth import Authenticator
     from gateway.sources.mqtt_registry import SharedSessions
 
 __all__ = ["MqttLimits", "MqttServer"]
@@ -81,8 +99,17 @@ class MqttServer:
         *,
         sweep_interval: float = 1.0,
         shared: SharedSessions | None = None,
+        auth: Authenticator | None = None,
+        refusal_log_interval: float = 10.0,
     ) -> None:
         self.pipeline = pipeline
+        # None: every CONNECT is accepted as it comes (unit tests, embedded use).
+        self.auth = auth
+        self.refusal_log_interval = refusal_log_interval
+        # CONNECTs waiting for auth.verify (one task each, only while they wait).
+        self.auth_tasks: dict[MqttConnection, asyncio.Task[None]] = {}
+        # Peer host -> (when its last refusal was logged, refusals not logged since).
+        self._refusals_logged: dict[str, tuple[float, int]] = {}
         self.limits = limits or MqttLimits()
         self.log = log if log is not None else structlog.get_logger("lastmile.mqtt")
         # With workers > 1 the store is shared by all workers (mqtt_registry).
@@ -92,6 +119,8 @@ class MqttServer:
         self.store.on_evict = self._session_evicted
         self.connections: set[MqttConnection] = set()
         self.refused_connections = 0  # over limits.max_connections
+        # Connections ended by a per-connection bound, by its name (Disconnected.limit).
+        self.limit_closes: dict[str, int] = {}
         self.registry: dict[str, MqttConnection] = {}  # client id -> live connection
         self._servers: list[asyncio.Server] = []
         self._sweep_interval = sweep_interval
@@ -152,6 +181,9 @@ class MqttServer:
         unanswered at the end gets no ack, so its client sends it again elsewhere.
         """
         await self.stop_accepting()
+        for task in list(self.auth_tasks.values()):
+            task.cancel()  # a CONNECT still waiting for its verdict gets none
+        self.auth_tasks.clear()
         loop = asyncio.get_running_loop()
         end = loop.time() + deadline
         # Polling once per 50 ms at shutdown beats a counter on every message's hot path.
@@ -248,6 +280,36 @@ class MqttServer:
         for conn in [c for c in self.connections if c.session.deadline <= now]:
             conn.handle_events(conn.session.expire(now))
         self.store.expire(now)
+        if self._refusals_logged:
+            self._forget_refusals(now)
+
+    # --- authentication refusals: counted by the Authenticator, logged here, bounded ---
+
+    def log_refusal(self, conn: MqttConnection, refusal: AuthRefusal, creds: Credentials,
+                    now: float) -> None:
+        """One ``mqtt_auth_refused`` line per source address per interval, never a password."""
+        host = creds.peer_host
+        seen = self._refusals_logged.get(host)
+        if seen is not None and now - seen[0] < self.refusal_log_interval:
+            self._refusals_logged[host] = (seen[0], seen[1] + 1)
+            return
+        if seen is None and len(self._refusals_logged) >= _MAX_REFUSAL_HOSTS:
+            return  # a flood from many addresses: the counters still see every refusal
+        self._refusals_logged[host] = (now, 0)
+        username = creds.username
+        self.log.info("mqtt_auth_refused", reason=refusal.reason, detail=refusal.message,
+                      client_id=conn.session.client_id[:_LOGGED_CHARS],
+                      username=username[:_LOGGED_CHARS] if username is not None else None,
+                      peer=conn.peer)
+
+    def _forget_refusals(self, now: float) -> None:
+        interval = self.refusal_log_interval
+        for host, (when, unlogged) in list(self._refusals_logged.items()):
+            if now - when >= interval:
+                del self._refusals_logged[host]
+                if unlogged:
+                    self.log.info("mqtt_auth_refused_unlogged", peer_host=host, count=unlogged,
+                                  seconds=interval)
 
 
 class MqttConnection(asyncio.Protocol):
@@ -257,7 +319,8 @@ class MqttConnection(asyncio.Protocol):
     def __init__(self, server: MqttServer) -> None:
         self.server = server
         loop = asyncio.get_running_loop()
-        self.session = MqttSession(server.limits, server.store, loop.time())
+        self.session = MqttSession(server.limits, server.store, loop.time(),
+                                   authenticate=server.auth is not None)
         self.session.context = self
         self.transport: asyncio.Transport | None = None
         self.cert_identity: str | None = None
@@ -271,6 +334,13 @@ class MqttConnection(asyncio.Protocol):
         transport = self.transport
         peer = transport.get_extra_info("peername") if transport is not None else None
         return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
+
+    @property
+    def peer_host(self) -> str:
+        """The client's address without the port (the failed-attempt throttle's key)."""
+        transport = self.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        return str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport, hence the cast.
@@ -305,6 +375,9 @@ class MqttConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         server = self.server
         server.connections.discard(self)
+        task = server.auth_tasks.pop(self, None)
+        if task is not None:
+            task.cancel()  # its verdict has nobody to go to
         if server.registry.get(self.session.client_id) is self:
             del server.registry[self.session.client_id]
         try:
@@ -324,7 +397,12 @@ class MqttConnection(asyncio.Protocol):
                 elif isinstance(event, Connected):
                     self._register(event)
                 elif isinstance(event, Disconnected):
+                    if event.limit is not None:
+                        closes = self.server.limit_closes
+                        closes[event.limit] = closes.get(event.limit, 0) + 1
                     self._log_disconnect(event)
+                elif isinstance(event, AuthRequested):
+                    self._authenticate(event)
         self._flush()
 
     def after_ack(self) -> None:
@@ -339,11 +417,16 @@ class MqttConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        want = not self.held and not self.server.pipeline.flow.paused and (
-            self.session.pending < self.server.limits.receive_maximum
+        session = self.session
+        want = not self.held and (
+            session.state is not AWAIT_AUTH or session.buffered < AUTH_HOLD_BYTES
+        ) and not self.server.pipeline.flow.paused and (
+            session.pending < self.server.limits.receive_maximum
         )
         if want != self._reading:
             self._reading = want
+            # A partial packet we do not read is not the client's stall (partial timeout).
+            self.session.reading_paused(not want, asyncio.get_running_loop().time())
             if want:
                 transport.resume_reading()
             else:
@@ -359,6 +442,51 @@ class MqttConnection(asyncio.Protocol):
             self.held = False
             self.after_ack()
 
+    # --- authentication ----------------------------------------------------------------
+
+    def _authenticate(self, event: AuthRequested) -> None:
+        auth = self.server.auth
+        assert auth is not None  # the session asks only when the server has one
+        creds = Credentials(username=event.username, password=event.password,
+                            cert_identity=self.cert_identity, peer_host=self.peer_host)
+        verdict = auth.quick(creds)
+        if verdict is not None:
+            self._verdict(verdict, creds)
+            return
+        self.server.auth_tasks[self] = asyncio.get_running_loop().create_task(
+            self._verify(auth, creds), name="mqtt-auth")
+
+    async def _verify(self, auth: Authenticator, creds: Credentials) -> None:
+        try:
+            delay = auth.delay_for(creds.peer_host)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            verdict = await auth.verify(creds)
+        except Exception:
+            self.server.auth_tasks.pop(self, None)
+            self._crash("authenticate")
+            return
+        self.server.auth_tasks.pop(self, None)
+        transport = self.transport
+        if transport is None or transport.is_closing() or self.session.closing:
+            return  # gone meanwhile: no CONNACK to a dead transport
+        try:
+            self._verdict(verdict, creds)
+        except Exception:
+            self._crash("authenticate")
+
+    def _verdict(self, verdict: Identity | AuthRefusal, creds: Credentials) -> None:
+        now = asyncio.get_running_loop().time()
+        if isinstance(verdict, AuthRefusal):
+            self.server.log_refusal(self, verdict, creds, now)
+            self.handle_events(self.session.authenticated(verdict, now))
+            return
+        valid_until = None
+        if verdict.expires_at is not None:  # wall clock -> the loop's clock
+            valid_until = now + (verdict.expires_at - time.time())
+        self.handle_events(self.session.authenticated(verdict, now, valid_until))
+        self.update_reading()
+
     # --- internals -------------------------------------------------------------------
 
     def _flush(self) -> None:
@@ -370,23 +498,29 @@ class MqttConnection(asyncio.Protocol):
             transport.write(out)
         if self.session.closing:
             transport.close()
-        elif self._reading and self.session.pending >= self.server.limits.receive_maximum:
+        elif self._reading and (self.session.pending >= self.server.limits.receive_maximum
+                                or self.session.state is AWAIT_AUTH):
             self.update_reading()
 
     def _message(self, event: PublishReceived, received_at: float) -> Message:
         pk = event.publish
         session = self.session
         props = pk.properties
+        # With an Authenticator the verified identity says who this is (session.username
+        # is its name); without one, what the CONNECT and the TLS layer said.
+        identity = session.identity
+        cert, claims = (self.cert_identity, None) if identity is None else (
+            identity.cert, identity.claims)
         if props is None:
             return Message(
                 source="mqtt", topic=pk.topic, payload=pk.payload, qos=pk.qos, retain=pk.retain,
                 client_id=session.client_id, username=session.username,
-                cert_identity=self.cert_identity, received_at=received_at,
+                cert_identity=cert, claims=claims, received_at=received_at,
             )
         return Message(
             source="mqtt", topic=pk.topic, payload=pk.payload, qos=pk.qos, retain=pk.retain,
             client_id=session.client_id, username=session.username,
-            cert_identity=self.cert_identity, received_at=received_at,
+            cert_identity=cert, claims=claims, received_at=received_at,
             user_properties=props.user_properties, content_type=props.content_type,
             payload_format=props.payload_format_indicator,
             message_expiry=props.message_expiry_interval,
@@ -414,12 +548,14 @@ class MqttConnection(asyncio.Protocol):
         # Per-connection lines are debug (10k devices reconnecting must not cost 10k info
         # lines); a protocol error by the client stays visible at info.
         normal = event.by_client or event.reason_code < 0x80 or event.reason_code in _ROUTINE
+        if event.reason_code in _AUTH_REFUSED and self.session.identity is None:
+            normal = True  # a refused CONNECT: mqtt_auth_refused said it (bounded)
         if normal and not self.server.debug:
             return
         getattr(self.server.log, "debug" if normal else "info")(
             "mqtt_disconnected", peer=self.peer, client_id=self.session.client_id,
             reason_code=f"0x{event.reason_code:02X}", reason=event.reason,
-            by_client=event.by_client,
+            by_client=event.by_client, limit=event.limit,
         )
 
     def _crash(self, where: str) -> None:
@@ -432,6 +568,13 @@ class MqttConnection(asyncio.Protocol):
 # Ends that are routine for a fleet of devices: connection lost (0x80), server shutting
 # down (0x8B), keep alive timeout (0x8D), session taken over (0x8E).
 _ROUTINE = frozenset({0x80, 0x8B, 0x8D, 0x8E})
+_AUTH_REFUSED = frozenset({0x86, 0x87})  # 5.0 CONNACK codes of a refused CONNECT
+# Bytes read and kept unparsed while a CONNECT waits for its verdict; then reading stops.
+AUTH_HOLD_BYTES = 65_536
+# Bounds on refusal logging: addresses remembered per interval, characters of a logged
+# client id or username (both come from the client, up to 64 KiB each).
+_MAX_REFUSAL_HOSTS = 4096
+_LOGGED_CHARS = 128
 
 
 def _cert_identity(cert: Any) -> str | None:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import pytest
 
+from gateway.auth import AuthRefusal, Credentials, Identity
 from gateway.errors import GatewayError
 from gateway.model import Message, Outcome
 from gateway.sources.mqtt_server import MqttServer
@@ -36,8 +37,10 @@ class VerdictPipeline:
         self.flow = Flow()
         self.case = case
         self.held: list[Callable[[Outcome], None]] = []
+        self.messages: list[Message] = []
 
     def publish(self, message: Message, on_done: Callable[[Outcome], None]) -> None:
+        self.messages.append(message)
         verdict = self.case.verdict
         if verdict is None:
             self.held.append(on_done)
@@ -48,6 +51,24 @@ class VerdictPipeline:
             error.mqtt_reason = verdict
             error.retriable = self.case.retriable
             on_done(Outcome(ok=False, error=error))
+
+
+class RowAuth:
+    """An Authenticator answering the row's verdict, always through ``verify`` (the slow
+    path): what the client pipelined behind CONNECT waits across a real await."""
+
+    def __init__(self, verdict: Identity | AuthRefusal) -> None:
+        self.verdict = verdict
+
+    def quick(self, creds: Credentials) -> Identity | AuthRefusal | None:
+        return None
+
+    def delay_for(self, peer_host: str) -> float:
+        return 0.0
+
+    async def verify(self, creds: Credentials) -> Identity | AuthRefusal:
+        await asyncio.sleep(0.01)
+        return self.verdict
 
 
 async def read_packet(reader: asyncio.StreamReader) -> bytes:
@@ -63,7 +84,9 @@ async def read_packet(reader: asyncio.StreamReader) -> bytes:
 
 
 async def run_wire(case: Case) -> None:
-    srv = MqttServer(VerdictPipeline(case), LIMITS, sweep_interval=3600)
+    auth = RowAuth(case.login) if case.login is not None else None
+    pipeline = VerdictPipeline(case)
+    srv = MqttServer(pipeline, LIMITS, sweep_interval=3600, auth=auth)
     await srv.start("127.0.0.1", 0)
     conns: dict[int, tuple[asyncio.StreamReader, asyncio.StreamWriter]] = {}
     try:
@@ -102,6 +125,10 @@ async def run_wire(case: Case) -> None:
             writer.write(b"\xc0\x00")
             pong = await asyncio.wait_for(reader.readexactly(2), DEADLINE)
             assert pong == b"\xd0\x00", pong.hex()
+        if isinstance(case.login, AuthRefusal):  # not one byte of a refused client goes on
+            assert pipeline.messages == []
+        elif case.login is not None:  # and an accepted one publishes as who it proved to be
+            assert [m.username for m in pipeline.messages] == [case.login.name]
     finally:
         for _, writer in conns.values():
             writer.close()

@@ -28,8 +28,13 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def gateway(gateway_factory: Any) -> Any:
-    proc, ports = gateway_factory()
+def gateway(gateway_factory: Any, tmp_path: Any) -> Any:
+    # Anonymous clients are let in (these tests are not about authentication); a client
+    # that gives a username proves it against the password file.
+    passwd = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-c", "-b", str(passwd), "plant-north", "north-pw"],
+                   check=True)
+    proc, ports = gateway_factory(auth__password_file=str(passwd))
     with running(proc, ("127.0.0.1", ports["mqtt"])):
         yield proc, ports["mqtt"]
 
@@ -84,10 +89,12 @@ def test_paho_all_qos(gateway: Any, broker: Broker, protocol: int) -> None:
 
 def test_paho_v5_headers_from_topic_and_user_properties(gateway: Any, broker: Broker) -> None:
     _, port = gateway
-    plant, unit = cid("plant"), "u7"
+    # The shipped rule lets user plant-<plant> publish under energy/<plant>/ only; the
+    # unit makes this test's key unique on the shared broker.
+    plant, unit = "north", cid("u7")
     client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=cid("alarm"),
                          protocol=paho.MQTTv5)
-    client.username_pw_set("plant-north")
+    client.username_pw_set("plant-north", "north-pw")  # proven by the password file
     client.connect("127.0.0.1", port)
     client.loop_start()
     props = PahoProperties(PacketTypes.PUBLISH)
@@ -101,7 +108,7 @@ def test_paho_v5_headers_from_topic_and_user_properties(gateway: Any, broker: Br
     got = records_for(broker, "edge.energy.alarms", f"{plant}.{unit}".encode(), 1)
     assert [m.value() for m in got] == [b"hot!"]
     headers = dict(got[0].headers() or [])
-    assert headers["plant"] == plant.encode() and headers["unit"] == b"u7"
+    assert headers["plant"] == plant.encode() and headers["unit"] == unit.encode()
     assert headers["severity"] == b"high"
 
 

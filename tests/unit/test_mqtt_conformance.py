@@ -20,6 +20,9 @@ row is ``raw``, each connection starts with the CONNECT of its version:
 client id "c", clean start, keep alive 0 and, in 5.0, Request Problem
 Information 0 so a DISCONNECT carries no reason string.  ``close``: the last
 step's connection must end closed (else it must still answer a PINGREQ).
+``login``: the server authenticates, and every CONNECT gets that verdict
+(sans-IO: ``authenticated``; over the wire: an Authenticator whose ``verify``
+answers it, so the pipelined bytes wait across a real await).
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from gateway.auth import AuthRefusal, Identity
 from gateway.protocols.mqtt import packets as p
 from gateway.protocols.mqtt.events import (
+    AuthRequested,
     Connected,
     Disconnected,
     Event,
@@ -43,7 +48,10 @@ from gateway.protocols.mqtt.store import SessionStore
 pytestmark = pytest.mark.unit
 
 # Small limits so the rows stay short: Receive Maximum 2, aliases 1..2, packets <= 128 bytes.
-LIMITS = MqttLimits(receive_maximum=2, topic_alias_maximum=2, max_packet_size=128)
+# No keep alive cap: these rows are the specification's own keep alive rules; the gateway's
+# idle bound on top of them (limits.max_keepalive_s) is tested in test_mqtt_session.py.
+LIMITS = MqttLimits(receive_maximum=2, topic_alias_maximum=2, max_packet_size=128,
+                    max_keep_alive=0)
 NOW = 100.0
 
 # CONNECT "c", clean start, keep alive 0 (5.0: properties 17 00 = no problem information).
@@ -57,6 +65,13 @@ CA5 = "20 14 00 00 11 " + CA5_PROPS
 # CONNECT clean start 0 (3.1.1: a session that outlives the connection; 5.0: 60 s).
 C4_KEEP = "10 0d 0004 4d515454 04 00 0000 0001 63"
 C5_KEEP = "10 15 0004 4d515454 05 00 0000 07 1700 11 0000003c 0001 63"
+# CONNECT "c" with user name "u" and password "p" (flags c2).
+C4_USER = "10 13 0004 4d515454 04 c2 0000 0001 63 0001 75 0001 70"
+C5_USER = "10 16 0004 4d515454 05 c2 0000 02 1700 0001 63 0001 75 0001 70"
+# Verdicts for rows with a login: who "u" turned out to be, or why not.
+ALICE = Identity(method="password", name="alice")
+MISSING = AuthRefusal(reason="missing", message="no credentials")
+BAD_PASSWORD = AuthRefusal(reason="bad_credentials", message="wrong password")
 
 Step = tuple[str, str | None] | tuple[int, str, str | None]
 
@@ -73,6 +88,7 @@ class Case:
     retriable: bool = False
     # Needs every byte in one read (the server stops reading at its in-flight bound).
     sansio_only: bool = False
+    login: Identity | AuthRefusal | None = None  # the server authenticates: this verdict
     check: Callable[[list[Event]], bool] | None = field(default=None, compare=False)
 
     @property
@@ -256,6 +272,18 @@ CASES: list[Case] = [
          raw=True),
     Case(V4, "MQTT-3.2.0-1", "CONNACK goes before the answer to anything sent with CONNECT",
          ((C4 + " c000", CA4 + " d000"),), raw=True),
+    # --- authentication (3.1.4, 3.2.2.3): the verdict is the I/O layer's, the codes are here --
+    Case(V4, "3.2.2.3, MQTT-3.2.2-5", "bad user name or password: CONNACK 0x04, close",
+         ((C4_USER, "20 02 00 04"),), close=True, raw=True, login=BAD_PASSWORD),
+    Case(V4, "3.2.2.3, MQTT-3.2.2-5", "no credentials, anonymous off: CONNACK 0x05, close",
+         ((C4, "20 02 00 05"),), close=True, raw=True, login=MISSING),
+    Case(V4, "MQTT-3.1.4-5", "a PUBLISH pipelined behind a refused login is never processed",
+         ((C4_USER + " 32 06 0001 74 0001 78 c000", "20 02 00 04"),), close=True, raw=True,
+         login=BAD_PASSWORD, check=_count(0)),
+    Case(V4, "MQTT-3.2.0-1 (login)", "a PUBLISH pipelined behind an accepted login: CONNACK, "
+         "then its PUBACK",
+         ((C4_USER + " 32 06 0001 74 0001 78", CA4 + " 40 02 0001"),), raw=True, login=ALICE,
+         check=_topics("t")),
     # --- PUBLISH (3.3) ---------------------------------------------------------------------
     Case(V4, "MQTT-3.3.1-2", "QoS 0 with DUP set closes", (("38 04 0001 74 78", ""),),
          close=True),
@@ -439,6 +467,17 @@ CASES: list[Case] = [
     Case(V5, "MQTT-3.1.4-3", "a second connection with the same client id: the first gets "
          "DISCONNECT 0x8E", ((0, C5, CA5), (1, C5, CA5), (0, "", "e0 01 8e")),
          close=True, raw=True),
+    Case(V5, "3.2.2.2 (0x86), MQTT-3.2.2-7", "bad user name or password: CONNACK 0x86, close",
+         ((C5_USER, "20 03 00 86 00"),), close=True, raw=True, login=BAD_PASSWORD),
+    Case(V5, "3.2.2.2 (0x87), MQTT-3.2.2-7", "no credentials, anonymous off: CONNACK 0x87, "
+         "close", ((C5, "20 03 00 87 00"),), close=True, raw=True, login=MISSING),
+    Case(V5, "MQTT-3.1.4-6 (login)", "a PUBLISH pipelined behind a refused login is never "
+         "processed", ((C5_USER + " 32 07 0001 74 0001 00 78 c000", "20 03 00 86 00"),),
+         close=True, raw=True, login=BAD_PASSWORD, check=_count(0)),
+    Case(V5, "MQTT-3.1.4-5 (login)", "a PUBLISH pipelined behind an accepted login: CONNACK, "
+         "then its PUBACK",
+         ((C5_USER + " 32 07 0001 74 0001 00 78", CA5 + " 40 02 0001"),), raw=True,
+         login=ALICE, check=_topics("t")),
     Case(V5, "MQTT-3.1.4-6", "nothing after a refused CONNECT is processed",
          (("10 10 0004 4d515454 05 03 0000 02 1700 0001 63 c000", "20 03 00 81 00"),),
          close=True, raw=True),
@@ -597,7 +636,8 @@ def run_sansio(case: Case) -> None:
         session = sessions.get(conn)
         if session is None:
             session = sessions[conn] = MqttSession(LIMITS, store, NOW,
-                                                   new_client_id=lambda: "auto-1")
+                                                   new_client_id=lambda: "auto-1",
+                                                   authenticate=case.login is not None)
             pending[conn] = bytearray()
         if data == "LOST":
             new = session.connection_lost(NOW)
@@ -606,8 +646,15 @@ def run_sansio(case: Case) -> None:
         else:
             new = session.receive_data(bytes.fromhex(data.replace(" ", "")), NOW)
         pending[conn] += session.data_to_send()
-        for event in list(new):
-            if isinstance(event, PublishReceived) and case.verdict is not None:
+        i = 0
+        while i < len(new):  # what the verdicts cause is handled too
+            event = new[i]
+            i += 1
+            if isinstance(event, AuthRequested):
+                assert case.login is not None
+                new += session.authenticated(case.login, NOW)
+                pending[conn] += session.data_to_send()
+            elif isinstance(event, PublishReceived) and case.verdict is not None:
                 reason = "no rule" if case.verdict else None
                 new += session.ack(event.token, case.verdict, reason, retriable=case.retriable)
                 pending[conn] += session.data_to_send()

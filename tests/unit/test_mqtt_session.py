@@ -457,3 +457,126 @@ def test_puback_fast_path_bytes_match_the_encoder() -> None:
         peer.publish(0x1234)
         peer.session.ack(peer.session._order[0])  # type: ignore[index]
         assert peer.session.data_to_send() == encode(p.Puback(packet_id=0x1234), version)
+
+
+# --- per-connection bounds (issue 13: topic aliases, idle and partial input) ------------------
+
+
+def alias_bytes(session: MqttSession) -> int:
+    """Bytes of topic names the session's alias map holds, counted from the map itself."""
+    return sum(len(t.encode()) for t in (session._aliases or {}).values())
+
+
+def test_alias_bytes_are_bounded_and_going_over_is_0x97() -> None:
+    peer = Peer(5, limits=MqttLimits(topic_alias_maximum=100, topic_alias_max_bytes=3000))
+    peer.connect()
+    for alias in (1, 2):  # 2 x 1,000 bytes: within the bound
+        peer.publish(0, qos=0, topic=f"{alias}/" + "x" * 998, props=P(topic_alias=alias))
+    assert alias_bytes(peer.session) == peer.session._alias_bytes == 2000
+    # Replacing an alias counts the difference; setting the same topic again costs nothing.
+    peer.publish(0, qos=0, topic="short", props=P(topic_alias=2))
+    peer.publish(0, qos=0, topic="short", props=P(topic_alias=2))
+    assert alias_bytes(peer.session) == peer.session._alias_bytes == 1005
+    peer.publish(0, qos=0, topic="é" * 997, props=P(topic_alias=3))  # 1,994 bytes: 2,999
+    assert alias_bytes(peer.session) == peer.session._alias_bytes == 2999
+    peer.received()
+    events = peer.publish(1, qos=1, topic="y/z", props=P(topic_alias=4))  # 3,002: over
+    assert not any(isinstance(e, PublishReceived) for e in events)
+    closed = [e for e in events if isinstance(e, Disconnected)]
+    assert closed and closed[0].reason_code == 0x97 and closed[0].limit == "topic_alias_bytes"
+    assert disconnect_reason(peer) == 0x97
+    assert peer.session._aliases is None  # let go at the close
+
+
+def test_connack_says_the_default_alias_maximum() -> None:
+    peer = Peer(5)
+    peer.send(p.Connect(protocol_level=5, client_id="c", properties=P()))
+    connack = peer.received()[0]
+    assert isinstance(connack, p.Connack) and connack.properties is not None
+    assert connack.properties.topic_alias_maximum == 10  # Mosquitto's default
+
+
+@pytest.mark.parametrize(("asked", "told"), [(0, 3600), (7200, 3600), (60, None), (3600, None)])
+def test_mqtt5_keep_alive_is_capped_by_default(asked: int, told: int | None) -> None:
+    peer = Peer(5)
+    peer.send(p.Connect(protocol_level=5, client_id="c", keep_alive=asked, properties=P()))
+    connack = peer.received()[0]
+    assert isinstance(connack, p.Connack) and connack.properties is not None
+    assert connack.properties.server_keep_alive == told
+    assert peer.session.deadline == 100.0 + 1.5 * (told or asked)
+
+
+@pytest.mark.parametrize("asked", [0, 100])
+def test_a_silent_v311_client_is_closed_after_the_cap(asked: int) -> None:
+    peer = Peer(4, limits=MqttLimits(max_keep_alive=20))
+    peer.connect(keep_alive=asked)
+    assert peer.session.deadline == 130.0
+    assert peer.session.expire(129.9) == [] and not peer.session.closing
+    events = peer.session.expire(130.0)
+    assert isinstance(events[0], Disconnected) and events[0].limit == "keep_alive"
+    assert peer.session.data_to_send() == b""  # 3.1.1: closed without a packet
+
+
+def test_no_cap_keeps_the_clients_keep_alive_0() -> None:
+    peer = Peer(4, limits=MqttLimits(max_keep_alive=0))
+    peer.connect(keep_alive=0)
+    assert peer.session.deadline == float("inf")
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_a_stalled_partial_packet_is_closed_after_its_timeout(version: int) -> None:
+    peer = Peer(version, limits=MqttLimits(partial_packet_timeout=5.0))
+    peer.connect(keep_alive=60)
+    s = peer.session
+    data = encode(p.Publish(topic="t", payload=b"x" * 100, qos=1, packet_id=1,
+                            properties=P() if version == 5 else None), version)
+    assert s.receive_data(data[:50], 200.0) == []
+    assert s.deadline == 205.0
+    assert s.receive_data(data[50:60], 204.0) == []  # trickling: the same packet's clock
+    assert s.deadline == 205.0 and s.expire(204.9) == []
+    events = s.expire(205.0)
+    assert isinstance(events[0], Disconnected) and events[0].limit == "partial_packet"
+    assert events[0].reason_code == 0x8D
+    assert disconnect_reason(peer) == (0x8D if version == 5 else None)
+
+
+def test_each_packet_gets_its_own_partial_clock() -> None:
+    peer = Peer(5, limits=MqttLimits(partial_packet_timeout=5.0))
+    peer.connect(keep_alive=60)
+    s = peer.session
+    one = encode(p.Publish(topic="t", payload=b"1", qos=0, properties=P()), 5)
+    assert s.receive_data(one[:3], 200.0) == []
+    # The first packet ends and a second one starts in the same chunk: a new clock.
+    events = s.receive_data(one[3:] + one[:3], 204.0)
+    assert isinstance(events[0], PublishReceived) and s.deadline == 209.0
+    s.receive_data(one[3:], 208.0)  # complete: no partial clock, only the keep alive
+    assert s._buf is None and s.deadline == 208.0 + 90
+
+
+def test_the_partial_clock_stops_while_the_server_does_not_read() -> None:
+    peer = Peer(5, limits=MqttLimits(partial_packet_timeout=5.0))
+    peer.connect(keep_alive=600)
+    s = peer.session
+    one = encode(p.Publish(topic="t", payload=b"1", qos=0, properties=P()), 5)
+    s.receive_data(one[:3], 200.0)
+    s.reading_paused(True, 201.0)  # backpressure: the gateway stopped reading
+    assert s.deadline == 200.0 + 900
+    s.reading_paused(False, 300.0)
+    assert s.deadline == 305.0
+
+
+def test_no_partial_clock_while_a_connect_waits_for_its_verdict() -> None:
+    from gateway.auth import Identity
+    from gateway.protocols.mqtt.session import AWAIT_AUTH
+
+    s = MqttSession(MqttLimits(partial_packet_timeout=5.0, connect_timeout=10.0),
+                    SessionStore(), 100.0, authenticate=True)
+    half = encode(p.Publish(topic="t", payload=b"x" * 50, qos=1, packet_id=1), 4)[:20]
+    s.receive_data(encode(p.Connect(protocol_level=4, client_id="c", keep_alive=60), 4) + half,
+                   100.0)
+    assert s.state is AWAIT_AUTH and s._buf is not None
+    assert s.deadline == 110.0  # the CONNECT timeout, no partial clock on unread bytes
+    s.receive_data(half[:3], 101.0)
+    assert s.deadline == 110.0
+    s.authenticated(Identity(method="password", name="c"), 108.0)
+    assert s.deadline == 113.0  # the tail left incomplete starts its clock at the verdict

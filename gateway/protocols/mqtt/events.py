@@ -26,11 +26,18 @@ class MqttLimits:
     max_packet_size: int = 1024 * 1024
     receive_maximum: int = 64
     connect_timeout: float = 10.0
-    # Client keep alives above this are replaced (MQTT 5 Server Keep Alive); 0 = no cap.
-    max_keep_alive: int = 0
+    # The longest silence any connection gets (docs/mqtt.md, "Idle and partial input"):
+    # MQTT 5 keep alives of 0 or above it are replaced (Server Keep Alive); a 3.1.1 client
+    # asking 0 or more is closed after 1.5 x this of silence.  0 = no cap.
+    max_keep_alive: int = 3600
     # When set, every MQTT 5 client is told to use this keep alive instead of its own.
     server_keep_alive: int | None = None
-    topic_alias_maximum: int = 16
+    topic_alias_maximum: int = 10
+    # Bytes of topic names the aliases of one connection may hold; a client that would go
+    # over gets DISCONNECT 0x97 (Quota exceeded).
+    topic_alias_max_bytes: int = 64 * 1024
+    # A packet not complete this long after its first byte arrived closes the connection.
+    partial_packet_timeout: float = 30.0
     # Upper bound for state kept after a disconnect (3.1.1 clean session 0 asks "forever").
     max_session_expiry: int = 24 * 3600
     # Open connections per server (per worker process); 0 = no limit.  The I/O layer
@@ -82,6 +89,19 @@ class Connected(msgspec.Struct, kw_only=True):
     properties: Properties | None
 
 
+class AuthRequested(msgspec.Struct, kw_only=True):
+    """A valid CONNECT waits for the I/O layer's verdict (``session.authenticated``).
+
+    Emitted only by a session made with ``authenticate=True``.  Nothing is sent
+    and nothing that arrived after the CONNECT is processed until the verdict.
+    """
+
+    client_id: str
+    version: int
+    username: str | None
+    password: bytes | None
+
+
 class PublishReceived(msgspec.Struct, kw_only=True):
     """A PUBLISH to hand to the pipeline; answer with ``token.session.ack``.
 
@@ -99,6 +119,9 @@ class Disconnected(msgspec.Struct, kw_only=True):
     reason: str
     by_client: bool = False
     will_due: bool = False  # the will should be published (presence feature, later)
+    # The per-connection bound that ended it ("idle", "partial_packet", "topic_alias_bytes"),
+    # counted by the server (lastmile_mqtt_limit_closes_total).
+    limit: str | None = None
 
 
-Event = Connected | PublishReceived | Disconnected
+Event = Connected | PublishReceived | Disconnected | AuthRequested

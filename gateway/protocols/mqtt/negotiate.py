@@ -19,11 +19,19 @@ def default_client_id() -> str:
 
 
 def keep_alive(asked: int, level: int, limits: MqttLimits) -> tuple[int, int | None]:
-    """The keep alive in force and, when it differs, the MQTT 5 Server Keep Alive to send."""
-    if level != 5:
-        return asked, None  # 3.1.1 has no way to tell the client another value
-    server = limits.server_keep_alive
+    """The keep alive in force and, when it differs, the MQTT 5 Server Keep Alive to send.
+
+    ``limits.max_keep_alive`` bounds every connection's silence, 0 ("no keep alive")
+    included.  MQTT 5 tells the client (Server Keep Alive); 3.1.1 cannot, so a 3.1.1
+    client asking 0 or more than the cap is simply closed after 1.5 x the cap of silence,
+    which 3.1.1 allows: "a Server is permitted to disconnect a Client that it determines
+    to be inactive or non-responsive at any time" (3.1.2.10).
+    """
     cap = limits.max_keep_alive
+    if level != 5:
+        # 3.1.1 has no way to tell the client another value.
+        return (cap if cap and (not asked or asked > cap) else asked), None
+    server = limits.server_keep_alive
     if server is None and cap and (not asked or asked > cap):
         server = cap
     if server is None or server == asked:

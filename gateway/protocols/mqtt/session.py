@@ -28,6 +28,18 @@ which ``_on_connect`` already keeps (``client_receive_maximum``,
 ``client_max_packet_size``, ``client_topic_alias_maximum``), an outbound packet
 id allocator, and an outbound map packet id -> message answered by PUBACK /
 PUBREC / PUBCOMP, which today are refused as protocol errors.
+
+Authentication.  A session made with ``authenticate=True`` does not answer a
+valid CONNECT by itself: it emits ``AuthRequested`` and waits in
+``AWAIT_AUTH`` for ``authenticated(verdict, now)``.  Bytes that arrive behind
+the CONNECT (clients pipeline PUBLISH right after it) stay buffered, unparsed,
+until the verdict: an ``Identity`` completes the CONNECT (CONNACK) and then
+processes them; an ``AuthRefusal`` answers CONNACK 0x04 / 0x05 (3.1.1) or
+0x86 / 0x87 (5.0), creates no session state, discards the will, and drops them
+unread [MQTT-3.1.4-5] (5.0: [MQTT-3.1.4-6]).  The CONNECT timeout keeps
+running while the verdict is awaited.  An identity that expires (a JWT's
+``exp``, as ``valid_until`` in the caller's clock) moves ``deadline``: the
+sweep's ``expire`` then ends the connection (5.0: DISCONNECT 0x87).
 """
 
 from __future__ import annotations
@@ -37,6 +49,7 @@ from collections.abc import Callable
 
 import msgspec
 
+from gateway.auth import REFUSAL_CODES, AuthRefusal, Identity
 from gateway.errors import GatewayError, ProtocolError
 from gateway.protocols.mqtt import packets as p
 from gateway.protocols.mqtt.codec import (
@@ -48,6 +61,7 @@ from gateway.protocols.mqtt.codec import (
     encode,
 )
 from gateway.protocols.mqtt.events import (
+    AuthRequested,
     Connected,
     Disconnected,
     Event,
@@ -65,7 +79,8 @@ from gateway.protocols.mqtt.properties import EMPTY, Properties
 from gateway.protocols.mqtt.store import ClientState, SessionStore
 from gateway.protocols.mqtt.wire import is_utf8
 
-AWAIT_CONNECT, CONNECTED, CLOSED = "AWAIT_CONNECT", "CONNECTED", "CLOSED"
+AWAIT_CONNECT, AWAIT_AUTH, CONNECTED, CLOSED = (
+    "AWAIT_CONNECT", "AWAIT_AUTH", "CONNECTED", "CLOSED")
 NO_DEADLINE = float("inf")
 SUBSCRIBE_UNSUPPORTED = "subscriptions are not supported yet"
 _PUBACK = b"\x40\x02"  # PUBACK, remaining length 2: success without properties (3.1.1 and 5)
@@ -90,6 +105,14 @@ def _grace(keep: int) -> float:
     return grace
 
 
+class OverLimit(ProtocolViolation):
+    """A client went past a per-connection bound (``limit`` names it, for the counters)."""
+
+    def __init__(self, limit: str, reason: int, message: str) -> None:
+        super().__init__(reason, message)
+        self.limit = limit
+
+
 def _check_response_topic(topic: str) -> None:
     """A Response Topic is a Topic Name: not empty, no wildcards [MQTT-3.3.2-13/14]."""
     if not topic or "+" in topic or "#" in topic:
@@ -105,9 +128,10 @@ class MqttSession:
     """
 
     __slots__ = (
-        "_aliases", "_buf", "_client", "_events", "_expiry", "_grace", "_inflight", "_limits",
-        "_new_client_id", "_order", "_out", "_store", "client_id", "client_max_packet_size",
-        "client_receive_maximum", "client_topic_alias_maximum", "context",
+        "_alias_bytes", "_aliases", "_authenticate", "_buf", "_client", "_connect", "_events",
+        "_expiry", "_grace", "_inflight", "_limits", "_new_client_id", "_order", "_out",
+        "_partial_until", "_store", "_valid_until", "client_id", "client_max_packet_size",
+        "client_receive_maximum", "client_topic_alias_maximum", "context", "identity",
         "keep_alive", "last_received", "pending", "problem_info", "state", "username", "version",
         "will",
     )
@@ -118,8 +142,15 @@ class MqttSession:
         store: SessionStore,
         now: float,
         new_client_id: Callable[[], str] = default_client_id,
+        *,
+        authenticate: bool = False,
     ) -> None:
         self._limits = limits
+        # True: a CONNECT waits for ``authenticated`` (the module docstring).
+        self._authenticate = authenticate
+        self._connect: tuple[p.Connect, str | None] | None = None  # (CONNECT, assigned id)
+        self._valid_until = NO_DEADLINE  # when the identity expires (the caller's clock)
+        self.identity: Identity | None = None  # the verdict that let the client in
         self._store = store
         self._new_client_id = new_client_id
         # Created on first use and dropped when empty (see the class docstring).
@@ -128,6 +159,8 @@ class MqttSession:
         self._events: list[Event] | None = None  # events of the current call
         self._order: deque[PublishToken] | None = None  # acks to send, in arrival order
         self._aliases: dict[int, str] | None = None
+        self._alias_bytes = 0  # UTF-8 bytes of the topics in _aliases (topic_alias_max_bytes)
+        self._partial_until = NO_DEADLINE  # _buf's packet must be complete by then
         self._client: ClientState | None = None
         self._inflight = 0  # QoS 1/2 not yet PUBACKed / PUBCOMPed (Receive Maximum)
         self._expiry = 0  # seconds to keep the client state after close
@@ -154,8 +187,28 @@ class MqttSession:
 
     @property
     def deadline(self) -> float:
-        """When the sweep must call ``expire`` (CONNECT timeout or 1.5 x keep alive)."""
-        return self.last_received + self._grace
+        """When the sweep must call ``expire`` (CONNECT timeout, 1.5 x keep alive, the
+        identity's expiry, or a partial packet's timeout)."""
+        deadline = self.last_received + self._grace
+        if self._valid_until < deadline:
+            deadline = self._valid_until
+        partial = self._partial_until
+        return deadline if deadline < partial else partial
+
+    def reading_paused(self, paused: bool, now: float) -> None:
+        """The I/O layer stopped (or resumed) reading: a packet we do not read cannot be
+        the client's fault, so its partial timeout stops, and starts over on resume."""
+        if paused:
+            self._partial_until = NO_DEADLINE
+        elif self._buf is not None and self.state is not AWAIT_AUTH:
+            self._partial_until = now + self._limits.partial_packet_timeout
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not parsed yet (a partial packet, or all that came while
+        ``AWAIT_AUTH``): the I/O layer bounds them by not reading."""
+        buf = self._buf
+        return len(buf) if buf is not None else 0
 
     def data_to_send(self) -> bytes:
         out = self._out
@@ -167,36 +220,90 @@ class MqttSession:
     def receive_data(self, data: bytes, now: float) -> list[Event]:
         """Feed bytes; get every event the complete packets in them produce."""
         events: list[Event] = []
-        if self.state is CLOSED:
+        state = self.state
+        if state is CLOSED:
+            return events
+        if state is AWAIT_AUTH:  # kept unread until the verdict
+            if self._buf is None:
+                self._buf = bytearray(data)
+            else:
+                self._buf += data
             return events
         self._events = events
-        if self.state is CONNECTED:
+        if state is CONNECTED:
             self.last_received = now  # before CONNECT the deadline is fixed
+        self._parse(data, now)
+        self._events = None
+        return events
+
+    def authenticated(self, verdict: Identity | AuthRefusal, now: float,
+                      valid_until: float | None = None) -> list[Event]:
+        """The I/O layer's answer to ``AuthRequested``.
+
+        An ``Identity`` completes the CONNECT and processes what was buffered
+        behind it; ``valid_until`` (in the clock of ``now``) is when it expires.
+        An ``AuthRefusal`` answers the refusal CONNACK and closes.  Ignored
+        unless the session waits for a verdict (it may have closed meanwhile).
+        """
+        events: list[Event] = []
+        pending = self._connect
+        if self.state is not AWAIT_AUTH or pending is None:
+            return events
+        self._connect = None
+        self._events = events
+        pk, assigned = pending
+        if isinstance(verdict, AuthRefusal):
+            v4, v5, _http = REFUSAL_CODES[verdict.reason]
+            self._buf = None  # [MQTT-3.1.4-5]: nothing after a refused CONNECT is read
+            self._refuse(v5 if self.version == 5 else v4, verdict.message, self.version)
+        else:
+            self.identity = verdict
+            self.username = verdict.name
+            if valid_until is not None:
+                self._valid_until = valid_until
+            self._accept(pk, assigned, now)
+            buf, self._buf = self._buf, None
+            if buf:
+                self._parse(bytes(buf), now)
+        self._events = None
+        return events
+
+    def _parse(self, data: bytes, now: float) -> None:
+        """Handle every complete packet of ``data`` (after what was buffered)."""
         # The usual chunk holds whole packets: parse it in place, copy only a tail.
         buf = self._buf
         src: bytes | bytearray = data
         if buf is not None:
             buf += data
             src = buf
+        completed = False  # a packet ended in this chunk: a tail left is a new packet
         try:
             while True:
                 version = self.version
                 packets, used = decode_packets(src, version, self._limits.max_packet_size)
                 for packet in packets:
+                    completed = True
                     self._handle(packet, now)
                     if self.state is CLOSED:
-                        self._events = None
-                        return events
+                        return
                 if buf is not None and src is buf:
                     del buf[:used]
                 else:
                     src = src[used:]
-                if version or not packets or not src:
+                if version or not packets or not src or self.state is AWAIT_AUTH:
                     break  # only the CONNECT pass needs a second round
             if not src:
                 self._buf = None
-            elif src is not buf:
-                self._buf = bytearray(src)
+                self._partial_until = NO_DEADLINE
+            else:
+                if src is not buf:
+                    self._buf = bytearray(src)
+                if self.state is AWAIT_AUTH:
+                    self._partial_until = NO_DEADLINE  # kept unread until the verdict
+                elif completed or buf is None:
+                    # The clock of an incomplete packet starts with its first byte
+                    # (limits.partial_packet_timeout; the sweep checks it).
+                    self._partial_until = now + self._limits.partial_packet_timeout
         except UnsupportedProtocolVersion as exc:
             # [MQTT-3.1.2-2]: 3.1.1 requires return code 0x01; 5.0 leaves the answer
             # open, and a client of an unknown level reads the 3.1.1 form best.
@@ -214,9 +321,8 @@ class MqttSession:
                 code = exc.mqtt_reason if exc.mqtt_reason in _CONNACK_REASONS else 0x82
                 self._refuse(code, exc.message, 5)
             else:
-                self._fail(exc.mqtt_reason, exc.message)
-        self._events = None
-        return events
+                self._fail(exc.mqtt_reason, exc.message,
+                           limit=exc.limit if isinstance(exc, OverLimit) else None)
 
     def ack(
         self, token: PublishToken, reason_code: int = 0, reason: str | None = None,
@@ -255,10 +361,24 @@ class MqttSession:
         """Called by the sweep once ``now >= deadline``."""
         events: list[Event] = []
         self._events = events
-        if self.state is CONNECTED and now >= self.deadline:
-            self._fail(0x8D, "keep alive timeout")
+        if self.state is not CLOSED and now >= self._partial_until:
+            # A packet started and never finished (a stalled or trickling client): MQTT 5
+            # hears 0x8D, the keep alive answer, as no whole packet came in time.
+            message = f"packet incomplete for {self._limits.partial_packet_timeout:g} s"
+            if self.state is CONNECTED:
+                self._fail(0x8D, message, limit="partial_packet")
+            else:
+                self._close(0x8D, message, will_due=False, limit="partial_packet")
+        elif self.state is CONNECTED and now >= self.deadline:
+            if now >= self._valid_until:
+                self._fail(0x87, "token expired")  # 0x87 Not authorized
+            else:
+                self._fail(0x8D, "keep alive timeout", limit="keep_alive")
         elif self.state is AWAIT_CONNECT and now >= self.deadline:
             self._close(0x8D, "no CONNECT in time", will_due=False)
+        elif self.state is AWAIT_AUTH and now >= self.deadline:
+            self._connect = None
+            self._close(0x8D, "no authentication verdict in time", will_due=False)
         self._events = None
         return events
 
@@ -352,12 +472,28 @@ class MqttSession:
         self._emit(PublishReceived(token=token, publish=pk))
 
     def _resolve_alias(self, topic: str, alias: int) -> str:
-        if not 0 < alias <= self._limits.topic_alias_maximum:
+        limits = self._limits
+        if not 0 < alias <= limits.topic_alias_maximum:
             raise ProtocolViolation(0x94, f"topic alias {alias} out of range")
         aliases = self._aliases
         if topic:
             if aliases is None:
                 aliases = self._aliases = {}
+            old = aliases.get(alias)
+            if old == topic:
+                return old  # set again to the same topic (some clients always do)
+            size = len(topic) if topic.isascii() else len(topic.encode())
+            if old is not None:
+                size -= len(old) if old.isascii() else len(old.encode())
+            held = self._alias_bytes + size
+            if held > limits.topic_alias_max_bytes:
+                # Bounded memory per connection (docs/mqtt.md, "Topic aliases"): MQTT 5
+                # has no way to announce a byte bound, so going over it is 0x97, "an
+                # implementation or administrative imposed limit has been exceeded".
+                raise OverLimit("topic_alias_bytes", 0x97, (
+                    f"topic aliases would hold {held} bytes of topic names, over the "
+                    f"{limits.topic_alias_max_bytes} allowed"))
+            self._alias_bytes = held
             aliases[alias] = topic
             return topic
         known = aliases.get(alias) if aliases is not None else None
@@ -436,8 +572,22 @@ class MqttSession:
             if level == 4 and not pk.clean_start:
                 return self._refuse(0x02, "empty client id needs clean session", level)
             client_id = assigned = self._new_client_id()
+        self.client_id = client_id
+        if self._authenticate:
+            self.state = AWAIT_AUTH
+            self._connect = (pk, assigned)
+            return self._emit(AuthRequested(client_id=client_id, version=level,
+                                            username=pk.username, password=pk.password))
+        self.username = pk.username
+        self._accept(pk, assigned, now)
+
+    def _accept(self, pk: p.Connect, assigned: str | None, now: float) -> None:
+        """Complete a CONNECT: open the client's state, CONNACK, ``Connected``."""
+        level = pk.protocol_level
+        props = pk.properties or EMPTY
+        client_id = self.client_id
         limits = self._limits
-        self.client_id, self.username, self.will = client_id, pk.username, pk.will
+        self.will = pk.will
         self.client_receive_maximum = props.receive_maximum or 65535
         self.client_max_packet_size = props.maximum_packet_size or 0
         self.client_topic_alias_maximum = props.topic_alias_maximum or 0
@@ -457,7 +607,7 @@ class MqttSession:
             self._write(_CONNACK_V4[present])
         self._emit(Connected(
             client_id=client_id, version=level, clean_start=pk.clean_start,
-            session_present=present, keep_alive=keep, username=pk.username,
+            session_present=present, keep_alive=keep, username=self.username,
             password=pk.password, will=pk.will, properties=pk.properties,
         ))
 
@@ -532,19 +682,24 @@ class MqttSession:
         self._send(p.Connack(reason_code=code))
         self._close(code, message, will_due=False)
 
-    def _fail(self, reason: int, message: str) -> None:
+    def _fail(self, reason: int, message: str, *, limit: str | None = None) -> None:
         """Close for a protocol-level reason; MQTT 5 clients get a DISCONNECT first."""
         if self.state is CONNECTED and self.version == 5:
             props = Properties(reason_string=message) if self.problem_info else None
             self._send(p.Disconnect(reason_code=reason, properties=props))
-        self._close(reason, message, will_due=self.state is CONNECTED)
+        self._close(reason, message, will_due=self.state is CONNECTED, limit=limit)
 
-    def _close(self, reason: int, message: str, *, will_due: bool, by_client: bool = False) -> None:
+    def _close(self, reason: int, message: str, *, will_due: bool, by_client: bool = False,
+               limit: str | None = None) -> None:
         if self.state is CLOSED:
             return
         self.state = CLOSED
         self._buf = None
+        self._partial_until = NO_DEADLINE
+        self._aliases = None
+        self._alias_bytes = 0
         self._emit(Disconnected(
             reason_code=reason, reason=message, by_client=by_client, will_due=will_due,
+            limit=limit,
         ))
 
