@@ -188,7 +188,7 @@ class Pump:
             self._counters(AUTH_REFUSED, auth.refused)
             self._delta(AUTH_THROTTLED, (), auth.throttled)
 
-        http = getattr(app, "http", None)  # test doubles may have no HTTP side
+        http = app.http
         if http is not None:
             HTTP_CONNECTIONS.set(len(http.guard.connections))
             refused = http.refused()
