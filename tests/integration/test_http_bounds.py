@@ -242,6 +242,7 @@ async def test_connections_over_the_limit_are_closed_at_once(
     # Once the others go, a well-behaved client is served again.
     for _, w in held:
         w.close()
+    await metric_equals(gw, "lastmile_http_connections", 0)  # the gateway saw them go
     good = GoodClient(gw)
     runner = asyncio.create_task(good.run())
     await until(lambda: asyncio.sleep(0, len(good.taken) >= 5), 30, "five 200s")
