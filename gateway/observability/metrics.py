@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from gateway.pipeline import Pipeline
     from gateway.routing import Router, RulesReloader
     from gateway.sinks.kafka import KafkaSink
+    from gateway.sources.http_server import HttpIngest
     from gateway.sources.mqtt_server import MqttServer
 
 log = structlog.get_logger("lastmile.metrics")
@@ -39,6 +40,7 @@ class Watched(Protocol):
     router: Router | None
     reloader: RulesReloader | None
     mqtt: MqttServer | None
+    http: HttpIngest | None
 
     @property
     def auth(self) -> AuthCounters | None: ...
@@ -95,6 +97,17 @@ SESSIONS = Gauge("lastmile_mqtt_sessions_retained",
 SESSION_EVENTS = Counter("lastmile_mqtt_sessions_total",
                          "MQTT sessions expired, evicted (over limits.max_sessions), and CONNECTs "
                          "refused for a client id over limits.max_client_id_bytes", ["event"])
+HTTP_CONNECTIONS = Gauge("lastmile_http_connections",
+                         "Open HTTP connections (limits.http_max_connections per worker)",
+                         multiprocess_mode="livesum")
+HTTP_REFUSED = Counter("lastmile_http_refused_total",
+                       "HTTP connections and requests refused or closed by a limit: "
+                       "max_connections, header_timeout, keepalive_timeout, body_timeout, "
+                       "inflight_body_bytes, idempotency_key_too_long", ["reason"])
+HTTP_STATE = Gauge("lastmile_http_state",
+                   "HTTP levels: inflight_body_bytes (limits.http_max_inflight_body_bytes), "
+                   "idempotency_bytes and idempotency_keys (limits.idempotency_max_*), "
+                   "pending_heads", ["name"], multiprocess_mode="livesum")
 PENDING_BYTES = Gauge("lastmile_buffer_pending_bytes", "Bytes waiting for Kafka or the spool",
                       multiprocess_mode="livesum")
 PAUSED = Gauge("lastmile_backpressure_paused", "1 while sources are paused",
@@ -184,6 +197,20 @@ class Pump:
             self._counters(AUTH_ACCEPTED, auth.accepted)
             self._counters(AUTH_REFUSED, auth.refused)
             self._delta(AUTH_THROTTLED, (), auth.throttled)
+
+        http = app.http
+        if http is not None:
+            HTTP_CONNECTIONS.set(len(http.guard.connections))
+            refused = http.refused()
+            for reason in refused:  # every reason shows, at 0 before its first refusal
+                HTTP_REFUSED.labels(reason)
+            self._counters(HTTP_REFUSED, refused)
+            levels = {"inflight_body_bytes": http.bodies.used,
+                      "idempotency_bytes": http.idempotency.size,
+                      "idempotency_keys": len(http.idempotency),
+                      "pending_heads": len(http.guard.heads)}
+            for name, value in levels.items():
+                HTTP_STATE.labels(name).set(value)
 
     async def run(self, interval: float = 1.0) -> None:
         failures = 0
