@@ -18,6 +18,17 @@ expires stored client state; there are no per-connection timers.  With
 client id another worker owns is held (no CONNACK, no reading) until that
 worker has given it up (``MqttConnection.held``).
 
+The write side (docs/mqtt.md, "Clients that do not read").  The transport's
+high-water mark is ``limits.max_write_buffer_bytes``; while it asks to pause
+writing the connection is not read either (``update_reading``: one decision
+for every reason to stop), so a client that never reads cannot ask for more
+answers.  ``server.write_paused`` holds only those connections and when they
+paused; the sweep closes one paused longer than ``limits.slow_reader_timeout``
+(aborted: what it never read is dropped).  Connect limits are checked in
+``connection_made``: ``limits.max_connections`` and
+``limits.max_connections_per_source`` close unread, the connect-rate bucket
+(``limits.connect_rate``) lets the session refuse the CONNECT (5.0: 0x9F).
+
 Acks arrive in batches (one per Kafka poll, or one per spool fsync): ``on_done``
 only queues the ack bytes in the session and marks the connection; one
 ``call_soon`` per batch then writes each marked connection's acks in one
@@ -522,7 +533,8 @@ class MqttConnection(asyncio.Protocol):
             self._crash("ack")
 
     def update_reading(self) -> None:
-        """Read only while the pipeline and this connection's inflight bound allow it."""
+        """Read only while the pipeline and this connection's inflight bound allow it, and
+        while its output is being read (not paused for writing)."""
         transport = self.transport
         if transport is None or transport.is_closing():
             return
