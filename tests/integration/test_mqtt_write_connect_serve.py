@@ -164,6 +164,11 @@ def test_serve_connect_storm_never_starves_connected_acks(gateway_factory: Any,
                                               keep_alive=60), 4))
                 packets, _ = decode_packets(recv_exactly(sock, 4), 4, 1 << 20)
                 storm_connacks.append(packets[0].reason_code)  # type: ignore[union-attr]
+                # DISCONNECT, and let the gateway close first: the TIME_WAITs stay on its
+                # port, not on 2,000 of this host's ephemeral ports (other tests bind them).
+                sock.sendall(encode(p.Disconnect(), 4))
+                while sock.recv(64):
+                    pass
 
     threads = [threading.Thread(target=storm, args=(t,), daemon=True) for t in range(4)]
     started = time.monotonic()
