@@ -139,10 +139,10 @@ class App:
     async def _start_buffer(self) -> None:
         cfg = self.config
         if cfg.spool.enabled:
-            from gateway.buffer.spooled import SpoolBuffer
+            from gateway.buffer.priority import PrioritySpoolBuffer
 
             spool_dir = Path(cfg.spool.dir) / f"worker-{self.worker_id}"
-            self.buffer = SpoolBuffer(self.sinks, cfg.spool, cfg.buffer, spool_dir,
+            self.buffer = PrioritySpoolBuffer(self.sinks, cfg.spool, cfg.buffer, spool_dir,
                                       dead_letter=self._dead_letter_record)
         else:
             self.buffer = MemoryBuffer(self.sinks, cfg.buffer.high_water_bytes,

@@ -54,6 +54,8 @@ class Record(msgspec.Struct, kw_only=True):
     key: bytes | None = None
     headers: list[tuple[str, bytes]] = []
     partition: int | None = None
+    # The rule said ``priority: high``: spooled apart and drained first after an outage.
+    high_priority: bool = False
     # Not serialised: joins this record back to its message's ack.
     ack: Ack | None = None
 

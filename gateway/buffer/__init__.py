@@ -16,9 +16,10 @@ __all__ = ["Buffer", "FlowControl"]
 
 class Buffer(Protocol):
     flow: FlowControl
-    # True while acks come from the spool before Kafka has the record (write-ahead
-    # mode, or draining an outage): what Kafka will refuse must be caught before.
-    via_spool: bool
+    @property
+    def via_spool(self) -> bool:
+        """True while acks come from the spool before Kafka has the record (write-ahead
+        mode, or draining an outage): what Kafka will refuse must be caught before."""
 
     def submit(self, record: Record) -> None:
         """Take one record (with ``record.ack`` set); resolve its ack when safe or failed."""
@@ -29,3 +30,7 @@ class Buffer(Protocol):
         """Stop, flush what can be flushed within ``timeout``, fail the rest."""
 
     def stats(self) -> dict[str, int]: ...
+
+    def drain(self) -> dict[str, dict[str, float]]:
+        """Per priority ("normal", "high"): backlog, oldest record age, drain rate
+        (``SpoolBuffer.drain_stats``); empty without a spool."""

@@ -41,6 +41,7 @@ import contextlib
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -61,6 +62,23 @@ READ_CHUNK = 1 << 20
 
 class SpoolFull(SpoolError):
     """The spool has reached spool.max_bytes."""
+
+
+class Budget:
+    """Bytes on disk shared by the spools of one worker (normal and high priority).
+
+    ``max_bytes`` bounds the sum of every member's segment files (invariant 6).
+    Loop side only.
+    """
+
+    __slots__ = ("max_bytes", "used")
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.used = 0
+
+
+MARK_EVERY_S = 0.1  # granularity of the oldest-record age
 
 
 @dataclass
@@ -86,10 +104,15 @@ class Spool:
     """Segment files in one directory (one spool per worker process)."""
 
     def __init__(self, directory: str, *, max_bytes: int, segment_bytes: int,
-                 fsync_interval_ms: float, storage: Storage | None = None) -> None:
+                 fsync_interval_ms: float, storage: Storage | None = None,
+                 budget: Budget | None = None, limit: int | None = None) -> None:
         self.directory = directory
         self.storage = storage or OS  # every file operation goes through it
         self.max_bytes = max_bytes
+        # Shared with the other spool of the worker, if any; this spool appends only while
+        # the shared total stays under ``limit`` (the normal spool leaves a reserve).
+        self.budget = budget or Budget(max_bytes)
+        self.limit = min(self.budget.max_bytes, limit if limit is not None else max_bytes)
         # At least four segments fit in max_bytes, so deleting confirmed ones frees room
         # while the newest is still being appended to.
         self.segment_bytes = min(segment_bytes, max(max_bytes // 4, 4096))
@@ -118,6 +141,10 @@ class Spool:
         self._roll_min = min(self.segment_bytes, 1 << 20)
         # Reader position: (segment path, byte offset, seq of the first frame there or later).
         self._rpos: tuple[str, int, int] | None = None
+        # (seq, wall clock when it was appended), one per MARK_EVERY_S: the oldest
+        # unconfirmed record's age without a timestamp per record in memory.
+        self._marks: deque[tuple[int, float]] = deque()
+        self._mark_at = 0.0
 
     # --- recovery (before start) -----------------------------------------------
 
@@ -141,11 +168,16 @@ class Spool:
             if scan.records == 0 or last < watermark:
                 st.unlink(path)  # empty, or wholly confirmed before the crash
                 continue
-            report.records += sum(1 for seq, _ in scan.frames if seq >= watermark)
+            owed = [body for seq, body in scan.frames if seq >= watermark]
+            if owed and not self._marks:
+                first_owed = next(seq for seq, _ in scan.frames if seq >= watermark)
+                self._marks.append((first_owed, fmt.decode_body(owed[0]).spooled_at))
+            report.records += len(owed)
             report.next_seq = max(report.next_seq, last + 1)
             self._segments.append(Segment(first, path, size, last))
         report.segments = len(self._segments)
         report.bytes = self.used_bytes = sum(s.size for s in self._segments)
+        self.budget.used += self.used_bytes
         self.next_seq = report.next_seq
         self.written_seq = report.next_seq - 1
         self.watermark = self._persisted = watermark
@@ -169,13 +201,20 @@ class Spool:
 
     def append(self, record: Record) -> int:
         """Encode and queue one record; returns its seq. Raises SpoolFull."""
-        frame = fmt.encode_frame(self.next_seq, record, time.time())
+        now = time.time()
+        frame = fmt.encode_frame(self.next_seq, record, now)
         # Room for one segment header too: the writer may have to start a segment.
-        if self.used_bytes + len(frame) + len(fmt.MAGIC) > self.max_bytes:
+        budget = self.budget
+        if budget.used + len(frame) + len(fmt.MAGIC) > self.limit:
             raise SpoolFull()
         seq = self.next_seq
         self.next_seq += 1
         self.used_bytes += len(frame)
+        budget.used += len(frame)
+        if now - self._mark_at >= MARK_EVERY_S:
+            self._mark_at = now
+            self._marks.append((seq, now))
+            self._drop_marks(self.watermark)
         pending = self._pending
         pending.append((seq, frame))
         if len(pending) == 1:
@@ -204,6 +243,20 @@ class Spool:
             self._cond.notify()
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+
+    def oldest_age(self, watermark: int, now: float) -> float:
+        """Seconds since the oldest record not yet confirmed (``seq >= watermark``) was
+        appended; 0 when there is none.  Errs high by at most ``MARK_EVERY_S``."""
+        marks = self._drop_marks(watermark)
+        if watermark >= self.next_seq or not marks:
+            return 0.0
+        return max(0.0, now - marks[0][1])
+
+    def _drop_marks(self, watermark: int) -> deque[tuple[int, float]]:
+        marks = self._marks
+        while len(marks) > 1 and marks[1][0] <= watermark:
+            marks.popleft()
+        return marks
 
     def segment_count(self) -> int:
         with self._lock:
@@ -337,6 +390,7 @@ class Spool:
     def _resize(self, delta: int) -> None:
         """On the loop: keep ``used_bytes`` equal to the bytes of the segment files."""
         self.used_bytes += delta
+        self.budget.used += delta
         if delta < 0 and self._on_freed is not None:
             self._on_freed(-delta)
 

@@ -24,7 +24,7 @@ import structlog
 from gateway.buffer.sink import Sinks, unknown_cluster
 from gateway.buffer.spool import Spool
 from gateway.errors import GatewayError
-from gateway.model import Delivery, Record
+from gateway.model import Delivery, Record, record_size
 
 log = structlog.get_logger("lastmile.spool")
 
@@ -51,7 +51,11 @@ class Host(Protocol):
         """Called when every spooled record is settled and intake is idle."""
 
 WINDOW = 20_000  # replayed records in flight to librdkafka at most
-CHUNK = 2_000  # records per disk read and per turn of the loop
+CHUNK = 2_000  # records per disk read
+# Records handed to librdkafka per turn of the loop: live traffic (acks from the spool,
+# reads from clients) runs between turns, so a turn is kept to a few milliseconds.
+PRODUCE_TURN = 500
+RATE_WINDOW_S = 10.0  # the drain rate is measured over this much recent time
 RETRY_PAUSE_S = 0.5
 PROGRESS_EVERY_S = 1.0
 DRAIN_LOG_MIN = 1_000  # write-ahead: below this backlog the spool is just doing its job
@@ -81,6 +85,13 @@ class Replayer:
         self._task: asyncio.Task[None] | None = None
         self._executor: Executor | None = None
         self._stopping = False
+        # Priority drain: while this returns True nothing is handed to a sink (the
+        # high-priority spool of the same worker still owes records to Kafka).
+        self.hold_back: Callable[[], bool] | None = None
+        self.held = False
+        self.replayed_bytes = 0
+        # (monotonic time, replayed, replayed bytes), one a second, RATE_WINDOW_S of them.
+        self._rate: deque[tuple[float, int, int]] = deque()
 
     def start(self, cursor: int, executor: Executor, draining: bool) -> None:
         self.cursor = cursor
@@ -145,6 +156,11 @@ class Replayer:
             return True
         if self.outstanding >= WINDOW:
             return False
+        hold = self.hold_back
+        if hold is not None and hold():
+            self.held = True  # woken by tick() to look again
+            return False
+        self.held = False
         if not self.readahead:
             if self.cursor > self.spool.written_seq:
                 self._check_caught_up()
@@ -168,7 +184,7 @@ class Replayer:
         """Produce (or skip) from the read-ahead in order; returns how many were taken."""
         sent = taken = 0
         readahead, gate = self.readahead, self.host.replay_gate
-        while readahead and self.outstanding < WINDOW and sent < CHUNK:
+        while readahead and self.outstanding < WINDOW and sent < PRODUCE_TURN:
             seq, record = readahead[0]
             verdict = gate(seq)
             if verdict is Gate.WAIT:
@@ -199,6 +215,7 @@ class Replayer:
         if error is None:
             self.done.add(seq)
             self.counters["replayed"] += 1
+            self.replayed_bytes += record_size(record)
         elif error.retriable:
             self._retry_later(error)
         else:
@@ -288,9 +305,30 @@ class Replayer:
         self._replayed_at_start = self.counters["replayed"]
         log.warning("spool_drain_started", reason=reason, mode=self.mode)
 
+    def rates(self) -> tuple[float, float]:
+        """(records/s, bytes/s) delivered by replay over the last ``RATE_WINDOW_S``."""
+        rate = self._rate
+        if len(rate) < 2:
+            return 0.0, 0.0
+        (t0, n0, b0), (t1, n1, b1) = rate[0], rate[-1]
+        dt = max(t1 - t0, 1e-3)
+        return (n1 - n0) / dt, (b1 - b0) / dt
+
+    def _sample(self, now: float) -> None:
+        rate = self._rate
+        if rate and now - rate[-1][0] < 1.0:
+            return
+        rate.append((now, self.counters["replayed"], self.replayed_bytes))
+        while len(rate) > 2 and now - rate[1][0] >= RATE_WINDOW_S:
+            rate.popleft()
+
     def tick(self) -> None:
-        """Called by the buffer's timer: progress lines while a drain is under way."""
+        """Called by the buffer's timer: drain-rate samples, progress lines while a drain
+        is under way, and another look when held back for the high-priority spool."""
         now = time.monotonic()
+        self._sample(now)
+        if self.held:
+            self._wake.set()
         backlog = self.spool.next_seq - self.watermark()
         if self.write_ahead and not self.draining and backlog >= DRAIN_LOG_MIN:
             self.draining_since(f"{backlog} records behind")

@@ -35,7 +35,7 @@ import structlog
 
 from gateway.buffer.flow import FlowControl
 from gateway.buffer.sink import Sinks, sink_for
-from gateway.buffer.spool import Spool, SpoolFull
+from gateway.buffer.spool import Budget, Spool, SpoolFull
 from gateway.buffer.spool_replay import DeadLetter, Gate, Replayer
 from gateway.buffer.storage import Storage
 from gateway.config.schema import Buffer as BufferConfig
@@ -91,16 +91,24 @@ class Entry:
 class SpoolBuffer:
     def __init__(self, sinks: Sinks, spool: SpoolConfig, buffer: BufferConfig,
                  directory: str | os.PathLike[str] | None = None, *,
-                 dead_letter: DeadLetter | None = None, storage: Storage | None = None) -> None:
+                 dead_letter: DeadLetter | None = None, storage: Storage | None = None,
+                 flow: FlowControl | None = None, budget: Budget | None = None,
+                 limit: int | None = None, name: str = "") -> None:
         self.sinks = sinks
         self.config = spool
         self.write_ahead = spool.mode == "write-ahead"
+        self.name = name  # "" alone; "normal" / "high" under a PrioritySpoolBuffer
         # Bytes held in memory (not yet safe) drive the hysteresis; "spool full" and
-        # "spool broken" are holds on the same signal.
-        self.flow = FlowControl(buffer.high_water_bytes, buffer.low_water_bytes)
+        # "spool broken" are holds on the same signal (shared by both priorities).
+        self.flow = flow or FlowControl(buffer.high_water_bytes, buffer.low_water_bytes)
+        suffix = f" ({name})" if name else ""
+        self._hold_full, self._hold_broken = "spool full" + suffix, "spool broken" + suffix
         self.spool = Spool(os.fspath(directory or spool.dir), max_bytes=spool.max_bytes,
                            segment_bytes=spool.segment_bytes,
-                           fsync_interval_ms=spool.fsync_interval_ms, storage=storage)
+                           fsync_interval_ms=spool.fsync_interval_ms, storage=storage,
+                           budget=budget, limit=limit)
+        # Buffers sharing the byte budget: space one frees may let the other append.
+        self.peers: list[SpoolBuffer] = []
         self.counters: dict[str, int] = dict.fromkeys(
             ("submitted", "delivered", "spooled_acks", "spilled", "failed", "spool_write_failed",
              "replayed", "skipped", "dead_lettered", "lost_after_ack", "replay_retries"), 0)
@@ -169,6 +177,26 @@ class SpoolBuffer:
             "via_spool": int(self.via_spool),
         }
 
+    def drain_stats(self) -> dict[str, float]:
+        """What an operator watches while a backlog drains (/metrics, /readyz)."""
+        rp = self.replayer
+        watermark = rp.watermark()
+        records_per_s, bytes_per_s = rp.rates()
+        return {
+            "backlog_records": max(0, self.spool.next_seq - watermark),
+            "backlog_bytes": self.spool.used_bytes,
+            "oldest_record_age_seconds": round(self.spool.oldest_age(watermark, time.time()), 3),
+            "drain_records_per_second": round(records_per_s, 1),
+            "drain_bytes_per_second": round(bytes_per_s, 1),
+            "replayed_records": self.counters["replayed"],
+            "replayed_bytes": rp.replayed_bytes,
+            "draining": int(rp.draining),
+            "held_for_high_priority": int(rp.held),
+        }
+
+    def drain(self) -> dict[str, dict[str, float]]:
+        return {self.name or "normal": self.drain_stats()}
+
     # --- intake -----------------------------------------------------------------------
 
     def submit(self, record: Record) -> None:
@@ -203,7 +231,7 @@ class SpoolBuffer:
             try:
                 entry.seq = spool.append(entry.record)
             except SpoolFull:
-                if spool.used_bytes == 0:  # larger than the whole spool: can never fit
+                if spool.budget.used == 0:  # larger than the whole spool: can never fit
                     self.waiting.popleft()
                     self._release(entry.size)
                     entry.resolve(None, SpoolError("record larger than spool.max_bytes"))
@@ -212,7 +240,7 @@ class SpoolBuffer:
                     self.full = True
                     log.warning("spool_full", dir=spool.directory, bytes=spool.used_bytes,
                                 max_bytes=spool.max_bytes, waiting=len(self.waiting))
-                    self.flow.hold("spool full", True)
+                    self.flow.hold(self._hold_full, True)
                 return
             self.waiting.popleft()
             self.unsynced.append(entry)
@@ -221,7 +249,7 @@ class SpoolBuffer:
         if self.full and not self.waiting:
             self.full = False
             log.info("spool_space_available", dir=spool.directory, bytes=spool.used_bytes)
-            self.flow.hold("spool full", False)
+            self.flow.hold(self._hold_full, False)
 
     # --- callbacks from the writer thread and Kafka (on the loop) ---------------------
 
@@ -249,16 +277,18 @@ class SpoolBuffer:
                   errno=error.errno, first_seq=first, last_seq=last,
                   note="acks of these records failed; intake paused")
         self.broken = True
-        self.flow.hold("spool broken", True)
+        self.flow.hold(self._hold_broken, True)
         asyncio.get_running_loop().call_later(BROKEN_PAUSE_S, self._spool_retry)
 
     def _spool_retry(self) -> None:
         self.broken = False
-        self.flow.hold("spool broken", False)
+        self.flow.hold(self._hold_broken, False)
         self.pump()
 
     def _on_freed(self, nbytes: int) -> None:
         self.pump()
+        for peer in self.peers:
+            peer.pump()
 
     def _direct_pending(self) -> bool:
         """Drop settled entries from the front; True while any direct produce is open."""

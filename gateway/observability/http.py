@@ -24,6 +24,8 @@ def _ready(app: Watched) -> tuple[bool, dict[str, object]]:
     if pipeline is not None:
         detail["paused"] = pipeline.flow.paused
         detail["buffer"] = pipeline.buffer.stats()
+        # Per priority: backlog_records/bytes, oldest_record_age_seconds, drain rate.
+        detail["spool"] = pipeline.buffer.drain()
         counters.update(pipeline.counters)
     if app.router is not None:
         router = app.router

@@ -71,6 +71,31 @@ BUFFER_STATE = Gauge("lastmile_buffer_state", "Buffer and spool levels (bytes, r
 # stats() keys that are levels, not running totals.
 _LEVELS = {"pending_bytes", "spool_bytes", "spool_records", "spool_segments", "replay_in_flight",
            "waiting_for_spool", "via_spool"}
+# The drain (docs/spool.md, "Watching a drain"), per priority (normal, high).
+SPOOL_BACKLOG_RECORDS = Gauge("lastmile_spool_backlog_records",
+                              "Records acknowledged from the spool, not yet confirmed by Kafka",
+                              ["priority"], multiprocess_mode="livesum")
+SPOOL_BACKLOG_BYTES = Gauge("lastmile_spool_backlog_bytes",
+                            "Bytes of the spool's segment files (unconfirmed records, and "
+                            "confirmed ones in segments not yet deleted)", ["priority"],
+                            multiprocess_mode="livesum")
+SPOOL_OLDEST_AGE = Gauge("lastmile_spool_oldest_record_age_seconds",
+                         "Age of the oldest record still owed to Kafka (0: none)", ["priority"],
+                         multiprocess_mode="livemax")
+SPOOL_REPLAYED = Counter("lastmile_spool_replayed_records_total",
+                         "Spooled records confirmed by Kafka (rate() of it: the drain rate)",
+                         ["priority"])
+SPOOL_REPLAYED_BYTES = Counter("lastmile_spool_replayed_bytes_total",
+                               "Bytes of spooled records confirmed by Kafka", ["priority"])
+SPOOL_DRAIN_RATE = Gauge("lastmile_spool_drain_records_per_second",
+                         "Spooled records confirmed by Kafka per second, last 10 s",
+                         ["priority"], multiprocess_mode="livesum")
+SPOOL_DRAIN_BYTES = Gauge("lastmile_spool_drain_bytes_per_second",
+                          "Bytes of spooled records confirmed by Kafka per second, last 10 s",
+                          ["priority"], multiprocess_mode="livesum")
+SPOOL_DRAINING = Gauge("lastmile_spool_draining",
+                       "1 while a backlog drains (from the first spill until caught up)",
+                       ["priority"], multiprocess_mode="livemax")
 CONNECTIONS = Gauge("lastmile_mqtt_connections", "Open MQTT connections",
                     multiprocess_mode="livesum")
 MQTT_REFUSED = Counter("lastmile_mqtt_refused_connections_total",
@@ -150,6 +175,19 @@ class Pump:
             if isinstance(value, int):
                 self._delta(counter, (*prefix, name), value)
 
+    def _drain(self, drain: Mapping[str, Mapping[str, float]]) -> None:
+        for priority, d in drain.items():
+            SPOOL_BACKLOG_RECORDS.labels(priority).set(d["backlog_records"])
+            SPOOL_BACKLOG_BYTES.labels(priority).set(d["backlog_bytes"])
+            SPOOL_OLDEST_AGE.labels(priority).set(d["oldest_record_age_seconds"])
+            SPOOL_DRAIN_RATE.labels(priority).set(d["drain_records_per_second"])
+            SPOOL_DRAIN_BYTES.labels(priority).set(d["drain_bytes_per_second"])
+            SPOOL_DRAINING.labels(priority).set(d["draining"])
+            self._delta(SPOOL_REPLAYED, (priority,), int(d["replayed_records"]))
+            self._delta(SPOOL_REPLAYED_BYTES, (priority,), int(d["replayed_bytes"]))
+            SPOOL_REPLAYED.labels(priority)  # exported at 0 before the first replay
+            SPOOL_REPLAYED_BYTES.labels(priority)
+
     def tick(self) -> None:
         app = self.app
         if app.pipeline is not None:
@@ -161,6 +199,7 @@ class Pump:
                 if name in _LEVELS:
                     BUFFER_STATE.labels(name).set(value)
             self._counters(BUFFER, {k: v for k, v in stats.items() if k not in _LEVELS})
+            self._drain(app.pipeline.buffer.drain())
         for name, sink in app.sinks.items():
             self._counters(RECORDS, {"delivered": sink.delivered, "failed": sink.failed}, name)
             IN_FLIGHT.labels(name).set(sink.in_flight)

@@ -62,6 +62,7 @@ class CompiledRule:
         "filter",
         "header_names",
         "headers",
+        "high_priority",
         "index",
         "key",
         "line",
@@ -83,6 +84,7 @@ class CompiledRule:
         self.line = line
         self.action = spec.action
         self.continue_ = spec.continue_
+        self.high_priority = spec.priority == "high"
         verb = "not allowed to publish" if spec.action == "deny" else "rejected"
         self.reason = spec.reason or f"{verb} by rule {spec.name}"
         self.filter: TopicFilter = TopicFilter("", (), ())
@@ -234,6 +236,8 @@ def _check_action(spec: RuleSpec, problems: list[Problem]) -> None:
     for key in ("kafka", "payload", "allow"):
         if getattr(spec, key) is not None:
             problems.append((f"'{key}' has no effect with action {spec.action}", (key,)))
+    if spec.priority != "normal":
+        problems.append((f"'priority' has no effect with action {spec.action}", ("priority",)))
     if spec.continue_:
         problems.append((f"'continue' has no effect with action {spec.action}", ("continue",)))
     if spec.action == "drop" and spec.reason is not None:

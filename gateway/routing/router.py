@@ -212,6 +212,7 @@ def _record_planned(cand: Candidate, message: Message, ctx: Context) -> Record:
         key=message.key if message.key is not None else key,
         headers=headers,
         partition=message.partition,
+        high_priority=rule.high_priority,
     )
 
 

@@ -65,6 +65,8 @@ class RuleSpec(_Spec):
     payload: PayloadSpec | None = None
     allow: AllowSpec | None = None
     where: dict[str, list[str]] | None = None
+    # high: spooled apart and drained first after an outage (docs/spool.md, priority drain).
+    priority: Literal["high", "normal"] = "normal"
     continue_: bool = msgspec.field(default=False, name="continue")
 
 
