@@ -53,13 +53,24 @@ class PrioritySpoolBuffer:
                                 name="high")
         self.normal.peers.append(self.high)
         self.high.peers.append(self.normal)
+        self._owed_to: int | None = None
         self.normal.replayer.hold_back = self._high_owes
 
     def _high_owes(self) -> bool:
-        """The high spool is draining an outage and Kafka has not confirmed all of it."""
+        """The high spool is draining an outage and Kafka has not confirmed all of it.
+
+        Latched to a seq: once the high replayer is seen draining, the normal one
+        waits until every high record spooled by then is confirmed (and looks again).
+        write-ahead ends its "draining" state a little before the backlog is gone.
+        """
         high = self.high
         rp = high.replayer
-        return rp.draining and high.spool.next_seq > rp.watermark()
+        mark = rp.watermark()
+        if self._owed_to is not None and mark >= self._owed_to:
+            self._owed_to = None
+        if self._owed_to is None and rp.draining and high.spool.next_seq > mark:
+            self._owed_to = high.spool.next_seq
+        return self._owed_to is not None
 
     @property
     def via_spool(self) -> bool:
