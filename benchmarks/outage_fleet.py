@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from array import array
 from dataclasses import dataclass, field
 
 from benchmarks import mqttwire as w
@@ -29,6 +30,7 @@ class Acked:
 
     seqs: list[int] = field(default_factory=list)
     at: list[float] = field(default_factory=list)  # monotonic time of each PUBACK
+    count: int = 0  # PUBACKs when seqs are not kept (track_acks=False)
     failed: int = 0
 
 
@@ -66,9 +68,15 @@ class _Client(asyncio.Protocol):
                     continue
                 seq, at = sent
                 if reason < 0x80:
-                    self.acked.seqs.append(seq)
-                    self.acked.at.append(now)
-                    self.fleet.latencies.append((now, now - at, self.idx >= self.fleet.clients))
+                    if self.fleet.track_acks:
+                        self.acked.seqs.append(seq)
+                        self.acked.at.append(now)
+                    else:
+                        self.acked.count += 1
+                    fleet = self.fleet
+                    fleet.lat_at.append(now)
+                    fleet.lat.append(now - at)
+                    fleet.lat_alarm.append(self.idx >= fleet.clients)
                 else:
                     self.acked.failed += 1
 
@@ -78,14 +86,16 @@ class _Client(asyncio.Protocol):
             self.connected.set_result(-1)
 
     def send(self) -> bool:
-        if self.transport is None or self.lost or self.transport.is_closing() or len(self.open) >= self.fleet.inflight:
+        transport = self.transport
+        if (transport is None or self.lost or transport.is_closing()
+                or len(self.open) >= self.fleet.inflight):
             return False
         pid = self.next_pid
         while pid in self.open:
             pid = pid % 65535 + 1
         self.next_pid = pid % 65535 + 1
         self.open[pid] = (self.seq, time.monotonic())
-        self.transport.write(self.enc.encode(pid, self.seq, time.time_ns()))
+        transport.write(self.enc.encode(pid, self.seq, time.time_ns()))
         self.seq += 1
         return True
 
@@ -95,7 +105,7 @@ class Fleet:
 
     def __init__(self, port: int, *, clients: int, rate: float, alarm_clients: int = 0,
                  alarm_rate: float = 0.0, payload_size: int = 100, inflight: int = 100,
-                 prefix: str = "fleet", run_id: int = 1) -> None:
+                 prefix: str = "fleet", run_id: int = 1, track_acks: bool = True) -> None:
         self.port = port
         self.clients = clients
         self.rate = rate
@@ -105,8 +115,11 @@ class Fleet:
         self.inflight = inflight
         self.prefix = prefix
         self.run_id = run_id
-        # (ack monotonic time, PUBACK latency s, is alarm), appended on the fleet's thread.
-        self.latencies: list[tuple[float, float, bool]] = []
+        self.track_acks = track_acks  # keep every PUBACKed seq (tests), or count only
+        # Per PUBACK, appended on the fleet's thread: monotonic time, latency s, is alarm.
+        self.lat_at = array("d")
+        self.lat = array("d")
+        self.lat_alarm = array("b")
         self.sent = 0
         self.skipped = 0
         self._clients: list[_Client] = []
@@ -157,7 +170,14 @@ class Fleet:
         return sum(len(c.open) for c in self._clients)
 
     def acked_count(self) -> int:
-        return sum(len(c.acked.seqs) for c in self._clients)
+        return sum(len(c.acked.seqs) + c.acked.count for c in self._clients)
+
+    @property
+    def latencies(self) -> list[tuple[float, float, bool]]:
+        """(PUBACK monotonic time, latency s, is alarm) of every PUBACK so far."""
+        n = min(len(self.lat_at), len(self.lat), len(self.lat_alarm))
+        return list(zip(self.lat_at[:n], self.lat[:n], map(bool, self.lat_alarm[:n]),
+                        strict=True))
 
     # --- the fleet's thread ------------------------------------------------------------
 
