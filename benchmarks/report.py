@@ -299,6 +299,73 @@ def _auth_section() -> list[str]:
     return lines
 
 
+def _outage_section() -> list[str]:
+    """From benchmarks/results/outage.json (``python -m benchmarks.bench_outage``)."""
+    path = ROOT / "benchmarks" / "results" / "outage.json"
+    if not path.exists():
+        return [f"{NM}: run `python -m benchmarks.bench_outage`."]
+    run = json.loads(path.read_text())
+    st, r = run["settings"], run["result"]
+    if "error" in r:
+        return [f"- not measured: {r['error']}"]
+    lat = r["puback_p99_ms"]
+    ratio, p99 = r.get("drain_over_live"), lat.get("during_drain")
+    full = st["outage_s"] >= 600
+
+    def met(ok: bool) -> str:
+        return "**met**" if ok else "**not met**"
+
+    lines = [
+        f"Run: {run['started']}, {run['seconds']} s, load average {run['loadavg_start']} at "
+        f"start, {run['loadavg_end']} at end (other sessions shared the 2 cores). "
+        f"`python -m benchmarks.bench_outage --outage-s {st['outage_s']:g}`: "
+        f"{'the full 10-minute outage' if full else 'a SHORTER outage than the 10 minutes asked'}"
+        f". Lastmile with {st['workers']} workers, shipped spool settings (hand-off mode, "
+        "`max_bytes` 1 GiB per worker, `spill_after_ms` 2,000), tansu paused with SIGSTOP; "
+        f"the fleet (`benchmarks/outage_fleet.py`, one Python process) offers "
+        f"{st['rate']:,.0f} msg/s QoS 1 telemetry from {st['clients']} clients plus "
+        f"{st['alarm_rate']:,.0f} msg/s alarms (`priority: high`) from {st['alarm_clients']}, "
+        f"{st['payload_size']}-byte payloads, 100 in flight per client, throughout the outage "
+        "and the drain.",
+        "",
+        "| measure | value |",
+        "| --- | ---: |",
+        f"| records owed to Kafka at the end of the outage | "
+        f"{_fmt(r.get('backlog_records_at_resume'), '{:,.0f}')} "
+        f"({_fmt(r.get('backlog_high_at_resume'), '{:,.0f}')} high) |",
+        f"| spool bytes at the end of the outage (peak) | "
+        f"{_fmt((r.get('spool_bytes_at_resume') or 0) / 1e6, '{:,.1f}')} MB "
+        f"({_fmt((r.get('spool_bytes_peak') or 0) / 1e6, '{:,.1f}')} MB) |",
+        f"| oldest record age at the end of the outage | "
+        f"{_fmt(r.get('oldest_age_at_resume_s'), '{:,.0f}')} s |",
+        f"| time to drain (resume until nothing owed) | {_fmt(r.get('drain_s'), '{:,.1f}')} s |",
+        f"| drain rate (spooled records confirmed/s during the drain) | "
+        f"{_fmt(r.get('drain_records_per_s'), '{:,.0f}')} |",
+        f"| live rate during the drain (PUBACKs/s) | "
+        f"{_fmt(r.get('live_acked_per_s_during_drain'), '{:,.0f}')} |",
+        f"| drain / live (target >= 3x) | {_fmt(ratio, '{:.2f}')}x: "
+        f"{met(ratio is not None and ratio >= 3)} |",
+        f"| live PUBACK p99 during the drain (target < 250 ms) | {_fmt(p99, '{:,.0f}')} ms: "
+        f"{met(p99 is not None and p99 < 250)} |",
+        f"| alarms' PUBACK p99 during the drain | "
+        f"{_fmt(lat.get('during_drain_alarms'), '{:,.0f}')} ms |",
+        f"| PUBACK p99 before the outage / during it | {_fmt(lat.get('before_outage'), '{:,.0f}')}"
+        f" / {_fmt(lat.get('during_outage'), '{:,.0f}')} ms |",
+        f"| messages acked / failed / connections lost | {r['acked']:,} / {r['failed']} / "
+        f"{r['lost_connections']} |",
+        "",
+        "Reading: during the outage each PUBACK waits up to `spill_after_ms` (2 s) before "
+        "the spool takes over, then one fsync. During the drain live records go through the "
+        "spool (acked after the fsync) and reach Kafka behind the backlog; the replay "
+        "competes with them for the event loop and the CPU only. The drain rate counts every "
+        "spooled record Kafka confirmed, including live records that joined the backlog while "
+        "it drained; the backlog shrinks at drain rate minus live rate. The load generator, "
+        "the broker and the gateway share the 2 cores: PUBACK p99 before the outage shows "
+        "what the box gives at this rate with no outage at all.",
+    ]
+    return lines
+
+
 def markdown(data: dict[str, Any]) -> str:
     m, v, p = data["machine"], data["versions"], data["plan"]
     mode = "quick (`--quick`)" if data["quick"] else "full"
@@ -387,6 +454,10 @@ def markdown(data: dict[str, Any]) -> str:
         "## Authentication: connect rate",
         "",
         *_auth_section(),
+        "",
+        "## Kafka outage: drain",
+        "",
+        *_outage_section(),
         "",
         "## Errors and omissions",
         "",
