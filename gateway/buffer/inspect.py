@@ -14,6 +14,7 @@ from collections import Counter
 from typing import Any
 
 from gateway.buffer import spool_format as fmt
+from gateway.buffer.priority import HIGH_DIR
 
 
 def inspect_spool(directory: str) -> dict[str, Any]:
@@ -27,8 +28,28 @@ def inspect_spool(directory: str) -> dict[str, Any]:
     workers = sorted(n for n in os.listdir(directory)
                      if n.startswith("worker-") and os.path.isdir(os.path.join(directory, n)))
     if workers and not fmt.list_segments(directory):
-        return _combine(directory, {n: _inspect_one(os.path.join(directory, n)) for n in workers})
-    return _inspect_one(directory)
+        return _combine(directory, {n: _inspect_worker(os.path.join(directory, n))
+                                    for n in workers})
+    return _inspect_worker(directory)
+
+
+def _inspect_worker(directory: str) -> dict[str, Any]:
+    """One worker's spool; its high-priority spool (``high/``) counted in, and under ``high``."""
+    report = _inspect_one(directory)
+    high_dir = os.path.join(directory, HIGH_DIR)
+    if not os.path.isdir(high_dir):
+        return report
+    high = _inspect_one(high_dir)
+    topics: Counter[str] = Counter(report["topics"])
+    topics.update(high["topics"])
+    ages = [a for a in (report["oldest_record_age_s"], high["oldest_record_age_s"])
+            if a is not None]
+    report.update(records=report["records"] + high["records"],
+                  bytes=report["bytes"] + high["bytes"],
+                  oldest_record_age_s=max(ages) if ages else None,
+                  topics=dict(sorted(topics.items())),
+                  damage=report["damage"] + high["damage"], high=high)
+    return report
 
 
 def _combine(directory: str, reports: dict[str, dict[str, Any]]) -> dict[str, Any]:

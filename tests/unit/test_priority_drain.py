@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from gateway.buffer.inspect import inspect_spool
 from gateway.buffer.priority import PrioritySpoolBuffer
 from gateway.config.schema import Buffer as BufferConfig
 from gateway.config.schema import Spool as SpoolConfig
@@ -192,6 +193,8 @@ async def test_a_crash_mid_drain_recovers_both_spools_high_first(tmp_path: Path)
     await until(lambda: len(client.outcomes) == 4500)
     await buf.close(0.2)  # Kafka still away: everything stays on disk
     assert (tmp_path / "spool" / "high").is_dir()
+    report = inspect_spool(str(tmp_path / "spool"))  # `lastmile spool inspect` counts both
+    assert report["records"] == 4500 and report["high"]["records"] == 1500
     again = OnOffKafka()
     buf2 = make(tmp_path, again, mode="write-ahead")
     await buf2.start()
