@@ -18,10 +18,10 @@
 - /readyz and /metrics show the oldest spooled record's age growing during
   the outage and a drain rate above 0 after it.
 
-Scaled for a shared 2-core CI box: 1,500 msg/s offered (the issue's 2,000 is
-what ``benchmarks/bench_outage.py`` runs) and a 30 s outage (the issue's 60 s
-takes twice as long; the mechanism is the same once the spool is full, which
-happens ~10 s in).
+2,000 msg/s telemetry plus 300 msg/s alarms offered, as the issue asks, but a
+30 s outage instead of 60 s (CI time: the spool is full ~10 s in, and from then
+on nothing new happens but backpressure).  On the loaded 2-core box the fleet
+sends what the windows allow; the rest is counted as "not sent".
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from tests.helpers import Broker, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-RATE = 1_500
+RATE = 2_000
 ALARM_RATE = 300  # a fifth of the traffic: a high backlog of several replay turns
 OUTAGE_S = 30.0
 MAX_BYTES = 4 << 20
