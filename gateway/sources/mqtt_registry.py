@@ -88,6 +88,11 @@ class SharedSessions(SessionStore):
         self._closed = False
         self._evicting: list[str] = []  # evicted by the release being written
 
+    @property
+    def handovers(self) -> int:
+        """Client ids claimed here, waiting for their old owner to let go."""
+        return len(self._handovers)
+
     def attach(self, server: MqttServer) -> None:
         self.server = server
         self.mailbox.start()
