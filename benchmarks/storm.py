@@ -312,7 +312,7 @@ def _publisher_main(s: dict[str, Any], pipe: Connection) -> None:
             next_at += interval
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
         end = time.monotonic() + s["grace"]
-        while pending and time.monotonic() < end and result["disconnected"] is None:
+        while pending and time.monotonic() < end and result["disconnected"] is None:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         result["late"] = len(pending)
         reading.cancel()

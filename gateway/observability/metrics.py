@@ -139,7 +139,8 @@ MQTT_STATE = Gauge("lastmile_mqtt_state",
                    "MQTT per-connection structures: connections, registry (client ids with a "
                    "live connection), sessions_live (client states in the session store), "
                    "write_paused, auth_pending (CONNECTs waiting for a verdict), per_source "
-                   "(addresses counted by limits.max_connections_per_source), handovers "
+                   "(addresses counted by limits.max_connections_per_source), connects_waiting "
+                   "(CONNECTs waiting for their turn in a storm), handovers "
                    "(client ids waiting for another worker, workers > 1)", ["name"],
                    multiprocess_mode="livesum")
 RULES_INFO = Gauge("lastmile_rules_info", "Active rules version (value is the rule count)",
@@ -214,6 +215,7 @@ class Pump:
             levels = {"connections": len(mqtt.connections), "registry": len(mqtt.registry),
                       "sessions_live": len(store), "write_paused": len(mqtt.write_paused),
                       "auth_pending": len(mqtt.auth_tasks), "per_source": len(mqtt.per_source),
+                      "connects_waiting": len(mqtt.connects_waiting),
                       "handovers": mqtt.shared.handovers if mqtt.shared is not None else 0}
             for name, value in levels.items():
                 MQTT_STATE.labels(name).set(value)

@@ -197,14 +197,24 @@ class RegistryDb:
         ``evicted``: client ids this worker stopped keeping (over max_sessions).
         """
         with _txn(self.db) as db:
-            if expires_at is None:
-                self._delete_mine(db, client_id)
-            else:
-                db.execute("UPDATE clients SET expires_at = ? WHERE client_id = ? AND gen = ?",
-                           (expires_at, client_id, self.gen))
-            for cid in evicted:
-                if cid != client_id:
-                    self._delete_mine(db, cid)
+            self._release(db, client_id, expires_at, evicted)
+
+    def _release(self, db: sqlite3.Connection, client_id: str, expires_at: float | None,
+                 evicted: Iterable[str]) -> None:
+        if expires_at is None:
+            self._delete_mine(db, client_id)
+        else:
+            db.execute("UPDATE clients SET expires_at = ? WHERE client_id = ? AND gen = ?",
+                       (expires_at, client_id, self.gen))
+        for cid in evicted:
+            if cid != client_id:
+                self._delete_mine(db, cid)
+
+    def release_many(self, releases: Iterable[tuple[str, float | None, Iterable[str]]]) -> None:
+        """Several ``release`` calls (client id, expires_at, evicted) in one transaction."""
+        with _txn(self.db) as db:
+            for client_id, expires_at, evicted in releases:
+                self._release(db, client_id, expires_at, evicted)
 
     def expire(self, client_ids: Iterable[str], now: float, orphans: bool) -> None:
         """Drop this worker's expired rows and (``orphans``) at most ``ORPHAN_BATCH`` expired
