@@ -309,7 +309,10 @@ class MqttServer:
     def sweep(self, now: float) -> None:
         """Expire sessions past their deadline and stored state past its expiry (the
         store's work is proportional to what expires: a heap, not a scan)."""
-        for conn in [c for c in self.connections if c.session.deadline <= now]:
+        # A CONNECT waiting for its turn (admit_connect) arrived in time: the wait is ours,
+        # so its connect timeout does not run out meanwhile (its turn comes within turns).
+        for conn in [c for c in self.connections
+                     if c.session.deadline <= now and c._waiting is None]:
             conn.handle_events(conn.session.expire(now))
         if self.write_paused:
             timeout = self.limits.slow_reader_timeout

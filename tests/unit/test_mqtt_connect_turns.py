@@ -104,3 +104,22 @@ async def test_a_connection_gone_while_it_waits_is_skipped() -> None:
         await asyncio.sleep(0)
     assert ta.written and tc.written and not tb.written
     assert not server.connects_waiting and len(server.connections) == 2
+
+
+async def test_a_connect_waiting_for_its_turn_is_not_timed_out() -> None:
+    """Its CONNECT arrived in time; the wait is the server's: a sweep past the CONNECT
+    timeout leaves it alone, and its turn answers it (else a storm feeds itself: every
+    CONNECT timed out in the queue comes back as one more)."""
+    server = MqttServer(AckingPipeline(), MqttLimits(connect_timeout=1.0),
+                        connects_per_turn=1)
+    a, b = MqttConnection(server), MqttConnection(server)
+    ta, tb = FakeTransport(0), FakeTransport(1)
+    for conn, t, i in ((a, ta, 0), (b, tb, 1)):
+        conn.connection_made(t)  # type: ignore[arg-type]
+        conn.data_received(connect_bytes(i))
+    assert ta.written and not tb.written
+    server.sweep(asyncio.get_running_loop().time() + 5.0)  # past b's CONNECT timeout
+    assert not tb.closing
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert tb.written == [b" \x02\x00\x00"] and not tb.closing  # CONNACK 0
