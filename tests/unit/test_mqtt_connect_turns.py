@@ -106,20 +106,22 @@ async def test_a_connection_gone_while_it_waits_is_skipped() -> None:
     assert not server.connects_waiting and len(server.connections) == 2
 
 
-async def test_a_connect_waiting_for_its_turn_is_not_timed_out() -> None:
-    """Its CONNECT arrived in time; the wait is the server's: a sweep past the CONNECT
-    timeout leaves it alone, and its turn answers it (else a storm feeds itself: every
-    CONNECT timed out in the queue comes back as one more)."""
+
+async def test_the_newest_waiting_connect_goes_first() -> None:
+    """Under more CONNECTs than a worker answers, the oldest are the clients giving up:
+    the newest is answered first, the oldest meet their CONNECT timeout (and retry)."""
     server = MqttServer(AckingPipeline(), MqttLimits(connect_timeout=1.0),
                         connects_per_turn=1)
-    a, b = MqttConnection(server), MqttConnection(server)
-    ta, tb = FakeTransport(0), FakeTransport(1)
-    for conn, t, i in ((a, ta, 0), (b, tb, 1)):
+    conns = [MqttConnection(server) for _ in range(4)]
+    transports = [FakeTransport(i) for i in range(4)]
+    for i, (conn, t) in enumerate(zip(conns, transports, strict=True)):
         conn.connection_made(t)  # type: ignore[arg-type]
         conn.data_received(connect_bytes(i))
-    assert ta.written and not tb.written
-    server.sweep(asyncio.get_running_loop().time() + 5.0)  # past b's CONNECT timeout
-    assert not tb.closing
+    await asyncio.sleep(0)  # one turn
+    assert [bool(t.written) for t in transports] == [True, False, False, True]
+    server.sweep(asyncio.get_running_loop().time() + 5.0)  # past the CONNECT timeout
+    assert transports[1].closing and transports[2].closing  # closed while waiting
     for _ in range(20):
         await asyncio.sleep(0)
-    assert tb.written == [b" \x02\x00\x00"] and not tb.closing  # CONNACK 0
+    assert not server.connects_waiting
+    assert not transports[1].written and not transports[2].written
