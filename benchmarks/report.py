@@ -309,6 +309,9 @@ def _storm_section() -> list[str]:
     if target:
         lines += ["", f"Target (issue 14): {target['connections']:,} reconnected within "
                       f"{target['seconds']:g} s: **{'met' if target['met'] else 'not met'}**."]
+    notes = storm.get("notes", [])
+    if notes:
+        lines += ["", *(f"- {note}" for note in notes)]
     return lines
 
 
