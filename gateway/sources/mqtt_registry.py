@@ -140,7 +140,7 @@ class SharedSessions(SessionStore):
 
     def _holds(self, client_id: str, state: ClientState) -> bool:
         # Ids still coming from the old owner (its connection ended during the handover).
-        return bool(state.qos2) or client_id in self._handovers
+        return super()._holds(client_id, state) or client_id in self._handovers
 
     def _evicted(self, client_id: str, qos2_ids: int) -> None:
         self._forget_ids(client_id)
