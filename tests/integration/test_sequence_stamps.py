@@ -96,3 +96,50 @@ def test_seq_per_client_continues_on_resume_restarts_on_clean_start(
         assert seqs[30:] == [1, 2, 3, 4, 5], (cid, seqs)
     # Two clients, two sessions each: four distinct session ids.
     assert len({stamps(m)["lastmile-session"] for m in got}) == 4
+
+
+def _spool_ledgers(spool: Path) -> list[Path]:
+    return sorted(spool.rglob("ledger"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_spool_replay_duplicate_carries_the_same_stamp(
+        gateway_factory: Any, rules_dir: Path, fresh_broker: Broker, tmp_path: Path) -> None:
+    """The gateway's own at-least-once duplicate: the spool replays records Kafka already
+    has when the ledger lags (persisted about every 200 ms, docs/spool.md).  Here the
+    ledger is removed after a kill -9, the worst such lag, so every spooled record
+    replays: each copy must carry the stamp of its original."""
+    topic = f"seq.{uuid.uuid4().hex[:8]}"
+    stamp_rule(rules_dir, topic)
+    fresh_broker.create_topic(topic)
+    proc, ports = gateway_factory(bootstrap=fresh_broker.bootstrap, spool__spill_after_ms=500,
+                                  kafka__clusters__default__message_timeout_ms=600_000)
+    cid = f"seq-dup-{uuid.uuid4().hex[:6]}"
+    proc.start(("127.0.0.1", ports["mqtt"]))
+    try:
+        fresh_broker.pause()  # PUBACKs now come from the spool
+        publish_phase(ports["mqtt"], cid, 4, False, [b"%d" % i for i in range(10)])
+        fresh_broker.resume()
+        first = fresh_broker.read(topic, 10, timeout=60)
+        assert len(first) == 10
+    finally:
+        proc.kill9()
+    ledgers = _spool_ledgers(tmp_path / "spool")
+    assert ledgers, "no spool ledger: the records did not go through the spool"
+    for ledger in ledgers:
+        ledger.unlink()
+    proc.start(("127.0.0.1", ports["mqtt"]))
+    try:
+        got = fresh_broker.read(topic, 20, timeout=60)
+    finally:
+        proc.stop()
+    assert len(got) == 20, "the spool did not replay its records"
+    by_value: dict[bytes, set[tuple[str, str]]] = {}
+    for m in got:
+        s = stamps(m)
+        assert s["lastmile-client-id"] == cid
+        by_value.setdefault(m.value(), set()).add((s["lastmile-session"], s["lastmile-seq"]))
+    # Every payload twice, both copies with one (session, seq); ten distinct seqs.
+    assert all(len(v) == 1 for v in by_value.values()), by_value
+    assert sorted(int(seq) for (_, seq), in by_value.values()) == list(range(1, 11))
