@@ -143,3 +143,41 @@ def test_a_spool_replay_duplicate_carries_the_same_stamp(
     # Every payload twice, both copies with one (session, seq); ten distinct seqs.
     assert all(len(v) == 1 for v in by_value.values()), by_value
     assert sorted(int(seq) for (_, seq), in by_value.values()) == list(range(1, 11))
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("version", [4, 5])
+def test_a_session_resumed_on_another_worker_continues_its_count(
+        gateway_factory: Any, rules_dir: Path, broker: Broker, version: int) -> None:
+    """workers: 2: the counter goes with the handover (docs/sessions.md), like QoS 2 ids."""
+    from tests.integration.test_workers_sessions import Device, port_for, start
+
+    topic = f"seq.{uuid.uuid4().hex[:8]}"
+    stamp_rule(rules_dir, topic)
+    gw, ports, pids = start(gateway_factory, rules_dir)
+    port = ports["mqtt"]
+    cid = f"seq-w-{version}-{uuid.uuid4().hex[:6]}"
+    try:
+        # Worker 0; then (session present) worker 1 while worker 0 keeps the released
+        # session; then worker 0 again while worker 1 still holds it connected (takeover).
+        devices = []
+        for n, worker in enumerate((0, 1, 0)):
+            device = Device(cid, version).connect(port, port_for(port, pids[worker], pids))
+            devices.append(device)
+            assert device.connacks == [n > 0]
+            for i in range(3):
+                info = device.client.publish(f"seq/{cid}", b"%d:%d" % (n, i), qos=1)
+                info.wait_for_publish(30)
+                assert info.is_published()
+            if n == 0:
+                device.stop()
+        for device in devices[1:]:
+            device.stop()
+        got = broker.read(topic, 9, timeout=30)
+    finally:
+        gw.stop()
+    assert len(got) == 9
+    seen = [(m.value().decode(), stamps(m)) for m in got]
+    assert [v for v, _ in seen] == [f"{n}:{i}" for n in range(3) for i in range(3)]
+    assert len({s["lastmile-session"] for _, s in seen}) == 1, seen
+    assert [int(s["lastmile-seq"]) for _, s in seen] == list(range(1, 10))
