@@ -195,3 +195,19 @@ def test_the_stamp_counter_survives_release_with_nothing_else_held() -> None:
     idle.connection_lost(0.0)
     assert "used" in store._states and "idle" not in store._states
     assert store.retained == 2
+
+
+def test_rules_test_shows_the_stamps_of_a_first_message(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.routing.cli_rules import rules_test
+
+    (tmp_path / "10-rules.yaml").write_text(RULES)
+    assert rules_test(str(tmp_path), "alarms/x", None, "dev-9", None, "mqtt", 1, False) == 0
+    headers = [line.split(": ", 1) for line in capsys.readouterr().out.splitlines()
+               if line.startswith("  header lastmile-")]
+    # Two stamped records (the fan-out), one number.
+    assert [(n, v) for n, v in headers if n != "  header lastmile-session"] == [
+        ("  header lastmile-client-id", "dev-9"), ("  header lastmile-seq", "1")] * 2
+    assert rules_test(str(tmp_path), "alarms/x", None, "dev-9", None, "http", 1, False) == 0
+    out = capsys.readouterr().out
+    assert "lastmile-client-id: dev-9" in out and "lastmile-seq" not in out
