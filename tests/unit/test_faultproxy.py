@@ -196,3 +196,31 @@ def test_loopback_only() -> None:
         FaultProxy(("10.0.0.1", 1883))
     with pytest.raises(ValueError, match="loopback"):
         FaultProxy(("127.0.0.1", 1883), listen=("0.0.0.0", 0))
+
+
+async def test_cli_proxies_with_latency_and_splits(echo: Echo) -> None:
+    """``python -m tests.support.faultproxy`` as an operator runs it."""
+    import socket
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    root = Path(__file__).resolve().parents[2]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.support.faultproxy", "--listen", f"127.0.0.1:{port}",
+        "--target", f"127.0.0.1:{echo.port}", "--latency-ms", "50", "--jitter-ms", "20",
+        "--split", "--seed", "4", cwd=root, stdout=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        banner = await asyncio.wait_for(proc.stdout.readline(), 30)
+        assert banner.startswith(b"faultproxy 127.0.0.1:%d -> " % port), banner
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        data = random.Random(3).randbytes(5000)
+        writer.write(data)
+        assert await read_n(reader, len(data)) == data
+        writer.close()
+    finally:
+        proc.terminate()
+        await proc.wait()
