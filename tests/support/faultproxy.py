@@ -83,6 +83,7 @@ class _Direction:
     cuts: list[int] = field(default_factory=list)  # split points drawn (stream offsets)
     held: int = 0            # bytes read and not yet forwarded
     eof: bool = False        # the source closed (held as a sentinel until forwarded)
+    free_at: float = 0.0     # bandwidth: when the next byte may go
 
 
 class Link:
@@ -123,6 +124,10 @@ class Link:
         for name in ("up", "down") if direction == "both" else (direction,):
             self._stalled[name] = False
             self._dir(name).wake.set()
+
+    def set_faults(self, faults: Faults) -> None:
+        """Change this connection's faults while traffic flows (from the next chunk on)."""
+        self.faults = faults
 
     def held(self, direction: str) -> int:
         """Bytes read from one side and not yet forwarded to the other."""
@@ -193,13 +198,13 @@ class Link:
 
     async def _read(self, reader: asyncio.StreamReader, d: _Direction) -> None:
         loop = asyncio.get_running_loop()
-        f = self.faults
         try:
             while True:
                 try:
                     chunk = await reader.read(_READ)
                 except OSError:
                     chunk = _EOF
+                f = self.faults  # read per chunk: set_faults applies while traffic flows
                 if chunk and f.reset_rate and self.rng.random() < f.reset_rate:
                     self.reset()
                     return
@@ -265,16 +270,23 @@ class Link:
                 end = min(len(chunk), d.next_cut - d.offset)
                 pieces.append(chunk[start:end])
                 start = end
+        if f.bandwidth_bps:  # slices of 20 ms at the rate, each sent when the link is free
+            size = max(1, int(f.bandwidth_bps / 50))
+            pieces = [piece[i:i + size] for piece in pieces for i in range(0, len(piece), size)]
+        loop = asyncio.get_running_loop()
         for n, piece in enumerate(pieces):
-            if n and f.split_gap_ms:
+            if n and f.split_gap_ms and f.split:
                 await asyncio.sleep(f.split_gap_ms / 1000.0)
+            if f.bandwidth_bps:
+                wait = d.free_at - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                d.free_at = max(d.free_at, loop.time()) + len(piece) / f.bandwidth_bps
             writer.write(piece)
             await writer.drain()
             d.offset += len(piece)
             d.held -= len(piece)
             self.transferred += len(piece)
-            if f.bandwidth_bps:
-                await asyncio.sleep(len(piece) / f.bandwidth_bps)
 
 
 class FaultProxy:

@@ -207,7 +207,7 @@ async def test_cli_proxies_with_latency_and_splits(echo: Echo) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).parents[2]
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tests.support.faultproxy", "--listen", f"127.0.0.1:{port}",
         "--target", f"127.0.0.1:{echo.port}", "--latency-ms", "50", "--jitter-ms", "20",
@@ -224,3 +224,20 @@ async def test_cli_proxies_with_latency_and_splits(echo: Echo) -> None:
     finally:
         proc.terminate()
         await proc.wait()
+
+
+async def test_latency_and_bandwidth_delay_and_change_while_traffic_flows(echo: Echo) -> None:
+    """Lower bounds only (a sleep never ends early): 100 ms each way, then 20 kB/s."""
+    loop = asyncio.get_running_loop()
+    proxy = await FaultProxy(("127.0.0.1", echo.port), Faults(latency_ms=100)).start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    start = loop.time()
+    writer.write(b"ping")
+    assert await read_n(reader, 4) == b"ping"
+    assert loop.time() - start >= 0.2
+    proxy.links[0].set_faults(Faults(bandwidth_bps=20_000))
+    start = loop.time()
+    writer.write(bytes(10_000))
+    assert await read_n(reader, 10_000) == bytes(10_000)
+    assert loop.time() - start >= 0.45  # 10 kB at 20 kB/s: the last 400 B slice at 0.48 s
+    await proxy.close()
