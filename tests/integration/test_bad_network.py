@@ -66,6 +66,7 @@ def by_client(values: list[bytes]) -> dict[str, collections.Counter[bytes]]:
     return out
 
 
+@pytest.mark.slow
 async def test_fleet_behind_a_bad_network_loses_nothing_acked(
         gateway_factory: Any, rules_dir: Path, broker: Broker) -> None:
     (rules_dir / "05-badnet.yaml").write_text(RULES)
