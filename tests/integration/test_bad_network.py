@@ -281,3 +281,48 @@ async def test_half_open_connections_closed_by_keep_alive_and_sessions_follow_ex
     got = await asyncio.to_thread(broker.read, f"badnet.{run}.q2", len(expected), 60)
     counts = collections.Counter(m.value() for m in got)
     assert set(counts) == expected and set(counts.values()) == {1}, counts
+
+
+async def test_device_back_before_keep_alive_takes_over_its_half_open_session(
+        gateway_factory: Any, rules_dir: Path, broker: Broker) -> None:
+    """A NAT rebinding: the device is back on a new connection while the gateway still holds
+    the old one half-open. The new connection takes the session over (present = 1), the old
+    one is closed, and the QoS 2 message whose PUBREC was lost is not produced twice."""
+    (rules_dir / "05-badnet.yaml").write_text(RULES)
+    gw, ports = gateway_factory()
+    gw.start(wait_for=("127.0.0.1", ports["mqtt"]))
+    run = uuid.uuid4().hex[:8]
+    topic = f"badnet/{run}/q2/takeover"
+    proxy = await FaultProxy(("127.0.0.1", ports["mqtt"]), seed=SEED).start()
+    old, again = Device(4), Device(4)
+    try:
+        await old.connect(proxy.port, f"nat-{run}", 600, clean=False)
+        assert old.writer is not None
+        link = proxy.link_for(old.writer.get_extra_info("sockname")[1])
+        assert link is not None
+        link.stall("down")
+        old.send(p.Publish(topic=topic, payload=b"nat:1", qos=2, packet_id=1))
+        deadline = time.monotonic() + 30
+        while link.held("down") < 4:  # produced and PUBRECed; the PUBREC never arrives
+            assert time.monotonic() < deadline, "no PUBREC"
+            await asyncio.sleep(0.02)
+        link.stall()
+        connack = await again.connect(ports["mqtt"], f"nat-{run}", 60, clean=False)
+        assert connack.session_present
+        again.send(p.Publish(topic=topic, payload=b"nat:1", qos=2, packet_id=1, dup=True))
+        rec = await again.recv()
+        assert isinstance(rec, p.Pubrec) and rec.packet_id == 1 and not rec.reason_code, rec
+        again.send(p.Pubrel(packet_id=1))
+        comp = await again.recv()
+        assert isinstance(comp, p.Pubcomp) and comp.packet_id == 1 and not comp.reason_code
+        deadline = time.monotonic() + 30
+        while await asyncio.to_thread(metric, ports["metrics"], "lastmile_mqtt_connections") != 1:
+            assert time.monotonic() < deadline, "the half-open connection was not taken over"
+            await asyncio.sleep(0.1)
+        again.send(p.Disconnect())
+    finally:
+        old.close()
+        again.close()
+        await proxy.close()
+    got = await asyncio.to_thread(broker.read, f"badnet.{run}.q2", 1, 60)
+    assert [m.value() for m in got] == [b"nat:1"]
