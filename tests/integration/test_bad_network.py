@@ -1,7 +1,8 @@
 """Bad networks (issue 14) against `lastmile serve` and tansu, through the fault proxy.
 
 - A fleet of QoS 1 publishers (and a smaller QoS 2 one) behind 200 ms +- 100 ms latency,
-  writes split at random byte boundaries and random resets, for 30 s. Devices reconnect
+  writes split at random byte boundaries and random resets, for 30 s; half way every
+  connection is reset at once (a cell going away). Devices reconnect
   with clean session 0 and the same client id and resend what was not acknowledged (QoS 1
   with DUP; QoS 2 with DUP and the same packet id, or PUBREL once PUBREC came). Verdict,
   per client: every PUBACKed message is in Kafka; every QoS 2 message is there at most once
@@ -90,7 +91,10 @@ async def test_fleet_behind_a_bad_network_loses_nothing_acked(
     tasks = [asyncio.ensure_future(c.run(give_up)) for c in clients]
     try:
         # The load's length, not a verdict: the clients publish this long, then finish.
-        await asyncio.sleep(DURATION_S)
+        # Half way the cell goes away: every connection is reset at once.
+        await asyncio.sleep(DURATION_S / 2)
+        cut_mid_run = proxy.cut_all()
+        await asyncio.sleep(DURATION_S / 2)
         resets_under_load = proxy.resets
         for c in clients:
             c.publishing = False
@@ -116,7 +120,8 @@ async def test_fleet_behind_a_bad_network_loses_nothing_acked(
     kafka2 = by_client([m.value() for m in got2])
     print(f"\nbad network: {QOS1_CLIENTS} QoS 1 + {QOS2_CLIENTS} QoS 2 clients, "
           f"{DURATION_S:.0f} s of load, {elapsed:.1f} s with the drain; resets under load "
-          f"{resets_under_load}, all {proxy.resets}; links {len(proxy.links)}")
+          f"{resets_under_load} ({cut_mid_run} of them at once half way), all {proxy.resets}; "
+          f"links {len(proxy.links)}")
     for q in (1, 2):
         s = stats[q]
         records = len(got1 if q == 1 else got2)
@@ -133,7 +138,7 @@ async def test_fleet_behind_a_bad_network_loses_nothing_acked(
             twice = [v for v, n in kafka.items() if n > 1]
             assert not twice, f"{c.client_id}: QoS 2 duplicated in Kafka: {twice[:5]}"
     # The faults really happened (else the verdict above proves little).
-    assert resets_under_load >= QOS1_CLIENTS // 2
+    assert resets_under_load >= QOS1_CLIENTS // 2 and cut_mid_run > 0
     assert stats[1].resent > 0 and stats[1].session_present > 0
 
 
