@@ -347,6 +347,8 @@ class FaultProxy:
         self._runs.add(task)
         try:
             await link.run()
+        except asyncio.CancelledError:
+            pass  # close(): asyncio's stream callback must not see a cancelled task
         finally:
             self._runs.discard(task)
 
