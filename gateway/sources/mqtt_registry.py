@@ -11,8 +11,9 @@ its state):
    holds the connection: the CONNACK stays queued and reading pauses.
 2. B sends ``take`` to A.  A ends its connection (MQTT 5: DISCONNECT 0x8E),
    writes the unreleased QoS 2 ids of that client with their verdicts (safe,
-   failed, or still in progress) and answers ``released``.
-3. B takes those ids into the new session, then writes the CONNACK.  An id
+   failed, or still in progress) and the session's stamp counter (``kafka.sequence``,
+   docs/rules.md), and answers ``released``.
+3. B takes those ids and the counter into the new session, then writes the CONNACK.  An id
    still in progress gets its verdict later: A writes it to the store when the
    pipeline answers and sends ``check`` to the current owner.
 
@@ -181,7 +182,7 @@ class SharedSessions(SessionStore):
 
     def _holds(self, client_id: str, state: ClientState) -> bool:
         # Ids still coming from the old owner (its connection ended during the handover).
-        return bool(state.qos2) or client_id in self._handovers
+        return super()._holds(client_id, state) or client_id in self._handovers
 
     def _evicted(self, client_id: str, qos2_ids: int) -> None:
         self._forget_ids(client_id)
@@ -271,8 +272,10 @@ class SharedSessions(SessionStore):
         if state is not None and state.qos2:
             mine = [t for pid, t in state.qos2.items() if awaiting.get(pid) is not t]
         rows = [(t.packet_id, t.done, t.reason_code) for t in mine]
+        seq = state.sequence if state is not None else None
+        counter = (seq.session, seq.last) if seq is not None and seq.last else None
         self._drop_local(client_id)
-        if self.db.export(client_id, claim, rows):
+        if self.db.export(client_id, claim, rows, counter):
             for token in mine:
                 if not token.done:
                     self._exported[token] = client_id
@@ -298,6 +301,11 @@ class SharedSessions(SessionStore):
             return
         rows = self.db.take_rows(client_id, not handover.clean)
         added = self._adopt(client_id, handover.state, rows)
+        if not handover.clean:
+            counter = self.db.take_sequence(client_id)
+            seq = handover.state.sequence
+            if counter is not None and not seq.last:  # else: numbers drawn already here
+                seq.session, seq.last = counter
         conn = handover.conn
         if conn is not None:
             if added:

@@ -711,6 +711,7 @@ class MqttConnection(asyncio.Protocol):
                 source="mqtt", topic=pk.topic, payload=pk.payload, qos=pk.qos, retain=pk.retain,
                 client_id=session.client_id, username=session.username,
                 cert_identity=cert, claims=claims, received_at=received_at,
+                sequence=event.sequence,
             )
         return Message(
             source="mqtt", topic=pk.topic, payload=pk.payload, qos=pk.qos, retain=pk.retain,
@@ -720,6 +721,7 @@ class MqttConnection(asyncio.Protocol):
             payload_format=props.payload_format_indicator,
             message_expiry=props.message_expiry_interval,
             correlation_data=props.correlation_data, response_topic=props.response_topic,
+            sequence=event.sequence,
         )
 
     def _register(self, event: Connected) -> None:
