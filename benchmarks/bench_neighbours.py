@@ -16,8 +16,9 @@ once alone ("quiet") and once beside each neighbour (``benchmarks/neighbours.py`
 Per case: the gateway's RSS growth (its process tree; before the case vs the end and
 the peak during it), the good client's PUBACK p50/p99 and p99 / the quiet run's p99,
 messages acked vs sent, and what the neighbour saw.  The same publisher runs against
-Mosquitto quiet and beside never_reading, in the same run.  The issue's targets are
-printed as met / not met; nothing here is asserted.
+Mosquitto quiet and beside never_reading, in the same run; a second quiet Lastmile run
+at the end ("quiet_after") shows the run-to-run spread of p99 on this machine.  The
+issue's targets are printed as met / not met; nothing here is asserted.
 
 Writes ``benchmarks/results/neighbours.json`` and re-renders ``docs/benchmarks.md``
 (its "Hostile neighbours" section) from that and ``results/latest.json``.
@@ -42,7 +43,8 @@ from benchmarks.run import Scenario, run_loadgen, settle
 from benchmarks.servers import ROOT, Lastmile, Mosquitto, Server, StartError, Tansu
 
 RESULTS = ROOT / "benchmarks" / "results"
-LASTMILE_CASES = ("quiet", "never_reading", "session_churn", "alias_table", "slow_heads")
+LASTMILE_CASES = ("quiet", "never_reading", "session_churn", "alias_table", "slow_heads",
+                  "quiet_after")
 MOSQUITTO_CASES = ("quiet", "never_reading")
 MIB = 2**20
 TARGET_RSS_MB = 32.0
@@ -155,7 +157,7 @@ def run_case(server: Server, case: str, a: argparse.Namespace, http_port: int,
     sampler = Sampler(server)
     nb = None
     out: dict[str, Any] = {"good_duration_s": duration}
-    if case != "quiet":
+    if not case.startswith("quiet"):
         bound = duration + 90.0
         nb = Neighbour(neighbour_argv(case, a, server.port, http_port, run_id, head_timeout),
                        bound)
@@ -178,7 +180,7 @@ def run_case(server: Server, case: str, a: argparse.Namespace, http_port: int,
         rss_peak_growth_mb=round((rss_peak - rss_before) / MIB, 1),
         good={k: good.get(k) for k in ("error", "sent", "acked", "unacked", "acked_per_s",
                                        "error_count", "errors", "connect")
-              if k in good} | {"puback_latency_ms": lat},
+              if k in good} | {"puback_latency_ms": lat, "offered": round(a.rate * duration)},
         server_alive_after=server.alive(),
     )
     log(f"  {server.name} {case}: RSS +{out['rss_growth_mb']} MB (peak "
@@ -254,11 +256,19 @@ def targets(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
     lm = data["lastmile"]
     quiet = p99(lm.get("quiet", {}))
     out: dict[str, dict[str, Any]] = {}
+    if quiet:
+        lm["quiet"]["p99_vs_quiet"] = 1.0
     for case in LASTMILE_CASES[1:]:
-        r = lm.get(case, {})
+        r = lm.get(case)
         t: dict[str, Any] = {}
+        if r is None:
+            continue
         if "error" in r:
             out[case] = {"error": r["error"]}
+            continue
+        if case == "quiet_after":  # the run-to-run spread, not a target
+            q = p99(r)
+            r["p99_vs_quiet"] = round(q / quiet, 2) if q is not None and quiet else None
             continue
         growth = max(r["rss_growth_mb"], r["rss_peak_growth_mb"])
         t["rss_growth_under_32mb"] = growth < TARGET_RSS_MB
@@ -321,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         "head_timeout_set": head_timeout is not None and a.head_timeout is not None,
         "lastmile": {}, "mosquitto": {},
     }
-    cases = [c for c in LASTMILE_CASES if not a.only or c in a.only or c == "quiet"]
+    cases = [c for c in LASTMILE_CASES if not a.only or c in a.only or c.startswith("quiet")]
     with tempfile.TemporaryDirectory(prefix="lastmile-bench-nbr-") as tmp:
         work = Path(tmp)
         print("== mosquitto", flush=True)
