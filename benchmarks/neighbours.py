@@ -263,7 +263,7 @@ async def alias_table(a: argparse.Namespace, stop: Stop) -> dict[str, Any]:
     """One MQTT 5 client: reads Topic Alias Maximum from the CONNACK, registers every alias
     with its own 1 KB topic name (QoS 1), then publishes by alias alone at a.alias_rate."""
     out: dict[str, Any] = {"topic_bytes": a.topic_bytes, "registered": 0, "acked": 0,
-                           "alias_publishes": 0}
+                           "registrations_acked": 0, "alias_publishes": 0}
     reader, writer = await asyncio.wait_for(
         asyncio.open_connection(a.host, a.port, local_addr=(a.source_ip, 0)), 10)
     writer.write(connect_packet(f"nbr-c-{a.run_id}".encode(), w.MQTT5, True))
@@ -277,7 +277,7 @@ async def alias_table(a: argparse.Namespace, stop: Stop) -> dict[str, Any]:
     window = min(int(props.get(0x21, 65535)), 64)
     out.update(topic_alias_maximum=props.get(0x22, 0), receive_maximum=props.get(0x21),
                window=window)
-    inflight: dict[int, None] = {}
+    inflight: dict[int, bool] = {}  # packet id -> a registration (topic name + alias)
     free = asyncio.Event()
     free.set()
 
@@ -286,7 +286,8 @@ async def alias_table(a: argparse.Namespace, stop: Stop) -> dict[str, Any]:
             while True:
                 kind, body = await read_packet(reader)
                 if kind == w.PUBACK:
-                    inflight.pop(int.from_bytes(body[:2], "big"), None)
+                    if inflight.pop(int.from_bytes(body[:2], "big"), False):
+                        out["registrations_acked"] += 1
                     out["acked"] += 1
                     free.set()
                 elif kind == w.DISCONNECT:
@@ -294,7 +295,8 @@ async def alias_table(a: argparse.Namespace, stop: Stop) -> dict[str, Any]:
                     out["disconnect_after"] = out["registered"]
                     return
         except (OSError, asyncio.IncompleteReadError) as e:
-            out["closed"] = type(e).__name__
+            out["closed_on_read"] = type(e).__name__
+            out.setdefault("disconnect_after", out["registered"])
         finally:
             free.set()
 
@@ -309,7 +311,7 @@ async def alias_table(a: argparse.Namespace, stop: Stop) -> dict[str, Any]:
         if acks.done():
             return False
         pid = pid % 65535 + 1
-        inflight[pid] = None
+        inflight[pid] = bool(topic)
         writer.write(publish_packet(topic, pid, b"x" * 32, w.MQTT5, alias))
         await writer.drain()
         return True
@@ -337,8 +339,10 @@ async def alias_table(a: argparse.Namespace, stop: Stop) -> dict[str, Any]:
                 nxt += interval
                 if nxt > time.monotonic():
                     await stop.wait(nxt - time.monotonic())
-    except (OSError, ConnectionError) as e:
-        out["closed"] = type(e).__name__
+    except OSError as e:
+        out["closed_on_write"] = type(e).__name__
+    out.setdefault("register_seconds", round(time.monotonic() - t0, 2))
+    out.setdefault("alias_name_bytes", out["registered"] * a.topic_bytes)
     await stop.event.wait()
     acks.cancel()
     writer.close()

@@ -325,10 +325,13 @@ def _neighbour_did(case: str, n: dict[str, Any] | None) -> str:
                 f"(64-byte client ids, 3.1.1); refused or failed: {errs or 'none'}")
     if case == "alias_table":
         return (f"CONNACK Topic Alias Maximum {n.get('topic_alias_maximum')}; "
-                f"{n['registered']:,} aliases registered with {n['topic_bytes']:,}-byte topic "
-                f"names ({n.get('alias_name_bytes', 0):,} bytes) in "
+                f"{n['registered']:,} alias registrations sent with {n['topic_bytes']:,}-byte "
+                f"topic names ({n.get('alias_name_bytes', 0):,} bytes; "
+                f"{n.get('registrations_acked', '?')} acked) in "
                 f"{n.get('register_seconds')} s, then {n['alias_publishes']:,} PUBLISHes by "
-                f"alias; server DISCONNECT: {n.get('server_disconnect', 'none')}")
+                f"alias; server DISCONNECT: {n.get('server_disconnect', 'none')}"
+                + (f", connection closed after {n['disconnect_after']} registrations"
+                   if "disconnect_after" in n else ""))
     if case == "slow_heads":
         c = n.get("close_after_open_s") or {}
         answers = ", ".join(f"{v:,} x {k}" for k, v in n["answers"].items()) or "none"
@@ -369,7 +372,7 @@ def _neighbours_section() -> list[str]:
         "before the case vs its end (neighbour still connected) / the peak sampled every "
         "0.5 s; bytes held in kernel socket buffers are not in it.",
         "",
-        "| neighbour | server | RSS growth end / peak (MB) | good PUBACK p50 / p99 (ms) "
+        "| neighbour | server | RSS growth end / peak (MB) | good PUBACK p50 / p99 / max (ms) "
         "| p99 / quiet p99 | acked / sent (offered) | Lastmile p99 / Mosquitto p99 |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
@@ -384,7 +387,8 @@ def _neighbours_section() -> list[str]:
         ratio = _ratio(lat.get("p99"), other) if system == "Lastmile" else ""
         return (f"| {name} | {system} | {r['rss_growth_mb']:,.1f} / "
                 f"{r['rss_peak_growth_mb']:,.1f} | {_fmt(lat.get('p50'), '{:,.2f}')} / "
-                f"{_fmt(lat.get('p99'), '{:,.2f}')} | {_fmt(r.get('p99_vs_quiet'), '{:.2f}x')} "
+                f"{_fmt(lat.get('p99'), '{:,.2f}')} / {_fmt(lat.get('max'), '{:,.0f}')} "
+                f"| {_fmt(r.get('p99_vs_quiet'), '{:.2f}x')} "
                 f"| {_fmt(g.get('acked'), '{:,}')} / {_fmt(g.get('sent'), '{:,}')} "
                 f"({_fmt(g.get('offered'), '{:,}')}) | {ratio} |")
 
@@ -397,7 +401,7 @@ def _neighbours_section() -> list[str]:
         if m is not None:
             lines.append(row(case, "Mosquitto", m, None))
         elif case not in ("quiet", "quiet_after"):
-            lines.append(f"| {NEIGHBOURS[case]} | Mosquitto | {NM} (Lastmile only) | | | | |")
+            lines.append(f"| {NEIGHBOURS[case]} | Mosquitto | {NM} (no HTTP port) | | | | |")
     lines += ["", "What each neighbour did:", ""]
     for case in ("never_reading", "session_churn", "alias_table", "slow_heads"):
         if case in lm:
@@ -416,10 +420,8 @@ def _neighbours_section() -> list[str]:
             verdict = v if isinstance(v, str) else ("met" if v else "**not met**")
             lines.append(f"| {NEIGHBOURS.get(case, case)} | {names.get(k, k)} | {verdict} |")
     lines += ["", "p99 on this shared 2-core machine moves from run to run: compare the two "
-              "quiet rows. Mosquitto stops reading a client whose output it cannot send, so "
-              "the never-reading client sits blocked there; Mosquitto has no HTTP port, no "
-              "topic aliases in 3.1.1 and different session storage, so (b)-(d) are Lastmile "
-              "only."]
+              "quiet rows. Mosquitto (no persistence, its default `max_topic_alias` 10) keeps "
+              "sessions in memory; it has no HTTP port, so (d) is Lastmile only."]
     return lines
 
 
