@@ -116,8 +116,15 @@ def _check_auth(config: Config, smap: SourceMap) -> None:
     """Anonymous access off needs a way in: a password file, JWTs or client certificates."""
     auth = config.auth
     jwt = auth.jwt
-    if jwt is not None and not (jwt.jwks_file or jwt.jwks_url):
-        raise smap.error("give jwks_file or jwks_url", ("auth", "jwt"))
+    if jwt is not None:
+        if not (jwt.jwks_file or jwt.jwks_url):
+            raise smap.error("give jwks_file or jwks_url", ("auth", "jwt"))
+        from gateway.auth.jwks import check_config
+
+        try:
+            check_config(jwt)  # no "none", no HMAC with a public key, sane timings
+        except ConfigError as exc:
+            raise smap.error(exc.reason, tuple(exc.key.split("."))) from exc
     if auth.allow_anonymous:
         return
     mtls = any(

@@ -139,15 +139,39 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Longer MQTT client ids are refused at CONNECT (MQTT 5: 0x85, 3.1.1: 0x02); MQTT
     # guarantees 23.
     max_client_id_bytes: Annotated[int, msgspec.Meta(ge=23, le=65_535)] = 256
+    # MQTT output a client has not read: above it the gateway stops reading that client,
+    # and closes it when it stays above for slow_reader_timeout_s (docs/mqtt.md).
+    max_write_buffer_bytes: Annotated[int, msgspec.Meta(ge=4096)] = 64 << 10
+    slow_reader_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    # New MQTT connections per second per worker (token bucket; burst 0: one second's
+    # worth); over it MQTT 5 gets CONNACK 0x9F, 3.1.1 a close.  0: no limit (the default).
+    connect_rate_per_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    connect_burst: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # Open MQTT connections per source address per worker; more are closed unread.
+    # 0: no limit (the default: devices behind carrier NAT share addresses).
+    max_connections_per_source: Annotated[int, msgspec.Meta(ge=0)] = 0
     http_max_body_bytes: int = 1 << 20
     http_max_batch_records: int = 1_000
     http_rate_per_client: float = 0.0  # requests/s; 0 = unlimited
     http_rate_burst: float = 0.0  # bucket size in requests; 0 = one second's worth
     http_body_timeout_s: float = 30.0
+    # A request head (request line and headers) not complete within this is answered 408
+    # and closed; a new connection's clock starts when it opens (docs/http.md, "Limits").
+    http_header_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    # An idle keep-alive connection (no request under way) is closed after this.
+    http_keepalive_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 75.0
+    # HTTP (and WebSocket) connections per worker process; more are closed at once (0: off).
+    http_max_connections: Annotated[int, msgspec.Meta(ge=0)] = 10_000
+    # Request-body bytes being read or held per worker; a request that would go over it is
+    # answered 503 before its body is read (0: off; a lone request always fits).
+    http_max_inflight_body_bytes: Annotated[int, msgspec.Meta(ge=0)] = 64 << 20
     idempotency_window_s: float = 300.0
-    # Bounds on remembered Idempotency-Key answers; the oldest are forgotten first.
+    # Bounds on remembered Idempotency-Key answers; the oldest are forgotten first.  The
+    # bytes count keys, caller scopes, answers and a fixed overhead per entry.
     idempotency_max_keys: int = 100_000
     idempotency_max_bytes: int = 64 << 20
+    # Longer Idempotency-Key values are refused 400 (Stripe's bound).
+    idempotency_max_key_bytes: Annotated[int, msgspec.Meta(ge=1, le=8190)] = 255
 
 
 class Jwt(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

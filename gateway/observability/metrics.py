@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from gateway.pipeline import Pipeline
     from gateway.routing import Router, RulesReloader
     from gateway.sinks.kafka import KafkaSink
+    from gateway.sources.http_server import HttpIngest
     from gateway.sources.mqtt_server import MqttServer
 
 log = structlog.get_logger("lastmile.metrics")
@@ -39,6 +40,7 @@ class Watched(Protocol):
     router: Router | None
     reloader: RulesReloader | None
     mqtt: MqttServer | None
+    http: HttpIngest | None
 
     @property
     def auth(self) -> AuthCounters | None: ...
@@ -77,15 +79,35 @@ MQTT_LIMIT_CLOSES = Counter("lastmile_mqtt_limit_closes_total",
                             "MQTT connections closed by a per-connection bound: keep_alive "
                             "(1.5 x the keep alive in force, capped by limits.max_keepalive_s), "
                             "partial_packet (limits.partial_packet_timeout_s), "
-                            "topic_alias_bytes (limits.topic_alias_max_bytes)", ["limit"])
-for _limit in ("keep_alive", "partial_packet", "topic_alias_bytes"):
+                            "topic_alias_bytes (limits.topic_alias_max_bytes), slow_reader "
+                            "(output unread above limits.max_write_buffer_bytes for "
+                            "limits.slow_reader_timeout_s)", ["limit"])
+for _limit in ("keep_alive", "partial_packet", "topic_alias_bytes", "slow_reader"):
     MQTT_LIMIT_CLOSES.labels(_limit)  # exported at 0 before the first close
+MQTT_CONNECT_LIMITS = Counter("lastmile_mqtt_connect_limits_total",
+                              "MQTT connections refused by a connect limit: connect_rate "
+                              "(limits.connect_rate_per_s: CONNACK 0x9F, 3.1.1 closed), "
+                              "per_source (limits.max_connections_per_source: closed unread)",
+                              ["limit"])
+for _limit in ("connect_rate", "per_source"):
+    MQTT_CONNECT_LIMITS.labels(_limit)
 SESSIONS = Gauge("lastmile_mqtt_sessions_retained",
                  "Disconnected MQTT sessions kept for a reconnect (limits.max_sessions per worker)",
                  multiprocess_mode="livesum")
 SESSION_EVENTS = Counter("lastmile_mqtt_sessions_total",
                          "MQTT sessions expired, evicted (over limits.max_sessions), and CONNECTs "
                          "refused for a client id over limits.max_client_id_bytes", ["event"])
+HTTP_CONNECTIONS = Gauge("lastmile_http_connections",
+                         "Open HTTP connections (limits.http_max_connections per worker)",
+                         multiprocess_mode="livesum")
+HTTP_REFUSED = Counter("lastmile_http_refused_total",
+                       "HTTP connections and requests refused or closed by a limit: "
+                       "max_connections, header_timeout, keepalive_timeout, body_timeout, "
+                       "inflight_body_bytes, idempotency_key_too_long", ["reason"])
+HTTP_STATE = Gauge("lastmile_http_state",
+                   "HTTP levels: inflight_body_bytes (limits.http_max_inflight_body_bytes), "
+                   "idempotency_bytes and idempotency_keys (limits.idempotency_max_*), "
+                   "pending_heads", ["name"], multiprocess_mode="livesum")
 PENDING_BYTES = Gauge("lastmile_buffer_pending_bytes", "Bytes waiting for Kafka or the spool",
                       multiprocess_mode="livesum")
 PAUSED = Gauge("lastmile_backpressure_paused", "1 while sources are paused",
@@ -165,6 +187,7 @@ class Pump:
             CONNECTIONS.set(len(mqtt.connections))
             self._delta(MQTT_REFUSED, (), mqtt.refused_connections)
             self._counters(MQTT_LIMIT_CLOSES, mqtt.limit_closes)
+            self._counters(MQTT_CONNECT_LIMITS, mqtt.connect_refusals)
             store = mqtt.store
             SESSIONS.set(store.retained)
             self._counters(SESSION_EVENTS, {"expired": store.expired, "evicted": store.evicted,
@@ -174,6 +197,20 @@ class Pump:
             self._counters(AUTH_ACCEPTED, auth.accepted)
             self._counters(AUTH_REFUSED, auth.refused)
             self._delta(AUTH_THROTTLED, (), auth.throttled)
+
+        http = app.http
+        if http is not None:
+            HTTP_CONNECTIONS.set(len(http.guard.connections))
+            refused = http.refused()
+            for reason in refused:  # every reason shows, at 0 before its first refusal
+                HTTP_REFUSED.labels(reason)
+            self._counters(HTTP_REFUSED, refused)
+            levels = {"inflight_body_bytes": http.bodies.used,
+                      "idempotency_bytes": http.idempotency.size,
+                      "idempotency_keys": len(http.idempotency),
+                      "pending_heads": len(http.guard.heads)}
+            for name, value in levels.items():
+                HTTP_STATE.labels(name).set(value)
 
     async def run(self, interval: float = 1.0) -> None:
         failures = 0

@@ -46,6 +46,11 @@ async def start_mqtt(pipeline: Pipeline, config: Config, reuse_port: bool, worke
         max_connections=config.limits.max_connections,
         max_sessions=config.limits.max_sessions,
         max_client_id_bytes=config.limits.max_client_id_bytes,
+        max_write_buffer_bytes=config.limits.max_write_buffer_bytes,
+        slow_reader_timeout=config.limits.slow_reader_timeout_s,
+        connect_rate=config.limits.connect_rate_per_s,
+        connect_burst=config.limits.connect_burst,
+        max_connections_per_source=config.limits.max_connections_per_source,
     )
     from gateway.sources.mqtt_registry import open_shared
 

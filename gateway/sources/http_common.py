@@ -24,6 +24,7 @@ from gateway.errors import (
     ProtocolError,
     QuotaExceeded,
     TopicInvalid,
+    Unavailable,
 )
 from gateway.model import Delivery, Message, Outcome
 from gateway.pipeline import Pipeline
@@ -74,6 +75,18 @@ class RequestTimeout(ProtocolError):
 
     code = "request_timeout"
     http_status = 408
+
+
+class BodyBudgetExceeded(Unavailable):
+    """Request bodies in flight would exceed limits.http_max_inflight_body_bytes."""
+
+    code = "too_many_bodies_in_flight"
+
+
+class IdempotencyKeyTooLong(BadRequest):
+    """The Idempotency-Key is longer than limits.idempotency_max_key_bytes."""
+
+    code = "idempotency_key_too_long"
 
 
 class NotAuthenticated(NotAuthorized):
@@ -182,15 +195,67 @@ def check_topic(topic: str) -> None:
 # --- the body ---------------------------------------------------------------------------
 
 
-async def read_body(request: web.Request, max_bytes: int, timeout_s: float) -> bytes:
+class BodyBudget:
+    """Request-body bytes one worker reads or holds at once (http_max_inflight_body_bytes).
+
+    Each request holds a ``Hold``: its Content-Length before the body is read, then
+    what it really read (a chunked or gzip body grows it while reading).  A request
+    that would take the total over the limit is refused (503) and holds nothing;
+    a lone request always fits, so the limit never refuses a body the size limit
+    allows.  ``Hold.release`` runs on every path (answer, error, disconnect, timeout).
+    """
+
+    __slots__ = ("limit", "refused", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit  # 0: off
+        self.used = 0
+        self.refused = 0
+
+    def hold(self) -> Hold:
+        return Hold(self)
+
+    def _take(self, n: int, own: int) -> None:
+        # ``own``: what the asking request already holds (alone, it always fits).
+        if self.limit and self.used > own and self.used + n > self.limit:
+            self.refused += 1
+            raise BodyBudgetExceeded(
+                f"request bodies in flight would exceed {self.limit} bytes; retry later",
+                limit=self.limit)
+        self.used += n
+
+
+class Hold:
+    __slots__ = ("budget", "bytes")
+
+    def __init__(self, budget: BodyBudget) -> None:
+        self.budget = budget
+        self.bytes = 0
+
+    def grow_to(self, n: int) -> None:
+        if n > self.bytes:
+            self.budget._take(n - self.bytes, self.bytes)
+            self.bytes = n
+
+    def release(self) -> None:
+        self.budget.used -= self.bytes
+        self.bytes = 0
+
+
+async def read_body(request: web.Request, max_bytes: int, timeout_s: float,
+                    hold: Hold | None = None) -> bytes:
     """The whole body, decompressed (aiohttp inflates ``Content-Encoding: gzip``).
 
     The size limit applies to the decompressed bytes and is checked while
     reading, so neither a lying Content-Length nor a gzip bomb gets past it.
+    ``hold`` (the in-flight body budget) is taken for the Content-Length before
+    anything is read, and grows with what a chunked or inflated body really is.
     """
     length = request.content_length
     if length is not None and length > max_bytes:
         raise BodyTooLarge(f"body is {length} bytes; the limit is {max_bytes}")
+    if hold is not None and length:
+        hold.grow_to(length)
     chunks: list[bytes] = []
     size = 0
     try:
@@ -199,9 +264,13 @@ async def read_body(request: web.Request, max_bytes: int, timeout_s: float) -> b
                 size += len(chunk)
                 if size > max_bytes:
                     raise BodyTooLarge(f"body exceeds {max_bytes} bytes")
+                if hold is not None:
+                    hold.grow_to(size)
                 chunks.append(chunk)
     except TimeoutError as exc:
         raise RequestTimeout(f"body not received within {timeout_s:g}s") from exc
+    except ConnectionError as exc:  # nobody is left to answer; the hold is released
+        raise BadRequest("the client closed the connection before its body ended") from exc
     return b"".join(chunks)
 
 

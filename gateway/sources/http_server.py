@@ -14,6 +14,7 @@ Statuses are honest: 200 only once every record is safe (Kafka or the spool),
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -29,7 +30,11 @@ from gateway.sources.http_auth import AnonymousOnly, Caller, HttpAuth
 from gateway.sources.http_batch import parse_batch, produce_batch
 from gateway.sources.http_common import (
     RETRY_AFTER_S,
+    BodyBudget,
+    BodyBudgetExceeded,
+    IdempotencyKeyTooLong,
     RateLimiter,
+    RequestTimeout,
     check_topic,
     error_response,
     json_response,
@@ -39,6 +44,7 @@ from gateway.sources.http_common import (
     read_body,
     text_header,
 )
+from gateway.sources.http_guard import HttpGuard
 from gateway.sources.idempotency import IdempotencyCache, Stored, fingerprint
 
 if TYPE_CHECKING:
@@ -81,6 +87,21 @@ class HttpIngest:
         self.idempotency = IdempotencyCache(limits.idempotency_window_s,
                                             limits.idempotency_max_keys,
                                             limits.idempotency_max_bytes)
+        self.guard = HttpGuard(limits.http_max_connections, limits.http_header_timeout_s,
+                               limits.http_keepalive_timeout_s)
+        self.bodies = BodyBudget(limits.http_max_inflight_body_bytes)
+        self.body_timeouts = 0  # 408: the body did not arrive within http_body_timeout_s
+        self.long_keys = 0  # 400: an Idempotency-Key over idempotency_max_key_bytes
+
+    def refused(self) -> dict[str, int]:
+        """Requests and connections refused by a bound, by reason (for /metrics)."""
+        guard = self.guard
+        return {"max_connections": guard.refused_connections,
+                "header_timeout": guard.head_timeouts,
+                "keepalive_timeout": guard.idle_closed,
+                "body_timeout": self.body_timeouts,
+                "inflight_body_bytes": self.bodies.refused,
+                "idempotency_key_too_long": self.long_keys}
 
     def web_app(self) -> web.Application:
         web_app = web.Application(middlewares=[_json_errors])
@@ -98,14 +119,17 @@ class HttpIngest:
 
     async def _gate(self, request: web.Request, handler: Handler,
                     on_error: OnError = error_response) -> web.Response:
+        hold = self.bodies.hold()  # this request's share of the in-flight body budget
         try:
             caller = await self.auth.identify(request)
             # Bound to the verified identity (or the address of an anonymous client):
             # X-Client-Id alone reaches no one else's bucket or stored answers.
             self.rate.check(caller.scope)
-            body = await read_body(request, self.limits.http_max_body_bytes,
-                                   self.limits.http_body_timeout_s)
             key = request.headers.get("Idempotency-Key")
+            if key is not None:
+                self._check_key(key, request)
+            body = await read_body(request, self.limits.http_max_body_bytes,
+                                   self.limits.http_body_timeout_s, hold)
             if key is None:
                 return await self._answer(request, caller, body, handler, on_error, None)
             print_ = fingerprint(request.method, request.path_qs, body)
@@ -118,7 +142,34 @@ class HttpIngest:
             stored = await self.idempotency.run((caller.scope, key), print_, first)
             return _replay(stored)
         except GatewayError as exc:
+            self._refused(exc, request)
             return on_error(exc)
+        finally:
+            hold.release()  # answered, refused, timed out or disconnected alike
+
+    def _check_key(self, key: str, request: web.Request) -> None:
+        limit = self.limits.idempotency_max_key_bytes
+        size = len(key.encode("utf-8", "surrogatepass"))
+        if size > limit:
+            self.long_keys += 1
+            if self.guard.debug:
+                log.debug("http_request_refused", reason="idempotency_key_too_long",
+                          bytes=size, limit=limit, peer=request.remote)
+            raise IdempotencyKeyTooLong(
+                f"Idempotency-Key is {size} bytes; the limit is {limit}", limit=limit)
+
+    def _refused(self, exc: GatewayError, request: web.Request) -> None:
+        """Count and log (debug) a refusal by one of the HTTP bounds."""
+        if isinstance(exc, BodyBudgetExceeded):  # counted by the budget
+            reason, detail = "inflight_body_bytes", float(self.bodies.limit)
+        elif isinstance(exc, RequestTimeout):
+            self.body_timeouts += 1
+            reason, detail = "body_timeout", self.limits.http_body_timeout_s
+        else:
+            return
+        if self.guard.debug:
+            log.debug("http_request_refused", reason=reason, limit=detail,
+                      in_flight=self.bodies.used, peer=request.remote)
 
     async def _answer(self, request: web.Request, caller: Caller, body: bytes,
                       handler: Handler, on_error: OnError, earlier: Earlier) -> web.Response:
@@ -256,23 +307,33 @@ async def start_http(pipeline: Pipeline, config: Config, reuse_port: bool,
     runner = web.AppRunner(ingest.web_app(), access_log=None,
                            shutdown_timeout=config.shutdown_timeout_s / 2)
     await runner.setup()
+    assert runner.server is not None
+    # Our own listening sockets with aiohttp's protocol under the guard's bounds
+    # (http_guard: connection limit, head and keep-alive timeouts).
+    factory = ingest.guard.factory(runner.server)
+    loop = asyncio.get_running_loop()
+    servers: list[asyncio.Server] = []
     if listener.enabled:
-        site = web.TCPSite(runner, listener.host, listener.port,
-                           reuse_port=reuse_port or None, backlog=1024)
-        await site.start()
+        servers.append(await loop.create_server(
+            factory, listener.host, listener.port, reuse_port=reuse_port or None,
+            backlog=1024))
         log.info("http_listening", host=listener.host, port=listener.port)
-    tls = await _start_https(runner, config, reuse_port)
+    tls = await _start_https(factory, config, reuse_port, servers)
+    ingest.guard.start()
 
     async def cleanup(_timeout: float) -> None:
+        for server in servers:  # no new connections; aiohttp then drains the open ones
+            server.close()
         if tls is not None:
             await tls.close()
+        await ingest.guard.stop()
         await runner.cleanup()
 
     return ingest, cleanup
 
 
-async def _start_https(runner: web.AppRunner, config: Config, reuse_port: bool
-                       ) -> ServerTls | None:
+async def _start_https(factory: Callable[[], asyncio.Protocol], config: Config,
+                       reuse_port: bool, servers: list[asyncio.Server]) -> ServerTls | None:
     """The same routes over TLS; the client certificate is the transport's ``peercert``."""
     listener = config.listeners.https
     if not listener.enabled:
@@ -280,9 +341,11 @@ async def _start_https(runner: web.AppRunner, config: Config, reuse_port: bool
     from gateway.tls import ServerTls
 
     tls = ServerTls(listener, "https")  # follows certificate file changes
-    site = web.TCPSite(runner, listener.host, listener.port, ssl_context=tls.context,
-                       reuse_port=reuse_port or None, backlog=1024)
-    await site.start()
+    servers.append(await asyncio.get_running_loop().create_server(
+        factory, listener.host, listener.port, ssl=tls.context,
+        reuse_port=reuse_port or None, backlog=1024,
+        # A handshake is part of the first head: the same deadline (asyncio's is 60 s).
+        ssl_handshake_timeout=config.limits.http_header_timeout_s))
     tls.start()
     log.info("https_listening", host=listener.host, port=listener.port,
              client_cert="required" if listener.require_client_cert

@@ -14,13 +14,18 @@ Rules, chosen so a retry never hides a failure the client could fix by retrying:
   nothing refused for a passing reason is refused forever;
 - the same key with a different request (method, path, body) is refused (422),
   as Stripe does, instead of answering for a request that was not made;
-- memory is bounded by entry count and stored bytes; the oldest go first.
+- memory is bounded by entry count and stored bytes; the oldest go first.  The
+  bytes are what an entry really holds: its key, the caller's scope (a client id
+  may be 8 KB), the answer and its per-record results, and a fixed overhead per
+  entry for the objects around them (``ENTRY_OVERHEAD``).  Keys longer than
+  ``limits.idempotency_max_key_bytes`` never get here (400, ``http_server``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
@@ -31,6 +36,31 @@ from gateway.sources.http_common import IdempotencyKeyReused
 # verified identity (with its X-Client-Id), or the source address of an anonymous
 # client; never a header alone, so no one replays another's stored answers.
 Scope = tuple[Hashable, str]
+
+# Bytes one kept entry holds besides its strings, body and results, measured once
+# with tracemalloc on CPython 3.11 (20,000 entries through ``run``, 8-byte keys,
+# anonymous scopes): 918 bytes per entry, of which 115 are the key and scope strings
+# counted on their own (sys.getsizeof).  The rest: the OrderedDict slot, the
+# (scope, key) tuple, _Entry, its Future, the fingerprint, Stored and its headers.
+ENTRY_OVERHEAD = 832
+# A per-record result (batch and REST Proxy answers) is a small dict holding what the
+# answer body also says: measured 450 bytes beside its JSON for a batch result, 160 for
+# a REST Proxy offset.  Charged as the body's bytes once more plus this per record.
+RESULT_OVERHEAD = 512
+
+
+def _strings(value: object) -> int:
+    """Bytes held by the strings of a scope (nested tuples of str)."""
+    if isinstance(value, str | bytes):
+        return sys.getsizeof(value)
+    if isinstance(value, tuple):
+        return sys.getsizeof(value) + sum(_strings(v) for v in value)
+    return 0
+
+
+def entry_size(scope: Scope, stored: Stored) -> int:
+    """What keeping ``stored`` under ``scope`` costs, in bytes."""
+    return ENTRY_OVERHEAD + _strings(scope) + stored.size
 
 
 class Stored:
@@ -52,7 +82,11 @@ class Stored:
 
     @property
     def size(self) -> int:
-        return len(self.body) + 128 + 256 * len(self.results or ())
+        """The answer's bytes: body, replayed headers, per-record results."""
+        size = len(self.body) + sum(len(k) + len(v) for k, v in self.headers.items())
+        if self.results:
+            size += len(self.body) + RESULT_OVERHEAD * len(self.results)
+        return size
 
     @property
     def final(self) -> bool:
@@ -68,11 +102,12 @@ class Stored:
 
 
 class _Entry:
-    __slots__ = ("expires", "fingerprint", "future")
+    __slots__ = ("expires", "fingerprint", "future", "size")
 
     def __init__(self, fingerprint: bytes, expires: float) -> None:
         self.fingerprint = fingerprint
         self.expires = expires
+        self.size = 0  # bytes charged to the cache while its answer is kept
         self.future: asyncio.Future[Stored] = asyncio.get_running_loop().create_future()
 
 
@@ -94,6 +129,11 @@ class IdempotencyCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def size(self) -> int:
+        """Bytes held by kept answers (see ENTRY_OVERHEAD), at most ``max_bytes``."""
+        return self._bytes
 
     async def run(self, scope: Scope, print_: bytes,
                   produce: Callable[[Stored | None], Awaitable[Stored]]) -> Stored:
@@ -145,25 +185,28 @@ class IdempotencyCache:
             stored.results = earlier.results
         entry.future.set_result(stored)
         if stored.keep:
-            self._bytes += stored.size
+            self._charge(scope, entry, stored)
             self._evict()
         else:
             self._drop(scope, entry)
         return stored
 
+    def _charge(self, scope: Scope, entry: _Entry, stored: Stored) -> None:
+        entry.size = entry_size(scope, stored)
+        self._bytes += entry.size
+
     def _put_back(self, scope: Scope, print_: bytes, stored: Stored) -> None:
         entry = _Entry(print_, time.monotonic() + self.window_s)
         entry.future.set_result(stored)
         self._entries[scope] = entry
-        self._bytes += stored.size
+        self._charge(scope, entry, stored)
+        self._evict()
 
     def _drop(self, scope: Scope, entry: _Entry) -> None:
         if self._entries.get(scope) is entry:
             del self._entries[scope]
-            if entry.future.done() and not entry.future.cancelled():
-                stored = entry.future.result()
-                if stored.keep:
-                    self._bytes -= stored.size
+            self._bytes -= entry.size
+            entry.size = 0
 
     def _expire(self, now: float) -> None:
         # Entries are in arrival order with the same window, so expiry is FIFO.
@@ -176,9 +219,18 @@ class IdempotencyCache:
             self._drop(scope, entry)
 
     def _evict(self) -> None:
-        for scope, entry in list(self._entries.items()):
-            if len(self._entries) <= self.max_keys and self._bytes <= self.max_bytes:
-                return
+        keys = len(self._entries) - self.max_keys
+        extra = self._bytes - self.max_bytes
+        if keys <= 0 and extra <= 0:
+            return
+        victims = []
+        for scope, entry in self._entries.items():  # oldest first; stops when enough
+            if keys <= 0 and extra <= 0:
+                break
             # A request in progress is never forgotten; those are bounded by concurrency.
             if entry.future.done():
-                self._drop(scope, entry)
+                victims.append((scope, entry))
+                keys -= 1
+                extra -= entry.size
+        for scope, entry in victims:
+            self._drop(scope, entry)

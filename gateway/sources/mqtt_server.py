@@ -18,6 +18,17 @@ expires stored client state; there are no per-connection timers.  With
 client id another worker owns is held (no CONNACK, no reading) until that
 worker has given it up (``MqttConnection.held``).
 
+The write side (docs/mqtt.md, "Clients that do not read").  The transport's
+high-water mark is ``limits.max_write_buffer_bytes``; while it asks to pause
+writing the connection is not read either (``update_reading``: one decision
+for every reason to stop), so a client that never reads cannot ask for more
+answers.  ``server.write_paused`` holds only those connections and when they
+paused; the sweep closes one paused longer than ``limits.slow_reader_timeout``
+(aborted: what it never read is dropped).  Connect limits are checked in
+``connection_made``: ``limits.max_connections`` and
+``limits.max_connections_per_source`` close unread, the connect-rate bucket
+(``limits.connect_rate``) lets the session refuse the CONNECT (5.0: 0x9F).
+
 Acks arrive in batches (one per Kafka poll, or one per spool fsync): ``on_done``
 only queues the ack bytes in the session and marks the connection; one
 ``call_soon`` per batch then writes each marked connection's acks in one
@@ -119,6 +130,17 @@ class MqttServer:
         self.store.on_evict = self._session_evicted
         self.connections: set[MqttConnection] = set()
         self.refused_connections = 0  # over limits.max_connections
+        # Connections refused by a connect limit, by its name: "connect_rate" (CONNACK 0x9F
+        # or a close), "per_source" (closed unread).
+        self.connect_refusals: dict[str, int] = {}
+        # Open connections per source address (only with limits.max_connections_per_source).
+        self.per_source: dict[str, int] = {}
+        # The connect-rate token bucket (limits.connect_rate): tokens, when last filled.
+        self._tokens = float(self.limits.connect_burst or max(1, int(self.limits.connect_rate)))
+        self._tokens_at = float("-inf")
+        # Connections whose transport asked to pause writing (output unread above
+        # limits.max_write_buffer_bytes), and since when: the sweep closes slow readers.
+        self.write_paused: dict[MqttConnection, float] = {}
         # Connections ended by a per-connection bound, by its name (Disconnected.limit).
         self.limit_closes: dict[str, int] = {}
         self.registry: dict[str, MqttConnection] = {}  # client id -> live connection
@@ -279,9 +301,29 @@ class MqttServer:
         store's work is proportional to what expires: a heap, not a scan)."""
         for conn in [c for c in self.connections if c.session.deadline <= now]:
             conn.handle_events(conn.session.expire(now))
+        if self.write_paused:
+            timeout = self.limits.slow_reader_timeout
+            for conn, since in list(self.write_paused.items()):
+                if now - since >= timeout:
+                    conn.close_slow_reader()
         self.store.expire(now)
         if self._refusals_logged:
             self._forget_refusals(now)
+
+    def take_connect_token(self, now: float) -> bool:
+        """One new connection from the connect-rate bucket (limits.connect_rate), if any."""
+        limits = self.limits
+        burst = limits.connect_burst or max(1, int(limits.connect_rate))
+        tokens = min(float(burst), self._tokens + (now - self._tokens_at) * limits.connect_rate)
+        self._tokens_at = now
+        if tokens >= 1.0:
+            self._tokens = tokens - 1.0
+            return True
+        self._tokens = tokens
+        return False
+
+    def refuse_connect(self, limit: str) -> None:
+        self.connect_refusals[limit] = self.connect_refusals.get(limit, 0) + 1
 
     # --- authentication refusals: counted by the Authenticator, logged here, bounded ---
 
@@ -314,7 +356,8 @@ class MqttServer:
 
 class MqttConnection(asyncio.Protocol):
     # Kept small: one per device. Shared things (limits, pipeline) live on the server.
-    __slots__ = ("_reading", "cert_identity", "held", "server", "session", "transport")
+    __slots__ = ("_reading", "_write_paused", "cert_identity", "held", "server", "session",
+                 "source", "transport")
 
     def __init__(self, server: MqttServer) -> None:
         self.server = server
@@ -325,8 +368,11 @@ class MqttConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.cert_identity: str | None = None
         self._reading = True
+        self._write_paused = False  # the transport's buffer is above its high-water mark
         # CONNACK and what follows wait while another worker gives the client id up.
         self.held = False
+        # The source address counted in server.per_source (only when that limit is on).
+        self.source: str | None = None
 
     @property
     def peer(self) -> str:
@@ -350,7 +396,8 @@ class MqttConnection(asyncio.Protocol):
         # asyncio's TCP transports; asking for the socket object here would cost a
         # cached socket object per connection.
         server = self.server
-        limit = server.limits.max_connections
+        limits = server.limits
+        limit = limits.max_connections
         if limit and len(server.connections) >= limit:
             # Over the limit: close before reading, so the device backs off and retries
             # (no CONNACK can be sent before its CONNECT has been read).
@@ -359,6 +406,33 @@ class MqttConnection(asyncio.Protocol):
                                limit=limit, refused=server.refused_connections)
             transport.abort()
             return
+        per_source = limits.max_connections_per_source
+        if per_source:
+            host = self.peer_host
+            count = server.per_source.get(host, 0)
+            if count >= per_source:
+                # Closed unread like max_connections (docs/mqtt.md, "Connect storms").
+                server.refuse_connect("per_source")
+                if server.debug:
+                    server.log.debug("mqtt_connection_refused", reason="per_source",
+                                     limit=per_source, peer=self.peer)
+                transport.abort()
+                return
+            server.per_source[host] = count + 1
+            self.source = host
+        if limits.connect_rate and not server.take_connect_token(
+                asyncio.get_running_loop().time()):
+            # Over the rate: the CONNECT is read and refused before anything else is done
+            # for it (no authentication): MQTT 5 CONNACK 0x9F, 3.1.1 a close.
+            server.refuse_connect("connect_rate")
+            if server.debug:
+                server.log.debug("mqtt_connect_rate_exceeded", rate=limits.connect_rate,
+                                 peer=self.peer)
+            self.session.refuse_connect(0x9F)
+        # Above the high-water mark the transport asks to pause writing: reading stops
+        # (update_reading) and the sweep's slow-reader clock runs (pause_writing).
+        high = limits.max_write_buffer_bytes
+        transport.set_write_buffer_limits(high=high, low=high // 4)
         cert = transport.get_extra_info("peercert")
         if cert:
             self.cert_identity = _cert_identity(cert)
@@ -375,6 +449,17 @@ class MqttConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         server = self.server
         server.connections.discard(self)
+        if self._write_paused:
+            self._write_paused = False
+            server.write_paused.pop(self, None)
+        source = self.source
+        if source is not None:
+            self.source = None
+            left = server.per_source.get(source, 1) - 1
+            if left > 0:
+                server.per_source[source] = left
+            else:
+                server.per_source.pop(source, None)
         task = server.auth_tasks.pop(self, None)
         if task is not None:
             task.cancel()  # its verdict has nobody to go to
@@ -405,6 +490,41 @@ class MqttConnection(asyncio.Protocol):
                     self._authenticate(event)
         self._flush()
 
+    def pause_writing(self) -> None:
+        """The transport holds more unread output than limits.max_write_buffer_bytes:
+        stop reading (no new answers are asked for) and start the slow-reader clock."""
+        if not self._write_paused:
+            self._write_paused = True
+            self.server.write_paused[self] = asyncio.get_running_loop().time()
+            self.update_reading()
+
+    def resume_writing(self) -> None:
+        """The client read its output down to the low-water mark: read again."""
+        if self._write_paused:
+            self._write_paused = False
+            self.server.write_paused.pop(self, None)
+            self.update_reading()
+
+    def close_slow_reader(self) -> None:
+        """Output unread above the bound for limits.slow_reader_timeout (the sweep): end
+        the connection at once, dropping what it never read (a DISCONNECT would queue
+        behind it)."""
+        server = self.server
+        server.write_paused.pop(self, None)
+        transport = self.transport
+        unread = transport.get_write_buffer_size() if transport is not None else 0
+        message = (f"{unread} bytes of output unread for "
+                   f"{server.limits.slow_reader_timeout:g} s")
+        if self.session.closing:  # closed already, waiting for output that is never read
+            server.limit_closes["slow_reader"] = server.limit_closes.get("slow_reader", 0) + 1
+            if server.debug:
+                server.log.debug("mqtt_disconnected", peer=self.peer,
+                                 client_id=self.session.client_id, reason=message,
+                                 limit="slow_reader")
+        else:
+            self.handle_events(self.session.server_disconnect(0x97, message, "slow_reader"))
+        self.abort()
+
     def after_ack(self) -> None:
         try:
             self._flush()
@@ -413,12 +533,13 @@ class MqttConnection(asyncio.Protocol):
             self._crash("ack")
 
     def update_reading(self) -> None:
-        """Read only while the pipeline and this connection's inflight bound allow it."""
+        """Read only while the pipeline and this connection's inflight bound allow it, and
+        while its output is being read (not paused for writing)."""
         transport = self.transport
         if transport is None or transport.is_closing():
             return
         session = self.session
-        want = not self.held and (
+        want = not self.held and not self._write_paused and (
             session.state is not AWAIT_AUTH or session.buffered < AUTH_HOLD_BYTES
         ) and not self.server.pipeline.flow.paused and (
             session.pending < self.server.limits.receive_maximum
@@ -548,6 +669,8 @@ class MqttConnection(asyncio.Protocol):
         # Per-connection lines are debug (10k devices reconnecting must not cost 10k info
         # lines); a protocol error by the client stays visible at info.
         normal = event.by_client or event.reason_code < 0x80 or event.reason_code in _ROUTINE
+        if event.limit == "slow_reader" or event.reason_code == 0x9F:
+            normal = True  # counted; a flood of them must not flood the log
         if event.reason_code in _AUTH_REFUSED and self.session.identity is None:
             normal = True  # a refused CONNECT: mqtt_auth_refused said it (bounded)
         if normal and not self.server.debug:

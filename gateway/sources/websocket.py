@@ -9,6 +9,14 @@ client.  What the adapter does:
   and a frame to hold several packets, so frames are just a byte stream);
 - ``write`` -> a buffer flushed by one writer task as binary frames (the
   WebSocket send is a coroutine, and the session's writes must keep order);
+  the buffer counts as unread output until its send returns (aiohttp's send
+  waits while the socket's own buffer is full), and above the high-water mark
+  (``limits.max_write_buffer_bytes``) the connection's ``pause_writing`` is
+  called, ``resume_writing`` at the low-water mark: the same write side as
+  MQTT/TCP (stop reading, the sweep's slow-reader close);
+- ``abort`` of a connection whose output is not being read aborts the socket
+  under the WebSocket: a close frame would queue behind what the client never
+  reads;
 - ``pause_reading`` -> the read loop stops calling ``receive()``, so aiohttp's
   own buffer limit stops reading the socket: TCP backpressure as for MQTT/TCP.
 """
@@ -38,12 +46,17 @@ CLOSE_NORMAL, CLOSE_PROTOCOL = 1000, 1002
 class WebSocketTransport:
     """The slice of ``asyncio.Transport`` that ``MqttConnection`` uses, over a WebSocket."""
 
-    __slots__ = ("_aborted", "_closing", "_out", "_readable", "_request", "_wake", "ws")
+    __slots__ = ("_aborted", "_closing", "_high", "_low", "_out", "_paused", "_protocol",
+                 "_readable", "_request", "_size", "_wake", "ws")
 
     def __init__(self, ws: web.WebSocketResponse, request: web.Request) -> None:
         self.ws = ws
         self._request = request
+        self._protocol: MqttConnection | None = None  # told pause_writing / resume_writing
         self._out: list[bytes] = []
+        self._size = 0  # bytes written and not yet sent (in _out or in the send under way)
+        self._high, self._low = 65_536, 16_384  # write buffer limits (set_write_buffer_limits)
+        self._paused = False
         self._wake = asyncio.Event()
         self._readable = asyncio.Event()
         self._readable.set()
@@ -55,10 +68,29 @@ class WebSocketTransport:
         transport = self._request.transport
         return transport.get_extra_info(name, default) if transport is not None else default
 
+    def set_protocol(self, protocol: MqttConnection) -> None:
+        self._protocol = protocol
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        if high is not None:
+            self._high = high
+        self._low = low if low is not None else self._high // 4
+
+    def get_write_buffer_size(self) -> int:
+        """Unread output: ours, and what aiohttp already handed to the socket's transport
+        (at most its own high-water mark plus one frame: its send waits above it)."""
+        tcp = self._request.transport
+        return self._size + (tcp.get_write_buffer_size() if tcp is not None else 0)
+
     def write(self, data: bytes) -> None:
         if not self._closing:
             self._out.append(data)
+            self._size += len(data)
             self._wake.set()
+            if self._size > self._high and not self._paused:
+                self._paused = True
+                if self._protocol is not None:
+                    self._protocol.pause_writing()
 
     def close(self) -> None:
         """Close after what was written is sent (a CONNACK refusal must reach the client)."""
@@ -68,7 +100,13 @@ class WebSocketTransport:
 
     def abort(self) -> None:
         self._aborted = True
+        self._size -= sum(map(len, self._out))
         self._out.clear()
+        if self._paused:
+            # The client does not read: neither would it read a close frame.
+            tcp = self._request.transport
+            if tcp is not None:
+                tcp.abort()
         self.close()
 
     def is_closing(self) -> bool:
@@ -96,6 +134,11 @@ class WebSocketTransport:
                     await ws.send_bytes(data)
                 except (ConnectionError, RuntimeError):
                     self._closing = True  # the peer went away; the reader will see it
+                self._size -= len(data)
+                if self._paused and self._size <= self._low:
+                    self._paused = False
+                    if self._protocol is not None and not self._closing:
+                        self._protocol.resume_writing()
             if self._closing and not self._out:
                 code = CLOSE_PROTOCOL if self._aborted else CLOSE_NORMAL
                 with contextlib.suppress(ConnectionError, RuntimeError):
@@ -129,6 +172,7 @@ class MqttOverWebSocket:
             return ws
         transport = WebSocketTransport(ws, request)
         conn = MqttConnection(server)
+        transport.set_protocol(conn)
         conn.connection_made(transport)  # type: ignore[arg-type]
         writer = asyncio.create_task(transport.run_writer(), name="ws-writer")
         try:

@@ -58,6 +58,8 @@ def test_shipped_config_loads() -> None:
          "no client could ever authenticate"),
         ("auth:\n  allow_anonymous: true\n  jwt: {issuer: x}\n", 3, "auth.jwt",
          "give jwks_file or jwks_url"),
+        ("auth:\n  allow_anonymous: true\n  jwt:\n    jwks_file: /j\n"
+         "    algorithms: [RS256, HS256]\n", 5, "auth.jwt.algorithms", "'HS256' is not allowed"),
         ("listeners: [1, 2\n", 2, "", "invalid YAML"),
     ],
 )

@@ -7,7 +7,13 @@ import asyncio
 import pytest
 
 from gateway.sources.http_common import IdempotencyKeyReused, RateLimiter
-from gateway.sources.idempotency import IdempotencyCache, Stored, fingerprint
+from gateway.sources.idempotency import (
+    ENTRY_OVERHEAD,
+    IdempotencyCache,
+    Stored,
+    entry_size,
+    fingerprint,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -130,7 +136,8 @@ async def test_window_and_bounds() -> None:
     for i in range(10):
         await bounded.run(("c", str(i)), PRINT, Producer())
     assert len(bounded) == 3
-    by_bytes = IdempotencyCache(60, max_bytes=3 * Stored(200, b"answer 1", {}).size)
+    one = entry_size(("c", "0"), Stored(200, b"answer 1", {}))
+    by_bytes = IdempotencyCache(60, max_bytes=3 * one)
     for i in range(10):
         await by_bytes.run(("c", str(i)), PRINT, Producer())
     assert len(by_bytes) == 3
@@ -149,3 +156,28 @@ def test_rate_limiter_memory_is_bounded() -> None:
     for i in range(1000):
         limiter.take(f"client-{i}", now=0.0)
     assert len(limiter._buckets) == 100
+
+
+async def test_the_byte_bound_counts_keys_and_scopes() -> None:
+    """8 KB keys and 8 KB client ids (the most an HTTP header holds) are counted: the
+    cache stays under its byte bound however long they are."""
+    limit = 1 << 20
+    cache = IdempotencyCache(60, max_bytes=limit)
+    for i in range(500):
+        scope = ("password", "user", "", f"{i:08d}" + "c" * 8000)  # a device's client id
+        await cache.run((scope, f"{i:08d}" + "k" * 8000), PRINT, Producer())
+        assert cache.size <= limit
+    # Each kept entry costs at least its key and client id: at most 1 MiB / 16 KB of them.
+    assert 0 < len(cache) <= limit // 16_000
+    assert cache.size >= len(cache) * (16_000 + ENTRY_OVERHEAD)
+    assert cache.size == sum(entry_size(s, Stored(200, b"answer 1", {}))
+                             for s in cache._entries)
+
+
+async def test_forgotten_entries_give_their_bytes_back() -> None:
+    cache = IdempotencyCache(0.01)
+    await cache.run((("anonymous", "10.0.0.1"), "k" * 255), PRINT, Producer())
+    assert cache.size > 255 + ENTRY_OVERHEAD
+    await asyncio.sleep(0.02)
+    await cache.run((("anonymous", "10.0.0.1"), "other"), PRINT, Producer(503))  # expires
+    assert len(cache) == 0 and cache.size == 0

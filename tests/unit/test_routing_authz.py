@@ -141,6 +141,8 @@ class _App:
     sinks: dict[str, Any] = {}
     reloader = None
     mqtt = None
+    auth = None
+    http = None
 
     def __init__(self, router: Router) -> None:
         self.router = router

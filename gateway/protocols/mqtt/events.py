@@ -47,6 +47,17 @@ class MqttLimits:
     max_sessions: int = 100_000
     # A longer client id is refused at CONNECT (MQTT 5: 0x85, 3.1.1: 0x02).
     max_client_id_bytes: int = 256
+    # Output the client has not read (bytes in the transport's buffer): above it reading
+    # stops (the transport's high-water mark; low water is a quarter of it), and a
+    # connection above it for ``slow_reader_timeout`` seconds is closed (docs/mqtt.md).
+    max_write_buffer_bytes: int = 64 * 1024
+    slow_reader_timeout: float = 30.0
+    # New connections per second per server (a token bucket of ``connect_burst``; 0: one
+    # second's worth); over it MQTT 5 gets CONNACK 0x9F, 3.1.1 a close.  0 = no limit.
+    connect_rate: float = 0.0
+    connect_burst: int = 0
+    # Open connections from one source address; more are closed unread.  0 = no limit.
+    max_connections_per_source: int = 0
 
 
 class PublishToken:

@@ -130,10 +130,10 @@ class MqttSession:
     __slots__ = (
         "_alias_bytes", "_aliases", "_authenticate", "_buf", "_client", "_connect", "_events",
         "_expiry", "_grace", "_inflight", "_limits", "_new_client_id", "_order", "_out",
-        "_partial_until", "_store", "_valid_until", "client_id", "client_max_packet_size",
-        "client_receive_maximum", "client_topic_alias_maximum", "context", "identity",
-        "keep_alive", "last_received", "pending", "problem_info", "state", "username", "version",
-        "will",
+        "_partial_until", "_refuse_with", "_store", "_valid_until", "client_id",
+        "client_max_packet_size", "client_receive_maximum", "client_topic_alias_maximum",
+        "context", "identity", "keep_alive", "last_received", "pending", "problem_info", "state",
+        "username", "version", "will",
     )
 
     def __init__(
@@ -161,6 +161,7 @@ class MqttSession:
         self._aliases: dict[int, str] | None = None
         self._alias_bytes = 0  # UTF-8 bytes of the topics in _aliases (topic_alias_max_bytes)
         self._partial_until = NO_DEADLINE  # _buf's packet must be complete by then
+        self._refuse_with = 0  # refuse_connect: the CONNECT's answer (MQTT 5 reason code)
         self._client: ClientState | None = None
         self._inflight = 0  # QoS 1/2 not yet PUBACKed / PUBCOMPed (Receive Maximum)
         self._expiry = 0  # seconds to keep the client state after close
@@ -386,14 +387,21 @@ class MqttSession:
         """Another connection has the same client id: it wins (MQTT 5: 0x8E)."""
         return self.server_disconnect(0x8E, "session taken over")
 
-    def server_disconnect(self, reason_code: int, message: str) -> list[Event]:
-        """End the session from the server side (MQTT 5: DISCONNECT ``reason_code``)."""
+    def refuse_connect(self, reason_code: int) -> None:
+        """Refuse the CONNECT to come, whatever it says (before authentication and the
+        client id): MQTT 5 gets CONNACK ``reason_code``, 3.1.1 a close without CONNACK."""
+        self._refuse_with = reason_code
+
+    def server_disconnect(self, reason_code: int, message: str,
+                          limit: str | None = None) -> list[Event]:
+        """End the session from the server side (MQTT 5: DISCONNECT ``reason_code``);
+        ``limit`` names the bound that ended it (``Disconnected.limit``)."""
         events: list[Event] = []
         self._events = events
         if self.state is CONNECTED:
-            self._fail(reason_code, message)
+            self._fail(reason_code, message, limit=limit)
         else:
-            self._close(reason_code, message, will_due=False)
+            self._close(reason_code, message, will_due=False, limit=limit)
         self._events = None
         return events
 
@@ -559,6 +567,11 @@ class MqttSession:
             if will_props.payload_format_indicator == 1 and not is_utf8(will.payload):
                 return self._refuse(0x99, "will payload is not the UTF-8 it declares", level)
         self.version = level
+        if self._refuse_with:  # refuse_connect (the server's connect rate)
+            if level == 5:
+                return self._refuse(self._refuse_with, "connection rate exceeded", level)
+            self.version = 4
+            return self._close(self._refuse_with, "connection rate exceeded", will_due=False)
         props = pk.properties or EMPTY
         if props.authentication_method is not None:
             return self._refuse(0x8C, "enhanced authentication is not supported", level)
