@@ -136,9 +136,10 @@ async def read_packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
 # -- (a) a client that writes and never reads -----------------------------------------------
 
 async def never_reading(a: argparse.Namespace, stop: Stop) -> dict[str, Any]:
-    """PINGREQs with a QoS 1 PUBLISH every 16, written as fast as the socket takes them;
-    nothing is ever read (SO_RCVBUF 4 KiB).  A connection the server closes is replaced."""
-    ping_batch = w.PINGREQ_BYTES * 16
+    """PINGREQs with a QoS 1 PUBLISH every a.pings (none if a.no_publish), written as fast
+    as the socket takes them; nothing is ever read (SO_RCVBUF 4 KiB).  A connection the
+    server closes is replaced."""
+    ping_batch = w.PINGREQ_BYTES * a.pings
     payload = bytes(64)
     topic = f"bench/nbr-a-{a.run_id}/data".encode()
     out: dict[str, Any] = {"connections": 0, "closed_by_server": 0, "bytes_sent": 0,
@@ -168,9 +169,12 @@ async def never_reading(a: argparse.Namespace, stop: Stop) -> dict[str, Any]:
             while not stop:
                 if not pending:
                     pid = pid % 65535 + 1
-                    pending = ping_batch + publish_packet(topic, pid, payload)
-                    out["pingreq_sent"] += 16
-                    out["publish_sent"] += 1
+                    pending = ping_batch
+                    if not a.no_publish:
+                        pending += publish_packet(topic, pid, payload)
+                        out["publish_sent"] += 1
+                    out["pingreq_sent"] += a.pings
+                    out["batches"] = out.get("batches", 0) + 1
                 try:
                     n = s.send(pending)
                 except BlockingIOError:
@@ -183,7 +187,7 @@ async def never_reading(a: argparse.Namespace, stop: Stop) -> dict[str, Any]:
                     continue
                 out["bytes_sent"] += n
                 pending = pending[n:]
-                if out["publish_sent"] % 64 == 0:
+                if out["batches"] % 64 == 0:
                     await asyncio.sleep(0)
         except OSError as e:
             out["closed_by_server"] += 1
@@ -459,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--source-ip", default="127.0.0.50")
     ap.add_argument("--run-id", type=int, default=1)
     ap.add_argument("--max-seconds", type=float, default=60.0)
+    ap.add_argument("--pings", type=int, default=16, help="never_reading: PINGREQs per PUBLISH")
+    ap.add_argument("--no-publish", action="store_true", help="never_reading: PINGREQs only")
     ap.add_argument("--cycles", type=int, default=5000, help="session_churn")
     ap.add_argument("--spread", type=float, default=10.0, help="session_churn: seconds")
     ap.add_argument("--concurrency", type=int, default=8, help="session_churn")
