@@ -241,10 +241,12 @@ async def session_churn(a: argparse.Namespace, stop: Stop) -> dict[str, Any]:
     emit({"event": "ready"})
     t0 = time.monotonic()
     tasks = set()
+    out["started"] = 0
     for i in range(a.cycles):
         if stop:
             break
         await sem.acquire()
+        out["started"] += 1
         task = asyncio.create_task(one(i))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
@@ -253,7 +255,6 @@ async def session_churn(a: argparse.Namespace, stop: Stop) -> dict[str, Any]:
             await asyncio.sleep(ahead)
     if tasks:
         await asyncio.wait(tasks, timeout=15)
-    out["started"] = i + 1 if a.cycles else 0
     out["churn_seconds"] = round(time.monotonic() - t0, 2)
     out["cycles_per_s"] = round(out["ok"] / out["churn_seconds"], 1) if out["ok"] else None
     out["connack_ms"] = summarize(lat, 1000.0)
@@ -436,7 +437,8 @@ async def slow_heads(a: argparse.Namespace, stop: Stop) -> dict[str, Any]:
     await stop.event.wait()
     for wr in writers:
         wr.close()
-    await asyncio.wait(tasks, timeout=5) if tasks else None
+    if tasks:
+        await asyncio.wait(tasks, timeout=5)
     out["seconds"] = round(time.monotonic() - t0, 2)
     return out
 
