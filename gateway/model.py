@@ -8,11 +8,36 @@ the source back once, when the message is safe or has failed.
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable, Mapping
 
 import msgspec
 
 from gateway.errors import GatewayError
+
+
+class Sequence:
+    """One client session's stamp counter (``kafka.sequence``, docs/rules.md).
+
+    Lives in the MQTT session state (``ClientState``), so a resumed session
+    continues it and a new session starts a new one.  ``session`` is made on
+    the first stamp: 12 hex digits of the creation time in ms, then 8 random
+    ones, so ids sort by when the session began.
+    """
+
+    __slots__ = ("last", "session")
+
+    def __init__(self) -> None:
+        self.session = ""
+        self.last = 0
+
+    def next(self) -> tuple[str, int]:
+        """The session id and the next sequence number (1, 2, ...)."""
+        if not self.session:
+            self.session = f"{time.time_ns() // 1_000_000:012x}{os.urandom(4).hex()}"
+        self.last += 1
+        return self.session, self.last
 
 
 class Message(msgspec.Struct, kw_only=True):
@@ -43,6 +68,9 @@ class Message(msgspec.Struct, kw_only=True):
     headers: list[tuple[str, bytes]] = []
     partition: int | None = None
     received_at: float = 0.0
+    # The client session's stamp counter (MQTT only); the router draws from it when a
+    # rule says ``kafka.sequence: true``.
+    sequence: Sequence | None = None
 
 
 class Record(msgspec.Struct, kw_only=True):

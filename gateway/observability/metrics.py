@@ -14,9 +14,10 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol, get_args
 
 import structlog
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 from gateway.auth import REFUSAL_CODES, Method
+from gateway.observability.looplag import LoopLag
 
 if TYPE_CHECKING:
     from gateway.pipeline import Pipeline
@@ -126,6 +127,22 @@ for _method in get_args(Method):
     AUTH_ACCEPTED.labels(_method)
 for _reason in REFUSAL_CODES:
     AUTH_REFUSED.labels(_reason)
+LOOP_LAG = Gauge("lastmile_event_loop_lag_seconds",
+                 "Worst delay of this worker's event loop over the last second: how late a "
+                 "timer due now runs (what a ready ack waits behind)",
+                 multiprocess_mode="liveall")
+LOOP_LAG_HIST = Histogram("lastmile_event_loop_lag_samples_seconds",
+                          "Event-loop lag samples (one every 50 ms per worker)",
+                          buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                                   1.0, 2.5, 5.0))
+MQTT_STATE = Gauge("lastmile_mqtt_state",
+                   "MQTT per-connection structures: connections, registry (client ids with a "
+                   "live connection), sessions_live (client states in the session store), "
+                   "write_paused, auth_pending (CONNECTs waiting for a verdict), per_source "
+                   "(addresses counted by limits.max_connections_per_source), connects_waiting "
+                   "(CONNECTs waiting for their turn in a storm), handovers "
+                   "(client ids waiting for another worker, workers > 1)", ["name"],
+                   multiprocess_mode="livesum")
 RULES_INFO = Gauge("lastmile_rules_info", "Active rules version (value is the rule count)",
                    ["version"], multiprocess_mode="liveall")
 
@@ -133,8 +150,9 @@ RULES_INFO = Gauge("lastmile_rules_info", "Active rules version (value is the ru
 class Pump:
     """Copies component counters into Prometheus metrics as deltas."""
 
-    def __init__(self, app: Watched) -> None:
+    def __init__(self, app: Watched, lag: LoopLag | None = None) -> None:
         self.app = app
+        self.lag = lag if lag is not None else LoopLag()
         self._last: dict[tuple[str, ...], int] = {}
         self._version = ""
 
@@ -152,6 +170,10 @@ class Pump:
 
     def tick(self) -> None:
         app = self.app
+        worst, samples = self.lag.take()
+        LOOP_LAG.set(worst)
+        for lag in samples:
+            LOOP_LAG_HIST.observe(lag)
         if app.pipeline is not None:
             self._counters(MESSAGES, app.pipeline.counters)
             PENDING_BYTES.set(app.pipeline.flow.pending_bytes)
@@ -190,6 +212,13 @@ class Pump:
             self._counters(MQTT_CONNECT_LIMITS, mqtt.connect_refusals)
             store = mqtt.store
             SESSIONS.set(store.retained)
+            levels = {"connections": len(mqtt.connections), "registry": len(mqtt.registry),
+                      "sessions_live": len(store), "write_paused": len(mqtt.write_paused),
+                      "auth_pending": len(mqtt.auth_tasks), "per_source": len(mqtt.per_source),
+                      "connects_waiting": len(mqtt.connects_waiting),
+                      "handovers": mqtt.shared.handovers if mqtt.shared is not None else 0}
+            for name, value in levels.items():
+                MQTT_STATE.labels(name).set(value)
             self._counters(SESSION_EVENTS, {"expired": store.expired, "evicted": store.evicted,
                                             "refused_client_id": store.refused_client_ids})
         auth = app.auth
@@ -213,13 +242,17 @@ class Pump:
                 HTTP_STATE.labels(name).set(value)
 
     async def run(self, interval: float = 1.0) -> None:
+        self.lag.start()
         failures = 0
-        while True:
-            try:
-                self.tick()
-                failures = 0
-            except Exception:  # metrics never take the gateway down, but say why they stall
-                failures += 1
-                if failures == 1 or failures % 60 == 0:
-                    log.exception("metrics_pump_failed", failures=failures)
-            await asyncio.sleep(interval)
+        try:
+            while True:
+                try:
+                    self.tick()
+                    failures = 0
+                except Exception:  # metrics never take the gateway down, but say why
+                    failures += 1
+                    if failures == 1 or failures % 60 == 0:
+                        log.exception("metrics_pump_failed", failures=failures)
+                await asyncio.sleep(interval)
+        finally:
+            self.lag.stop()

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.errors import ConfigError, GatewayError
-from gateway.model import Message
+from gateway.model import Message, Sequence
 from gateway.routing.compile import RuleTable
 from gateway.routing.load import load_rules
 from gateway.routing.router import RouteResult, route
@@ -184,6 +184,8 @@ def rules_test(
         cert_identity=cert_identity,
         claims=dict(claims) if claims else None,
         user_properties=user_properties or [],
+        # A fresh session: a kafka.sequence rule shows the stamps of its first message.
+        sequence=Sequence() if source == "mqtt" else None,
     )
     result = route(table, message)
     if json_out:

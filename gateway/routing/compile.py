@@ -35,8 +35,8 @@ from gateway.routing.trie import (
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 DEFAULT_KEY = "{client_id}"
-# Kafka header names the gateway writes itself (dead-letter metadata, later sequence
-# stamps): no rule template and no client may set one.  Compared in lower case.
+# Kafka header names the gateway writes itself (dead-letter metadata, sequence stamps):
+# no rule template and no client may set one.  Compared in lower case.
 RESERVED_HEADER_PREFIX = "lastmile-"
 
 Problem = tuple[str, Path]  # message, key path relative to the rule
@@ -69,6 +69,7 @@ class CompiledRule:
         "name",
         "payload_json",
         "reason",
+        "sequence",
         "sources",
         "topic",
         "topic_claims",
@@ -96,6 +97,8 @@ class CompiledRule:
         self.max_bytes = spec.payload.max_bytes if spec.payload else None
         self.dead_letter_invalid = False
         self.cluster = spec.kafka.cluster if spec.kafka else ""
+        # Stamp lastmile-client-id / -session / -seq on this rule's records.
+        self.sequence = spec.kafka.sequence if spec.kafka else False
         self.topic: Template | None = None
         self.key: Template | None = None
         self.headers: tuple[tuple[str, Template], ...] = ()
@@ -275,7 +278,7 @@ def _compile_kafka(rule: CompiledRule, spec: RuleSpec, problems: list[Problem]) 
         if name.lower().startswith(RESERVED_HEADER_PREFIX):
             problems.append((
                 f"header names starting with '{RESERVED_HEADER_PREFIX}' are reserved for the "
-                "gateway (dead-letter metadata); choose another name",
+                "gateway (dead-letter metadata, sequence stamps); choose another name",
                 ("kafka", "headers", name)))
             continue
         template = _template(source, rule, ("kafka", "headers", name), problems)

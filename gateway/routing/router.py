@@ -10,7 +10,10 @@ Semantics, in the order operators read them in docs/rules.md:
 - a client header named ``lastmile-*``, or named like a header the rule's
   templates set, refuses the message (``reserved_header``): never dropped silently,
   never dead-lettered;
-- drop ends evaluation; records already added by ``continue`` rules stand.
+- drop ends evaluation; records already added by ``continue`` rules stand;
+- a message that produces records of a ``kafka.sequence`` rule draws one number
+  from its session's counter, once routing has accepted it (a refusal draws
+  none), and every stamped record of that message carries the same number.
 """
 
 from __future__ import annotations
@@ -222,6 +225,7 @@ def route(table: RuleTable, message: Message) -> RouteResult:
     topic alone are looked up in the table's cache: device topics repeat.
     """
     records: list[Record] = []
+    stamped: list[Record] | None = None  # records of kafka.sequence rules
     first = ""
     ctx: Context | None = None
     if message.headers:
@@ -240,6 +244,8 @@ def route(table: RuleTable, message: Message) -> RouteResult:
             return _refuse(error, first, rule.name)
         action = rule.action
         if action == "drop":
+            if stamped:
+                _stamp(stamped, message)
             return RouteResult(records, dropped=not records, rule=first)
         if action == "reject":
             return _refuse(Rejected(rule.reason), first, rule.name)
@@ -252,7 +258,12 @@ def route(table: RuleTable, message: Message) -> RouteResult:
         try:
             if rule.payload_json or rule.max_bytes is not None:
                 _check_payload(rule, message, ctx)
-            records.append(_record_planned(cand, message, ctx))
+            record = _record_planned(cand, message, ctx)
+            records.append(record)
+            if rule.sequence:
+                if stamped is None:
+                    stamped = []
+                stamped.append(record)
         except _Invalid as invalid:
             if invalid.rule.dead_letter_invalid:
                 return _dead_letter(table, message, invalid.error, first, invalid.rule.name)
@@ -262,8 +273,22 @@ def route(table: RuleTable, message: Message) -> RouteResult:
         if not rule.continue_:
             break
     if first:
+        if stamped:
+            _stamp(stamped, message)
         return RouteResult(records, rule=first)
     return _unmatched(table, message)
+
+
+def _stamp(records: list[Record], message: Message) -> None:
+    """Sequence stamps (docs/rules.md): the client id; for MQTT, session and number."""
+    stamp = [("lastmile-client-id", message.client_id.encode())]
+    sequence = message.sequence
+    if sequence is not None:
+        session, seq = sequence.next()
+        stamp.append(("lastmile-session", session.encode()))
+        stamp.append(("lastmile-seq", str(seq).encode()))
+    for record in records:
+        record.headers.extend(stamp)
 
 
 def _unmatched(table: RuleTable, message: Message) -> RouteResult:

@@ -40,6 +40,8 @@ class KafkaSpec(_Spec):
     # UNSET means "the default key" ({client_id}); null means "no key".
     key: str | msgspec.UnsetType | None = msgspec.UNSET
     headers: dict[str, str] = {}
+    # Stamp lastmile-client-id, -session and -seq headers (docs/rules.md, "Sequence stamps").
+    sequence: bool = False
 
 
 class PayloadSpec(_Spec):

@@ -11,8 +11,9 @@ its state):
    holds the connection: the CONNACK stays queued and reading pauses.
 2. B sends ``take`` to A.  A ends its connection (MQTT 5: DISCONNECT 0x8E),
    writes the unreleased QoS 2 ids of that client with their verdicts (safe,
-   failed, or still in progress) and answers ``released``.
-3. B takes those ids into the new session, then writes the CONNACK.  An id
+   failed, or still in progress) and the session's stamp counter (``kafka.sequence``,
+   docs/rules.md), and answers ``released``.
+3. B takes those ids and the counter into the new session, then writes the CONNACK.  An id
    still in progress gets its verdict later: A writes it to the store when the
    pipeline answers and sends ``check`` to the current owner.
 
@@ -71,7 +72,7 @@ class SharedSessions(SessionStore):
     """``SessionStore`` whose ownership and unreleased QoS 2 ids move between workers."""
 
     __slots__ = ("_awaiting", "_closed", "_evicting", "_exported", "_handovers", "_limbo",
-                 "_sweeps", "db", "mailbox", "server")
+                 "_release_scheduled", "_releases", "_sweeps", "db", "mailbox", "server")
 
     def __init__(self, directory: str, worker: int, limits: MqttLimits, now: float) -> None:
         super().__init__(limits.max_sessions)
@@ -87,6 +88,14 @@ class SharedSessions(SessionStore):
         self._sweeps = 0
         self._closed = False
         self._evicting: list[str] = []  # evicted by the release being written
+        # Releases not written yet: one transaction per turn of the loop (flush_releases).
+        self._releases: list[tuple[str, float | None, list[str]]] = []
+        self._release_scheduled = False
+
+    @property
+    def handovers(self) -> int:
+        """Client ids claimed here, waiting for their old owner to let go."""
+        return len(self._handovers)
 
     def attach(self, server: MqttServer) -> None:
         self.server = server
@@ -94,6 +103,7 @@ class SharedSessions(SessionStore):
 
     def close(self) -> None:
         """At shutdown, after the last connection: verdicts arriving later go nowhere."""
+        self.flush_releases()
         self._closed = True
         for handover in self._handovers.values():
             if handover.timer is not None:
@@ -106,6 +116,8 @@ class SharedSessions(SessionStore):
 
     def open(self, client_id: str, clean_start: bool, owner: MqttSession,
              now: float) -> tuple[ClientState, bool]:
+        if self._releases:
+            self.flush_releases()  # this id's row as its last release left it
         prev, claim = self.db.claim(client_id)
         if prev is not None and prev.mine:
             state, present = super().open(client_id, clean_start, owner, now)
@@ -134,13 +146,43 @@ class SharedSessions(SessionStore):
         self._evicting = []
         if expiry == 0 or client_id in evicted:
             self._awaiting.pop(client_id, None)
-            self.db.release(client_id, None, evicted)
+            self._release_later(client_id, None, evicted)
         else:
-            self.db.release(client_id, 1e18 if expiry is None else now + expiry, evicted)
+            self._release_later(client_id, 1e18 if expiry is None else now + expiry, evicted)
+
+    def _release_later(self, client_id: str, expires_at: float | None,
+                       evicted: list[str]) -> None:
+        """Write a release with the others of this turn of the loop (docs/sessions.md).
+
+        A storm of disconnects (a cell going away) costs one transaction per turn,
+        not one each.  Safe to delay: a row another worker claimed meanwhile is no
+        longer ours and the write skips it (rows are matched on our generation).
+        """
+        self._releases.append((client_id, expires_at, evicted))
+        if self._release_scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (tools, tests): at once
+            self.flush_releases()
+            return
+        self._release_scheduled = True
+        loop.call_soon(self.flush_releases)
+
+    def flush_releases(self) -> None:
+        """Write every release queued, in one transaction."""
+        self._release_scheduled = False
+        batch, self._releases = self._releases, []
+        if not batch or self._closed:
+            return
+        try:
+            self.db.release_many(batch)
+        except sqlite3.Error:  # the rows stay claimed: their expiry comes from our sweep
+            log.exception("mqtt_registry_release_failed", clients=len(batch))
 
     def _holds(self, client_id: str, state: ClientState) -> bool:
         # Ids still coming from the old owner (its connection ended during the handover).
-        return bool(state.qos2) or client_id in self._handovers
+        return super()._holds(client_id, state) or client_id in self._handovers
 
     def _evicted(self, client_id: str, qos2_ids: int) -> None:
         self._forget_ids(client_id)
@@ -148,6 +190,8 @@ class SharedSessions(SessionStore):
         super()._evicted(client_id, qos2_ids)
 
     def expire(self, now: float) -> int:
+        if self._releases:
+            self.flush_releases()
         dead = self._expire_ids(now)  # a heap: proportional to what expires
         for cid in dead:
             self._forget_ids(cid)
@@ -201,6 +245,8 @@ class SharedSessions(SessionStore):
     # --- handover --------------------------------------------------------------------
 
     def _on_message(self, msg: list[Any]) -> None:
+        if self._releases:
+            self.flush_releases()
         kind = msg[0]
         if kind == "take":
             self._give_up(msg[1], msg[2], msg[3])
@@ -226,8 +272,10 @@ class SharedSessions(SessionStore):
         if state is not None and state.qos2:
             mine = [t for pid, t in state.qos2.items() if awaiting.get(pid) is not t]
         rows = [(t.packet_id, t.done, t.reason_code) for t in mine]
+        seq = state.sequence if state is not None else None
+        counter = (seq.session, seq.last) if seq is not None and seq.last else None
         self._drop_local(client_id)
-        if self.db.export(client_id, claim, rows):
+        if self.db.export(client_id, claim, rows, counter):
             for token in mine:
                 if not token.done:
                     self._exported[token] = client_id
@@ -253,6 +301,11 @@ class SharedSessions(SessionStore):
             return
         rows = self.db.take_rows(client_id, not handover.clean)
         added = self._adopt(client_id, handover.state, rows)
+        if not handover.clean:
+            counter = self.db.take_sequence(client_id)
+            seq = handover.state.sequence
+            if counter is not None and not seq.last:  # else: numbers drawn already here
+                seq.session, seq.last = counter
         conn = handover.conn
         if conn is not None:
             if added:

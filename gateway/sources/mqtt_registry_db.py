@@ -11,11 +11,14 @@ own connection (``RegistryDb``).  Three tables:
 - ``qos2``: unreleased QoS 2 packet ids written at a handover: done (a verdict,
   with its reason code) or in progress (``done = 0``), with the generation that
   will write the verdict (``holder_gen``).
+- ``seqs``: a session's stamp counter (``kafka.sequence``: session id, last number)
+  written at a handover beside its QoS 2 ids, read by the new owner.
 
 Nothing is written per message: rows are written per CONNECT, per disconnect
-and per handover.  Clocks are ``CLOCK_MONOTONIC`` seconds (the event loops'
-``time()``), the same in every process of one machine.  Durability is not
-wanted (the file lives as long as the process tree): ``synchronous=OFF``.
+and per handover (so a stamp counter survives a handover, never a dead worker).
+Clocks are ``CLOCK_MONOTONIC`` seconds (the event loops' ``time()``), the same
+in every process of one machine.  Durability is not wanted (the file lives as
+long as the process tree): ``synchronous=OFF``.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ CREATE TABLE IF NOT EXISTS qos2 (
     client_id TEXT NOT NULL, packet_id INTEGER NOT NULL, done INTEGER NOT NULL,
     code INTEGER NOT NULL, holder_gen INTEGER NOT NULL,
     PRIMARY KEY (client_id, packet_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS seqs (
+    client_id TEXT PRIMARY KEY, session TEXT NOT NULL, last INTEGER NOT NULL) WITHOUT ROWID;
 """
 _ALIVE = "holder_gen IN (SELECT gen FROM workers)"
 
@@ -109,6 +114,7 @@ def _orphan(db: sqlite3.Connection, worker: int, now: float) -> None:
 
 def _delete_clients(db: sqlite3.Connection, client_ids: list[str]) -> None:
     db.executemany("DELETE FROM qos2 WHERE client_id = ?", [(c,) for c in client_ids])
+    db.executemany("DELETE FROM seqs WHERE client_id = ?", [(c,) for c in client_ids])
     db.executemany("DELETE FROM clients WHERE client_id = ?", [(c,) for c in client_ids])
 
 
@@ -197,14 +203,24 @@ class RegistryDb:
         ``evicted``: client ids this worker stopped keeping (over max_sessions).
         """
         with _txn(self.db) as db:
-            if expires_at is None:
-                self._delete_mine(db, client_id)
-            else:
-                db.execute("UPDATE clients SET expires_at = ? WHERE client_id = ? AND gen = ?",
-                           (expires_at, client_id, self.gen))
-            for cid in evicted:
-                if cid != client_id:
-                    self._delete_mine(db, cid)
+            self._release(db, client_id, expires_at, evicted)
+
+    def _release(self, db: sqlite3.Connection, client_id: str, expires_at: float | None,
+                 evicted: Iterable[str]) -> None:
+        if expires_at is None:
+            self._delete_mine(db, client_id)
+        else:
+            db.execute("UPDATE clients SET expires_at = ? WHERE client_id = ? AND gen = ?",
+                       (expires_at, client_id, self.gen))
+        for cid in evicted:
+            if cid != client_id:
+                self._delete_mine(db, cid)
+
+    def release_many(self, releases: Iterable[tuple[str, float | None, Iterable[str]]]) -> None:
+        """Several ``release`` calls (client id, expires_at, evicted) in one transaction."""
+        with _txn(self.db) as db:
+            for client_id, expires_at, evicted in releases:
+                self._release(db, client_id, expires_at, evicted)
 
     def expire(self, client_ids: Iterable[str], now: float, orphans: bool) -> None:
         """Drop this worker's expired rows and (``orphans``) at most ``ORPHAN_BATCH`` expired
@@ -221,9 +237,12 @@ class RegistryDb:
         if db.execute("DELETE FROM clients WHERE client_id = ? AND gen = ?",
                       (client_id, self.gen)).rowcount:
             db.execute("DELETE FROM qos2 WHERE client_id = ?", (client_id,))
+            db.execute("DELETE FROM seqs WHERE client_id = ?", (client_id,))
 
-    def export(self, client_id: str, claim: int, rows: list[tuple[int, bool, int]]) -> bool:
-        """Write this worker's QoS 2 ids of ``client_id`` for the claim that took it over.
+    def export(self, client_id: str, claim: int, rows: list[tuple[int, bool, int]],
+               sequence: tuple[str, int] | None = None) -> bool:
+        """Write this worker's QoS 2 ids of ``client_id`` for the claim that took it over,
+        and its stamp counter (session id, last number; None: unused).
 
         False (nothing written) when that claim is no longer the current one.
         """
@@ -234,6 +253,10 @@ class RegistryDb:
                 return False
             db.executemany("INSERT OR REPLACE INTO qos2 VALUES (?, ?, ?, ?, ?)",
                            [(client_id, pid, done, code, self.gen) for pid, done, code in rows])
+            if sequence is None:
+                db.execute("DELETE FROM seqs WHERE client_id = ?", (client_id,))
+            else:
+                db.execute("INSERT OR REPLACE INTO seqs VALUES (?, ?, ?)", (client_id, *sequence))
         return True
 
     def take_rows(self, client_id: str, keep: bool) -> list[tuple[int, bool, int, int]]:
@@ -253,7 +276,17 @@ class RegistryDb:
                            (client_id,))
             else:
                 db.execute("DELETE FROM qos2 WHERE client_id = ?", (client_id,))
+                db.execute("DELETE FROM seqs WHERE client_id = ?", (client_id,))
         return rows
+
+    def take_sequence(self, client_id: str) -> tuple[str, int] | None:
+        """The stamp counter the old owner exported at a handover (read and deleted)."""
+        with _txn(self.db) as db:
+            row = db.execute("SELECT session, last FROM seqs WHERE client_id = ?",
+                             (client_id,)).fetchone()
+            if row is not None:
+                db.execute("DELETE FROM seqs WHERE client_id = ?", (client_id,))
+        return None if row is None else (row[0], row[1])
 
     def verdicts(self, client_id: str) -> tuple[dict[int, int], set[int]]:
         """Verdicts written for ``client_id`` (read and deleted) and the ids still in progress

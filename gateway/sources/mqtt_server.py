@@ -59,6 +59,7 @@ import contextlib
 import logging
 import ssl as ssl_module
 import time
+from collections import deque
 from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol, cast
@@ -76,7 +77,7 @@ from gateway.protocols.mqtt.events import (
     PublishReceived,
     PublishToken,
 )
-from gateway.protocols.mqtt.session import AWAIT_AUTH, MqttSession
+from gateway.protocols.mqtt.session import AWAIT_AUTH, AWAIT_CONNECT, MqttSession
 from gateway.protocols.mqtt.store import SessionStore
 
 if TYPE_CHECKING:
@@ -112,8 +113,18 @@ class MqttServer:
         shared: SharedSessions | None = None,
         auth: Authenticator | None = None,
         refusal_log_interval: float = 10.0,
+        connects_per_turn: int | None = None,
     ) -> None:
         self.pipeline = pipeline
+        # CONNECTs handled per turn of the event loop; later ones wait for the next turn
+        # (docs/performance.md, "Reconnect storms"): acks and timers run in between.
+        self.connects_per_turn = (CONNECTS_PER_TURN if connects_per_turn is None
+                                  else connects_per_turn)
+        self._turn_connects = 0  # CONNECTs handled in this turn
+        self._turn_scheduled = False
+        # Connections whose first bytes wait for a turn (reading paused); the newest is
+        # taken first (admit_connect).
+        self.connects_waiting: deque[MqttConnection] = deque()
         # None: every CONNECT is accepted as it comes (unit tests, embedded use).
         self.auth = auth
         self.refusal_log_interval = refusal_log_interval
@@ -310,6 +321,45 @@ class MqttServer:
         if self._refusals_logged:
             self._forget_refusals(now)
 
+    def admit_connect(self, conn: MqttConnection) -> bool:
+        """Whether ``conn``'s first bytes (its CONNECT) are handled now or wait their turn.
+
+        At most ``connects_per_turn`` a turn of the loop: a storm of reconnects is
+        taken in slices, and what is ready meanwhile (acks from Kafka, timers, the
+        reads of connected clients) runs between two slices.  The newest waiting
+        CONNECT goes first: under more CONNECTs than the worker can answer, the
+        oldest are the ones whose clients are giving up, and answering them first
+        would spend every turn on clients that are gone (a queue collapse: seen with
+        40,000 at once).  The oldest wait until the storm thins or their CONNECT
+        timeout (``limits.connect_timeout``) closes them, and their clients retry.
+        """
+        if self.connects_per_turn <= 0:
+            return True
+        if self.connects_waiting or self._turn_connects >= self.connects_per_turn:
+            self.connects_waiting.append(conn)
+            self._schedule_turn()
+            return False
+        self._turn_connects += 1
+        self._schedule_turn()
+        return True
+
+    def _schedule_turn(self) -> None:
+        if not self._turn_scheduled:
+            self._turn_scheduled = True
+            asyncio.get_running_loop().call_soon(self._next_turn)
+
+    def _next_turn(self) -> None:
+        """A new turn: hand the next slice of waiting CONNECTs to their connections."""
+        self._turn_scheduled = False
+        self._turn_connects = 0
+        waiting = self.connects_waiting
+        while waiting and self._turn_connects < self.connects_per_turn:
+            conn = waiting.pop()
+            if conn.resume_connect():
+                self._turn_connects += 1
+        if self._turn_connects:
+            self._schedule_turn()  # the next turn starts with a fresh count
+
     def take_connect_token(self, now: float) -> bool:
         """One new connection from the connect-rate bucket (limits.connect_rate), if any."""
         limits = self.limits
@@ -356,8 +406,8 @@ class MqttServer:
 
 class MqttConnection(asyncio.Protocol):
     # Kept small: one per device. Shared things (limits, pipeline) live on the server.
-    __slots__ = ("_reading", "_write_paused", "cert_identity", "held", "server", "session",
-                 "source", "transport")
+    __slots__ = ("_reading", "_waiting", "_write_paused", "cert_identity", "held", "server",
+                 "session", "source", "transport")
 
     def __init__(self, server: MqttServer) -> None:
         self.server = server
@@ -368,6 +418,8 @@ class MqttConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.cert_identity: str | None = None
         self._reading = True
+        # First bytes received while waiting for a turn (server.admit_connect), else None.
+        self._waiting: bytearray | None = None
         self._write_paused = False  # the transport's buffer is above its high-water mark
         # CONNACK and what follows wait while another worker gives the client id up.
         self.held = False
@@ -440,6 +492,27 @@ class MqttConnection(asyncio.Protocol):
         self.update_reading()
 
     def data_received(self, data: bytes) -> None:
+        waiting = self._waiting
+        if waiting is not None:  # a chunk that was on its way when reading paused
+            waiting += data
+            return
+        if self.session.state is AWAIT_CONNECT and not self.server.admit_connect(self):
+            self._waiting = bytearray(data)
+            self.update_reading()
+            return
+        self._receive(data)
+
+    def resume_connect(self) -> bool:
+        """Our turn (server._next_turn): handle the bytes kept; False if gone meanwhile."""
+        data, self._waiting = self._waiting, None
+        transport = self.transport
+        if data is None or transport is None or transport.is_closing():
+            return False
+        self._receive(bytes(data))
+        self.update_reading()
+        return True
+
+    def _receive(self, data: bytes) -> None:
         try:
             now = asyncio.get_running_loop().time()
             self.handle_events(self.session.receive_data(data, now))
@@ -449,6 +522,7 @@ class MqttConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         server = self.server
         server.connections.discard(self)
+        self._waiting = None  # server.connects_waiting skips it
         if self._write_paused:
             self._write_paused = False
             server.write_paused.pop(self, None)
@@ -539,7 +613,7 @@ class MqttConnection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         session = self.session
-        want = not self.held and not self._write_paused and (
+        want = not self.held and not self._write_paused and self._waiting is None and (
             session.state is not AWAIT_AUTH or session.buffered < AUTH_HOLD_BYTES
         ) and not self.server.pipeline.flow.paused and (
             session.pending < self.server.limits.receive_maximum
@@ -637,6 +711,7 @@ class MqttConnection(asyncio.Protocol):
                 source="mqtt", topic=pk.topic, payload=pk.payload, qos=pk.qos, retain=pk.retain,
                 client_id=session.client_id, username=session.username,
                 cert_identity=cert, claims=claims, received_at=received_at,
+                sequence=event.sequence,
             )
         return Message(
             source="mqtt", topic=pk.topic, payload=pk.payload, qos=pk.qos, retain=pk.retain,
@@ -646,6 +721,7 @@ class MqttConnection(asyncio.Protocol):
             payload_format=props.payload_format_indicator,
             message_expiry=props.message_expiry_interval,
             correlation_data=props.correlation_data, response_topic=props.response_topic,
+            sequence=event.sequence,
         )
 
     def _register(self, event: Connected) -> None:
@@ -688,6 +764,10 @@ class MqttConnection(asyncio.Protocol):
         self.abort()
 
 
+# CONNECTs handled per turn of the event loop (MqttServer.admit_connect): one turn of 64
+# costs ~25 ms on this project's 2-core benchmark host, so an ack waits at most about that
+# behind a storm (docs/performance.md, "Reconnect storms").
+CONNECTS_PER_TURN = 64
 # Ends that are routine for a fleet of devices: connection lost (0x80), server shutting
 # down (0x8B), keep alive timeout (0x8D), session taken over (0x8E).
 _ROUTINE = frozenset({0x80, 0x8B, 0x8D, 0x8E})

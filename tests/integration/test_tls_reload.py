@@ -95,7 +95,7 @@ def test_replaced_certificate_is_served_without_restart(
 
     if held is not None:
         info = held.publish("reload/held/x", b"still-here", qos=1)
-        info.wait_for_publish(15)
+        info.wait_for_publish(60)
         assert info.is_published()
         held.disconnect()
         held.loop_stop()

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from gateway.model import Sequence
 from gateway.protocols.mqtt.packets import Publish, Will
 from gateway.protocols.mqtt.properties import Properties
 
@@ -121,6 +122,8 @@ class PublishReceived(msgspec.Struct, kw_only=True):
 
     token: PublishToken
     publish: Publish
+    # The session's stamp counter (ClientState.sequence), drawn from when a rule stamps.
+    sequence: Sequence | None = None
 
 
 class Disconnected(msgspec.Struct, kw_only=True):

@@ -477,7 +477,7 @@ class MqttSession:
         if bad_utf8:  # the events of this ack go to receive_data's list
             self.ack(token, 0x99, "payload is not valid UTF-8", retriable=False)
             return None
-        self._emit(PublishReceived(token=token, publish=pk))
+        self._emit(PublishReceived(token=token, publish=pk, sequence=client.sequence))
 
     def _resolve_alias(self, topic: str, alias: int) -> str:
         limits = self._limits

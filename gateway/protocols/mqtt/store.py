@@ -1,7 +1,8 @@
 """Per-client-id state that outlives a connection (clean session 0 / session expiry).
 
-Today that state is the QoS 2 packet ids not yet released by PUBREL: a client
-that reconnects and retransmits one must not get it produced twice.  The
+That state is the QoS 2 packet ids not yet released by PUBREL (a client that
+reconnects and retransmits one must not get it produced twice) and the session's
+stamp counter (``kafka.sequence``, docs/rules.md: a resumed session continues it).  The
 server keeps one ``SessionStore`` per worker; the session reads and writes it
 synchronously (no I/O), and the server's sweep calls ``expire``.
 
@@ -9,12 +10,13 @@ Bounded (docs/sessions.md, "Bounds"):
 
 - A session with a live connection is a ``ClientState`` in ``_states``; it is
   never evicted (``limits.max_connections`` bounds those).
-- A released session that holds unreleased QoS 2 ids keeps its ``ClientState``
-  (``_kept``: client id -> expiry).  One that holds nothing is only its client
-  id and its expiry (``_empty``): enough to answer session present = 1.
+- A released session that holds unreleased QoS 2 ids, or whose stamp counter
+  has been used, keeps its ``ClientState`` (``_kept``: client id -> expiry).
+  One that holds nothing is only its client id and its expiry (``_empty``):
+  enough to answer session present = 1.
 - At most ``max_sessions`` released sessions are kept.  Over it, the one
   released longest ago is evicted, first among the empty ones, then among those
-  holding QoS 2 ids (both dicts are in release order).  An evicted client
+  holding QoS 2 ids or a counter (both dicts are in release order).  An evicted client
   reconnects with session present = 0.
 - Expiry reads two heaps ordered by expiry time: the sweep's work is
   proportional to what expires, not to what is stored.  Heap entries that a
@@ -29,6 +31,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from gateway.model import Sequence
 from gateway.protocols.mqtt.events import PublishToken
 
 if TYPE_CHECKING:
@@ -40,14 +43,17 @@ _SLACK = 64  # stale heap entries tolerated beyond the live ones before a rebuil
 
 
 class ClientState:
-    """What one client id keeps while connected, and after it if it holds QoS 2 ids."""
+    """What one client id keeps while connected, and after it if it holds QoS 2 ids
+    or a used stamp counter."""
 
-    __slots__ = ("owner", "qos2")
+    __slots__ = ("owner", "qos2", "sequence")
 
     def __init__(self) -> None:
         # QoS 2 packet id -> its token until PUBREL releases it (None until the first).
         self.qos2: dict[int, PublishToken] | None = None
         self.owner: MqttSession | None = None
+        # This session's stamp counter: a new session (a new ClientState) starts a new one.
+        self.sequence = Sequence()
 
 
 class SessionStore:
@@ -137,7 +143,7 @@ class SessionStore:
 
     def _holds(self, client_id: str, state: ClientState) -> bool:
         """Whether a released session has something to resume (keeps its ClientState)."""
-        return bool(state.qos2)
+        return bool(state.qos2) or state.sequence.last > 0
 
     def _evict_one(self) -> None:
         """Drop the session released longest ago, an empty one if there is one."""
