@@ -352,6 +352,132 @@ def _auth_section() -> list[str]:
     return lines
 
 
+NEIGHBOURS = {
+    "quiet": "none (quiet)",
+    "never_reading": "(a) a client that writes and never reads",
+    "session_churn": "(b) persistent-session churn",
+    "alias_table": "(c) a full alias table of 1 KB topics",
+    "slow_heads": "(d) slow HTTP request heads",
+    "quiet_after": "none (quiet, again at the end)",
+}
+
+
+def _neighbour_did(case: str, n: dict[str, Any] | None) -> str:
+    if not n:
+        return NM
+    if "error" in n:
+        return f"error: {n['error']}"
+    if case == "never_reading":
+        return (f"{n['bytes_sent'] / 2**20:,.1f} MiB written (PINGREQs, a QoS 1 PUBLISH every 16) "
+                f"on {n['connections']} connection(s) in {n['seconds']} s, blocked "
+                f"{n['blocked_seconds']} s of it; closed by the server "
+                f"{n['closed_by_server']} time(s)")
+    if case == "session_churn":
+        errs = ", ".join(f"{k} {v}" for k, v in {**n["refused"], **n["errors"]}.items())
+        return (f"{n['ok']:,} of {n['cycles']:,} cycles completed at {n['cycles_per_s']}/s "
+                f"(64-byte client ids, 3.1.1); refused or failed: {errs or 'none'}")
+    if case == "alias_table":
+        return (f"CONNACK Topic Alias Maximum {n.get('topic_alias_maximum')}; "
+                f"{n['registered']:,} alias registrations sent with {n['topic_bytes']:,}-byte "
+                f"topic names ({n.get('alias_name_bytes', 0):,} bytes; "
+                f"{n.get('registrations_acked', '?')} acked) in "
+                f"{n.get('register_seconds')} s, then {n['alias_publishes']:,} PUBLISHes by "
+                f"alias; server DISCONNECT: {n.get('server_disconnect', 'none')}"
+                + (f", connection closed after {n['disconnect_after']} registrations"
+                   if "disconnect_after" in n else ""))
+    if case == "slow_heads":
+        c = n.get("close_after_open_s") or {}
+        answers = ", ".join(f"{v:,} x {k}" for k, v in n["answers"].items()) or "none"
+        timeout = (f"head timeout {n['head_timeout_s']:g} s: {n['closed_within_timeout']:,} "
+                   f"closed within it (+2 s), {n['closed_before_timeout']:,} well before it"
+                   if n.get("head_timeout_s") else "no head timeout in the gateway")
+        after = (f" after p50 {c.get('p50')} / p99 {c.get('p99')} / max {c.get('max')} s"
+                 if n["closed_by_gateway"] else "")
+        return (f"{n['opened']:,} of {n['requested']:,} connections opened "
+                f"(3 bytes a second each); {n['closed_by_gateway']:,} closed by the gateway"
+                f"{after} (measured from each connection's open); "
+                f"{timeout}; answers: {answers}; still open when stopped: "
+                f"{n['still_open_at_stop']:,}")
+    return ""
+
+
+def _neighbours_section() -> list[str]:
+    """From benchmarks/results/neighbours.json (``python -m benchmarks.bench_neighbours``)."""
+    path = ROOT / "benchmarks" / "results" / "neighbours.json"
+    if not path.exists():
+        return [f"{NM}: run `python -m benchmarks.bench_neighbours`."]
+    d = json.loads(path.read_text())
+    st, lm, mq = d["settings"], d["lastmile"], d["mosquitto"]
+    ht = d.get("head_timeout_s")
+    how = "set for this run" if d.get("head_timeout_set") else "the default"
+    ht_text = ("no HTTP head timeout in this gateway" if ht is None else
+               f"HTTP head timeout {ht:g} s ({how})")
+    lines = [
+        f"Run: {d['started']}{' (`--quick`)' if d['quick'] else ''}, {d['seconds']} s, load "
+        f"average {d['loadavg_start']} at start, {d['loadavg_end']} at end; Lastmile "
+        f"{d.get('lastmile_git', '?')}. `python -m benchmarks.bench_neighbours`: a good "
+        f"publisher (loadgen `publish`, {st['connections']} connections, QoS 1, "
+        f"{st['rate']:,.0f} msg/s in total, 100-byte payloads, window 20, "
+        f"{st['duration_s']:g} s; longer beside the slow heads, to cover their timeout) "
+        "alone and beside one neighbour at a time; a fresh `lastmile serve` "
+        f"({st['workers']} workers) + tansu, or a fresh Mosquitto, per row; {ht_text}. "
+        "RSS growth: the server's process tree (Lastmile: supervisor and workers, not tansu) "
+        "before the case vs its end (neighbour still connected) / the peak sampled every "
+        "0.5 s; bytes held in kernel socket buffers are not in it.",
+        "",
+        "| neighbour | server | RSS growth end / peak (MB) | good PUBACK p50 / p99 / max (ms) "
+        "| p99 / quiet p99 | acked / sent (offered) | Lastmile p99 / Mosquitto p99 |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+
+    def row(case: str, system: str, r: dict[str, Any] | None, other: Any) -> str:
+        name = NEIGHBOURS.get(case, case)
+        if not r or "error" in r:
+            why = (r or {}).get("error", NM)
+            return f"| {name} | {system} | {why} | | | | |"
+        g = r.get("good") or {}
+        lat = g.get("puback_latency_ms") or {}
+        ratio = _ratio(lat.get("p99"), other) if system == "Lastmile" else ""
+        return (f"| {name} | {system} | {r['rss_growth_mb']:,.1f} / "
+                f"{r['rss_peak_growth_mb']:,.1f} | {_fmt(lat.get('p50'), '{:,.2f}')} / "
+                f"{_fmt(lat.get('p99'), '{:,.2f}')} / {_fmt(lat.get('max'), '{:,.0f}')} "
+                f"| {_fmt(r.get('p99_vs_quiet'), '{:.2f}x')} "
+                f"| {_fmt(g.get('acked'), '{:,}')} / {_fmt(g.get('sent'), '{:,}')} "
+                f"({_fmt(g.get('offered'), '{:,}')}) | {ratio} |")
+
+    for case in NEIGHBOURS:
+        if case not in lm and case not in mq:
+            continue
+        m = mq.get(case)
+        mp99 = _get(m, "good", "puback_latency_ms", "p99")
+        lines.append(row(case, "Lastmile", lm.get(case), mp99))
+        if m is not None:
+            lines.append(row(case, "Mosquitto", m, None))
+        elif case not in ("quiet", "quiet_after"):
+            lines.append(f"| {NEIGHBOURS[case]} | Mosquitto | {NM} (no HTTP port) | | | | |")
+    lines += ["", "What each neighbour did:", ""]
+    for case in ("never_reading", "session_churn", "alias_table", "slow_heads"):
+        if case in lm:
+            lines.append(f"- {NEIGHBOURS[case]}, Lastmile: "
+                         f"{_neighbour_did(case, lm[case].get('neighbour'))}")
+        if case in mq:
+            lines.append(f"- {NEIGHBOURS[case]}, Mosquitto: "
+                         f"{_neighbour_did(case, mq[case].get('neighbour'))}")
+    names = {"rss_growth_under_32mb": "RSS growth < 32 MB",
+             "p99_within_2x_quiet": "good p99 <= 2x quiet",
+             "slow_heads_closed_within_timeout": "every slow head closed within its timeout"}
+    lines += ["", "Targets (issue 13; reported, never asserted):", "",
+              "| neighbour | target | verdict |", "| --- | --- | --- |"]
+    for case, t in (d.get("targets") or {}).items():
+        for k, v in t.items():
+            verdict = v if isinstance(v, str) else ("met" if v else "**not met**")
+            lines.append(f"| {NEIGHBOURS.get(case, case)} | {names.get(k, k)} | {verdict} |")
+    lines += ["", "p99 on this shared 2-core machine moves from run to run: compare the two "
+              "quiet rows. Mosquitto (no persistence, its default `max_topic_alias` 10) keeps "
+              "sessions in memory; it has no HTTP port, so (d) is Lastmile only."]
+    return lines
+
+
 def _outage_section() -> list[str]:
     """From benchmarks/results/outage.json (``python -m benchmarks.bench_outage``)."""
     path = ROOT / "benchmarks" / "results" / "outage.json"
@@ -507,6 +633,10 @@ def markdown(data: dict[str, Any]) -> str:
         "## Authentication: connect rate",
         "",
         *_auth_section(),
+        "",
+        "## Hostile neighbours",
+        "",
+        *_neighbours_section(),
         "",
         "## Kafka outage: drain",
         "",
