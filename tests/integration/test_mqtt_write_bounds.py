@@ -284,3 +284,46 @@ async def test_websocket_client_that_never_reads_is_bounded_then_closed(kind: st
     finally:
         await srv.close(0.1)
         await runner.cleanup()
+
+
+def send_queue(server_port: int, client_port: int) -> int:
+    """Bytes the kernel holds unsent on the gateway's end of one loopback connection."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as fh:
+            next(fh)
+            for line in fh:
+                f = line.split()
+                local, remote = int(f[1].rsplit(":", 1)[1], 16), int(f[2].rsplit(":", 1)[1], 16)
+                if (local, remote) == (server_port, client_port):
+                    return int(f[4].split(":")[0], 16)
+    raise AssertionError("connection not found")
+
+
+async def test_the_kernel_holds_little_for_a_client_that_never_reads() -> None:
+    """The listener's send buffer is max_write_buffer_bytes (accepted sockets inherit it):
+    the write-side pause comes after a few times that much output, not after the ~4 MB
+    kernel autotuning allows (answers to ~2 million PINGREQs, CPU the other clients lose:
+    the neighbours benchmark measured their PUBACK p99 at 30x quiet without it)."""
+    srv = MqttServer(AckingPipeline(), MqttLimits(max_write_buffer_bytes=BOUND,
+                                                  slow_reader_timeout=120.0),
+                     sweep_interval=0.05)
+    await srv.start("127.0.0.1", 0)
+    port = srv.ports[0]
+    loop = asyncio.get_running_loop()
+    try:
+        hog = await raw_client(port)
+        await loop.sock_sendall(hog, connect_packet(4, "hog"))
+        assert await recv_some(hog, 4) == b"\x20\x02\x00\x00"
+        conn = server_conn(srv, "hog")
+        sender = asyncio.create_task(flood(hog, encode(p.Pingreq(), 4) * 32_768, 256 << 20))
+        deadline = loop.time() + 60
+        while conn not in srv.write_paused:
+            assert loop.time() < deadline, "never paused for writing"
+            await asyncio.sleep(0.01)
+        # Paused: the kernel took all it would.  Linux doubles SO_SNDBUF for bookkeeping.
+        queued = send_queue(port, hog.getsockname()[1])
+        assert queued <= 4 * BOUND, f"the kernel holds {queued} bytes for a client that never reads"
+        sender.cancel()
+        hog.close()
+    finally:
+        await srv.close(0.1)
