@@ -111,7 +111,7 @@ async def test_idempotent_retry_produces_once(gw: Gateway, broker: Broker) -> No
     # An anonymous X-Client-Id names no scope: from the same address it is the same
     # caller, answered from the store (per-identity scopes: test_http_auth.py).
     other = await post(f"{gw.url}/v1/batch", batch, **{**headers, "X-Client-Id": "other"})
-    assert other == first
+    assert other[:2] == first[:2]  # status and body (headers carry a Date that may tick)
     records = broker.read(f"t.http.{t}", 2, timeout=5)
     assert sorted(m.value() for m in records) == [b"1", b"once"]
 
