@@ -33,6 +33,7 @@ from gateway.protocols.mqtt.events import MqttLimits
 from gateway.protocols.mqtt.properties import Properties
 from gateway.protocols.mqtt.session import MqttSession
 from tests.helpers import Broker, log_events, wait_until
+from tests.integration.test_mqtt_server import Flow
 
 pytestmark = pytest.mark.integration
 
@@ -96,21 +97,6 @@ def alias_topic(run: str, n: int) -> str:
 
 
 # --- in-process MqttServer: the session's own alias map ----------------------------------------
-
-
-class Flow:
-    def __init__(self) -> None:
-        self.paused = False
-        self.listeners: list[Callable[[bool], None]] = []
-
-    def subscribe(self, listener: Callable[[bool], None]) -> Callable[[], None]:
-        self.listeners.append(listener)
-        return lambda: self.listeners.remove(listener)
-
-    def set(self, paused: bool) -> None:
-        self.paused = paused
-        for listener in self.listeners:
-            listener(paused)
 
 
 class AckingPipeline:
