@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import structlog
 
+from gateway.auth import watch
 from gateway.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -120,19 +120,11 @@ def build_context(listener: TlsListener) -> tuple[ssl.SSLContext, dict[str, str]
     return context, about
 
 
-Signature = tuple[tuple[int, int, int, int] | None, ...]
+Signature = tuple[watch.Signature, ...]
 
 
 def _signature(paths: tuple[str, ...]) -> Signature:
-    sig: list[tuple[int, int, int, int] | None] = []
-    for path in paths:
-        try:
-            st = os.stat(path)
-        except OSError:
-            sig.append(None)
-        else:
-            sig.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
-    return tuple(sig)
+    return tuple(watch.signature(path) for path in paths)
 
 
 class ServerTls:
