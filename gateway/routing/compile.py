@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import msgspec
 
 from gateway.model import Message
+from gateway.routing.downlink import DownlinkRules
 from gateway.routing.rules import AllowSpec, MatchSpec, Path, RuleSpec
 from gateway.routing.templates import (
     Template,
@@ -163,8 +164,11 @@ class RuleTable:
         dead_letter: DeadLetter | None = None,
         unmatched: str = "reject",
         cache_size: int = CACHE_SIZE,
+        downlink: DownlinkRules | None = None,
     ) -> None:
         self.entries = tuple(entries)
+        # Kafka -> MQTT rules (``downlink:`` sections); not served on the wire yet.
+        self.downlink = downlink if downlink is not None else DownlinkRules()
         self.cache: dict[str, dict[str, tuple[Candidate, ...]]] = {}
         self.cache_size = cache_size
         self.cached = 0  # entries over all sources

@@ -20,6 +20,7 @@ from gateway.routing.compile import (
     check_dead_letter,
     compile_rule,
 )
+from gateway.routing.downlink import DownlinkRule, DownlinkRules, DownlinkSpec, compile_downlink
 from gateway.routing.rules import (
     DeadLetterSpec,
     FileSpec,
@@ -41,6 +42,7 @@ class _Collected:
     def __init__(self) -> None:
         self.errors: list[ConfigError] = []
         self.rules: list[tuple[RuleSpec, SourceMap, int]] = []
+        self.downlink: list[tuple[DownlinkSpec, SourceMap, int]] = []
         self.globals: dict[str, tuple[Any, SourceMap]] = {}
         self.digest = hashlib.sha256()
 
@@ -76,6 +78,7 @@ def _read_file(path: FsPath, found: _Collected) -> None:
         return
     spec = convert(data, FileSpec, smap, ())
     labels: list[str] = []
+    down_labels: list[str] = []
     if spec is not None:
         _collect_globals(spec, smap, found)
         for i, item in enumerate(spec.rules):
@@ -84,9 +87,20 @@ def _read_file(path: FsPath, found: _Collected) -> None:
             rule = convert(item, RuleSpec, smap, ("rules", i), labels[i])
             if rule is not None:
                 found.rules.append((rule, smap, i))
+        for i, item in enumerate(spec.downlink):
+            name = item.get("name") if isinstance(item, dict) else None
+            down_labels.append(name if isinstance(name, str) else f"downlink[{i}]")
+            down = convert(item, DownlinkSpec, smap, ("downlink", i), down_labels[i])
+            if down is not None:
+                found.downlink.append((down, smap, i))
     for dup, line in smap.duplicates:
-        index = dup[1] if len(dup) > 2 and dup[0] == "rules" else None
-        label = labels[index] if isinstance(index, int) and index < len(labels) else ""
+        section = {"rules": labels, "downlink": down_labels}.get(str(dup[0]))
+        index = dup[1] if len(dup) > 2 and section is not None else None
+        label = (
+            section[index]
+            if section is not None and isinstance(index, int) and index < len(section)
+            else ""
+        )
         key = format_path(dup[2:] if index is not None else dup)
         smap.errors.append(
             RuleError("duplicate key", file=smap.file, line=line, rule=label, key=key)
@@ -145,6 +159,23 @@ def _compile_all(found: _Collected, has_dead_letter: bool) -> list[CompiledRule]
     return compiled
 
 
+def _compile_downlink(found: _Collected) -> DownlinkRules:
+    compiled: list[DownlinkRule] = []
+    seen: dict[str, DownlinkRule] = {}
+    for index, (spec, smap, i) in enumerate(found.downlink):
+        base = ("downlink", i)
+        rule, problems = compile_downlink(spec, index, smap.file, smap.line_of(base))
+        if spec.name in seen:
+            first = seen[spec.name]
+            problems.append((
+                f"duplicate downlink rule name; first at {first.file}:{first.line}", ("name",)))
+        seen.setdefault(spec.name, rule)
+        for message, path in problems:
+            found.errors.append(smap.error(message, (*base, *path), spec.name, 2))
+        compiled.append(rule)
+    return DownlinkRules(compiled)
+
+
 def load_rules(directory: str | FsPath, clusters: Collection[str] | None = None) -> RuleTable:
     """Load, validate and compile every ``*.yaml`` in ``directory`` (name order).
 
@@ -163,6 +194,7 @@ def load_rules(directory: str | FsPath, clusters: Collection[str] | None = None)
         _read_file(file, found)
     dead_letter, unmatched = _globals(found)
     compiled = _compile_all(found, dead_letter is not None)
+    downlink = _compile_downlink(found)
     if clusters is not None:
         for rule in compiled:
             if rule.action == "kafka" and rule.cluster not in clusters:
@@ -170,6 +202,12 @@ def load_rules(directory: str | FsPath, clusters: Collection[str] | None = None)
                     f"no Kafka cluster '{rule.cluster}' in the gateway config "
                     f"(has: {', '.join(sorted(clusters))})",
                     file=rule.file, line=rule.line, rule=rule.name, key="kafka.cluster"))
+        for down in downlink.rules:
+            if down.cluster not in clusters:
+                found.errors.append(RuleError(
+                    f"no Kafka cluster '{down.cluster}' in the gateway config "
+                    f"(has: {', '.join(sorted(clusters))})",
+                    file=down.file, line=down.line, rule=down.name, key="kafka.cluster"))
         if dead_letter is not None and dead_letter.cluster not in clusters:
             found.errors.append(RuleError(
                 f"no Kafka cluster '{dead_letter.cluster}' in the gateway config",
@@ -184,4 +222,5 @@ def load_rules(directory: str | FsPath, clusters: Collection[str] | None = None)
         files=tuple(f.name for f in files),
         dead_letter=dead_letter,
         unmatched=unmatched,
+        downlink=downlink,
     )

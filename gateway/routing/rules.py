@@ -80,6 +80,8 @@ class DeadLetterSpec(_Spec):
 class FileSpec(_Spec):
     # Rules and globals are converted one by one so one bad rule does not hide the next.
     rules: list[Any] = []
+    # Kafka -> MQTT rules (gateway.routing.downlink), beside the uplink ones.
+    downlink: list[Any] = []
     dead_letter: Any = None
     unmatched: Any = None
 
@@ -153,6 +155,6 @@ def convert(data: Any, kind: type[T], smap: SourceMap, base: Path, rule: str = "
         return msgspec.convert(data, kind)
     except msgspec.ValidationError as exc:
         message, path = yamlsrc.locate(exc, data)
-        skip = len(base) if base and base[0] == "rules" else 0
+        skip = len(base) if base and base[0] in ("rules", "downlink") else 0
         smap.errors.append(smap.error(message, (*base, *path), rule, skip))
         return None
