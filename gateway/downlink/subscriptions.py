@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
-SHARE = "$share/"
+from gateway.protocols.mqtt.subscribe_codec import SHARE, Options
 
 # SUBACK / UNSUBACK reason codes (MQTT 5 section 3.9.3 / 3.11.3).
 GRANTED_QOS0, GRANTED_QOS1, GRANTED_QOS2 = 0x00, 0x01, 0x02
@@ -42,25 +42,6 @@ class FilterRefused(ValueError):
     def __init__(self, reason_code: int, message: str) -> None:
         super().__init__(message)
         self.reason_code = reason_code
-
-
-class Options(NamedTuple):
-    """MQTT 5 subscription options (3.8.3.1); 3.1.1 has only ``qos``."""
-
-    qos: int = 0
-    no_local: bool = False
-    retain_as_published: bool = False
-    retain_handling: int = 0  # 0 send retained, 1 only if new, 2 never
-
-    @classmethod
-    def from_byte(cls, options: int) -> Options:
-        """The options byte as decoded (the codec has refused reserved bits already)."""
-        return cls(options & 0x03, bool(options & 0x04), bool(options & 0x08),
-                   (options >> 4) & 0x03)
-
-    def to_byte(self) -> int:
-        return (self.qos | (0x04 if self.no_local else 0) | (0x08 if self.retain_as_published
-                else 0) | (self.retain_handling << 4))
 
 
 class Filter(NamedTuple):
