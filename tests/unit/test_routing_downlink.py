@@ -8,6 +8,7 @@ import pytest
 
 from gateway.downlink.record import ConsumedRecord
 from gateway.routing import RulesError, load_rules
+from gateway.routing.cli_rules import rules_check
 from gateway.routing.downlink import DownlinkRules, MqttTemplate, Subject
 from gateway.routing.templates import TemplateError
 
@@ -269,3 +270,14 @@ def test_template_filter_overlap(template: str, topic_filter: str, overlaps: boo
 def test_bad_templates_are_refused(template: str) -> None:
     with pytest.raises(TemplateError):
         MqttTemplate(template)
+
+
+def test_rules_check_reports_downlink_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "60-commands.yaml").write_text(ISSUE_RULES)
+    assert rules_check(str(tmp_path)) == 0
+    (tmp_path / "60-commands.yaml").write_text(ISSUE_RULES.replace("qos: 1}", "qos: 5}", 1))
+    assert rules_check(str(tmp_path)) == 1
+    out = capsys.readouterr().out
+    assert f"{tmp_path}/60-commands.yaml:4: commands: mqtt.qos: Invalid enum value 5" in out
