@@ -21,11 +21,12 @@ Pure: no I/O, no clock.  The wiring (consumer, fan-out) is not here yet.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Literal, NamedTuple
 
 import msgspec
 
+from gateway.auth import Identity
 from gateway.downlink.record import ConsumedRecord
 from gateway.model import Message
 from gateway.routing.rules import AllowSpec, Path, _Spec
@@ -267,14 +268,6 @@ class Grant(NamedTuple):
     rules: tuple[str, ...]  # the rules serving the filter (all permit the client)
 
 
-class Subject(NamedTuple):
-    """Who the subscribing client proved to be (as ``Message`` carries it uplink)."""
-
-    username: str | None = None
-    cert_identity: str | None = None
-    claims: Mapping[str, str] | None = None
-
-
 class DownlinkRules:
     """The compiled ``downlink:`` sections of a rules directory; immutable."""
 
@@ -311,11 +304,12 @@ class DownlinkRules:
             )
         return deliveries, skipped
 
-    def authorize(self, topic_filter: str, subject: Subject) -> Grant:
-        """May ``subject`` subscribe to ``topic_filter`` (already validated, not shared)?
+    def authorize(self, topic_filter: str, identity: Identity) -> Grant:
+        """May ``identity`` subscribe to ``topic_filter`` (validated; of a shared one, the
+        filter after ``$share/NAME/``)?
 
         Granted when at least one rule can publish to a topic the filter matches
-        and every such rule permits the subject (a rule without ``allow`` permits
+        and every such rule permits the client (a rule without ``allow`` permits
         everyone).  What a client is granted is then exactly what it receives:
         no per-record check on the fan-out path.
         """
@@ -330,8 +324,8 @@ class DownlinkRules:
                 if as_message is None:
                     as_message = Message(
                         source="mqtt", topic=topic_filter, payload=b"",
-                        username=subject.username, cert_identity=subject.cert_identity,
-                        claims=subject.claims,
+                        username=identity.name, cert_identity=identity.cert,
+                        claims=identity.claims,
                     )
                 if not rule.allow.permits(as_message, rule.topic.captures(levels)):
                     return Grant(False, f"not allowed to subscribe by rule {rule.name}", 0, ())
@@ -421,6 +415,5 @@ __all__ = [
     "Grant",
     "MqttTemplate",
     "Skipped",
-    "Subject",
     "compile_downlink",
 ]

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from gateway.auth import Identity
 from gateway.downlink.record import ConsumedRecord
 from gateway.routing import RulesError, load_rules
 from gateway.routing.cli_rules import rules_check
-from gateway.routing.downlink import DownlinkRules, MqttTemplate, Subject
+from gateway.routing.downlink import DownlinkRules, MqttTemplate
 from gateway.routing.templates import TemplateError
 
 pytestmark = pytest.mark.unit
@@ -189,6 +190,14 @@ def test_a_downlink_only_file_loads_and_an_unknown_section_is_still_refused(
     assert len(errors) == 1 and "downlinks" in errors[0]
 
 
+def _who(
+    username: str | None = None, cert_identity: str | None = None,
+    claims: dict[str, str] | None = None,
+) -> Identity:
+    method = "jwt" if claims else "password" if username else "anonymous"
+    return Identity(method=method, name=username, cert=cert_identity, claims=claims)  # type: ignore[arg-type]
+
+
 AUTH_RULES = """\
 downlink:
   - name: commands
@@ -205,29 +214,29 @@ downlink:
 """
 
 
-@pytest.mark.parametrize(("topic_filter", "subject", "granted", "max_qos"), [
-    ("cmd/dev-1", Subject(username="dev-1"), True, 1),
-    ("cmd/dev-2", Subject(username="dev-1"), False, 0),
-    ("cmd/+", Subject(username="dev-1"), False, 0),  # a wildcard binds no {key}
-    ("cmd/+", Subject(username="ops-jo"), True, 1),
-    ("cmd/#", Subject(claims={"role": "admin"}), True, 1),
-    ("cmd/dev-1", Subject(), False, 0),  # anonymous
-    ("all/news", Subject(), True, 0),  # no allow: everyone
-    ("all/+", Subject(), True, 0),
-    ("#", Subject(), False, 0),  # overlaps commands, which refuses
-    ("#", Subject(username="ops-1"), False, 0),  # ... and tree, which wants an identity
-    ("tree/a/b", Subject(cert_identity="a/b"), True, 2),  # the tail binds several levels
-    ("tree/a/+", Subject(cert_identity="a/b"), False, 0),
-    ("nothing/here", Subject(username="ops-1"), False, 0),
-    ("cmd", Subject(username="ops-1"), False, 0),
-    ("cmd/a/b", Subject(username="ops-1"), True, 1),  # the tail {key} spans levels
-    ("+/news", Subject(), False, 0),  # overlaps cmd/{key} too
-    ("+/news", Subject(username="ops-1", cert_identity="root"), True, 2),
+@pytest.mark.parametrize(("topic_filter", "identity", "granted", "max_qos"), [
+    ("cmd/dev-1", _who(username="dev-1"), True, 1),
+    ("cmd/dev-2", _who(username="dev-1"), False, 0),
+    ("cmd/+", _who(username="dev-1"), False, 0),  # a wildcard binds no {key}
+    ("cmd/+", _who(username="ops-jo"), True, 1),
+    ("cmd/#", _who(claims={"role": "admin"}), True, 1),
+    ("cmd/dev-1", _who(), False, 0),  # anonymous
+    ("all/news", _who(), True, 0),  # no allow: everyone
+    ("all/+", _who(), True, 0),
+    ("#", _who(), False, 0),  # overlaps commands, which refuses
+    ("#", _who(username="ops-1"), False, 0),  # ... and tree, which wants an identity
+    ("tree/a/b", _who(cert_identity="a/b"), True, 2),  # the tail binds several levels
+    ("tree/a/+", _who(cert_identity="a/b"), False, 0),
+    ("nothing/here", _who(username="ops-1"), False, 0),
+    ("cmd", _who(username="ops-1"), False, 0),
+    ("cmd/a/b", _who(username="ops-1"), True, 1),  # the tail {key} spans levels
+    ("+/news", _who(), False, 0),  # overlaps cmd/{key} too
+    ("+/news", _who(username="ops-1", cert_identity="root"), True, 2),
 ])
 def test_allow_decides_who_may_subscribe_to_what(
-    tmp_path: Path, topic_filter: str, subject: Subject, granted: bool, max_qos: int
+    tmp_path: Path, topic_filter: str, identity: Identity, granted: bool, max_qos: int
 ) -> None:
-    grant = _load(tmp_path, AUTH_RULES).authorize(topic_filter, subject)
+    grant = _load(tmp_path, AUTH_RULES).authorize(topic_filter, identity)
     assert (grant.granted, grant.max_qos) == (granted, max_qos)
     if not granted:
         assert grant.reason
@@ -235,11 +244,11 @@ def test_allow_decides_who_may_subscribe_to_what(
 
 def test_a_grant_names_the_rules_serving_it(tmp_path: Path) -> None:
     down = _load(tmp_path, AUTH_RULES)
-    grant = down.authorize("#", Subject(username="ops-1", cert_identity="root",
+    grant = down.authorize("#", _who(username="ops-1", cert_identity="root",
                                         claims={"role": "admin"}))
     assert grant == (True, "", 2, ("commands", "broadcast", "tree"))
-    assert down.authorize("cmd/x", Subject()).reason == "not allowed to subscribe by rule commands"
-    assert down.authorize("q", Subject()).reason == "no downlink rule publishes to this filter"
+    assert down.authorize("cmd/x", _who()).reason == "not allowed to subscribe by rule commands"
+    assert down.authorize("q", _who()).reason == "no downlink rule publishes to this filter"
 
 
 @pytest.mark.parametrize(("template", "topic_filter", "overlaps"), [
