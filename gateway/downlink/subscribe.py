@@ -1,0 +1,89 @@
+"""A SUBSCRIBE or UNSUBSCRIBE, answered: the session's future handler, without I/O.
+
+Composes the pieces in the order the spec and the rules want them: the
+packet's own checks (``subscribe_codec``), each filter's validity
+(``parse_filter``: 0x8F, 0x9E), the downlink rules' ``allow`` (0x87), the
+trie, then the SUBACK and the retained messages the new subscriptions get.
+A ``ProtocolError`` from the packet ends the connection (the caller's job).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from gateway.auth import Identity
+from gateway.downlink.outbound import Outgoing
+from gateway.downlink.retained import RetainedStore
+from gateway.downlink.subscriptions import (
+    NO_SUBSCRIPTION_EXISTED,
+    NOT_AUTHORIZED,
+    FilterRefused,
+    SubscriptionTrie,
+    parse_filter,
+    sends_retained,
+)
+from gateway.protocols.mqtt import packets as p
+from gateway.protocols.mqtt.properties import Properties
+from gateway.protocols.mqtt.subscribe_codec import (
+    encode_suback,
+    encode_unsuback,
+    read_subscribe,
+    read_unsubscribe,
+)
+from gateway.routing.downlink import DownlinkRules
+
+
+class Answer(NamedTuple):
+    reply: bytes  # SUBACK / UNSUBACK to write
+    codes: tuple[int, ...]  # one per filter (MQTT 5 codes; 3.1.1 gets them mapped)
+    reasons: tuple[str, ...]  # why each refused filter was refused ("" when granted)
+    retained: tuple[Outgoing, ...]  # retained messages to queue after the reply
+
+
+def handle_subscribe(
+    pk: p.Subscribe, version: int, client_id: str, identity: Identity,
+    rules: DownlinkRules, trie: SubscriptionTrie, retained: RetainedStore | None = None,
+    *, shared: bool = True, max_packet_size: int | None = None,
+) -> Answer:
+    request = read_subscribe(pk, version)
+    codes: list[int] = []
+    reasons: list[str] = []
+    out: list[Outgoing] = []
+    for text, options in request.entries:
+        try:
+            topic_filter = parse_filter(text, shared=shared)
+        except FilterRefused as exc:
+            codes.append(exc.reason_code)
+            reasons.append(str(exc))
+            continue
+        grant = rules.authorize("/".join(topic_filter.levels), identity)
+        if not grant.granted:
+            codes.append(NOT_AUTHORIZED)
+            reasons.append(grant.reason)
+            continue
+        existed = trie.subscribe(client_id, topic_filter, options, request.identifier)
+        codes.append(min(options.qos, grant.max_qos))
+        reasons.append("")
+        if retained is None or not sends_retained(topic_filter, options, existed):
+            continue
+        props = None
+        if version == p.MQTT5 and request.identifier is not None:
+            props = Properties(subscription_identifiers=[request.identifier])
+        for message in retained.match(topic_filter.levels):
+            out.append(Outgoing(message.topic, message.payload, min(message.qos, options.qos),
+                                True, properties=props))
+    reply = encode_suback(request.packet_id, codes, version, max_packet_size=max_packet_size)
+    return Answer(reply, tuple(codes), tuple(reasons), tuple(out))
+
+
+def handle_unsubscribe(
+    pk: p.Unsubscribe, version: int, client_id: str, trie: SubscriptionTrie,
+    *, max_packet_size: int | None = None,
+) -> Answer:
+    request = read_unsubscribe(pk)
+    codes = tuple(
+        0x00 if trie.unsubscribe(client_id, text) else NO_SUBSCRIPTION_EXISTED
+        for text in request.filters
+    )
+    reply = encode_unsuback(request.packet_id, codes, version, max_packet_size=max_packet_size)
+    return Answer(reply, codes, ("",) * len(codes), ())
