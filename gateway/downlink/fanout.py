@@ -1,0 +1,74 @@
+"""One consumed record to every subscriber's outbound flow (sans-IO, not wired yet).
+
+The path per record: hold it in the ``OffsetTracker``, map it through the
+downlink rules, update the retained store, look the MQTT topic up in the
+trie, and queue one ``Outgoing`` per target at min(rule QoS, subscription
+QoS) with the subscription identifiers.  Each queue is bounded on its own,
+so a slow client never stalls the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from gateway.downlink.outbound import OffsetTracker, OutboundFlow, Outgoing
+from gateway.downlink.record import ConsumedRecord
+from gateway.downlink.retained import Retained, RetainedStore
+from gateway.downlink.subscriptions import SubscriptionTrie
+from gateway.protocols.mqtt.properties import Properties
+from gateway.routing.downlink import DownlinkRules
+
+# Stamped by uplink rules with ``kafka.sequence: true``: who published, for No Local.
+PUBLISHER_HEADER = "lastmile-client-id"
+
+
+@dataclass
+class FanoutResult:
+    queued: int = 0  # Outgoing messages queued
+    dropped: int = 0  # by a full queue's policy (the flow counts them too)
+    no_session: int = 0  # a target with no flow (session gone meanwhile)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (rule, why no topic)
+
+
+def publisher(record: ConsumedRecord) -> str | None:
+    for name, value in record.headers:
+        if name == PUBLISHER_HEADER and value is not None:
+            return value.decode("utf-8", "replace")
+    return None
+
+
+def fan_out(
+    record: ConsumedRecord, rules: DownlinkRules, trie: SubscriptionTrie,
+    flows: Mapping[str, OutboundFlow], tracker: OffsetTracker,
+    retained: RetainedStore | None = None,
+    eligible: Callable[[str], bool] | None = None,
+) -> FanoutResult:
+    """Queue ``record`` for every matching subscription; its offset is held until done."""
+    result = FanoutResult()
+    pending = tracker.consumed((record.cluster, record.topic, record.partition), record.offset)
+    deliveries, skipped = rules.route(record)
+    result.skipped.extend(skipped)
+    sender = publisher(record)
+    for delivery in deliveries:
+        if retained is not None and delivery.retain:
+            retained.set(Retained(delivery.topic, delivery.payload, delivery.qos))
+        for target in trie.match(delivery.topic, sender, eligible):
+            flow = flows.get(target.client_id)
+            if flow is None:
+                result.no_session += 1
+                continue
+            props = None
+            if target.identifiers:
+                props = Properties(subscription_identifiers=list(target.identifiers))
+            pending.hold()
+            message = Outgoing(
+                delivery.topic, delivery.payload, min(delivery.qos, target.qos),
+                delivery.retain and target.retain_as_published,
+                properties=props, origin=pending,
+            )
+            if flow.enqueue(message) is not None:
+                result.dropped += 1
+            result.queued += 1
+    tracker.fanned_out(pending)
+    return result
