@@ -23,6 +23,8 @@ from collections import deque
 from collections.abc import Hashable
 from typing import Literal
 
+from gateway.protocols.mqtt.properties import Properties
+
 FullPolicy = Literal["drop-oldest", "drop-newest"]
 QUEUED, SENT, RELEASED = "queued", "sent", "released"
 MAX_PACKET_ID = 65_535
@@ -113,7 +115,7 @@ class Outgoing:
 
     def __init__(
         self, topic: str, payload: bytes, qos: int, retain: bool = False, *,
-        properties: object = None, origin: Pending | None = None,
+        properties: Properties | None = None, origin: Pending | None = None,
     ) -> None:
         if qos not in (0, 1, 2):
             raise ValueError(f"QoS {qos}")

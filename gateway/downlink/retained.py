@@ -13,12 +13,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import NamedTuple
 
+from gateway.protocols.mqtt.properties import Properties
+
 
 class Retained(NamedTuple):
     topic: str
     payload: bytes
     qos: int
-    properties: object = None  # MQTT 5 properties to send with it
+    properties: Properties | None = None  # MQTT 5 properties to send with it
 
 
 class _Node:
