@@ -290,3 +290,13 @@ def test_rules_check_reports_downlink_errors(
     assert rules_check(str(tmp_path)) == 1
     out = capsys.readouterr().out
     assert f"{tmp_path}/60-commands.yaml:4: commands: mqtt.qos: Invalid enum value 5" in out
+
+
+@pytest.mark.parametrize(("text", "error"), [
+    ("downlink: [5]\n", "60-commands.yaml:1: downlink[0]: Expected `object`, got `int`"),
+    ("downlink: {}\n", "60-commands.yaml:1: downlink: Expected `array`, got `object`"),
+    ("downlink:\n  - kafka: {topic: c}\n    mqtt: {topic: c}\n",
+     "60-commands.yaml:2: downlink[0]: name: required key missing"),
+])
+def test_shape_errors_name_the_item(tmp_path: Path, text: str, error: str) -> None:
+    assert _errors(tmp_path, text) == [error]
