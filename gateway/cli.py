@@ -106,9 +106,21 @@ def _bench(args: argparse.Namespace) -> int:
     return subprocess.call(cmd)
 
 
+def version() -> str:
+    """The installed distribution's version (pyproject.toml's)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("lastmile")
+    except PackageNotFoundError:  # a source tree run without installing it
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lastmile", description="MQTT/HTTP-to-Kafka last-mile gateway")
+    parser.add_argument("--version", action="version", version=f"lastmile {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     serve = sub.add_parser("serve", help="run the gateway")
@@ -159,7 +171,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         code = args.func(args)
     except ConfigError as exc:
-        print(f"lastmile: config error: {exc}", file=sys.stderr)
+        for error in getattr(exc, "errors", None) or [exc]:  # every one, a line each
+            print(f"lastmile: config error: {error}", file=sys.stderr)
         code = 2
     sys.exit(code)
 
