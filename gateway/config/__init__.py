@@ -130,7 +130,6 @@ def _convert_all(data: dict[str, Any], smap: SourceMap,
     """msgspec stops at the first error: record it, drop the key, convert again."""
     for path, reason in convert_sizes(data, SIZE_PATHS):
         errors.append(smap.error(reason, path))
-        _drop(data, path)
     while len(errors) < MAX_ERRORS:
         try:
             return msgspec.convert(data, Config, strict=False)

@@ -76,8 +76,8 @@ def _walk(t: mi.Type, path: tuple[object, ...]) -> Iterator[tuple[object, ...]]:
 
 
 def convert_sizes(data: Any, paths: list[tuple[object, ...]]) -> Iterator[tuple[PathKey, str]]:
-    """Replace size strings in ``data`` by their bytes, in place; yield (path, error) for bad
-    ones (left as they are: the caller drops them)."""
+    """Replace size strings in ``data`` by their bytes, in place; remove bad ones (their
+    defaults apply) and yield (path, error) for each."""
     for pattern in paths:
         yield from _convert(data, pattern, ())
 
@@ -94,4 +94,5 @@ def _convert(node: Any, rest: tuple[object, ...], at: PathKey) -> Iterator[tuple
             try:
                 node[key] = parse_size(node[key])
             except SizeError as exc:
+                del node[key]
                 yield (*at, key), str(exc)
