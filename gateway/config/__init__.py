@@ -184,14 +184,15 @@ def load_config(path: str | Path | None, env: Mapping[str, str] | None = None, *
         assert config is not None  # no error: converted
         return config
     errors = [_name_env(e, overrides) for e in errors]
-    errors.sort(key=lambda e: (e.file != file, e.line or 0))
+    errors.sort(key=lambda e: (e.file != file, e.line or 0, e.file))
     raise errors[0] if len(errors) == 1 else ConfigErrors(errors)
 
 
 def _name_env(error: ConfigError, overrides: list[tuple[str, tuple[str, ...], Any]]) -> ConfigError:
-    """Name the env var when the bad key came from one."""
+    """Name the env var when the bad key came from one (or is an unknown key it added)."""
     for name, key_path, _ in overrides:
-        if error.key and error.key == ".".join(key_path):
+        joined = ".".join(key_path)
+        if error.key and (error.key == joined or joined.startswith(error.key + ".")):
             return ConfigError(error.reason, file=f"${name}", key=error.key)
     return error
 
