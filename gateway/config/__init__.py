@@ -171,18 +171,16 @@ def load_config(path: str | Path | None, env: Mapping[str, str] | None = None, *
         _apply(data, key_path, value, name, errors)
     config = _convert_all(data, smap, errors)
     if config is not None:
-        shape_errors = len(errors)
+        # A key dropped for a bad value took its default: say nothing more about it.
+        bad = {e.key for e in errors if e.key}
         checks: list[ConfigError] = []
         _check(config, smap, checks, tls_files)
         if config.kafka.clusters:
             _fit_to_kafka(config, smap, data, checks)
-        # A key dropped for a bad value took its default: say nothing more about it.
-        bad = {e.key for e in errors[:shape_errors] if e.key}
         errors += [e for e in checks
                    if not any(e.key == k or e.key.startswith(k + ".") for k in bad)]
-    if not errors:
-        assert config is not None  # no error: converted
-        return config
+        if not errors:
+            return config
     errors = [_name_env(e, overrides) for e in errors]
     errors.sort(key=lambda e: (e.file != file, e.line or 0, e.file))
     raise errors[0] if len(errors) == 1 else ConfigErrors(errors)
