@@ -74,7 +74,7 @@ def _combine(directory: str, reports: dict[str, dict[str, Any]]) -> dict[str, An
 # The ledger's state, as the report says it (and exit code 1 for "damaged").
 LEDGER_STATES = {
     "ok": "ok",
-    "empty": "none yet: the spool is empty (nothing was ever spooled, or all was confirmed)",
+    "empty": "none yet (nothing was ever spooled)",
     "missing": "missing: every record on disk replays (none was confirmed yet, or it was lost)",
     "damaged": "DAMAGED: every record on disk replays (duplicates possible)",
 }
