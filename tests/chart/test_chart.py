@@ -78,6 +78,9 @@ BAD: dict[str, tuple[dict[str, Any], str]] = {
                         "too small"),
     "spool-fixed-too-big": (merged(PASSWORD, {"spool": {"maxBytesPerWorker": 6 << 30}}),
                             "does not fit"),
+    "grace-shorter-than-drain": (merged(PASSWORD, {"config": {"shutdown_timeout_s": 60}}),
+                                 "terminationGracePeriodSeconds"),
+    "size-as-a-number": (merged(PASSWORD, {"spool": {"size": 10737418240}}), "size"),
     "client-cert-without-secret": ({"tls": {"requireClientCert": True}},
                                    "tls.requireClientCert needs tls.secretName"),
 }

@@ -139,6 +139,10 @@ and probes depend on them). Fails when no client could ever get in, as the gatew
     "auth" $auth
     "log" (dict "format" "json") -}}
 {{- $cfg := mustMergeOverwrite (deepCopy $v.config) $owned -}}
+{{- $drain := $cfg.shutdown_timeout_s | default 15 | float64 -}}
+{{- if lt (float64 $v.terminationGracePeriodSeconds) (addf $drain 5) -}}
+{{- fail (printf "terminationGracePeriodSeconds (%v) must exceed config.shutdown_timeout_s (%v) by 5 s at least, or Kubernetes kills the gateway mid-drain" $v.terminationGracePeriodSeconds $drain) -}}
+{{- end -}}
 {{- $a := $cfg.auth -}}
 {{- $mtls := and $tlsOn $v.tls.requireClientCert -}}
 {{- if not (or $a.allow_anonymous $a.password_file $a.jwt $mtls) -}}
