@@ -280,3 +280,15 @@ def test_service_links_would_crash_the_gateway(rendered: dict[str, dict[str, Any
     with pytest.raises(ConfigError, match="LASTMILE_MQTT_PORT"):
         load_rendered(rendered["default"], tmp_path,
                       {"LASTMILE_MQTT_PORT": "tcp://10.0.0.7:1883"})
+
+
+def test_notes_tell_the_operator_what_was_installed(rendered: dict[str, dict[str, Any]]) -> None:
+    notes = rendered["default"]["manifests"]["lastmile/templates/NOTES.txt"]
+    assert "2 pod(s) x 2 worker(s)" in notes
+    assert "spool.max_bytes 4563402752 bytes per worker (4352 MiB)" in notes
+    assert "WARNING" not in notes and "MQTTS" not in notes
+    assert "WARNING: auth.allowAnonymous" in rendered["anonymous"]["manifests"][
+        "lastmile/templates/NOTES.txt"]
+    assert "MQTTS" in rendered["tls"]["manifests"]["lastmile/templates/NOTES.txt"]
+    spool_off = rendered["spool-off"]["manifests"]["lastmile/templates/NOTES.txt"]
+    assert "Spool:     off" in spool_off
