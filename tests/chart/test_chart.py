@@ -52,6 +52,8 @@ GOOD: dict[str, dict[str, Any]] = {
     "workers-1": merged(PASSWORD, {"workers": 1}),
     "workers-4": merged(PASSWORD, {"workers": 4}),
     "jwt": JWT,
+    "spool-1.5Ti": merged(PASSWORD, {"workers": 3, "spool": {"size": "1.5Ti"}}),
+    "spool-500M": merged(PASSWORD, {"workers": 1, "spool": {"size": "500M"}}),
     "anonymous": {"auth": {"allowAnonymous": True}},
     "everything": merged(PASSWORD, JWT, MTLS, MONITORING, {
         "replicas": 3, "workers": 3, "spool": {"size": "50Gi", "storageClass": "fast"},
@@ -262,7 +264,8 @@ def test_rendered_config_loads_in_the_gateway(rendered: dict[str, dict[str, Any]
 
 @pytest.mark.parametrize(("name", "workers", "size"),
                          [("workers-1", 1, 10 << 30), ("default", 2, 10 << 30),
-                          ("workers-4", 4, 10 << 30), ("everything", 3, 50 << 30)])
+                          ("workers-4", 4, 10 << 30), ("everything", 3, 50 << 30),
+                          ("spool-1.5Ti", 3, 3 << 39), ("spool-500M", 1, 500_000_000)])
 def test_spool_max_bytes_follows_volume_and_workers(rendered: dict[str, dict[str, Any]],
                                                     name: str, workers: int, size: int,
                                                     tmp_path: Path) -> None:
