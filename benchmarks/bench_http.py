@@ -159,6 +159,7 @@ async def _open_loop(port: int, path: str, body: bytes, rate: float, duration: f
 
     async def one(due: float) -> None:
         reader, writer = await pool.get()
+        sent = time.monotonic()
         writer.write(head + body)
         status_line = await reader.readline()
         length = 0
@@ -169,7 +170,8 @@ async def _open_loop(port: int, path: str, body: bytes, rate: float, duration: f
         await reader.readexactly(length)
         latencies.append(time.monotonic() - due)
         if os.environ.get("BENCH_TRACE") and latencies[-1] > 0.05:
-            print(f"slow at {due - t0:.3f}s: {latencies[-1] * 1e3:.0f} ms", flush=True)
+            print(f"slow at {due - t0:.3f}s: {latencies[-1] * 1e3:.0f} ms "
+                  f"(sent {(sent - due) * 1e3:.0f} ms late)", flush=True)
         status = int(status_line.split()[1])
         statuses[status] = statuses.get(status, 0) + 1
         pool.put_nowait((reader, writer))
