@@ -218,19 +218,32 @@ def wrk_case(pid: int, port: int, case: Case, tmp: Path,
     return result
 
 
+def kafka_floor(bootstrap: str, rate: float, duration: float) -> dict[str, Any] | None:
+    """The Kafka floor at the batch case's record rate, same broker, just before it:
+    ``benchmarks.floors`` (issue 15's bare producer) when this checkout has it."""
+    try:
+        from benchmarks.floors import kafka_floor as measure_floor
+    except ImportError:
+        return None
+    floor: dict[str, Any] = measure_floor(bootstrap, rate, duration)
+    print(f"Kafka floor: {floor}", flush=True)
+    return floor
+
+
 def reference() -> tuple[float, float, str]:
-    """The MQTT QoS 1 rate and the Kafka floor p99 to judge by, and where they come from."""
-    latest = ROOT / "benchmarks" / "results" / "latest.json"
+    """The MQTT QoS 1 rate and the Kafka floor p99 to judge by, and where they come from:
+    the last ``benchmarks.run`` (benchmarks/results/latest.json), else issue 15's."""
     rate, p99, source = MQTT_QOS1_RATE, KAFKA_FLOOR_P99_MS, "issue 15's figures"
     try:
-        data = json.loads(latest.read_text())
-    except (OSError, ValueError):
+        data = json.loads((ROOT / "benchmarks" / "results" / "latest.json").read_text())
+        rate = float(data["lastmile"]["results"]["qos1_max"]["acked_per_s"])
+        source = "benchmarks/results/latest.json"
+    except (OSError, ValueError, KeyError, TypeError):
         return rate, p99, source
     found = _find(data, "kafka_floor")
-    if isinstance(found, dict):
-        value = _find(found, "p99")
-        if isinstance(value, int | float):
-            p99, source = float(value), "benchmarks/results/latest.json"
+    value = _find(found, "p99") if isinstance(found, dict) else None
+    if isinstance(value, int | float):
+        p99 = float(value)
     return rate, p99, source
 
 
@@ -278,6 +291,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         _write_lua(tmp, CASES[0]), 1, 4, 1)
                 for case in CASES:
                     results["cases"].append(wrk_case(pid, port, case, tmp, args))
+                results["kafka_floor"] = kafka_floor(broker.bootstrap,
+                                                     args.batch_rate * BATCH_SIZE,
+                                                     args.duration)
                 fixed, cpu = measure(pid, lambda: asyncio.run(_open_loop(
                     port, "/v1/batch", BATCH_BODY.encode(), args.batch_rate,
                     args.duration, 64)))
@@ -301,6 +317,10 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
     batch = next(c for c in cases if c["name"].startswith("batch"))
     fixed = results["fixed_batch"]
     mqtt_rate, kafka_p99, source = reference()
+    measured = results.get("kafka_floor")
+    if measured:
+        kafka_p99 = float(measured["delivery_ms"]["p99"])
+        source += "; Kafka floor p99 from this run"
     src = f", gateway from `{args.gateway_src}`" if args.gateway_src else ""
     lines = [
         "# HTTP ingest benchmark",
@@ -337,7 +357,12 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
         f"{sum(ok.values())}/{fixed['sent']} answered 2xx, "
         f"{fixed['cpu_us_per_record']:.1f} us CPU per record.",
         "",
-        f"Targets (issue 15; MQTT QoS 1 rate and Kafka floor p99 from {source}):",
+        (f"Kafka floor just before it (bare producer, acks=all, idempotent, linger 5 ms, "
+         f"{measured['rate']:,.0f} records/s, same broker): delivery p50 "
+         f"{measured['delivery_ms']['p50']:.1f} ms, p99 {measured['delivery_ms']['p99']:.1f} ms."
+         if measured else "Kafka floor: not measured in this run (no benchmarks.floors)."),
+        "",
+        f"Targets (issue 15; reference figures from {source}):",
         "",
         "| target | measured | met |",
         "| --- | --- | --- |",
@@ -390,8 +415,9 @@ def main() -> int:
         return 0
     args.duration = min(args.duration, 60)
     if shutil.which("wrk") is None:
-        print("bench_http: wrk not found (apt-get install wrk)", file=sys.stderr)
-        return 2
+        # Skipped, not failed: `make bench` still runs the rest on a machine without it.
+        print("bench_http: not measured: wrk not found (apt-get install wrk)", file=sys.stderr)
+        return 0
     results = run(args)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
