@@ -261,7 +261,7 @@ def _find(data: Any, key: str) -> Any:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"cases": [], "date": time.strftime("%Y-%m-%d %H:%M"),
                                "args": {k: v for k, v in vars(args).items()
-                                        if k not in ("serve_floor",)}}
+                                        if k not in ("serve_floor", "out", "json")}}
     broker = Broker().start()
     try:
         with tempfile.TemporaryDirectory() as tmp_name:
@@ -386,6 +386,9 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
         "CPU is what limits. The closed-loop batch p50/p99 is queueing by "
         f"construction ({args.connections} connections x {BATCH_SIZE} records / rate); "
         "the fixed-rate line is the latency a client sees below saturation.",
+        "",
+        "Before/after for issue 15, A/B on the same load generator, and where the time "
+        "goes: [performance.md](performance.md#issue-15-http).",
         "",
     ]
     return "\n".join(lines)
