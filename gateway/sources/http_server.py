@@ -204,7 +204,8 @@ class HttpIngest:
             user_properties=_user_properties(request), received_at=time.time(),
         )
         future = publish(self.pipeline, message)
-        if request.query.get("async", "").lower() in ("1", "true", "yes") and not future.done():
+        if (request.query_string and not future.done()
+                and request.query.get("async", "").lower() in ("1", "true", "yes")):
             # Routing already ran (it is synchronous), so a refusal is never a 202.
             future.add_done_callback(_log_async_failure)
             return json_response({"accepted": True}, 202)
