@@ -66,6 +66,8 @@ class App:
         self._stop = asyncio.Event()
         self._signals = 0
         self.started = False  # every stage up (readiness)
+        # Set by the metrics listener: publish this worker's status now (health).
+        self.status_changed: Callable[[], None] | None = None
 
     # --- startup ------------------------------------------------------------------
 
@@ -80,6 +82,8 @@ class App:
             await self.stop()
             raise
         self.started = True
+        if self.status_changed is not None:
+            self.status_changed()
         log.info("gateway_started", worker=self.worker_id,
                  rules_version=self.router.table.version if self.router else None)
 
@@ -204,6 +208,8 @@ class App:
             raise SystemExit(130)  # propagates out of the loop: no graceful drain
         log.info("shutdown_requested", signal=sig.name)
         self._stop.set()
+        if self.status_changed is not None:
+            self.status_changed()
 
     def reload_rules(self) -> None:
         if self.reloader is not None:

@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
     class Observed(Watched, Protocol):
         started: bool
+        status_changed: Callable[[], None] | None
 
         @property
         def draining(self) -> bool: ...
@@ -172,6 +173,9 @@ class StatusPublisher:
 
     def _tick(self) -> None:
         self._handle = asyncio.get_running_loop().call_later(self.interval, self._tick)
+        self.publish()
+
+    def publish(self) -> None:
         try:
             status = worker_status(self.app, self.kafka)
             if self.path is not None:

@@ -136,6 +136,7 @@ async def start_metrics(app: Observed, listener: MetricsListener
     kafka = KafkaWatch(app.sinks)
     publisher = StatusPublisher(app, kafka, os.environ.get(HEALTH_DIR_ENV))
     publisher.start()
+    app.status_changed = publisher.publish
     pump = asyncio.create_task(Pump(app).run(), name="metrics-pump")
     server = None
     if publisher.path is None:  # no supervisor: this worker serves the listener
@@ -149,6 +150,7 @@ async def start_metrics(app: Observed, listener: MetricsListener
             raise
 
     async def cleanup(_timeout: float) -> None:
+        app.status_changed = None
         pump.cancel()
         publisher.stop()
         if server is not None:

@@ -45,9 +45,15 @@ def add_process(_logger: Any, _name: str, event: MutableMapping[str, Any]
 _encoder = msgspec.json.Encoder(enc_hook=str)
 
 
+_FIRST = ("timestamp", "level", "event", "worker", "pid")
+
+
 def render_json(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> bytes:
-    """The line as JSON bytes; a value JSON cannot carry is written as its ``str``."""
-    return _encoder.encode(event)
+    """The line as JSON bytes, the common keys first; a value JSON cannot carry is
+    written as its ``str``."""
+    line = {key: event.pop(key) for key in _FIRST if key in event}
+    line.update(event)
+    return _encoder.encode(line)
 
 
 class LineLogger:
