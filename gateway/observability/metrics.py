@@ -226,16 +226,18 @@ disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created serie
 # collector is per registry, and in multiprocess mode nobody runs it).
 with contextlib.suppress(KeyError):
     REGISTRY.unregister(PROCESS_COLLECTOR)
-PROCESS_CPU = Counter("process_cpu_seconds", "Total user and system CPU time spent in seconds",
+_PROCESS_HELP = {
+    "process_cpu_seconds_total": "Total user and system CPU time spent in seconds",
+    "process_resident_memory_bytes": "Resident memory size in bytes",
+    "process_virtual_memory_bytes": "Virtual memory size in bytes",
+    "process_open_fds": "Number of open file descriptors",
+    "process_max_fds": "Maximum number of open file descriptors",
+    "process_start_time_seconds": "Start time of the process since unix epoch in seconds",
+}
+PROCESS_CPU = Counter("process_cpu_seconds", _PROCESS_HELP["process_cpu_seconds_total"],
                       ["worker"])
-_PROCESS_GAUGES = {
-    name: Gauge(name, doc, ["worker"], multiprocess_mode="livesum") for name, doc in (
-        ("process_resident_memory_bytes", "Resident memory size in bytes"),
-        ("process_virtual_memory_bytes", "Virtual memory size in bytes"),
-        ("process_open_fds", "Number of open file descriptors"),
-        ("process_max_fds", "Maximum number of open file descriptors"),
-        ("process_start_time_seconds", "Start time of the process since unix epoch in seconds"),
-    )}
+_PROCESS_GAUGES = {name: Gauge(name, doc, ["worker"], multiprocess_mode="livesum")
+                   for name, doc in _PROCESS_HELP.items() if not name.endswith("_total")}
 
 # Exported at 0 before their first event: an alert on increase() sees the first one.
 for _outcome in ("routed", "dropped", "dead_lettered", "refused", "shutting_down"):
@@ -461,7 +463,7 @@ class SupervisorProcess:
             family = by_name.get(family_name)
             if family is None:
                 kind = "counter" if name.endswith("_total") else "gauge"
-                family = by_name[family_name] = Metric(family_name, "", kind)
+                family = by_name[family_name] = Metric(family_name, _PROCESS_HELP[name], kind)
                 families.append(family)
             family.add_sample(name, {"worker": "supervisor"}, value)
         return families
