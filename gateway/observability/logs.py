@@ -98,9 +98,38 @@ class LineLoggerFactory:
         return self._logger
 
 
+class StdlibHandler(logging.Handler):
+    """Lines of the standard ``logging`` module (asyncio, aiohttp, warnings) as
+    structlog lines: the same JSON, ``worker`` and ``pid`` included."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            log = structlog.get_logger(record.name)
+            method = record.levelname.lower()
+            if method not in ("debug", "info", "warning", "error", "critical"):
+                method = "error" if record.levelno >= logging.ERROR else "info"
+            fields: dict[str, Any] = {"logger": record.name}
+            if record.exc_info:
+                fields["exc_info"] = record.exc_info
+            getattr(log, method)(record.getMessage(), **fields)
+        except Exception:
+            self.handleError(record)
+
+
+def _thread_exception(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return
+    structlog.get_logger("lastmile").error(
+        "thread_failed", thread=args.thread.name if args.thread is not None else None,
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+
 def configure_logging(level: str = "info", fmt: str = "auto", file: TextIO | None = None
                       ) -> None:
-    """structlog to stderr: JSON when not a TTY (or asked), readable on a TTY."""
+    """structlog to stderr: JSON when not a TTY (or asked), readable on a TTY.
+
+    The standard ``logging`` module, warnings and exceptions that end a thread
+    come out the same way, so every line of stderr is one of ours."""
     out = file if file is not None else sys.stderr
     json_out = fmt == "json" or (fmt == "auto" and not out.isatty())
     renderer: structlog.typing.Processor = (
@@ -119,3 +148,8 @@ def configure_logging(level: str = "info", fmt: str = "auto", file: TextIO | Non
         logger_factory=LineLoggerFactory(out),
         cache_logger_on_first_use=True,
     )
+    # Warnings and errors, as Python's last-resort handler printed them before.
+    logging.basicConfig(handlers=[StdlibHandler()], force=True,
+                        level=max(logging.WARNING, _LEVELS.get(level, logging.INFO)))
+    logging.captureWarnings(True)
+    threading.excepthook = _thread_exception

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
+import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +25,13 @@ pytestmark = pytest.mark.unit
 
 @pytest.fixture
 def restore_logging() -> Any:
+    hook = threading.excepthook
     yield
     set_worker(0)
     structlog.reset_defaults()
+    logging.basicConfig(handlers=[], force=True)
+    logging.captureWarnings(False)
+    threading.excepthook = hook
 
 
 def _lines_from_children(children: int, lines: int, size: int) -> list[bytes]:
@@ -88,6 +95,34 @@ def test_every_line_has_worker_and_pid_first_keys_and_str_for_odd_values(
     assert [e["worker"] for e in lines] == ["supervisor", "supervisor", 3, "supervisor"]
     assert lines[0]["path"] == str(tmp_path)
     assert "ValueError: boom" in lines[3]["exception"]
+
+
+def test_stdlib_logging_warnings_and_thread_crashes_are_json_lines_too(
+        tmp_path: Path, restore_logging: Any) -> None:
+    out = tmp_path / "log"
+    with out.open("w") as fh:
+        configure_logging("info", "json", file=fh)
+        set_worker(1)
+        logging.getLogger("asyncio").error("Task exception was never retrieved")
+        logging.getLogger("aiohttp.access").info("GET / 200")  # below warning: not shown
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn("old API", DeprecationWarning, stacklevel=1)
+
+        def crash() -> None:
+            raise RuntimeError("thread died")
+
+        thread = threading.Thread(target=crash, name="poller")
+        thread.start()
+        thread.join()
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert lines[0]["event"] == "Task exception was never retrieved"
+    assert lines[0]["logger"] == "asyncio" and lines[0]["level"] == "error"
+    assert "old API" in lines[1]["event"] and lines[1]["logger"] == "py.warnings"
+    assert lines[2]["event"] == "thread_failed" and lines[2]["thread"] == "poller"
+    assert "RuntimeError: thread died" in lines[2]["exception"]
+    assert len(lines) == 3
+    assert all(e["worker"] == 1 and e["pid"] == os.getpid() for e in lines)
 
 
 class _Broken:
