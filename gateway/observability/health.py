@@ -212,12 +212,13 @@ class Verdict:
     ready: bool
     body: dict[str, Any]
     up: dict[int, bool]  # per worker: running and ticking
+    wedged: list[str]  # why not live
 
 
 def evaluate(workers: list[WorkerView], draining: bool, stall_timeout_s: float,
              now: float | None = None) -> Verdict:
     now = time.monotonic() if now is None else now
-    live = True
+    wedged: list[str] = []
     reasons = ["draining: the gateway is shutting down"] if draining else []
     up: dict[int, bool] = {}
     per: dict[str, Any] = {}
@@ -238,14 +239,14 @@ def evaluate(workers: list[WorkerView], draining: bool, stall_timeout_s: float,
                                  "age_seconds": round(age, 3)}
         statuses.append(status)
         if age > stall_timeout_s:
-            reasons.append(f"{name}: event loop stalled for {age:.1f} s "
-                           f"(limit {stall_timeout_s:g} s)")
+            reason = f"{name}: event loop stalled for {age:.1f} s (limit {stall_timeout_s:g} s)"
+            reasons.append(reason)
             if status.get("started") and not (draining or status.get("draining")):
-                live = False  # a drain has its own deadline (the supervisor's)
+                wedged.append(reason)  # a drain has its own deadline (the supervisor's)
             continue
         up[view.worker] = True
         reasons += [f"{name}: {reason}" for reason in status.get("reasons", ())]
-    ready = not reasons
+    ready, live = not reasons, not wedged
     versions = sorted({s["rules_version"] for s in statuses if s.get("rules_version")})
     body: dict[str, Any] = {
         "ready": ready, "live": live, "draining": draining, "reasons": reasons,
@@ -256,7 +257,7 @@ def evaluate(workers: list[WorkerView], draining: bool, stall_timeout_s: float,
                   for priority in sorted({p for s in statuses for p in s.get("spool", {})})},
         "workers": per,
     }
-    return Verdict(live, ready, body, up)
+    return Verdict(live, ready, body, up, wedged)
 
 
 def _combine(parts: list[Mapping[str, Any]]) -> dict[str, Any]:

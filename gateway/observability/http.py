@@ -97,9 +97,8 @@ class MetricsServer:
                             CONTENT_TYPE_LATEST)
             elif path == "/healthz":
                 result = verdict(self.source)
-                body = {"live": result.live, "reasons": [r for r in result.body["reasons"]
-                                                         if "stalled" in r]}
-                self._json(request, 200 if result.live else 503, body)
+                self._json(request, 200 if result.live else 503,
+                           {"live": result.live, "reasons": result.wedged})
             elif path == "/readyz":
                 result = verdict(self.source)
                 self._json(request, 200 if result.ready else 503, result.body)
