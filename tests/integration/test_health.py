@@ -132,3 +132,35 @@ def test_readiness_is_false_during_the_drain(gateway_factory: Any,
     assert raw.recv(30) == p.Puback(packet_id=1)
     raw.close()
     assert gw.proc.wait(60) == 0
+
+
+def test_a_dead_worker_fails_readiness_until_restarted_never_liveness(
+        gateway_factory: Any, broker: Broker) -> None:
+    gw, ports = gateway_factory(workers=2)
+    gw.start(wait_for=("127.0.0.1", ports["mqtt"]))
+    port = ports["metrics"]
+    wait_until(lambda: get(port, "/readyz")[0] == 200, 60, what="both workers ready")
+    assert gw.proc is not None
+    dead = child_pids(gw.proc.pid)[0]
+    os.kill(dead, signal.SIGKILL)
+    seen_live: list[int] = []
+
+    def not_ready() -> dict[str, Any] | None:
+        seen_live.append(get(port, "/healthz")[0])
+        status, body = get(port, "/readyz")
+        return body if status == 503 else None
+
+    body = wait_until(not_ready, 30, what="/readyz 503 for the dead worker")
+    # Dead and waiting for its restart, or restarted and not started yet.
+    assert any("not running" in r or "starting" in r for r in body["reasons"]), body["reasons"]
+
+    def ready_again() -> bool:
+        seen_live.append(get(port, "/healthz")[0])
+        return get(port, "/readyz")[0] == 200
+
+    wait_until(ready_again, 60, what="ready once the worker is back")
+    assert set(seen_live) == {200}  # the supervisor restarts it: nothing for the kubelet to do
+    assert dead not in child_pids(gw.proc.pid)
+    assert sum(metric(port, f'lastmile_worker_restarts_total{{worker="{w}"}}') or 0
+               for w in ("0", "1")) == 1
+    assert gw.stop() == 0
