@@ -113,7 +113,8 @@ SPOOL_REPLAY_IN_FLIGHT = Gauge("lastmile_spool_replay_in_flight_records",
                                "Spooled records handed to Kafka by the replayer, not yet reported",
                                multiprocess_mode="livesum")
 SPOOL_WAITING = Gauge("lastmile_spool_waiting_records",
-                      "Records waiting for their spool write (fsync)", multiprocess_mode="livesum")
+                      "Records that must go to the spool, not appended yet",
+                      multiprocess_mode="livesum")
 SPOOL_WRITE_AHEAD = Gauge("lastmile_spool_write_ahead",
                           "1 while records are written to the spool before they are acknowledged",
                           multiprocess_mode="livemax")
