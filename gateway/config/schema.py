@@ -58,6 +58,8 @@ class MetricsListener(Listener, forbid_unknown_fields=True, kw_only=True):
 
     host: str = "127.0.0.1"
     port: int = 9100
+    # /healthz fails once a worker's event loop has not ticked for this long.
+    stall_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0
 
 
 class WebSocketListener(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -73,7 +73,7 @@ class EmbeddedBroker:
             time.sleep(0.05)
         log.warning(
             "embedded_kafka_started",
-            bootstrap=self.bootstrap, pid=self.process.pid,
+            bootstrap=self.bootstrap, broker_pid=self.process.pid,
             note="DEV ONLY: in-memory Kafka-protocol broker (tansu); every record is lost when "
                  "it stops. Set kafka.clusters.<name>.bootstrap_servers for real brokers.",
         )

@@ -150,6 +150,8 @@ class KafkaSink:
         self._handed = 0
         self._reported = 0
         self.restarts = 0
+        # When librdkafka last reported every broker down (monotonic; health reads it).
+        self.all_brokers_down_at: float | None = None
         self._restart_needed = False
         # Producers replaced after a fatal error, polled until their queues are empty.
         self._retiring: list[Producer] = []
@@ -206,6 +208,18 @@ class KafkaSink:
         for topic, meta in md.topics.items():
             if meta.error is None and meta.partitions:
                 self.partitions[topic] = len(meta.partitions)
+
+    def probe(self, timeout: float) -> bool:
+        """One metadata round trip with the producer: does the cluster answer now?
+        Blocking (up to ``timeout``): run it off the event loop."""
+        producer = self._producer
+        if producer is None:
+            return False
+        try:
+            producer.list_topics(timeout=timeout)
+        except Exception:
+            return False
+        return True
 
     # --- explicit partitions -------------------------------------------------------
 
@@ -426,6 +440,8 @@ class KafkaSink:
         # Called from the poll thread; librdkafka retries transient errors itself.
         if err.fatal():
             self._restart_needed = True
+        if err.code() == KafkaError._ALL_BROKERS_DOWN:
+            self.all_brokers_down_at = time.monotonic()
         log.warning("kafka_client_error", cluster=self.name, code=err.name(), reason=err.str(),
                     fatal=err.fatal(), at=time.time())
 
