@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def gateway_config(path: Path, bootstrap: str, spool: bool, spool_dir: Path,
-                   spool_mode: str) -> int:
+                   spool_mode: str, tree: Path = ROOT) -> int:
     mqtt = free_port()
     cfg: dict[str, Any] = {
         "workers": 1,
@@ -58,7 +58,7 @@ def gateway_config(path: Path, bootstrap: str, spool: bool, spool_dir: Path,
         },
         "kafka": {"clusters": {"default": {"bootstrap_servers": bootstrap,
                                            "connect_timeout_s": 10}}},
-        "rules": {"dir": str(ROOT / "bridge-rules"), "watch": False},
+        "rules": {"dir": str(tree / "bridge-rules"), "watch": False},  # the tree's own rules
         "spool": {"enabled": spool, "dir": str(spool_dir), "mode": spool_mode},
         "log": {"level": "warning", "format": "json"},
         "auth": {"allow_anonymous": True},
@@ -265,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
             broker = Broker().start()
             bootstrap = broker.bootstrap
         cfg = Path(tmp) / "gateway.yaml"
-        port = gateway_config(cfg, bootstrap, a.spool == "on", Path(tmp) / "spool", a.spool_mode)
+        port = gateway_config(cfg, bootstrap, a.spool == "on", Path(tmp) / "spool", a.spool_mode,
+                              Path(a.tree))
         gw = Gateway(Path(a.tree), cfg, Path(tmp) / "gateway.log")
         try:
             gw.start(port)
