@@ -130,7 +130,6 @@ class Spool:
         # Frames appended during this loop iteration, handed to the writer under one lock
         # acquisition (a call_soon) rather than one per record.  Loop thread only.
         self._pending: list[tuple[int, bytes]] = []
-        self._first_at = 0.0
         self._closing = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -232,7 +231,6 @@ class Spool:
         self._pending = []
         with self._cond:
             if not self._queue:
-                self._first_at = time.monotonic()
                 self._cond.notify()
             self._queue.extend(pending)
 
@@ -265,17 +263,26 @@ class Spool:
     # --- writer thread --------------------------------------------------------------
 
     def _run(self) -> None:
+        # Group commit: what was queued while the previous fsync ran is the next batch,
+        # written at once (no fixed interval: an ack waits for at most two fsyncs).
+        # With fsync_interval_ms > 0, two fsyncs start at least that far apart.
+        next_at = 0.0
+        batch: list[tuple[int, bytes]] | None
         while True:
             with self._cond:
                 if not self._queue and not self._closing:
                     self._cond.wait(LEDGER_INTERVAL_S)
                 closing = self._closing
-                wait = self._first_at + self.interval - time.monotonic()
-            if wait > 0 and not closing:
-                time.sleep(wait)  # group commit: let the batch fill for one interval
-            with self._cond:
-                batch, self._queue = self._queue, []
+                wait = next_at - time.monotonic() if self.interval > 0 else 0.0
+                batch = None
+                if wait <= 0 or closing:  # take it under this same lock acquisition
+                    batch, self._queue = self._queue, []
+            if batch is None:
+                time.sleep(wait)
+                with self._cond:
+                    batch, self._queue = self._queue, []
             if batch:
+                next_at = time.monotonic() + self.interval
                 self._write(batch)
             self._housekeep(force=closing and not batch)
             if closing and not batch:
