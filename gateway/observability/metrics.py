@@ -17,6 +17,7 @@ import structlog
 from prometheus_client import Counter, Gauge, Histogram
 
 from gateway.auth import REFUSAL_CODES, Method
+from gateway.observability.latency import BUCKETS, Latency
 from gateway.observability.looplag import LoopLag
 
 if TYPE_CHECKING:
@@ -171,6 +172,40 @@ MQTT_STATE = Gauge("lastmile_mqtt_state",
 RULES_INFO = Gauge("lastmile_rules_info", "Active rules version (value is the rule count)",
                    ["version"], multiprocess_mode="liveall")
 
+# --- latency histograms (issue 15): plain counts on hot objects, copied by the pump -------
+ACK_LATENCY = Histogram("lastmile_ack_latency_seconds",
+                        "Message received -> its ack written (MQTT PUBACK/PUBREC queued for "
+                        "this loop turn's write; HTTP 2xx answer ready), per listener: "
+                        "mqtt, mqtts, ws, http, https", ["listener"], buckets=BUCKETS)
+KAFKA_DELIVERY_LATENCY = Histogram("lastmile_kafka_delivery_latency_seconds",
+                                   "Record handed to librdkafka -> its delivery report "
+                                   "handled (successful records), per cluster", ["cluster"],
+                                   buckets=BUCKETS)
+
+
+def copy_latency(pump_last: dict[tuple[str, ...], list[float]], metric: Any, label: str,
+                 latency: Latency) -> None:
+    """Add what ``latency`` counted since the last copy to ``metric{label}``.
+
+    prometheus-client has no public call to add n observations to a bucket; its
+    histogram keeps one (non-cumulative) value per bucket and a sum, which is what
+    ``observe`` increments, so the deltas go there (works in multiprocess mode too).
+    """
+    key = (metric._name, label)
+    counts = latency.counts
+    last = pump_last.get(key)
+    if last is None:
+        last = pump_last[key] = [0.0] * (len(counts) + 1)
+    child = metric.labels(label)
+    for i, n in enumerate(counts):
+        if n > last[i]:
+            child._buckets[i].inc(n - last[i])
+            last[i] = n
+    total = latency.total
+    if total > last[-1]:
+        child._sum.inc(total - last[-1])
+        last[-1] = total
+
 
 class Pump:
     """Copies component counters into Prometheus metrics as deltas."""
@@ -179,6 +214,7 @@ class Pump:
         self.app = app
         self.lag = lag if lag is not None else LoopLag()
         self._last: dict[tuple[str, ...], int] = {}
+        self._latency_last: dict[tuple[str, ...], list[float]] = {}
         self._version = ""
 
     def _delta(self, counter: Any, labels: tuple[str, ...], value: int) -> None:
@@ -206,8 +242,21 @@ class Pump:
             SPOOL_REPLAYED.labels(priority)  # exported at 0 before the first replay
             SPOOL_REPLAYED_BYTES.labels(priority)
 
+    def _latencies(self) -> None:
+        app = self.app
+        last = self._latency_last
+        if app.mqtt is not None:
+            for listener, latency in list(app.mqtt.ack_latency.items()):
+                copy_latency(last, ACK_LATENCY, listener, latency)
+        if app.http is not None:
+            for listener, latency in app.http.ack_latency.items():
+                copy_latency(last, ACK_LATENCY, listener, latency)
+        for name, sink in app.sinks.items():
+            copy_latency(last, KAFKA_DELIVERY_LATENCY, name, sink.latency)
+
     def tick(self) -> None:
         app = self.app
+        self._latencies()
         worst, samples = self.lag.take()
         LOOP_LAG.set(worst)
         for lag in samples:
