@@ -140,6 +140,9 @@ class Spool:
         self._roll_min = min(self.segment_bytes, 1 << 20)
         # Reader position: (segment path, byte offset, seq of the first frame there or later).
         self._rpos: tuple[str, int, int] | None = None
+        # The same, where the writer's last batch ended (the reader starts there after
+        # the replayer took records from memory instead of reading them).
+        self._wpos: tuple[str, int, int] | None = None
         # (seq, wall clock when it was appended), one per MARK_EVERY_S: the oldest
         # unconfirmed record's age without a timestamp per record in memory.
         self._marks: deque[tuple[int, float]] = deque()
@@ -310,6 +313,7 @@ class Spool:
             self.fsyncs += 1
             seg.size += len(data)
             seg.last_seq = last
+            self._wpos = (seg.path, seg.size, last + 1)
         except OSError as exc:
             error = exc
             self.write_errors += 1
@@ -425,7 +429,10 @@ class Spool:
         for i, (first, _) in enumerate(segments):
             if first <= cursor:
                 start = i
-        hint = self._rpos
+        hint, after_write = self._rpos, self._wpos
+        if after_write is not None and after_write[2] <= cursor and (
+                hint is None or after_write[2] > hint[2]):
+            hint = after_write
         for first, path in segments[start:]:
             if first > limit:
                 break

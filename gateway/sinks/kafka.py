@@ -455,7 +455,7 @@ class KafkaSink:
             log.exception("delivery_callback_failed", cluster=self.name, topic=record.topic)
 
     def _on_error(self, err: KafkaError) -> None:
-        # Called from the poll thread; librdkafka retries transient errors itself.
+        # Called inside poll() on the loop; librdkafka retries transient errors itself.
         if err.fatal():
             self._restart_needed = True
         log.warning("kafka_client_error", cluster=self.name, code=err.name(), reason=err.str(),
