@@ -116,7 +116,9 @@ class Spool(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     mode: Literal["kafka", "write-ahead"] = "kafka"
     max_bytes: Bytes = 1 << 30
     segment_bytes: Bytes = 64 << 20
-    fsync_interval_ms: float = 5.0
+    # Least time between the starts of two group-commit fsyncs; 0: the next batch is
+    # written as soon as the previous fsync ends (docs/spool.md, "Group commit").
+    fsync_interval_ms: float = 0.0
     # Hand a record to the spool when Kafka has not confirmed it within this time.
     spill_after_ms: int = 2_000
 

@@ -38,6 +38,7 @@ from gateway.errors import (
     ReservedHeader,
     TopicInvalid,
 )
+from gateway.observability.latency import BUCKETS, Latency
 from gateway.observability.looplag import LoopLag
 
 if TYPE_CHECKING:
@@ -269,6 +270,40 @@ def process_samples() -> dict[str, float]:
             out[sample.name] = sample.value
     return out
 
+# --- latency histograms (issue 15): plain counts on hot objects, copied by the pump -------
+ACK_LATENCY = Histogram("lastmile_ack_latency_seconds",
+                        "Message received -> its ack written (MQTT PUBACK/PUBREC queued for "
+                        "this loop turn's write; HTTP 2xx answer ready), per listener: "
+                        "mqtt, mqtts, ws, http, https", ["listener"], buckets=BUCKETS)
+KAFKA_DELIVERY_LATENCY = Histogram("lastmile_kafka_delivery_latency_seconds",
+                                   "Record handed to librdkafka -> its delivery report "
+                                   "handled (successful records), per cluster", ["cluster"],
+                                   buckets=BUCKETS)
+
+
+def copy_latency(pump_last: dict[tuple[str, ...], list[float]], metric: Any, label: str,
+                 latency: Latency) -> None:
+    """Add what ``latency`` counted since the last copy to ``metric{label}``.
+
+    prometheus-client has no public call to add n observations to a bucket; its
+    histogram keeps one (non-cumulative) value per bucket and a sum, which is what
+    ``observe`` increments, so the deltas go there (works in multiprocess mode too).
+    """
+    key = (metric._name, label)
+    counts = latency.counts
+    last = pump_last.get(key)
+    if last is None:
+        last = pump_last[key] = [0.0] * (len(counts) + 1)
+    child = metric.labels(label)
+    for i, n in enumerate(counts):
+        if n > last[i]:
+            child._buckets[i].inc(n - last[i])
+            last[i] = n
+    total = latency.total
+    if total > last[-1]:
+        child._sum.inc(total - last[-1])
+        last[-1] = total
+
 
 class Pump:
     """Copies component counters into Prometheus metrics as deltas, once a second.
@@ -289,6 +324,7 @@ class Pump:
         self._failures: dict[str, list[float]] = {}  # section -> [count, last logged at]
         self._seen_sinks: set[str] = set()
         self._authz_version = ""
+        self._latency_last: dict[tuple[str, ...], list[float]] = {}
 
     def _delta(self, counter: Any, labels: tuple[str, ...], value: int) -> None:
         key = (counter._name, *labels)
@@ -306,7 +342,8 @@ class Pump:
         for name, section in (("loop", self._loop), ("process", self._process),
                               ("pipeline", self._pipeline), ("kafka", self._kafka),
                               ("rules", self._rules), ("mqtt", self._mqtt),
-                              ("auth", self._auth), ("http", self._http)):
+                              ("auth", self._auth), ("http", self._http),
+                              ("latency", self._latencies)):
             try:
                 section()
             except Exception:  # metrics never take the gateway down, but say why
@@ -367,6 +404,18 @@ class Pump:
             SPOOL_REPLAYED_BYTES.labels(priority)
             self._delta(SPOOL_REPLAYED, (priority,), int(d["replayed_records"]))
             self._delta(SPOOL_REPLAYED_BYTES, (priority,), int(d["replayed_bytes"]))
+
+    def _latencies(self) -> None:
+        app = self.app
+        last = self._latency_last
+        if app.mqtt is not None:
+            for listener, latency in list(app.mqtt.ack_latency.items()):
+                copy_latency(last, ACK_LATENCY, listener, latency)
+        if app.http is not None:
+            for listener, latency in app.http.ack_latency.items():
+                copy_latency(last, ACK_LATENCY, listener, latency)
+        for name, sink in app.sinks.items():
+            copy_latency(last, KAFKA_DELIVERY_LATENCY, name, sink.latency)
 
     def _kafka(self) -> None:
         for name, sink in self.app.sinks.items():
