@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import subprocess
 import sys
@@ -34,7 +35,7 @@ from benchmarks.servers import (
     Tansu,
     lastmile_available,
 )
-from benchmarks.stats import cpu_seconds
+from benchmarks.stats import box_busy_seconds, cpu_seconds, cpu_seconds_reaped
 
 
 @dataclass
@@ -99,10 +100,33 @@ def make_plan(quick: bool, mqtt: int = 4) -> Plan:
     )
 
 
+def _cpu_sample(server: Server, loadgen: int, others: dict[str, int]) -> dict[str, float]:
+    """CPU seconds so far of the server (its process tree), the load generator (with its
+    joined workers), each of `others` (e.g. tansu) and the whole machine."""
+    out = {"server": cpu_seconds(server.pid), "loadgen": cpu_seconds_reaped(loadgen),
+           "box": box_busy_seconds(), "t": time.monotonic()}
+    out.update({name: cpu_seconds(pid) for name, pid in others.items()})
+    return out
+
+
+def cpu_split(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Cores used between two samples, per process group; "other" is what the machine
+    was busy with besides them (other users of a shared box)."""
+    wall = after["t"] - before["t"]
+    if wall <= 0:
+        return {}
+    out = {k: round((after[k] - before[k]) / wall, 2) for k in after if k != "t"}
+    out["other"] = round(out["box"] - sum(v for k, v in out.items() if k != "box"), 2)
+    out["wall_s"] = round(wall, 2)
+    return out
+
+
 def run_loadgen(
-    sc: Scenario, server: Server, run_id: int, clients_out: Path | None, log=print
+    sc: Scenario, server: Server, run_id: int, clients_out: Path | None, log=print,
+    others: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """Run one load-generator scenario against server; sample its RSS and CPU."""
+    """Run one load-generator scenario against server; sample its RSS and CPU, and the
+    CPU of the load generator and of `others` (name -> pid) over the same window."""
     argv = [
         sys.executable,
         "-m",
@@ -132,11 +156,14 @@ def run_loadgen(
                 samples["connected"] = ev
                 t_conn = time.monotonic()
                 cpu_at_conn = cpu_seconds(server.pid)
+                samples["cpu0"] = _cpu_sample(server, proc.pid, others or {})
                 if sc.mode == "connect":
                     time.sleep(min(2.0, float(sc.args.get("hold", 2)) / 2))
                     samples["rss_held"] = server.rss()
             elif ev.get("event") == "result":
                 result = ev
+                if "cpu0" in samples:  # before the load generator exits and is reaped
+                    samples["cpu1"] = _cpu_sample(server, proc.pid, others or {})
         proc.wait()
     finally:
         timer.cancel()
@@ -162,7 +189,11 @@ def run_loadgen(
         # Per message the server finished with: acked for QoS 1, accepted for QoS 0.
         done = result.get("acked") if int(sc.args.get("qos", 0)) else result.get("sent")
         result["server_cpu_us_per_msg"] = round(used / done * 1e6, 2) if done and secs else None
+        if "cpu1" in samples:
+            result["cpu_cores"] = cpu_split(samples["cpu0"], samples["cpu1"])
     log(f"  {server.name} {sc.name}: " + report.one_line(sc.name, result))
+    if "cpu_cores" in result:
+        log(f"    cpu cores: {json.dumps(result['cpu_cores'])}")
     return result
 
 
@@ -178,7 +209,8 @@ def settle(server: Server, below: float = 0.05, timeout: float = 60.0) -> float:
 
 
 def measure(
-    server: Server, plan: Plan, workdir: Path, bootstrap: str | None, log=print
+    server: Server, plan: Plan, workdir: Path, bootstrap: str | None, log=print,
+    others: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for sc in plan.scenarios:
@@ -186,7 +218,7 @@ def measure(
         run_id = random.randrange(1, 2**31)
         clients = workdir / f"clients-{sc.name}.json" if sc.mode == "publish" else None
         try:
-            res = run_loadgen(sc, server, run_id, clients, log)
+            res = run_loadgen(sc, server, run_id, clients, log, others)
         except Exception as e:  # a broken scenario must not hide the others
             res = {"error": f"{type(e).__name__}: {e}"}
         if sc.kafka and bootstrap and clients is not None and clients.exists():
@@ -251,7 +283,7 @@ def bench_lastmile(plan: Plan, workdir: Path, log=print) -> dict[str, Any]:
             return {"status": "not measured", "reason": str(e)}
         try:
             sub = Plan(plan.quick, plan.idle_connections, workers, workers, scenarios)
-            res.update(measure(g, sub, workdir, t.bootstrap, log))
+            res.update(measure(g, sub, workdir, t.bootstrap, log, {"tansu": t.pid}))
         finally:
             g.stop()
             t.stop()
@@ -259,10 +291,63 @@ def bench_lastmile(plan: Plan, workdir: Path, log=print) -> dict[str, Any]:
             "publish_workers": plan.publish_workers, "results": res}
 
 
-def bench_floors(plan: Plan, workdir: Path, log=print) -> dict[str, Any]:
-    """The physical floors beside the qos1_rate figures: a bare producer at the same
-    rate on a fresh tansu, and fdatasync of 2 KB appends where the spool writes."""
+def kafka_intake(tansu: Tansu, duration: float, burn: float = 0.0,
+                 log=print) -> dict[str, Any]:
+    """The bare producer at its maximum into `tansu` (`floors.py --max`, a process of
+    its own), optionally beside burners taking `burn` cores (a load generator's share);
+    the CPU of the producer, tansu, the burners and the machine over its timed window."""
+    n = math.ceil(burn - 1e-9) if burn > 0 else 0
+    burners = [subprocess.Popen([sys.executable, "-m", "benchmarks.floors", "--burn",
+                                 f"{burn / n:.3f}", "--duration", str(duration + 30)],
+                                stdout=subprocess.DEVNULL, cwd=ROOT) for _ in range(n)]
+    argv = [sys.executable, "-m", "benchmarks.floors", "--max", "--bootstrap",
+            tansu.bootstrap, "--duration", str(duration)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    timer = threading.Timer(duration + 90.0, proc.kill)  # bounded, even if stuck
+    timer.start()
+    res: dict[str, Any] = {}
+    samples: list[dict[str, float]] = []
+
+    def sample() -> dict[str, float]:
+        s = {"producer": cpu_seconds(proc.pid), "tansu": cpu_seconds(tansu.pid),
+             "burn": sum(cpu_seconds(b.pid) for b in burners), "box": box_busy_seconds(),
+             "t": time.monotonic()}
+        return s if burners else {k: v for k, v in s.items() if k != "burn"}
+
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            ev = json.loads(line)
+            if ev.get("event") in ("start", "result"):
+                samples.append(sample())
+            if ev.get("event") == "result":
+                res = ev
+        proc.wait()
+    finally:
+        timer.cancel()
+        for b in burners:
+            b.terminate()
+        for b in burners:
+            b.wait(10)
+    if not res or len(samples) != 2:
+        return {"error": f"bare producer exited with {proc.returncode} and no result"}
+    res.pop("event", None)
+    res["burn_target_cores"] = round(burn, 2)
+    res["cpu_cores"] = cpu_split(samples[0], samples[1])
+    log(f"  bare producer max, burning {burn:.2f} cores: {res['delivered_per_s']:,.0f} "
+        f"delivered/s, cpu cores {json.dumps(res['cpu_cores'])}")
+    return res
+
+
+def bench_floors(plan: Plan, workdir: Path, log=print,
+                 lastmile: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The physical floors: beside the qos1_rate figures a bare producer at the same
+    rate on a fresh tansu, and fdatasync of 2 KB appends where the spool writes; beside
+    the max scenarios the bare producer's maximum into the same tansu (the Kafka intake
+    floor), alone and beside a burner taking the CPU the load generator took in
+    Lastmile's qos1_max and qos0_max runs."""
     rate = next(sc for sc in plan.scenarios if sc.name == "qos1_rate").args
+    dur = float(next(sc for sc in plan.scenarios if sc.name == "qos1_max").args["duration"])
     out: dict[str, Any] = {"fsync": floors.fsync_floor(str(workdir))}
     sub = workdir / "floors"
     sub.mkdir()
@@ -273,11 +358,19 @@ def bench_floors(plan: Plan, workdir: Path, log=print) -> dict[str, Any]:
                                           float(rate["duration"]),
                                           payload=int(rate["payload-size"]),
                                           clients=int(rate["connections"]))
+        lm = (lastmile or {}).get("results") or {}
+        intake: dict[str, Any] = {"alone": kafka_intake(t, dur, 0.0, log)}
+        for sc in ("qos1_max", "qos0_max"):
+            share = report._get(lm, sc, "cpu_cores", "loadgen")
+            intake[f"beside_{sc}_loadgen"] = (
+                kafka_intake(t, dur, float(share), log) if isinstance(share, int | float)
+                else {"error": f"not measured: no load generator CPU from Lastmile {sc}"})
+        out["kafka_max"] = intake
     except (StartError, OSError) as e:
         out["kafka"] = {"error": f"not measured: {e}"}
     finally:
         t.stop()
-    log(f"  floors: {json.dumps(out)}")
+    log(f"  floors: {json.dumps({k: v for k, v in out.items() if k != 'kafka_max'})}")
     return out
 
 
@@ -323,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
             data["modes"] = bench_modes(plan, rate, sub, run_loadgen)
         if a.only != "mosquitto":
             print("== floors (bare Kafka producer, fsync)", flush=True)
-            data["floors"] = bench_floors(plan, Path(tmp))
+            data["floors"] = bench_floors(plan, Path(tmp), lastmile=data.get("lastmile"))
     data["seconds"] = round(time.monotonic() - t0, 1)
     data["loadavg_end"] = report.loadavg()
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)

@@ -87,3 +87,23 @@ def cpu_seconds(pid: int) -> float:
             continue
         total += int(fields[11]) + int(fields[12])
     return total / tick
+
+
+def cpu_seconds_reaped(pid: int) -> float:
+    """cpu_seconds(pid) plus the CPU of its children that have exited and been waited
+    for (cutime + cstime of pid): a load generator joins its workers before it reports."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return cpu_seconds(pid)
+    return cpu_seconds(pid) + (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+
+
+def box_busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy (all cores; /proc/stat, not idle or
+    iowait): the other processes on a shared box show up as busy minus what we sampled."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = ticks
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
