@@ -351,6 +351,115 @@ def _floors_section(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+# Issue 15's throughput targets: (scenario, rate field, count field, factor of Mosquitto).
+THROUGHPUT_TARGETS = [("qos1_max", "acked_per_s", "acked", 0.8),
+                      ("qos0_max", "sent_per_s", "sent", 0.4)]
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+
+def _per_msg_us(r: Any, count_field: str) -> dict[str, float]:
+    """CPU µs per message of each process group in one run (its cpu_cores split)."""
+    cores = _get(r, "cpu_cores") or {}
+    n, wall = _num(_get(r, count_field)), _num(cores.get("wall_s"))
+    if not n or not wall:
+        return {}
+    return {k: v * wall / n * 1e6 for k, v in cores.items()
+            if k not in ("wall_s", "box", "other") and isinstance(v, int | float)}
+
+
+def _throughput_floors_section(data: dict[str, Any]) -> list[str]:
+    """Issue 15's throughput targets beside the Kafka intake floor and the CPU split."""
+    lm, mq = _results(data, "lastmile") or {}, _results(data, "mosquitto") or {}
+    intake = _get(data, "floors", "kafka_max") or {}
+    cores_n = _num(_get(data, "machine", "cores")) or 2.0
+    f0, f2 = "{:,.0f}", "{:,.2f}"
+
+    def split(c: Any, *keys: str) -> list[str]:
+        return [_fmt(_get(c, k), f2) for k in keys]
+
+    lines = [
+        "Maximum rates of this run beside the Kafka intake floor: a bare confluent-kafka "
+        "producer with the gateway's producer settings (acks=all, idempotent, linger 5 ms, "
+        "lz4, the same queue bounds), the load generator's 100-byte records and keys, "
+        "as fast as it can into a tansu of the same build for the same duration, counting "
+        "records Kafka confirmed (`benchmarks/floors.py --max`); alone, and beside a burner "
+        "process taking the CPU the load generator took in Lastmile's run. CPU in cores "
+        "over each run's window, from /proc: server (or bare producer), tansu, load "
+        "generator (or burner), the rest of the machine (other users of a shared box), and "
+        f"the machine's busy total out of {cores_n:g}.",
+        "",
+        "| run | msg/s | server / producer | tansu | load generator / burner | other | "
+        "machine busy | Lastmile / this |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    q1, q0 = _num(_get(lm, "qos1_max", "acked_per_s")), _num(_get(lm, "qos0_max", "sent_per_s"))
+    runs: list[tuple[str, Any, Any, float | None]] = [
+        ("Mosquitto qos1_max (acked)", _get(mq, "qos1_max", "acked_per_s"),
+         _get(mq, "qos1_max", "cpu_cores"), q1),
+        ("Mosquitto qos0_max (accepted)", _get(mq, "qos0_max", "sent_per_s"),
+         _get(mq, "qos0_max", "cpu_cores"), q0),
+        ("Lastmile qos1_max (acked after Kafka)", q1, _get(lm, "qos1_max", "cpu_cores"), None),
+        ("Lastmile qos0_max (accepted)", q0, _get(lm, "qos0_max", "cpu_cores"), None),
+    ]
+    labels = {"alone": "bare producer alone (delivered)",
+              "beside_qos1_max_loadgen": "bare producer beside the qos1_max load generator's CPU",
+              "beside_qos0_max_loadgen": "bare producer beside the qos0_max load generator's CPU"}
+    for key, label in labels.items():
+        r = intake.get(key) or {}
+        runs.append((label, r.get("delivered_per_s"), r.get("cpu_cores"),
+                     q0 if "qos0" in key else q1))
+    for label, rate, c, lm_rate in runs:
+        c = c or {}
+        lines.append(
+            f"| {label} | {_fmt(rate, f0)} | "
+            + " | ".join(split(c, "producer" if "producer" in c else "server", "tansu"))
+            + f" | {_fmt(c.get('burn', c.get('loadgen')), f2)} | {_fmt(c.get('other'), f2)}"
+            f" | {_fmt(c.get('box'), f2)} | {_ratio(lm_rate, rate) if lm_rate else '-'} |")
+    lines += ["", "| target | needed msg/s | Lastmile | Kafka intake floor here | |",
+              "| --- | ---: | ---: | ---: | --- |"]
+    notes = []
+    for sc, field, count, factor in THROUGHPUT_TARGETS:
+        ref, got = _num(_get(mq, sc, field)), _num(_get(lm, sc, field))
+        floor = _num(_get(intake, f"beside_{sc}_loadgen", "delivered_per_s"))
+        need = factor * ref if ref else None
+        what = f"{sc}: >= {factor:g}x Mosquitto"
+        if need is None or got is None:
+            verdict = NM
+        elif got >= need:
+            verdict = "met"
+        elif floor is not None and floor < need:
+            verdict = ("**not met**: the target is above the Kafka intake floor on this box "
+                       f"(the bare producer beside the load generator's CPU: {floor:,.0f} msg/s)")
+        else:
+            us = _per_msg_us(_get(lm, sc), count)
+            pipe = sum(us.values())
+            verdict = "**not met**"
+            if floor is not None and us.get("server") and pipe:
+                budget = cores_n * 1e6 / need - (pipe - us["server"])
+                notes.append(
+                    f"- {sc}: Kafka is not the bound: the bare producer delivers "
+                    f"{floor:,.0f} msg/s ({floor / need:.1f}x the {need:,.0f} needed) beside "
+                    "the load generator's CPU. The CPU is: per message Lastmile "
+                    f"{us['server']:.1f} µs, tansu {us.get('tansu', 0):.1f} µs, load "
+                    f"generator {us.get('loadgen', 0):.1f} µs = {pipe:.1f} µs, which "
+                    f"{cores_n:g} cores allow at most {cores_n * 1e6 / pipe:,.0f} msg/s "
+                    f"(other load on the box: "
+                    f"{_fmt(_get(lm, sc, 'cpu_cores', 'other'), f2)} cores during the run). "
+                    + (f"{need:,.0f} msg/s needs Lastmile at <= {budget:.1f} µs per message "
+                       f"with tansu and the load generator as measured."
+                       if budget > 0 else
+                       f"{need:,.0f} msg/s does not fit in {cores_n:g} cores with tansu "
+                       "and the load generator as measured, whatever Lastmile does."))
+        lines.append(f"| {what} | {_fmt(need, f0)} | {_fmt(got, f0)} | {_fmt(floor, f0)} "
+                     f"| {verdict} |")
+    if notes:
+        lines += ["", *notes]
+    return lines
+
+
 def _errors(data: dict[str, Any]) -> list[str]:
     out = []
     for system in ("lastmile", "mosquitto"):
@@ -716,6 +825,10 @@ def markdown(data: dict[str, Any]) -> str:
         "## Latency and CPU against the floors (issue 15)",
         "",
         *_floors_section(data),
+        "",
+        "## Throughput floors (issue 15)",
+        "",
+        *_throughput_floors_section(data),
         "",
         "## How to read this",
         "",
