@@ -413,10 +413,12 @@ def _throughput_floors_section(data: dict[str, Any]) -> list[str]:
                      q0 if "qos0" in key else q1))
     for label, rate, c, lm_rate in runs:
         c = c or {}
+        alone = "producer" in c and "burn" not in c
+        beside = "none" if alone else _fmt(c.get("burn", c.get("loadgen")), f2)
         lines.append(
             f"| {label} | {_fmt(rate, f0)} | "
             + " | ".join(split(c, "producer" if "producer" in c else "server", "tansu"))
-            + f" | {_fmt(c.get('burn', c.get('loadgen')), f2)} | {_fmt(c.get('other'), f2)}"
+            + f" | {beside} | {_fmt(c.get('other'), f2)}"
             f" | {_fmt(c.get('box'), f2)} | {_ratio(lm_rate, rate) if lm_rate else '-'} |")
     lines += ["", "| target | needed msg/s | Lastmile | Kafka intake floor here | |",
               "| --- | ---: | ---: | ---: | --- |"]
@@ -437,12 +439,15 @@ def _throughput_floors_section(data: dict[str, Any]) -> list[str]:
             us = _per_msg_us(_get(lm, sc), count)
             pipe = sum(us.values())
             verdict = "**not met**"
+            own = _get(intake, f"beside_{sc}_loadgen", "producer_cpu_us_per_delivered")
             if floor is not None and us.get("server") and pipe:
                 budget = cores_n * 1e6 / need - (pipe - us["server"])
                 notes.append(
                     f"- {sc}: Kafka is not the bound: the bare producer delivers "
                     f"{floor:,.0f} msg/s ({floor / need:.1f}x the {need:,.0f} needed) beside "
-                    "the load generator's CPU. The CPU is: per message Lastmile "
+                    "the load generator's CPU, using "
+                    f"{_fmt(own, '{:,.1f}')}"
+                    " µs of CPU per record. The CPU is: per message Lastmile "
                     f"{us['server']:.1f} µs, tansu {us.get('tansu', 0):.1f} µs, load "
                     f"generator {us.get('loadgen', 0):.1f} µs = {pipe:.1f} µs, which "
                     f"{cores_n:g} cores allow at most {cores_n * 1e6 / pipe:,.0f} msg/s "

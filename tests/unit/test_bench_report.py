@@ -101,3 +101,61 @@ def test_floors_and_targets_say_met_or_not_met() -> None:
     assert "(default mode) | 28.0 | met |" in md
     assert "| QoS 1 end to end >= 0.8x Mosquitto's QoS 1 ingest | 0.50x | **not met** |" in md
     assert "| QoS 0 >= 0.4x Mosquitto | not measured | not measured |" in md
+
+
+def _floors_data() -> dict:
+    lm = {"status": "measured", "results": {
+        "qos1_max": {"acked_per_s": 29_559.0, "acked": 300_000, "error_count": 0,
+                     "cpu_cores": {"server": 1.0, "tansu": 0.2, "loadgen": 0.6, "box": 2.0,
+                                   "other": 0.2, "wall_s": 10.0}},
+        "qos0_max": {"sent_per_s": 53_472.0, "sent": 500_000, "error_count": 0,
+                     "cpu_cores": {"server": 1.1, "tansu": 0.3, "loadgen": 0.5, "box": 1.9,
+                                   "other": 0.0, "wall_s": 10.0}},
+    }}
+    data = _data(lm)
+    data["mosquitto"]["results"]["qos1_max"]["acked_per_s"] = 67_319.0
+    data["mosquitto"]["results"]["qos0_max"] = {"sent_per_s": 191_734.0, "error_count": 0}
+
+    def floor(rate: float, burn: float | None) -> dict:
+        cpu = {"producer": 0.9, "tansu": 0.2, "box": 1.9, "other": 0.3, "wall_s": 5.0}
+        return {"delivered_per_s": rate, "producer_cpu_us_per_delivered": 2.5,
+                "cpu_cores": cpu if burn is None
+                else {**cpu, "burn": burn}}
+
+    data["floors"] = {"kafka_max": {"alone": floor(400_000.0, None),
+                                    "beside_qos1_max_loadgen": floor(300_000.0, 0.6),
+                                    "beside_qos0_max_loadgen": floor(50_000.0, 0.5)}}
+    return data
+
+
+def test_throughput_floors_explain_each_target_from_measured_numbers() -> None:
+    md = report.markdown(_floors_data())
+    assert "## Throughput floors (issue 15)" in md
+    assert "| bare producer alone (delivered) | 400,000 | 0.90 | 0.20 | none | 0.30 " \
+           "| 1.90 | 0.07x |" in md
+    assert "| Lastmile qos1_max (acked after Kafka) | 29,559 | 1.00 | 0.20 | 0.60 | 0.20 " \
+           "| 2.00 | - |" in md
+    assert "| Mosquitto qos1_max (acked) | 67,319 |" in md and "| 0.44x |" in md
+    # QoS 0: 0.4 x 191,734 = 76,694 needed, the floor beside the load generator is lower.
+    assert "| qos0_max: >= 0.4x Mosquitto | 76,694 | 53,472 | 50,000 | **not met**: the " \
+           "target is above the Kafka intake floor on this box" in md
+    # QoS 1: 53,855 needed, the floor is far above: the CPU per message explains it.
+    assert "| qos1_max: >= 0.8x Mosquitto | 53,855 | 29,559 | 300,000 | **not met** |" in md
+    # 1.0 / 0.2 / 0.6 cores over 10 s for 300,000 messages: 33.3 + 6.7 + 20.0 = 60.0 µs,
+    # 2 cores allow 33,333 msg/s; 2e6 / 53,855 - 26.7 = 10.5 µs for Lastmile.
+    assert "beside the load generator's CPU, using 2.5 µs of CPU per record" in md
+    assert "Lastmile 33.3 µs, tansu 6.7 µs, load generator 20.0 µs = 60.0 µs, which 2 " \
+           "cores allow at most 33,333 msg/s" in md
+    assert "needs Lastmile at <= 10.5 µs per message" in md
+
+
+def test_throughput_target_met_and_not_measured() -> None:
+    data = _floors_data()
+    data["lastmile"]["results"]["qos1_max"]["acked_per_s"] = 60_000.0
+    del data["mosquitto"]["results"]["qos0_max"]
+    md = report.markdown(data)
+    assert "| qos1_max: >= 0.8x Mosquitto | 53,855 | 60,000 | 300,000 | met |" in md
+    assert "| qos0_max: >= 0.4x Mosquitto | not measured | 53,472 | 50,000 | not measured |" in md
+    # Nothing measured at all still renders, saying so.
+    md = report.markdown(_data(None))
+    assert "| bare producer alone (delivered) | not measured |" in md
