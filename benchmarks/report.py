@@ -415,11 +415,16 @@ def _throughput_floors_section(data: dict[str, Any]) -> list[str]:
         c = c or {}
         alone = "producer" in c and "burn" not in c
         beside = "none" if alone else _fmt(c.get("burn", c.get("loadgen")), f2)
+        own, tansu = split(c, "producer" if "producer" in c else "server", "tansu")
         lines.append(
-            f"| {label} | {_fmt(rate, f0)} | "
-            + " | ".join(split(c, "producer" if "producer" in c else "server", "tansu"))
-            + f" | {beside} | {_fmt(c.get('other'), f2)}"
+            f"| {label} | {_fmt(rate, f0)} | {own} | "
+            f"{'none' if label.startswith('Mosquitto') else tansu}"
+            f" | {beside} | {_fmt(c.get('other'), f2)}"
             f" | {_fmt(c.get('box'), f2)} | {_ratio(lm_rate, rate) if lm_rate else '-'} |")
+    accepted = [f"{labels[k].split(' (')[0]}: {_fmt(_get(intake, k, 'produced_per_s'), f0)}"
+                for k in labels]
+    lines += ["", "Records the bare producer's `produce()` accepted per second (queued, not yet "
+              "confirmed): " + "; ".join(accepted) + "."]
     lines += ["", "| target | needed msg/s | Lastmile | Kafka intake floor here | |",
               "| --- | ---: | ---: | ---: | --- |"]
     notes = []
@@ -454,7 +459,10 @@ def _throughput_floors_section(data: dict[str, Any]) -> list[str]:
                     f"(other load on the box: "
                     f"{_fmt(_get(lm, sc, 'cpu_cores', 'other'), f2)} cores during the run). "
                     + (f"{need:,.0f} msg/s needs Lastmile at <= {budget:.1f} µs per message "
-                       f"with tansu and the load generator as measured."
+                       f"with tansu and the load generator as measured"
+                       + (f"; its {us['server']:.1f} µs is within that, so in this run the "
+                          "rest of the machine's load is what held it back."
+                          if us["server"] <= budget else ".")
                        if budget > 0 else
                        f"{need:,.0f} msg/s does not fit in {cores_n:g} cores with tansu "
                        "and the load generator as measured, whatever Lastmile does."))
