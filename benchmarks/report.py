@@ -388,7 +388,8 @@ def _throughput_floors_section(data: dict[str, Any]) -> list[str]:
         "records Kafka confirmed (`benchmarks/floors.py --max`); alone, and beside a burner "
         "process taking the CPU the load generator took in Lastmile's run. CPU in cores "
         "over each run's window, from /proc: server (or bare producer), tansu, load "
-        "generator (or burner), the rest of the machine (other users of a shared box), and "
+        "generator (or burner), the rest of the machine (other users of a shared box, kernel "
+        "threads, the runner), and "
         f"the machine's busy total out of {cores_n:g}.",
         "",
         "| run | msg/s | server / producer | tansu | load generator / burner | other | "
@@ -454,14 +455,14 @@ def _throughput_floors_section(data: dict[str, Any]) -> list[str]:
                     f"{_fmt(own, '{:,.1f}')}"
                     " µs of CPU per record. The CPU is: per message Lastmile "
                     f"{us['server']:.1f} µs, tansu {us.get('tansu', 0):.1f} µs, load "
-                    f"generator {us.get('loadgen', 0):.1f} µs = {pipe:.1f} µs, which "
+                    f"generator {us.get('loadgen', 0):.1f} µs = {pipe:.1f} µs; at these costs "
                     f"{cores_n:g} cores allow at most {cores_n * 1e6 / pipe:,.0f} msg/s "
                     f"(other load on the box: "
                     f"{_fmt(_get(lm, sc, 'cpu_cores', 'other'), f2)} cores during the run). "
                     + (f"{need:,.0f} msg/s needs Lastmile at <= {budget:.1f} µs per message "
                        f"with tansu and the load generator as measured"
-                       + (f"; its {us['server']:.1f} µs is within that, so in this run the "
-                          "rest of the machine's load is what held it back."
+                       + (f"; its {us['server']:.1f} µs is within that, so the CPU the rest "
+                          "of the machine took accounts for the shortfall in this run."
                           if us["server"] <= budget else ".")
                        if budget > 0 else
                        f"{need:,.0f} msg/s does not fit in {cores_n:g} cores with tansu "

@@ -144,8 +144,8 @@ def test_throughput_floors_explain_each_target_from_measured_numbers() -> None:
     # 1.0 / 0.2 / 0.6 cores over 10 s for 300,000 messages: 33.3 + 6.7 + 20.0 = 60.0 µs,
     # 2 cores allow 33,333 msg/s; 2e6 / 53,855 - 26.7 = 10.5 µs for Lastmile.
     assert "beside the load generator's CPU, using 2.5 µs of CPU per record" in md
-    assert "Lastmile 33.3 µs, tansu 6.7 µs, load generator 20.0 µs = 60.0 µs, which 2 " \
-           "cores allow at most 33,333 msg/s" in md
+    assert "Lastmile 33.3 µs, tansu 6.7 µs, load generator 20.0 µs = 60.0 µs; at these " \
+           "costs 2 cores allow at most 33,333 msg/s" in md
     assert "needs Lastmile at <= 10.5 µs per message with tansu and the load generator as " \
            "measured.\n" in md
     assert "| Mosquitto qos1_max (acked) | 67,319 | not measured | none |" in md
@@ -161,8 +161,8 @@ def test_throughput_target_met_and_not_measured() -> None:
     data["lastmile"]["results"]["qos1_max"].update(acked_per_s=40_000.0, acked=1_000_000)
     md = report.markdown(data)
     assert "Lastmile 10.0 µs, tansu 2.0 µs, load generator 6.0 µs = 18.0 µs" in md
-    assert "its 10.0 µs is within that, so in this run the rest of the machine's load is " \
-           "what held it back." in md
+    assert "its 10.0 µs is within that, so the CPU the rest of the machine took accounts " \
+           "for the shortfall in this run." in md
     assert "| qos0_max: >= 0.4x Mosquitto | not measured | 53,472 | 50,000 | not measured |" in md
     # Nothing measured at all still renders, saying so.
     md = report.markdown(_data(None))
