@@ -169,7 +169,8 @@ def measure_idle(gw: Gateway, port: int, a: argparse.Namespace) -> dict[str, Any
     n = held.get("connected", 0)
     connect = res.get("connect") or {}
     out = {
-        "mode": "idle", "workers": a.workers, "auth": "password" if a.password_file else "anonymous",
+        "mode": "idle", "workers": a.workers,
+        "auth": "password" if a.password_file else "anonymous",
         "connections": n, "rss_before": before, "rss_held": held.get("rss"),
         "bytes_per_connection": round((held.get("rss", 0) - before) / n, 1) if n else None,
         "connect_rate": connect.get("connect_rate"),

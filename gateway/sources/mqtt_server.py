@@ -58,6 +58,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import sqlite3
 import ssl as ssl_module
 import time
 from collections import deque
@@ -131,6 +132,10 @@ class MqttServer:
         self.refusal_log_interval = refusal_log_interval
         # CONNECTs waiting for auth.verify (one task each, only while they wait).
         self.auth_tasks: dict[MqttConnection, asyncio.Task[None]] = {}
+        # With workers > 1: this turn's CONNECTs let in by auth.quick, answered together
+        # once the turn's reads are done (one registry transaction for their claims).
+        self._admitted: list[tuple[MqttConnection, Identity, Credentials]] = []
+        self._admit_scheduled = False
         # Peer host -> (when its last refusal was logged, refusals not logged since).
         self._refusals_logged: dict[str, tuple[float, int]] = {}
         self.limits = limits or MqttLimits()
@@ -369,6 +374,41 @@ class MqttServer:
                 self._turn_connects += 1
         if self._turn_connects:
             self._schedule_turn()  # the next turn starts with a fresh count
+
+    def admit_later(self, conn: MqttConnection, identity: Identity, creds: Credentials) -> None:
+        """A CONNECT let in by ``auth.quick`` with the shared registry: its verdict is
+        handed over with the rest of this turn's (``_admit_turn``)."""
+        self._admitted.append((conn, identity, creds))
+        if not self._admit_scheduled:
+            self._admit_scheduled = True
+            asyncio.get_running_loop().call_soon(self._admit_turn)
+
+    def _admit_turn(self) -> None:
+        """Claim the client ids of this turn's admitted CONNECTs in one registry
+        transaction, then complete each (CONNACK) in the same callback, so nothing (no
+        other worker's message, no release) comes between a claim and its use."""
+        self._admit_scheduled = False
+        batch, self._admitted = self._admitted, []
+        live = [item for item in batch if item[0].awaits_verdict()]
+        shared = self.shared
+        if not live:
+            return
+        now = asyncio.get_running_loop().time()
+        if shared is not None:
+            try:
+                shared.claim_many([(conn.session.client_id, conn.session.clean_start)
+                                   for conn, _, _ in live], now)
+            except sqlite3.Error:  # each open() claims on its own (and fails on its own)
+                self.log.exception("mqtt_registry_claims_failed", clients=len(live))
+        try:
+            for conn, identity, creds in live:
+                try:
+                    conn._verdict(identity, creds)
+                except Exception:
+                    conn._crash("authenticate")
+        finally:
+            if shared is not None:
+                shared.drop_claims()
 
     def take_connect_token(self, now: float) -> bool:
         """One new connection from the connect-rate bucket (limits.connect_rate), if any."""
@@ -656,10 +696,19 @@ class MqttConnection(asyncio.Protocol):
                             cert_identity=self.cert_identity, peer_host=self.peer_host)
         verdict = auth.quick(creds)
         if verdict is not None:
-            self._verdict(verdict, creds)
+            if self.server.shared is not None and isinstance(verdict, Identity):
+                self.server.admit_later(self, verdict, creds)  # claimed with the turn's
+            else:
+                self._verdict(verdict, creds)
             return
         self.server.auth_tasks[self] = asyncio.get_running_loop().create_task(
             self._verify(auth, creds), name="mqtt-auth")
+
+    def awaits_verdict(self) -> bool:
+        """Still open and waiting for its CONNECT's verdict."""
+        transport = self.transport
+        return (transport is not None and not transport.is_closing()
+                and self.session.state is AWAIT_AUTH)
 
     async def _verify(self, auth: Authenticator, creds: Credentials) -> None:
         try:

@@ -205,6 +205,12 @@ class MqttSession:
             self._partial_until = now + self._limits.partial_packet_timeout
 
     @property
+    def clean_start(self) -> bool:
+        """The clean start flag of the CONNECT waiting for its verdict (``AWAIT_AUTH``)."""
+        pending = self._connect
+        return pending is not None and pending[0].clean_start
+
+    @property
     def buffered(self) -> int:
         """Bytes received but not parsed yet (a partial packet, or all that came while
         ``AWAIT_AUTH``): the I/O layer bounds them by not reading."""
