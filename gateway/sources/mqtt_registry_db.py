@@ -196,9 +196,11 @@ class RegistryDb:
                 if prev is not None and prev.mine:
                     if clean_start:
                         rows = self._take_rows(db, client_id, False)
-                elif prev is None or not prev.alive or prev.worker is None:
-                    present = (prev is not None and not clean_start
-                               and (prev.expires_at is None or prev.expires_at > now))
+                elif prev is None:
+                    rows = []  # no row, no ids: they are deleted with it, and written with one
+                elif not prev.alive or prev.worker is None:
+                    present = not clean_start and (prev.expires_at is None
+                                                   or prev.expires_at > now)
                     rows = self._take_rows(db, client_id, present)
                 out.append((prev, claim, rows))
         return out
