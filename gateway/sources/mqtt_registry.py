@@ -37,7 +37,7 @@ import structlog
 from gateway.protocols.mqtt.events import MqttLimits, PublishToken
 from gateway.protocols.mqtt.session import MqttSession
 from gateway.protocols.mqtt.store import ClientState, SessionStore
-from gateway.sources.mqtt_registry_db import ENV, Prev, RegistryDb, Row
+from gateway.sources.mqtt_registry_db import ENV, Busy, Prev, RegistryDb, Row
 
 if TYPE_CHECKING:
     from gateway.sources.mqtt_server import MqttConnection, MqttServer
@@ -116,19 +116,26 @@ class SharedSessions(SessionStore):
 
     # --- SessionStore, called by the sans-IO session -----------------------------
 
-    def claim_many(self, connects: list[tuple[str, bool]], now: float) -> None:
+    def claim_many(self, connects: list[tuple[str, bool]], now: float, *,
+                   wait: bool = True) -> bool:
         """Claim the client ids (with their clean start flags) of a turn's CONNECTs in one
         transaction, ahead of their ``open`` in the same callback (docs/sessions.md):
         a storm takes the store's write lock once per turn, not once per CONNECT.
-        A client id twice in one turn is claimed once: the second ``open`` claims again."""
+        A client id twice in one turn is claimed once: the second ``open`` claims again.
+        ``wait`` False: False at once (nothing claimed) while another worker writes."""
         if self._releases:
             self.flush_releases()  # the rows as the last releases left them
         todo: dict[str, bool] = {}
         for client_id, clean_start in connects:
             todo.setdefault(client_id, clean_start)
         items = list(todo.items())
-        for (client_id, _), claimed in zip(items, self.db.claim_many(items, now), strict=True):
+        try:
+            claims = self.db.claim_many(items, now, wait=wait)
+        except Busy:
+            return False
+        for (client_id, _), claimed in zip(items, claims, strict=True):
             self._claimed[client_id] = claimed
+        return True
 
     def drop_claims(self) -> None:
         """End of the turn: a claim no ``open`` used (its CONNECT failed on the way) stays

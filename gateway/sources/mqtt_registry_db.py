@@ -79,7 +79,11 @@ def create(directory: str | Path) -> None:
         db.close()
 
 
-def _begin(db: sqlite3.Connection) -> None:
+class Busy(Exception):
+    """Another worker holds the store's write lock (a transaction asked not to wait)."""
+
+
+def _begin(db: sqlite3.Connection, wait: bool = True) -> None:
     delay, deadline = 0.0001, time.monotonic() + BUSY_TIMEOUT_S
     while True:
         try:
@@ -88,13 +92,15 @@ def _begin(db: sqlite3.Connection) -> None:
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc) or time.monotonic() > deadline:
                 raise
+            if not wait:
+                raise Busy from None
         time.sleep(delay)  # another worker writes: its transactions take microseconds
         delay = min(delay * 2, 0.002)
 
 
 @contextlib.contextmanager
-def _txn(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    _begin(db)
+def _txn(db: sqlite3.Connection, wait: bool = True) -> Iterator[sqlite3.Connection]:
+    _begin(db, wait)
     try:
         yield db
     except BaseException:
@@ -179,17 +185,18 @@ class RegistryDb:
         with _txn(self.db) as db:
             return self._claim(db, client_id)
 
-    def claim_many(self, connects: list[tuple[str, bool]], now: float
+    def claim_many(self, connects: list[tuple[str, bool]], now: float, *, wait: bool = True
                    ) -> list[tuple[Prev | None, int, list[Row] | None]]:
         """``claim`` for each (client id, clean start), in one transaction (a turn's CONNECTs:
-        one write lock, not one per CONNECT).
+        one write lock, not one per CONNECT).  ``wait`` False: ``Busy`` at once, rather
+        than waiting, while another worker holds the lock.
 
         Where ``SharedSessions.open`` would ``take_rows`` right after the claim, it is done
         here in the same transaction: the id had no live owner elsewhere (its rows are
         ours at once), or it was ours and the clean start voids them.  Else rows is None.
         """
         out: list[tuple[Prev | None, int, list[Row] | None]] = []
-        with _txn(self.db) as db:
+        with _txn(self.db, wait) as db:
             for client_id, clean_start in connects:
                 prev, claim = self._claim(db, client_id)
                 rows = None

@@ -136,6 +136,7 @@ class MqttServer:
         # once the turn's reads are done (one registry transaction for their claims).
         self._admitted: list[tuple[MqttConnection, Identity, Credentials]] = []
         self._admit_scheduled = False
+        self._admit_retries = 0  # turns the registry's lock was busy for the waiting batch
         # Peer host -> (when its last refusal was logged, refusals not logged since).
         self._refusals_logged: dict[str, tuple[float, int]] = {}
         self.limits = limits or MqttLimits()
@@ -386,20 +387,35 @@ class MqttServer:
     def _admit_turn(self) -> None:
         """Claim the client ids of this turn's admitted CONNECTs in one registry
         transaction, then complete each (CONNACK) in the same callback, so nothing (no
-        other worker's message, no release) comes between a claim and its use."""
+        other worker's message, no release) comes between a claim and its use.
+
+        While another worker holds the registry's lock the batch waits, the loop does
+        not: it is tried again ``ADMIT_RETRY_S`` later with the CONNECTs admitted
+        meanwhile (so contention makes batches larger, not the loop slower), and after
+        ``ADMIT_MAX_RETRIES`` tries it waits for the lock as a lone CONNECT would.
+        """
         self._admit_scheduled = False
         batch, self._admitted = self._admitted, []
         live = [item for item in batch if item[0].awaits_verdict()]
         shared = self.shared
         if not live:
+            self._admit_retries = 0
             return
-        now = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        now = loop.time()
         if shared is not None:
+            wait = self._admit_retries >= ADMIT_MAX_RETRIES
             try:
-                shared.claim_many([(conn.session.client_id, conn.session.clean_start)
-                                   for conn, _, _ in live], now)
+                if not shared.claim_many([(conn.session.client_id, conn.session.clean_start)
+                                          for conn, _, _ in live], now, wait=wait):
+                    self._admitted[:0] = live
+                    self._admit_retries += 1
+                    self._admit_scheduled = True
+                    loop.call_later(ADMIT_RETRY_S, self._admit_turn)
+                    return
             except sqlite3.Error:  # each open() claims on its own (and fails on its own)
                 self.log.exception("mqtt_registry_claims_failed", clients=len(live))
+            self._admit_retries = 0
         try:
             for conn, identity, creds in live:
                 try:
@@ -827,6 +843,10 @@ class MqttConnection(asyncio.Protocol):
 # costs ~25 ms on this project's 2-core benchmark host, so an ack waits at most about that
 # behind a storm (docs/performance.md, "Reconnect storms").
 CONNECTS_PER_TURN = 64
+# With workers > 1, admitted CONNECTs whose registry claims find another worker writing
+# try again this much later, at most this many times before waiting for the lock.
+ADMIT_RETRY_S = 0.001
+ADMIT_MAX_RETRIES = 50
 # Ends that are routine for a fleet of devices: connection lost (0x80), server shutting
 # down (0x8B), keep alive timeout (0x8D), session taken over (0x8E).
 _ROUTINE = frozenset({0x80, 0x8B, 0x8D, 0x8E})
