@@ -472,8 +472,8 @@ class MqttServer:
 
 class MqttConnection(asyncio.Protocol):
     # Kept small: one per device. Shared things (limits, pipeline) live on the server.
-    __slots__ = ("_reading", "_waiting", "_write_paused", "cert_identity", "held", "server",
-                 "session", "source", "transport")
+    __slots__ = ("_reading", "_waiting", "_write_paused", "held", "server", "session", "source",
+                 "transport")
 
     def __init__(self, server: MqttServer) -> None:
         self.server = server
@@ -482,7 +482,6 @@ class MqttConnection(asyncio.Protocol):
                                    authenticate=server.auth is not None)
         self.session.context = self
         self.transport: asyncio.Transport | None = None
-        self.cert_identity: str | None = None
         self._reading = True
         # First bytes received while waiting for a turn (server.admit_connect), else None.
         self._waiting: bytearray | None = None
@@ -505,6 +504,14 @@ class MqttConnection(asyncio.Protocol):
         transport = self.transport
         peer = transport.get_extra_info("peername") if transport is not None else None
         return str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
+
+    @property
+    def cert_identity(self) -> str | None:
+        """Subject CN of the client's verified certificate (mTLS), read from the transport
+        when asked (at CONNECT; per message only without an Authenticator), not kept."""
+        transport = self.transport
+        cert = transport.get_extra_info("peercert") if transport is not None else None
+        return _cert_identity(cert) if cert else None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport, hence the cast.
@@ -551,9 +558,6 @@ class MqttConnection(asyncio.Protocol):
         # (update_reading) and the sweep's slow-reader clock runs (pause_writing).
         high = limits.max_write_buffer_bytes
         transport.set_write_buffer_limits(high=high, low=high // 4)
-        cert = transport.get_extra_info("peercert")
-        if cert:
-            self.cert_identity = _cert_identity(cert)
         server.connections.add(self)
         self.update_reading()
 

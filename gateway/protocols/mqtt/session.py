@@ -150,9 +150,11 @@ def _setup_for(store: SessionStore, new_client_id: Callable[[], str],
 class _ClientExtra:
     """A session's rarely set fields: the will, the client's MQTT 5 Receive Maximum and
     Topic Alias Maximum (for the downlink, later), when the identity expires (the
-    caller's clock), and the answer to a CONNECT refused before it came (MQTT 5 code)."""
+    caller's clock), the answer to a CONNECT refused before it came (MQTT 5 code), and
+    a client's request for no reason strings (Request Problem Information 0)."""
 
-    __slots__ = ("receive_maximum", "refuse_with", "topic_alias_maximum", "valid_until", "will")
+    __slots__ = ("problem_info", "receive_maximum", "refuse_with", "topic_alias_maximum",
+                 "valid_until", "will")
 
     def __init__(self) -> None:
         self.will: p.Will | None = None
@@ -160,6 +162,7 @@ class _ClientExtra:
         self.topic_alias_maximum = 0
         self.valid_until = NO_DEADLINE
         self.refuse_with = 0
+        self.problem_info = True
 
 
 class MqttSession:
@@ -174,8 +177,7 @@ class MqttSession:
         "_alias_bytes", "_aliases", "_buf", "_client", "_connect", "_events", "_expiry",
         "_extra", "_grace", "_inflight", "_limits", "_order", "_out", "_partial_until",
         "_setup", "client_id", "client_max_packet_size",
-        "context", "identity", "keep_alive", "last_received", "pending", "problem_info", "state",
-        "username", "version",
+        "context", "identity", "last_received", "pending", "state", "username", "version",
     )
 
     def __init__(
@@ -212,10 +214,8 @@ class MqttSession:
         # What few sessions need (_ClientExtra: the will, the client's MQTT 5 limits, the
         # identity's expiry, a refusal decided before the CONNECT), made when first set.
         self._extra: _ClientExtra | None = None
-        self.keep_alive = 0
         self.last_received = now
         self.pending = 0  # tokens of any QoS not answered yet (the server's inflight bound)
-        self.problem_info = True
         self.client_max_packet_size = 0  # 0: no limit
         self.context: object = None  # the I/O layer's connection object
 
@@ -230,6 +230,20 @@ class MqttSession:
         """The CONNECT's will, kept for presence events (later)."""
         extra = self._extra
         return extra.will if extra is not None else None
+
+    @property
+    def keep_alive(self) -> int:
+        """The keep alive in force, in seconds (0: none, or no CONNECT yet)."""
+        if self.state is AWAIT_CONNECT or self.state is AWAIT_AUTH:
+            return 0
+        grace = self._grace
+        return 0 if grace == NO_DEADLINE else round(grace / 1.5)
+
+    @property
+    def problem_info(self) -> bool:
+        """Whether reason strings may be sent (MQTT 5 Request Problem Information)."""
+        extra = self._extra
+        return extra.problem_info if extra is not None else True
 
     @property
     def client_receive_maximum(self) -> int:
@@ -676,9 +690,9 @@ class MqttSession:
             extra.receive_maximum = props.receive_maximum or 65535
             extra.topic_alias_maximum = props.topic_alias_maximum or 0
         self.client_max_packet_size = props.maximum_packet_size or 0
-        self.problem_info = props.request_problem_information != 0
+        if props.request_problem_information == 0:
+            self._extras().problem_info = False
         keep, server_keep = keep_alive(pk.keep_alive, level, limits)
-        self.keep_alive = keep
         self._grace = _grace(keep)
         self._expiry = session_expiry(pk, limits)
         self._client, present = self._setup.store.open(client_id, pk.clean_start, self, now)
