@@ -233,6 +233,7 @@ class MqttServer:
         for task in list(self.auth_tasks.values()):
             task.cancel()  # a CONNECT still waiting for its verdict gets none
         self.auth_tasks.clear()
+        self._admitted.clear()  # and so does one waiting for its turn's registry claims
         loop = asyncio.get_running_loop()
         end = loop.time() + deadline
         # Polling once per 50 ms at shutdown beats a counter on every message's hot path.
