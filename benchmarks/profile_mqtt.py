@@ -42,18 +42,23 @@ from typing import Any
 
 import yaml
 
-from benchmarks.stats import cpu_seconds, rss_bytes
+from benchmarks.stats import cpu_seconds, rss_bytes, tree_rss
+from gateway.auth.passwd import hash_password
 from tests.helpers import Broker, free_port, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def gateway_config(path: Path, bootstrap: str, spool: bool, spool_dir: Path,
-                   spool_mode: str, tree: Path = ROOT) -> tuple[int, int]:
+                   spool_mode: str, tree: Path = ROOT, workers: int = 1,
+                   passwd: Path | None = None) -> tuple[int, int]:
     """Write the config; returns the MQTT and metrics ports."""
     mqtt, metrics = free_port(), free_port()
+    auth: dict[str, Any] = {"allow_anonymous": True}
+    if passwd is not None:
+        auth = {"allow_anonymous": False, "password_file": str(passwd)}
     cfg: dict[str, Any] = {
-        "workers": 1,
+        "workers": workers,
         "listeners": {
             "mqtt": {"host": "127.0.0.1", "port": mqtt},
             "http": {"host": "127.0.0.1", "port": free_port()},
@@ -64,7 +69,7 @@ def gateway_config(path: Path, bootstrap: str, spool: bool, spool_dir: Path,
         "rules": {"dir": str(tree / "bridge-rules"), "watch": False},  # the tree's own rules
         "spool": {"enabled": spool, "dir": str(spool_dir), "mode": spool_mode},
         "log": {"level": "warning", "format": "json"},
-        "auth": {"allow_anonymous": True},
+        "auth": auth,
     }
     path.write_text(yaml.safe_dump(cfg))
     return mqtt, metrics
@@ -170,7 +175,8 @@ def start_pyspy(gw: Gateway, a: argparse.Namespace, seconds: float) -> subproces
     raw = Path(a.pyspy + ".txt")
     return subprocess.Popen(
         [str(pyspy_bin()), "record", "--pid", str(gw.pid), "--format", "raw", "--rate", "200",
-         *(["--gil"] if a.gil else []), "--nonblocking", "--output", str(raw),
+         *(["--gil"] if a.gil else []), *(["--subprocesses"] if a.workers > 1 else []),
+         "--nonblocking", "--output", str(raw),
          "--duration", str(int(seconds))],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
@@ -188,11 +194,13 @@ def finish_pyspy(spy: subprocess.Popen[bytes] | None, a: argparse.Namespace,
 
 
 def measure_idle(gw: Gateway, port: int, a: argparse.Namespace) -> dict[str, Any]:
+    creds = {"username": a.username, "password": a.password} if a.password_file else {}
     if a.warmup:
         loadgen("connect", port, {"connections": a.warmup, "procs": 1, "hold": 1,
-                                  "source-ips": 1})
+                                  "source-ips": 1, **creds})
         time.sleep(2.0)  # let the sweep and the allocator settle
-    before = rss_bytes(gw.pid)
+    rss = rss_bytes if a.workers == 1 else tree_rss  # several workers: the process tree
+    before = rss(gw.pid)
     spy = start_pyspy(gw, a, a.pyspy_seconds) if a.pyspy else None
     cpu0 = cpu_seconds(gw.pid)
     held: dict[str, Any] = {}
@@ -200,16 +208,19 @@ def measure_idle(gw: Gateway, port: int, a: argparse.Namespace) -> dict[str, Any
     def sample(ev: dict[str, Any]) -> None:
         held["cpu"] = cpu_seconds(gw.pid) - cpu0  # CONNECT handling, all threads
         time.sleep(a.settle)
-        held["rss"] = rss_bytes(gw.pid)
+        held["rss"] = rss(gw.pid)
         held["connected"] = ev["connected"]
 
-    res = loadgen("connect", port, {"connections": a.connections, "procs": 2,
-                                    "source-ips": 2, "hold": a.settle + 3,
-                                    "keepalive": 60}, sample)
+    procs = max(2, a.procs)  # as benchmarks.run: one source address per process
+    res = loadgen("connect", port, {"connections": a.connections, "procs": procs,
+                                    "source-ips": procs, "hold": a.settle + 3,
+                                    "keepalive": 60, **creds}, sample)
     n = held.get("connected", 0)
     connect = res.get("connect") or {}
     out = {
-        "mode": "idle", "connections": n, "rss_before": before, "rss_held": held.get("rss"),
+        "mode": "idle", "workers": a.workers,
+        "auth": "password" if a.password_file else "anonymous",
+        "connections": n, "rss_before": before, "rss_held": held.get("rss"),
         "bytes_per_connection": round((held.get("rss", 0) - before) / n, 1) if n else None,
         "connect_rate": connect.get("connect_rate"),
         "gateway_cpu_us_per_connect": round(held["cpu"] / n * 1e6, 1) if n else None,
@@ -302,6 +313,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--inflight", type=int, default=20)
     ap.add_argument("--rate", type=float, default=0.0, help="publish: total msg/s; 0 = max")
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=1,
+                    help="gateway workers (> 1: the shared session registry; RSS and py-spy "
+                         "cover the process tree)")
+    ap.add_argument("--password-file", action="store_true",
+                    help="idle: auth by a password file of one user, every client with the "
+                         "same credentials (cached after the warm-up's first check)")
+    ap.add_argument("--username", default="bench")
+    ap.add_argument("--password", default="bench-password")
     ap.add_argument("--pyspy", default=None, help="output prefix for py-spy samples")
     ap.add_argument("--gil", action="store_true", help="py-spy: only the thread holding the GIL")
     ap.add_argument("--pyspy-seconds", type=float, default=4.0,
@@ -318,8 +337,13 @@ def main(argv: list[str] | None = None) -> int:
             broker = Broker().start()
             bootstrap = broker.bootstrap
         cfg = Path(tmp) / "gateway.yaml"
+        passwd = None
+        if a.password_file:
+            passwd = Path(tmp) / "passwd"
+            passwd.write_text(f"{a.username}:{hash_password(a.password.encode()).encode()}\n")
         port, metrics_port = gateway_config(cfg, bootstrap, a.spool == "on",
-                                            Path(tmp) / "spool", a.spool_mode, Path(a.tree))
+                                            Path(tmp) / "spool", a.spool_mode, Path(a.tree),
+                                            a.workers, passwd)
         gw = Gateway(Path(a.tree), cfg, Path(tmp) / "gateway.log")
         try:
             gw.start(port)

@@ -37,7 +37,7 @@ import structlog
 from gateway.protocols.mqtt.events import MqttLimits, PublishToken
 from gateway.protocols.mqtt.session import MqttSession
 from gateway.protocols.mqtt.store import ClientState, SessionStore
-from gateway.sources.mqtt_registry_db import ENV, RegistryDb
+from gateway.sources.mqtt_registry_db import ENV, Busy, Prev, RegistryDb, Row
 
 if TYPE_CHECKING:
     from gateway.sources.mqtt_server import MqttConnection, MqttServer
@@ -71,8 +71,8 @@ class Handover:
 class SharedSessions(SessionStore):
     """``SessionStore`` whose ownership and unreleased QoS 2 ids move between workers."""
 
-    __slots__ = ("_awaiting", "_closed", "_evicting", "_exported", "_handovers", "_limbo",
-                 "_release_scheduled", "_releases", "_sweeps", "db", "mailbox", "server")
+    __slots__ = ("_awaiting", "_claimed", "_closed", "_evicting", "_exported", "_handovers",
+                 "_limbo", "_release_scheduled", "_releases", "_sweeps", "db", "mailbox", "server")
 
     def __init__(self, directory: str, worker: int, limits: MqttLimits, now: float) -> None:
         super().__init__(limits.max_sessions)
@@ -91,6 +91,8 @@ class SharedSessions(SessionStore):
         # Releases not written yet: one transaction per turn of the loop (flush_releases).
         self._releases: list[tuple[str, float | None, list[str]]] = []
         self._release_scheduled = False
+        # Claims written ahead for this turn's CONNECTs (claim_many), used by their open().
+        self._claimed: dict[str, tuple[Prev | None, int, list[Row] | None]] = {}
 
     @property
     def handovers(self) -> int:
@@ -114,17 +116,50 @@ class SharedSessions(SessionStore):
 
     # --- SessionStore, called by the sans-IO session -----------------------------
 
+    def claim_many(self, connects: list[tuple[str, bool]], now: float, *,
+                   wait: bool = True) -> bool:
+        """Claim the client ids (with their clean start flags) of a turn's CONNECTs in one
+        transaction, ahead of their ``open`` in the same callback (docs/sessions.md):
+        a storm takes the store's write lock once per turn, not once per CONNECT.
+        A client id twice in one turn is claimed once: the second ``open`` claims again.
+        ``wait`` False: False at once (nothing claimed) while another worker writes."""
+        if self._releases:
+            self.flush_releases()  # the rows as the last releases left them
+        todo: dict[str, bool] = {}
+        for client_id, clean_start in connects:
+            todo.setdefault(client_id, clean_start)
+        items = list(todo.items())
+        try:
+            claims = self.db.claim_many(items, now, wait=wait)
+        except Busy:
+            return False
+        for (client_id, _), claimed in zip(items, claims, strict=True):
+            self._claimed[client_id] = claimed
+        return True
+
+    def drop_claims(self) -> None:
+        """End of the turn: a claim no ``open`` used (its CONNECT failed on the way) stays
+        written (the id is ours until a later CONNECT or our end); said in the log."""
+        if self._claimed:
+            log.warning("mqtt_registry_claims_unused", clients=len(self._claimed))
+            self._claimed.clear()
+
     def open(self, client_id: str, clean_start: bool, owner: MqttSession,
              now: float) -> tuple[ClientState, bool]:
         if self._releases:
             self.flush_releases()  # this id's row as its last release left it
-        prev, claim = self.db.claim(client_id)
+        claimed = self._claimed.pop(client_id, None) if self._claimed else None
+        if claimed is None:
+            claimed = self.db.claim_many([(client_id, clean_start)], now)[0]
+        prev, claim, rows = claimed
         if prev is not None and prev.mine:
             state, present = super().open(client_id, clean_start, owner, now)
             if not present:  # a new session here: ids kept for the old one are void
                 if self._forget_ids(client_id):
                     self.db.rename_claim(client_id, claim)  # its old owner's answer too
-                self.db.take_rows(client_id, keep=False)
+                    rows = None  # an export may have come since the claim: take again
+                if rows is None:
+                    self.db.take_rows(client_id, keep=False)
             return state, present
         self._drop_local(client_id)
         # Ids of a session the client is told is gone must not answer its new messages.
@@ -133,8 +168,9 @@ class SharedSessions(SessionStore):
         state, _ = super().open(client_id, True, owner, now)
         if prev is not None and prev.alive and prev.worker is not None:
             self._handovers[client_id] = Handover(prev.worker, claim, not present, state)
-        else:  # nobody, or a dead worker: it holds nothing to wait for
-            self._adopt(client_id, state, self.db.take_rows(client_id, present))
+        else:  # nobody, or a dead worker: it holds nothing to wait for (taken with the claim)
+            self._adopt(client_id, state, rows if rows is not None
+                        else self.db.take_rows(client_id, present))
         return state, present
 
     def release(self, client_id: str, state: ClientState, owner: MqttSession,

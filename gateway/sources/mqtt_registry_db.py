@@ -51,6 +51,7 @@ CREATE TABLE IF NOT EXISTS seqs (
     client_id TEXT PRIMARY KEY, session TEXT NOT NULL, last INTEGER NOT NULL) WITHOUT ROWID;
 """
 _ALIVE = "holder_gen IN (SELECT gen FROM workers)"
+Row = tuple[int, bool, int, int]  # a handed-over QoS 2 id: packet id, done, code, holder gen
 
 
 def new_id() -> int:
@@ -78,7 +79,11 @@ def create(directory: str | Path) -> None:
         db.close()
 
 
-def _begin(db: sqlite3.Connection) -> None:
+class Busy(Exception):
+    """Another worker holds the store's write lock (a transaction asked not to wait)."""
+
+
+def _begin(db: sqlite3.Connection, wait: bool = True) -> None:
     delay, deadline = 0.0001, time.monotonic() + BUSY_TIMEOUT_S
     while True:
         try:
@@ -87,13 +92,15 @@ def _begin(db: sqlite3.Connection) -> None:
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc) or time.monotonic() > deadline:
                 raise
+            if not wait:
+                raise Busy from None
         time.sleep(delay)  # another worker writes: its transactions take microseconds
         delay = min(delay * 2, 0.002)
 
 
 @contextlib.contextmanager
-def _txn(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    _begin(db)
+def _txn(db: sqlite3.Connection, wait: bool = True) -> Iterator[sqlite3.Connection]:
+    _begin(db, wait)
     try:
         yield db
     except BaseException:
@@ -176,14 +183,44 @@ class RegistryDb:
         A claim of our own row keeps its number: an old owner's answer still counts.
         """
         with _txn(self.db) as db:
-            row = db.execute(
-                "SELECT c.worker, c.gen, c.expires_at, w.gen IS NOT NULL, c.claim FROM clients c"
-                " LEFT JOIN workers w ON w.worker = c.worker AND w.gen = c.gen"
-                " WHERE c.client_id = ?", (client_id,)).fetchone()
-            mine = row is not None and row[1] == self.gen
-            claim = row[4] if mine else new_id()
-            db.execute("INSERT OR REPLACE INTO clients VALUES (?, ?, ?, ?, NULL)",
-                       (client_id, self.worker, self.gen, claim))
+            return self._claim(db, client_id)
+
+    def claim_many(self, connects: list[tuple[str, bool]], now: float, *, wait: bool = True
+                   ) -> list[tuple[Prev | None, int, list[Row] | None]]:
+        """``claim`` for each (client id, clean start), in one transaction (a turn's CONNECTs:
+        one write lock, not one per CONNECT).  ``wait`` False: ``Busy`` at once, rather
+        than waiting, while another worker holds the lock.
+
+        Where ``SharedSessions.open`` would ``take_rows`` right after the claim, it is done
+        here in the same transaction: the id had no live owner elsewhere (its rows are
+        ours at once), or it was ours and the clean start voids them.  Else rows is None.
+        """
+        out: list[tuple[Prev | None, int, list[Row] | None]] = []
+        with _txn(self.db, wait) as db:
+            for client_id, clean_start in connects:
+                prev, claim = self._claim(db, client_id)
+                rows = None
+                if prev is not None and prev.mine:
+                    if clean_start:
+                        rows = self._take_rows(db, client_id, False)
+                elif prev is None:
+                    rows = []  # no row, no ids: they are deleted with it, and written with one
+                elif not prev.alive or prev.worker is None:
+                    present = not clean_start and (prev.expires_at is None
+                                                   or prev.expires_at > now)
+                    rows = self._take_rows(db, client_id, present)
+                out.append((prev, claim, rows))
+        return out
+
+    def _claim(self, db: sqlite3.Connection, client_id: str) -> tuple[Prev | None, int]:
+        row = db.execute(
+            "SELECT c.worker, c.gen, c.expires_at, w.gen IS NOT NULL, c.claim FROM clients c"
+            " LEFT JOIN workers w ON w.worker = c.worker AND w.gen = c.gen"
+            " WHERE c.client_id = ?", (client_id,)).fetchone()
+        mine = row is not None and row[1] == self.gen
+        claim = row[4] if mine else new_id()
+        db.execute("INSERT OR REPLACE INTO clients VALUES (?, ?, ?, ?, NULL)",
+                   (client_id, self.worker, self.gen, claim))
         if row is None:
             return None, claim
         return Prev(row[0], row[2], bool(row[3]) and not mine, mine), claim
@@ -259,7 +296,7 @@ class RegistryDb:
                 db.execute("INSERT OR REPLACE INTO seqs VALUES (?, ?, ?)", (client_id, *sequence))
         return True
 
-    def take_rows(self, client_id: str, keep: bool) -> list[tuple[int, bool, int, int]]:
+    def take_rows(self, client_id: str, keep: bool) -> list[Row]:
         """The QoS 2 ids handed to this owner: (packet id, done, code, holder generation).
 
         Verdicts are deleted as they are read (this worker holds them now); in-progress
@@ -267,16 +304,21 @@ class RegistryDb:
         ``keep`` False (clean start): drop them all.
         """
         with _txn(self.db) as db:
-            rows: list[tuple[int, bool, int, int]] = []
-            if keep:
-                rows = [(pid, bool(done), code, gen) for pid, done, code, gen in db.execute(
-                    f"SELECT packet_id, done, code, holder_gen FROM qos2"
-                    f" WHERE client_id = ? AND (done = 1 OR {_ALIVE})", (client_id,))]
-                db.execute(f"DELETE FROM qos2 WHERE client_id = ? AND (done = 1 OR NOT {_ALIVE})",
-                           (client_id,))
-            else:
-                db.execute("DELETE FROM qos2 WHERE client_id = ?", (client_id,))
-                db.execute("DELETE FROM seqs WHERE client_id = ?", (client_id,))
+            return self._take_rows(db, client_id, keep)
+
+    @staticmethod
+    def _take_rows(db: sqlite3.Connection, client_id: str,
+                   keep: bool) -> list[Row]:
+        rows: list[Row] = []
+        if keep:
+            rows = [(pid, bool(done), code, gen) for pid, done, code, gen in db.execute(
+                f"SELECT packet_id, done, code, holder_gen FROM qos2"
+                f" WHERE client_id = ? AND (done = 1 OR {_ALIVE})", (client_id,))]
+            db.execute(f"DELETE FROM qos2 WHERE client_id = ? AND (done = 1 OR NOT {_ALIVE})",
+                       (client_id,))
+        else:
+            db.execute("DELETE FROM qos2 WHERE client_id = ?", (client_id,))
+            db.execute("DELETE FROM seqs WHERE client_id = ?", (client_id,))
         return rows
 
     def take_sequence(self, client_id: str) -> tuple[str, int] | None:

@@ -58,6 +58,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import sqlite3
 import ssl as ssl_module
 import time
 from collections import deque
@@ -135,6 +136,11 @@ class MqttServer:
         self.refusal_log_interval = refusal_log_interval
         # CONNECTs waiting for auth.verify (one task each, only while they wait).
         self.auth_tasks: dict[MqttConnection, asyncio.Task[None]] = {}
+        # With workers > 1: this turn's CONNECTs let in by auth.quick, answered together
+        # once the turn's reads are done (one registry transaction for their claims).
+        self._admitted: list[tuple[MqttConnection, Identity, Credentials]] = []
+        self._admit_scheduled = False
+        self._admit_retries = 0  # turns the registry's lock was busy for the waiting batch
         # Peer host -> (when its last refusal was logged, refusals not logged since).
         self._refusals_logged: dict[str, tuple[float, int]] = {}
         self.limits = limits or MqttLimits()
@@ -235,6 +241,7 @@ class MqttServer:
         for task in list(self.auth_tasks.values()):
             task.cancel()  # a CONNECT still waiting for its verdict gets none
         self.auth_tasks.clear()
+        self._admitted.clear()  # and so does one waiting for its turn's registry claims
         loop = asyncio.get_running_loop()
         end = loop.time() + deadline
         # Polling once per 50 ms at shutdown beats a counter on every message's hot path.
@@ -387,6 +394,56 @@ class MqttServer:
         if self._turn_connects:
             self._schedule_turn()  # the next turn starts with a fresh count
 
+    def admit_later(self, conn: MqttConnection, identity: Identity, creds: Credentials) -> None:
+        """A CONNECT let in by ``auth.quick`` with the shared registry: its verdict is
+        handed over with the rest of this turn's (``_admit_turn``)."""
+        self._admitted.append((conn, identity, creds))
+        if not self._admit_scheduled:
+            self._admit_scheduled = True
+            asyncio.get_running_loop().call_soon(self._admit_turn)
+
+    def _admit_turn(self) -> None:
+        """Claim the client ids of this turn's admitted CONNECTs in one registry
+        transaction, then complete each (CONNACK) in the same callback, so nothing (no
+        other worker's message, no release) comes between a claim and its use.
+
+        While another worker holds the registry's lock the batch waits, the loop does
+        not: it is tried again ``ADMIT_RETRY_S`` later with the CONNECTs admitted
+        meanwhile (so contention makes batches larger, not the loop slower), and after
+        ``ADMIT_MAX_RETRIES`` tries it waits for the lock as a lone CONNECT would.
+        """
+        self._admit_scheduled = False
+        batch, self._admitted = self._admitted, []
+        live = [item for item in batch if item[0].awaits_verdict()]
+        shared = self.shared
+        if not live:
+            self._admit_retries = 0
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if shared is not None:
+            wait = self._admit_retries >= ADMIT_MAX_RETRIES
+            try:
+                if not shared.claim_many([(conn.session.client_id, conn.session.clean_start)
+                                          for conn, _, _ in live], now, wait=wait):
+                    self._admitted[:0] = live
+                    self._admit_retries += 1
+                    self._admit_scheduled = True
+                    loop.call_later(ADMIT_RETRY_S, self._admit_turn)
+                    return
+            except sqlite3.Error:  # each open() claims on its own (and fails on its own)
+                self.log.exception("mqtt_registry_claims_failed", clients=len(live))
+            self._admit_retries = 0
+        try:
+            for conn, identity, creds in live:
+                try:
+                    conn._verdict(identity, creds)
+                except Exception:
+                    conn._crash("authenticate")
+        finally:
+            if shared is not None:
+                shared.drop_claims()
+
     def take_connect_token(self, now: float) -> bool:
         """One new connection from the connect-rate bucket (limits.connect_rate), if any."""
         limits = self.limits
@@ -433,8 +490,8 @@ class MqttServer:
 
 class MqttConnection(asyncio.Protocol):
     # Kept small: one per device. Shared things (limits, pipeline) live on the server.
-    __slots__ = ("_reading", "_waiting", "_write_paused", "cert_identity", "held", "latency",
-                 "server", "session", "source", "transport")
+    __slots__ = ("_reading", "_waiting", "_write_paused", "held", "latency", "server",
+                 "session", "source", "transport")
 
     def __init__(self, server: MqttServer, latency: Latency | None = None) -> None:
         self.server = server
@@ -445,7 +502,6 @@ class MqttConnection(asyncio.Protocol):
                                    authenticate=server.auth is not None)
         self.session.context = self
         self.transport: asyncio.Transport | None = None
-        self.cert_identity: str | None = None
         self._reading = True
         # First bytes received while waiting for a turn (server.admit_connect), else None.
         self._waiting: bytearray | None = None
@@ -468,6 +524,14 @@ class MqttConnection(asyncio.Protocol):
         transport = self.transport
         peer = transport.get_extra_info("peername") if transport is not None else None
         return str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
+
+    @property
+    def cert_identity(self) -> str | None:
+        """Subject CN of the client's verified certificate (mTLS), read from the transport
+        when asked (at CONNECT; per message only without an Authenticator), not kept."""
+        transport = self.transport
+        cert = transport.get_extra_info("peercert") if transport is not None else None
+        return _cert_identity(cert) if cert else None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport, hence the cast.
@@ -514,9 +578,6 @@ class MqttConnection(asyncio.Protocol):
         # (update_reading) and the sweep's slow-reader clock runs (pause_writing).
         high = limits.max_write_buffer_bytes
         transport.set_write_buffer_limits(high=high, low=high // 4)
-        cert = transport.get_extra_info("peercert")
-        if cert:
-            self.cert_identity = _cert_identity(cert)
         server.connections.add(self)
         self.update_reading()
 
@@ -677,10 +738,19 @@ class MqttConnection(asyncio.Protocol):
                             cert_identity=self.cert_identity, peer_host=self.peer_host)
         verdict = auth.quick(creds)
         if verdict is not None:
-            self._verdict(verdict, creds)
+            if self.server.shared is not None and isinstance(verdict, Identity):
+                self.server.admit_later(self, verdict, creds)  # claimed with the turn's
+            else:
+                self._verdict(verdict, creds)
             return
         self.server.auth_tasks[self] = asyncio.get_running_loop().create_task(
             self._verify(auth, creds), name="mqtt-auth")
+
+    def awaits_verdict(self) -> bool:
+        """Still open and waiting for its CONNECT's verdict."""
+        transport = self.transport
+        return (transport is not None and not transport.is_closing()
+                and self.session.state is AWAIT_AUTH)
 
     async def _verify(self, auth: Authenticator, creds: Credentials) -> None:
         try:
@@ -799,6 +869,10 @@ class MqttConnection(asyncio.Protocol):
 # costs ~25 ms on this project's 2-core benchmark host, so an ack waits at most about that
 # behind a storm (docs/performance.md, "Reconnect storms").
 CONNECTS_PER_TURN = 64
+# With workers > 1, admitted CONNECTs whose registry claims find another worker writing
+# try again this much later, at most this many times before waiting for the lock.
+ADMIT_RETRY_S = 0.001
+ADMIT_MAX_RETRIES = 50
 # Ends that are routine for a fleet of devices: connection lost (0x80), server shutting
 # down (0x8B), keep alive timeout (0x8D), session taken over (0x8E).
 _ROUTINE = frozenset({0x80, 0x8B, 0x8D, 0x8E})

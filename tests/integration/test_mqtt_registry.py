@@ -218,3 +218,106 @@ async def test_a_cut_writes_its_releases_in_one_transaction(workers: Any) -> Non
     again.writer.close()
     for client in clients:
         client.writer.close()
+
+
+async def test_a_turns_connects_claim_their_ids_in_one_transaction(tmp_path: Path) -> None:
+    """Issue 15: with the worker's Authenticator (as `lastmile serve` runs), the CONNECTs
+    read in one turn of the loop claim their client ids in one registry transaction (one
+    write lock, not one per CONNECT, which 4 workers on 2 cores contended for), and each
+    still gets what its own claim says: a fresh id session present 0, an id another
+    worker keeps a handover and session present 1."""
+    from gateway.auth.check import Authenticator
+    from gateway.config.schema import Auth
+
+    mqtt_registry_db.create(tmp_path)
+    now = asyncio.get_running_loop().time()
+    servers = []
+    for worker in (0, 1):
+        shared = mqtt_registry.SharedSessions(str(tmp_path), worker, LIMITS, now)
+        srv = MqttServer(FakePipeline(), LIMITS, sweep_interval=0.1, shared=shared,
+                         auth=Authenticator(Auth(allow_anonymous=True)))
+        await srv.start("127.0.0.1", 0)
+        servers.append(srv)
+    a, b = servers
+    try:
+        kept = await connect(b, "burst-0", present=False)
+        kept.writer.close()  # worker 1 keeps its session (expiry 300 s)
+        for _ in range(200):
+            if not b.registry:
+                break
+            await asyncio.sleep(0.01)
+        statements: list[str] = []
+        a.store.db.db.set_trace_callback(statements.append)  # type: ignore[attr-defined]
+        clients = []
+        for _ in range(30):
+            reader, writer = await asyncio.open_connection("127.0.0.1", a.ports[0])
+            clients.append(Client(reader, writer, 5))
+        for _ in range(200):
+            if len(a.connections) == 30:
+                break
+            await asyncio.sleep(0.01)
+        for i, client in enumerate(clients):  # all 30 CONNECTs readable in one poll
+            client.send(p.Connect(protocol_level=5, client_id=f"burst-{i}", clean_start=False,
+                                  properties=Properties(session_expiry_interval=300)))
+        for i, client in enumerate(clients):
+            connack = await client.recv(10)
+            assert isinstance(connack, p.Connack) and connack.reason_code == 0
+            assert connack.session_present is (i == 0)  # burst-0 came from worker 1
+        a.store.db.db.set_trace_callback(None)  # type: ignore[attr-defined]
+        claims = [q for q in statements if q.startswith("INSERT OR REPLACE INTO clients")]
+        assert len(claims) == 30
+        # One transaction for the 30 claims, two for burst-0's handover (its ids and its
+        # stamp counter), maybe one of the sweep's: not one or two per CONNECT.
+        assert statements.count("BEGIN IMMEDIATE") <= 5, statements.count("BEGIN IMMEDIATE")
+        for client in clients:
+            client.writer.close()
+    finally:
+        for srv in servers:
+            await srv.close(0.1)
+
+
+async def test_connects_wait_for_a_busy_registry_without_blocking_the_loop(
+    tmp_path: Path,
+) -> None:
+    """While another worker holds the registry's write lock, the CONNECTs a worker has
+    admitted wait (no CONNACK) and its loop keeps running (it does not sleep in the
+    lock's retry loop); once the lock is free they are claimed together, in one
+    transaction, and answered."""
+    from gateway.auth.check import Authenticator
+    from gateway.config.schema import Auth
+
+    mqtt_registry_db.create(tmp_path)
+    now = asyncio.get_running_loop().time()
+    shared = mqtt_registry.SharedSessions(str(tmp_path), 0, LIMITS, now)
+    srv = MqttServer(FakePipeline(), LIMITS, sweep_interval=0.1, shared=shared,
+                     auth=Authenticator(Auth(allow_anonymous=True)))
+    await srv.start("127.0.0.1", 0)
+    other = mqtt_registry_db.RegistryDb(tmp_path, 1, now)  # the other worker
+    try:
+        statements: list[str] = []
+        shared.db.db.set_trace_callback(statements.append)
+        other.db.execute("BEGIN IMMEDIATE")  # it writes, and keeps the lock
+        clients = []
+        for i in range(10):
+            reader, writer = await asyncio.open_connection("127.0.0.1", srv.ports[0])
+            client = Client(reader, writer, 5)
+            client.send(p.Connect(protocol_level=5, client_id=f"busy-{i}"))
+            clients.append(client)
+        for _ in range(500):  # this coroutine runs, on the same loop, while they wait
+            if srv._admit_retries >= 3 and len(srv._admitted) == 10:
+                break
+            await asyncio.sleep(0.002)
+        assert srv._admit_retries >= 3 and len(srv._admitted) == 10, (
+            srv._admit_retries, len(srv._admitted))
+        other.db.execute("COMMIT")
+        for client in clients:
+            connack = await client.recv(10)
+            assert isinstance(connack, p.Connack) and connack.reason_code == 0
+        shared.db.db.set_trace_callback(None)
+        assert len([q for q in statements if q.startswith("INSERT OR REPLACE INTO clients")]) == 10
+        assert statements.count("COMMIT") == 1
+        for client in clients:
+            client.writer.close()
+    finally:
+        other.close()
+        await srv.close(0.1)

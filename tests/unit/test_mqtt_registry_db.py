@@ -76,3 +76,30 @@ def test_a_clean_start_drops_ids_left_for_the_client(two: tuple[store.RegistryDb
     a.export("c", claim, [(1, True, 0)])
     assert b.take_rows("c", keep=False) == []
     assert b.take_rows("c", keep=True) == []
+
+
+def test_claim_many_takes_the_rows_a_claim_would_take_next(
+    tmp_path: Path, two: tuple[store.RegistryDb, ...]
+) -> None:
+    """Per id, claim_many answers what claim and then take_rows would: rows of an id
+    nobody alive holds are taken with its claim (kept for a resumed session, dropped for
+    a clean start); an id a live worker holds waits for its export (rows None)."""
+    a, b = two
+    for cid in ("resumed", "clean", "live"):
+        a.claim(cid)
+        _, claim = b.claim(cid)
+        a.export(cid, claim, [(1, True, 0)])
+        a.claim(cid)  # a holds it again: b's rows are left for a to take
+    a.release("resumed", 100.0)
+    a.release("clean", 100.0)
+    store.forget_worker(tmp_path, 0)  # nobody alive holds "resumed" and "clean" now
+    c = store.RegistryDb(tmp_path, 0, 0.0)
+    c.claim("live")
+    got = b.claim_many([("resumed", False), ("clean", True), ("live", False)], now=1.0)
+    (p1, _, resumed), (p2, _, clean), (p3, _, live) = got
+    assert p1 is not None and not p1.alive and [r[:3] for r in resumed or []] == [(1, True, 0)]
+    assert p2 is not None and clean == []
+    assert p3 is not None and p3.alive and live is None
+    assert b.take_rows("resumed", keep=True) == []  # taken once
+    mine = b.claim_many([("clean", True)], now=1.0)[0]
+    assert mine[0] is not None and mine[0].mine and mine[2] == []

@@ -119,6 +119,52 @@ def _check_response_topic(topic: str) -> None:
         raise ProtocolError("the response topic is not a valid topic name")
 
 
+class _Setup:
+    """What every session of one server shares: its store, how it names a client that
+    sent no client id, and whether a CONNECT waits for a verdict."""
+
+    __slots__ = ("authenticate", "new_client_id", "store")
+
+    def __init__(self, store: SessionStore, new_client_id: Callable[[], str],
+                 authenticate: bool) -> None:
+        self.store = store
+        self.new_client_id = new_client_id
+        self.authenticate = authenticate
+
+
+_last_setup: _Setup | None = None
+
+
+def _setup_for(store: SessionStore, new_client_id: Callable[[], str],
+               authenticate: bool) -> _Setup:
+    """The ``_Setup`` of the previous session if it is the same (a server makes all of
+    its sessions alike), else a new one: one object per server, not one slot each."""
+    global _last_setup
+    last = _last_setup
+    if (last is None or last.store is not store or last.new_client_id is not new_client_id
+            or last.authenticate is not authenticate):
+        last = _last_setup = _Setup(store, new_client_id, authenticate)
+    return last
+
+
+class _ClientExtra:
+    """A session's rarely set fields: the will, the client's MQTT 5 Receive Maximum and
+    Topic Alias Maximum (for the downlink, later), when the identity expires (the
+    caller's clock), the answer to a CONNECT refused before it came (MQTT 5 code), and
+    a client's request for no reason strings (Request Problem Information 0)."""
+
+    __slots__ = ("problem_info", "receive_maximum", "refuse_with", "topic_alias_maximum",
+                 "valid_until", "will")
+
+    def __init__(self) -> None:
+        self.will: p.Will | None = None
+        self.receive_maximum = 65535
+        self.topic_alias_maximum = 0
+        self.valid_until = NO_DEADLINE
+        self.refuse_with = 0
+        self.problem_info = True
+
+
 class MqttSession:
     """One connection's protocol state.
 
@@ -128,12 +174,10 @@ class MqttSession:
     """
 
     __slots__ = (
-        "_alias_bytes", "_aliases", "_authenticate", "_buf", "_client", "_connect", "_events",
-        "_expiry", "_grace", "_inflight", "_limits", "_new_client_id", "_order", "_out",
-        "_partial_until", "_refuse_with", "_store", "_valid_until", "client_id",
-        "client_max_packet_size", "client_receive_maximum", "client_topic_alias_maximum",
-        "context", "identity", "keep_alive", "last_received", "pending", "problem_info", "state",
-        "username", "version", "will",
+        "_alias_bytes", "_aliases", "_buf", "_client", "_connect", "_events", "_expiry",
+        "_extra", "_grace", "_inflight", "_limits", "_order", "_out", "_partial_until",
+        "_setup", "client_id", "client_max_packet_size",
+        "context", "identity", "last_received", "pending", "state", "username", "version",
     )
 
     def __init__(
@@ -146,13 +190,11 @@ class MqttSession:
         authenticate: bool = False,
     ) -> None:
         self._limits = limits
-        # True: a CONNECT waits for ``authenticated`` (the module docstring).
-        self._authenticate = authenticate
+        # The store, the client id maker and whether a CONNECT waits for ``authenticated``
+        # (the module docstring): the same for every session of a server, so one object.
+        self._setup = _setup_for(store, new_client_id, authenticate)
         self._connect: tuple[p.Connect, str | None] | None = None  # (CONNECT, assigned id)
-        self._valid_until = NO_DEADLINE  # when the identity expires (the caller's clock)
         self.identity: Identity | None = None  # the verdict that let the client in
-        self._store = store
-        self._new_client_id = new_client_id
         # Created on first use and dropped when empty (see the class docstring).
         self._buf: bytearray | None = None  # a partial packet waiting for its tail
         self._out: list[bytes] | None = None  # bytes for data_to_send()
@@ -161,7 +203,6 @@ class MqttSession:
         self._aliases: dict[int, str] | None = None
         self._alias_bytes = 0  # UTF-8 bytes of the topics in _aliases (topic_alias_max_bytes)
         self._partial_until = NO_DEADLINE  # _buf's packet must be complete by then
-        self._refuse_with = 0  # refuse_connect: the CONNECT's answer (MQTT 5 reason code)
         self._client: ClientState | None = None
         self._inflight = 0  # QoS 1/2 not yet PUBACKed / PUBCOMPed (Receive Maximum)
         self._expiry = 0  # seconds to keep the client state after close
@@ -170,15 +211,49 @@ class MqttSession:
         self.version = 0
         self.client_id = ""
         self.username: str | None = None
-        self.will: p.Will | None = None  # kept for presence events (later)
-        self.keep_alive = 0
+        # What few sessions need (_ClientExtra: the will, the client's MQTT 5 limits, the
+        # identity's expiry, a refusal decided before the CONNECT), made when first set.
+        self._extra: _ClientExtra | None = None
         self.last_received = now
         self.pending = 0  # tokens of any QoS not answered yet (the server's inflight bound)
-        self.problem_info = True
-        self.client_receive_maximum = 65535
         self.client_max_packet_size = 0  # 0: no limit
-        self.client_topic_alias_maximum = 0
         self.context: object = None  # the I/O layer's connection object
+
+    def _extras(self) -> _ClientExtra:
+        extra = self._extra
+        if extra is None:
+            extra = self._extra = _ClientExtra()
+        return extra
+
+    @property
+    def will(self) -> p.Will | None:
+        """The CONNECT's will, kept for presence events (later)."""
+        extra = self._extra
+        return extra.will if extra is not None else None
+
+    @property
+    def keep_alive(self) -> int:
+        """The keep alive in force, in seconds (0: none, or no CONNECT yet)."""
+        if self.state is AWAIT_CONNECT or self.state is AWAIT_AUTH:
+            return 0
+        grace = self._grace
+        return 0 if grace == NO_DEADLINE else round(grace / 1.5)
+
+    @property
+    def problem_info(self) -> bool:
+        """Whether reason strings may be sent (MQTT 5 Request Problem Information)."""
+        extra = self._extra
+        return extra.problem_info if extra is not None else True
+
+    @property
+    def client_receive_maximum(self) -> int:
+        extra = self._extra
+        return extra.receive_maximum if extra is not None else 65535
+
+    @property
+    def client_topic_alias_maximum(self) -> int:
+        extra = self._extra
+        return extra.topic_alias_maximum if extra is not None else 0
 
     # --- I/O layer API -----------------------------------------------------------
 
@@ -191,8 +266,9 @@ class MqttSession:
         """When the sweep must call ``expire`` (CONNECT timeout, 1.5 x keep alive, the
         identity's expiry, or a partial packet's timeout)."""
         deadline = self.last_received + self._grace
-        if self._valid_until < deadline:
-            deadline = self._valid_until
+        extra = self._extra
+        if extra is not None and extra.valid_until < deadline:
+            deadline = extra.valid_until
         partial = self._partial_until
         return deadline if deadline < partial else partial
 
@@ -203,6 +279,12 @@ class MqttSession:
             self._partial_until = NO_DEADLINE
         elif self._buf is not None and self.state is not AWAIT_AUTH:
             self._partial_until = now + self._limits.partial_packet_timeout
+
+    @property
+    def clean_start(self) -> bool:
+        """The clean start flag of the CONNECT waiting for its verdict (``AWAIT_AUTH``)."""
+        pending = self._connect
+        return pending is not None and pending[0].clean_start
 
     @property
     def buffered(self) -> int:
@@ -261,7 +343,7 @@ class MqttSession:
             self.identity = verdict
             self.username = verdict.name
             if valid_until is not None:
-                self._valid_until = valid_until
+                self._extras().valid_until = valid_until
             self._accept(pk, assigned, now)
             buf, self._buf = self._buf, None
             if buf:
@@ -371,7 +453,8 @@ class MqttSession:
             else:
                 self._close(0x8D, message, will_due=False, limit="partial_packet")
         elif self.state is CONNECTED and now >= self.deadline:
-            if now >= self._valid_until:
+            extra = self._extra
+            if extra is not None and now >= extra.valid_until:
                 self._fail(0x87, "token expired")  # 0x87 Not authorized
             else:
                 self._fail(0x8D, "keep alive timeout", limit="keep_alive")
@@ -390,7 +473,7 @@ class MqttSession:
     def refuse_connect(self, reason_code: int) -> None:
         """Refuse the CONNECT to come, whatever it says (before authentication and the
         client id): MQTT 5 gets CONNACK ``reason_code``, 3.1.1 a close without CONNACK."""
-        self._refuse_with = reason_code
+        self._extras().refuse_with = reason_code
 
     def server_disconnect(self, reason_code: int, message: str,
                           limit: str | None = None) -> list[Event]:
@@ -412,7 +495,7 @@ class MqttSession:
         if self.state is not CLOSED:
             self._close(0x80, "connection lost", will_due=self.state is CONNECTED)
         if self._client is not None:
-            self._store.release(self.client_id, self._client, self, self._expiry, now)
+            self._setup.store.release(self.client_id, self._client, self, self._expiry, now)
             self._client = None
         self._events = None
         return events
@@ -567,26 +650,27 @@ class MqttSession:
             if will_props.payload_format_indicator == 1 and not is_utf8(will.payload):
                 return self._refuse(0x99, "will payload is not the UTF-8 it declares", level)
         self.version = level
-        if self._refuse_with:  # refuse_connect (the server's connect rate)
+        refuse_with = self._extra.refuse_with if self._extra is not None else 0
+        if refuse_with:  # refuse_connect (the server's connect rate)
             if level == 5:
-                return self._refuse(self._refuse_with, "connection rate exceeded", level)
+                return self._refuse(refuse_with, "connection rate exceeded", level)
             self.version = 4
-            return self._close(self._refuse_with, "connection rate exceeded", will_due=False)
+            return self._close(refuse_with, "connection rate exceeded", will_due=False)
         props = pk.properties or EMPTY
         if props.authentication_method is not None:
             return self._refuse(0x8C, "enhanced authentication is not supported", level)
         client_id = pk.client_id
         limit = self._limits.max_client_id_bytes  # docs/sessions.md, "Bounds"
         if len(client_id) > limit // 4 and len(client_id.encode()) > limit:
-            self._store.refused_client_ids += 1
+            self._setup.store.refused_client_ids += 1
             return self._refuse(0x85 if level == 5 else 0x02, "client id too long", level)
         assigned = None
         if not client_id:
             if level == 4 and not pk.clean_start:
                 return self._refuse(0x02, "empty client id needs clean session", level)
-            client_id = assigned = self._new_client_id()
+            client_id = assigned = self._setup.new_client_id()
         self.client_id = client_id
-        if self._authenticate:
+        if self._setup.authenticate:
             self.state = AWAIT_AUTH
             self._connect = (pk, assigned)
             return self._emit(AuthRequested(client_id=client_id, version=level,
@@ -600,16 +684,18 @@ class MqttSession:
         props = pk.properties or EMPTY
         client_id = self.client_id
         limits = self._limits
-        self.will = pk.will
-        self.client_receive_maximum = props.receive_maximum or 65535
+        if pk.will is not None or props.receive_maximum or props.topic_alias_maximum:
+            extra = self._extras()
+            extra.will = pk.will
+            extra.receive_maximum = props.receive_maximum or 65535
+            extra.topic_alias_maximum = props.topic_alias_maximum or 0
         self.client_max_packet_size = props.maximum_packet_size or 0
-        self.client_topic_alias_maximum = props.topic_alias_maximum or 0
-        self.problem_info = props.request_problem_information != 0
+        if props.request_problem_information == 0:
+            self._extras().problem_info = False
         keep, server_keep = keep_alive(pk.keep_alive, level, limits)
-        self.keep_alive = keep
         self._grace = _grace(keep)
         self._expiry = session_expiry(pk, limits)
-        self._client, present = self._store.open(client_id, pk.clean_start, self, now)
+        self._client, present = self._setup.store.open(client_id, pk.clean_start, self, now)
         self.last_received = now
         self._inflight = len(self._client.qos2) if self._client.qos2 else 0
         self.state = CONNECTED

@@ -42,18 +42,25 @@ DEFAULT_MAX_SESSIONS = 100_000
 _SLACK = 64  # stale heap entries tolerated beyond the live ones before a rebuild
 
 
-class ClientState:
+class ClientState(Sequence):
     """What one client id keeps while connected, and after it if it holds QoS 2 ids
-    or a used stamp counter."""
+    or a used stamp counter.
 
-    __slots__ = ("owner", "qos2", "sequence")
+    It is its own stamp counter (``sequence``): one object per connection, not two.
+    """
+
+    __slots__ = ("owner", "qos2")
 
     def __init__(self) -> None:
+        super().__init__()
         # QoS 2 packet id -> its token until PUBREL releases it (None until the first).
         self.qos2: dict[int, PublishToken] | None = None
         self.owner: MqttSession | None = None
-        # This session's stamp counter: a new session (a new ClientState) starts a new one.
-        self.sequence = Sequence()
+
+    @property
+    def sequence(self) -> Sequence:
+        """This session's stamp counter: a new session (a new ClientState) starts a new one."""
+        return self
 
 
 class SessionStore:
