@@ -150,6 +150,10 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Open MQTT connections per source address per worker; more are closed unread.
     # 0: no limit (the default: devices behind carrier NAT share addresses).
     max_connections_per_source: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # Downlink (docs/downlink.md): messages queued per subscribing MQTT client, online or
+    # offline; past it the policy drops the oldest or the newest (counted).
+    downlink_queue: Annotated[int, msgspec.Meta(ge=1)] = 1_000
+    downlink_full_policy: Literal["drop-oldest", "drop-newest"] = "drop-oldest"
     http_max_body_bytes: int = 1 << 20
     http_max_batch_records: int = 1_000
     http_rate_per_client: float = 0.0  # requests/s; 0 = unlimited

@@ -83,6 +83,7 @@ from gateway.protocols.mqtt.store import SessionStore
 
 if TYPE_CHECKING:
     from gateway.auth import Authenticator
+    from gateway.downlink.service import Downlink
     from gateway.sources.mqtt_registry import SharedSessions
 
 __all__ = ["MqttLimits", "MqttServer"]
@@ -164,6 +165,7 @@ class MqttServer:
         self._dirty: set[MqttConnection] = set()
         self._flush_scheduled = False
         self._debug: bool | None = None  # debug logs enabled (decided on first use)
+        self.downlink: Downlink | None = None  # Kafka -> subscribers (gateway.downlink.service)
 
     @property
     def debug(self) -> bool:
@@ -551,6 +553,8 @@ class MqttConnection(asyncio.Protocol):
             del server.registry[self.session.client_id]
         try:
             self.handle_events(self.session.connection_lost(asyncio.get_running_loop().time()))
+            if server.downlink is not None:
+                server.downlink.detach(self, self.session.expiry_interval)
         except Exception:
             self._crash("connection_lost")
 
@@ -588,6 +592,8 @@ class MqttConnection(asyncio.Protocol):
             self._write_paused = False
             self.server.write_paused.pop(self, None)
             self.update_reading()
+            if self.server.downlink is not None:
+                self.server.downlink.writable(self)
 
     def close_slow_reader(self) -> None:
         """Output unread above the bound for limits.slow_reader_timeout (the sweep): end
@@ -636,6 +642,11 @@ class MqttConnection(asyncio.Protocol):
                 transport.resume_reading()
             else:
                 transport.pause_reading()
+
+    @property
+    def downlink(self) -> Downlink | None:
+        """The session's hook to the downlink (gateway.downlink.hook)."""
+        return self.server.downlink
 
     def abort(self) -> None:
         if self.transport is not None:
@@ -743,6 +754,8 @@ class MqttConnection(asyncio.Protocol):
                 old.abort()  # it never got its CONNACK
             else:
                 old.handle_events(old.session.takeover())
+        if self.server.downlink is not None:
+            self.server.downlink.attach(self, event)
         shared = self.server.shared
         if shared is not None and shared.connected(self, event.client_id):
             self.held = True

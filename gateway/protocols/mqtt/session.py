@@ -50,6 +50,7 @@ from collections.abc import Callable
 import msgspec
 
 from gateway.auth import REFUSAL_CODES, AuthRefusal, Identity
+from gateway.downlink.hook import DownlinkHook
 from gateway.errors import GatewayError, ProtocolError
 from gateway.protocols.mqtt import packets as p
 from gateway.protocols.mqtt.codec import (
@@ -433,10 +434,14 @@ class MqttSession:
         elif isinstance(packet, p.Subscribe):
             return self._on_subscribe(packet)
         elif isinstance(packet, p.Unsubscribe):
+            if self._downlink(packet):
+                return None
             codes = [0x11] * len(packet.topic_filters) if self.version == 5 else []
             return self._send(p.Unsuback(packet_id=packet.packet_id, reason_codes=codes))
         elif isinstance(packet, p.Disconnect):
             return self._on_disconnect(packet)
+        elif isinstance(packet, (p.Puback, p.Pubrec, p.Pubcomp)) and self._downlink(packet):
+            return None  # an ack of a PUBLISH the downlink sent
         raise ProtocolError(f"unexpected {type(packet).__name__} in state {self.state}")
 
     def _on_publish(self, pk: p.Publish) -> None:
@@ -538,7 +543,24 @@ class MqttSession:
         self._inflight -= 1
         self._send(p.Pubcomp(packet_id=pk.packet_id))
 
+    def _downlink(self, packet: p.AnyPacket) -> bool:
+        """Hand ``packet`` to the downlink (gateway.downlink.hook); False: not served."""
+        hook: DownlinkHook | None = getattr(self.context, "downlink", None)
+        reply = hook.packet(self, packet) if hook is not None else None
+        if reply is None:
+            return False
+        if reply:
+            self._write(reply)
+        return True
+
+    @property
+    def expiry_interval(self) -> int:
+        """Seconds the client's state outlives the connection (0: ends with it)."""
+        return self._expiry
+
     def _on_subscribe(self, pk: p.Subscribe) -> None:
+        if self.state is CONNECTED and self._downlink(pk):
+            return
         props = None
         if self.version == 5 and self.problem_info:
             props = Properties(reason_string=SUBSCRIBE_UNSUPPORTED)
