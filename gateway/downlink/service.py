@@ -94,6 +94,7 @@ class Downlink:
         self._dirty: set[str] = set()
         self._resume: set[str] = set()  # reconnected: resend what was in flight first
         self._pump_scheduled = False
+        self._full_logged: set[str] = set()  # clients whose full queue was logged
         self.consumers: list[DownlinkConsumer] = []
         # Counters (plain ints, read by metrics and tests).
         self.records = 0  # consumed records handled
@@ -112,6 +113,10 @@ class Downlink:
 
     def packet(self, session: MqttSession, packet: p.AnyPacket) -> bytes | None:
         cid = session.client_id
+        if isinstance(packet, p.Connect):
+            if packet.clean_start:
+                self._end(cid)  # before the SUBSCRIBEs pipelined behind this CONNECT
+            return None
         flow = self.flows.get(cid)
         if not len(self.rules()) and flow is None:
             return None  # served as without a downlink
@@ -157,13 +162,12 @@ class Downlink:
     # --- connections -------------------------------------------------------------
 
     def attach(self, link: Link, event: Connected) -> None:
-        """CONNACK queued for ``link``: a clean start drops what the client had here."""
+        """CONNACK queued for ``link`` (a clean start has dropped the old state already,
+        at the CONNECT): a persistent session resends what was in flight, then goes on."""
         cid = event.client_id
         timer = self._expiries.pop(cid, None)
         if timer is not None:
             timer.cancel()
-        if event.clean_start or not event.session_present:
-            self._end(cid)
         self.links[cid] = link
         flow = self.flows.get(cid)
         if flow is not None:
@@ -191,6 +195,7 @@ class Downlink:
 
     def _end(self, cid: str) -> None:
         self.trie.remove_client(cid)
+        self._full_logged.discard(cid)
         flow = self.flows.pop(cid, None)
         if flow is not None:
             flow.close()  # what it held counts as finished: the offsets move on
@@ -225,6 +230,12 @@ class Downlink:
             self.skipped += len(result.skipped)
         for cid in touched:
             self._mark(cid)
+            flow = self.flows[cid]
+            if flow.dropped and cid not in self._full_logged:
+                # Once per client's queue: a fleet of slow clients must not flood the log.
+                self._full_logged.add(cid)
+                log.warning("downlink_queue_full", client_id=cid, limit=flow.queue_limit,
+                            policy=flow.full_policy, online=cid in links)
 
     # --- output ------------------------------------------------------------------
 
@@ -359,6 +370,7 @@ class DownlinkConsumer:
         self._running = False
         self._batches = threading.Semaphore(max_batches)  # handed to the loop, not done
         self._committed: dict[tuple[str, int], int] = {}
+        self._to_commit: list[Any] | None = None  # positions for the poll thread to commit
         self.consumed = 0
         self.errors = 0
 
@@ -418,6 +430,8 @@ class DownlinkConsumer:
         consumer = self._consumer
         next_check = time.monotonic() + 5.0
         while self._running:
+            if self._to_commit is not None:
+                self._commit_now()
             if self.missing and time.monotonic() >= next_check:
                 next_check = time.monotonic() + 5.0
                 with contextlib.suppress(Exception):
@@ -462,20 +476,25 @@ class DownlinkConsumer:
             self._batches.release()
 
     def commit(self, offsets: Mapping[tuple[str, int], int]) -> None:
-        """Commit the positions that moved (asynchronously; called on the loop)."""
+        """Commit the positions that moved (called on the loop; the poll thread commits:
+        a commit from another thread while it sits in ``consume`` blocks the loop)."""
         from confluent_kafka import TopicPartition
 
         moved = [TopicPartition(t, part, off) for (t, part), off in offsets.items()
                  if self._committed.get((t, part)) != off]
         if not moved or self._consumer is None:
             return
-        try:
-            self._consumer.commit(offsets=moved, asynchronous=True)
-        except Exception as exc:
-            log.warning("downlink_commit_failed", cluster=self.cluster, error=str(exc))
-            return
         for tp in moved:
             self._committed[(tp.topic, tp.partition)] = tp.offset
+        self._to_commit = moved  # replaces an older set not taken yet: newer positions
+
+    def _commit_now(self) -> None:
+        moved, self._to_commit = self._to_commit, None
+        if moved:
+            try:
+                self._consumer.commit(offsets=moved, asynchronous=True)
+            except Exception as exc:
+                log.warning("downlink_commit_failed", cluster=self.cluster, error=str(exc))
 
     async def close(self, final: Mapping[tuple[str, int], int]) -> None:
         self._running = False

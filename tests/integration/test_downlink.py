@@ -8,6 +8,7 @@ subscribers (3.1.1 and 5.0) receive from records a Kafka producer writes.
 from __future__ import annotations
 
 import queue
+import socket
 import uuid
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,9 @@ import paho.mqtt.client as paho
 import pytest
 from confluent_kafka import Producer
 
-from tests.helpers import Broker, running
+from gateway.protocols.mqtt import packets as p
+from gateway.protocols.mqtt.codec import decode_packets, encode
+from tests.helpers import Broker, log_events, running, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -114,3 +117,96 @@ def test_command_reaches_every_matching_subscription(
     finally:
         for sub in subs:
             sub.close()
+
+
+@pytest.mark.parametrize("protocol", VERSIONS)
+def test_filter_no_rule_serves_is_refused(gateway: Any, protocol: int) -> None:
+    _, port = gateway
+    sub = Subscriber(port, protocol)
+    try:
+        sub.client.subscribe([("cmd/+", 1), ("telemetry/#", 1), ("cfg/dev-1", 2)])
+        refused = 0x87 if protocol == paho.MQTTv5 else 0x80
+        assert sub.granted.get(timeout=15) == [1, refused, 2]
+    finally:
+        sub.close()
+
+
+@pytest.mark.parametrize("protocol", VERSIONS)
+def test_retained_delivered_to_new_subscriptions_and_deleted(
+        gateway: Any, broker: Broker, topics: tuple[str, str], protocol: int) -> None:
+    _, port = gateway
+    config = topics[1]
+    live = Subscriber(port, protocol)
+    subs = [live]
+
+    def late(qos: int) -> list[tuple[str, bytes, bool, int]]:
+        """A new subscription's retained messages (they come in one write)."""
+        sub = Subscriber(port, protocol)
+        subs.append(sub)
+        assert sub.subscribe("cfg/+", qos) == [qos]
+        got = sorted((m.topic, m.payload, m.retain, m.qos) for m in (sub.next(), sub.next()))
+        with pytest.raises(queue.Empty):
+            sub.next(timeout=1)
+        return got
+
+    try:
+        assert live.subscribe("cfg/#", 2) == [2]
+        produce(broker, config, "dev-1", b"v1")
+        produce(broker, config, "dev-2", b"v2")
+        # Forwarded live: retain is 0 (no retain-as-published), QoS min(rule 2, sub 2).
+        assert [(m.topic, m.retain, m.qos) for m in (live.next(), live.next())] == [
+            ("cfg/dev-1", False, 2), ("cfg/dev-2", False, 2)]
+        assert late(1) == [("cfg/dev-1", b"v1", True, 1), ("cfg/dev-2", b"v2", True, 1)]
+        produce(broker, config, "dev-1", b"")  # deletes dev-1's retained message
+        produce(broker, config, "dev-3", b"v3")
+        assert [(m.topic, m.payload) for m in (live.next(), live.next())] == [
+            ("cfg/dev-1", b""), ("cfg/dev-3", b"v3")]
+        assert late(2) == [("cfg/dev-2", b"v2", True, 2), ("cfg/dev-3", b"v3", True, 2)]
+    finally:
+        for sub in subs:
+            sub.close()
+
+
+def raw_subscriber(port: int, client_id: str, topic: str) -> socket.socket:
+    """A 3.1.1 client that subscribes at QoS 1 and then never reads again."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.sendall(encode(p.Connect(client_id=client_id, keep_alive=0, protocol_level=4), 4))
+    sock.sendall(encode(p.Subscribe(packet_id=1, subscriptions=[p.Subscription(topic, 1)]), 4))
+    buf = b""
+    while True:
+        buf += sock.recv(4096)
+        packets, _ = decode_packets(buf, 4, 1 << 20)
+        if any(isinstance(pk, p.Suback) for pk in packets):
+            return sock
+
+
+def test_slow_subscriber_does_not_delay_another(
+        gateway_factory: Any, broker: Broker, topics: tuple[str, str]) -> None:
+    """A client that stops reading fills its own queue (bounded, logged); a reading client
+    on the same filter gets every message, in order."""
+    proc, ports = gateway_factory(limits__downlink_queue=50)
+    rounds, per_round, size = 8, 25, 10_000  # 2 MB: far past what the stuck client holds
+    with running(proc, ("127.0.0.1", ports["mqtt"])):
+        stuck_id = unique("stuck")
+        stuck = raw_subscriber(ports["mqtt"], stuck_id, "cmd/#")
+        fast = Subscriber(ports["mqtt"], paho.MQTTv5)
+        try:
+            assert fast.subscribe("cmd/#", 1) == [1]
+            producer = Producer({"bootstrap.servers": broker.bootstrap})
+            got: list[int] = []
+            for r in range(rounds):  # rounds below the queue bound: the fast one drops nothing
+                for n in range(r * per_round, (r + 1) * per_round):
+                    producer.produce(topics[0], value=n.to_bytes(4, "big") * (size // 4),
+                                     key=b"dev-1")
+                assert producer.flush(30) == 0
+                got += [int.from_bytes(fast.next(timeout=30).payload[:4], "big")
+                        for _ in range(per_round)]
+            assert got == list(range(rounds * per_round))
+            full = wait_until(lambda: log_events(proc.log_text(), "downlink_queue_full"),
+                              what="a full queue logged")
+            assert [(e["client_id"], e["policy"], e["limit"]) for e in full] == [
+                (stuck_id, "drop-oldest", 50)]
+        finally:
+            fast.close()
+            stuck.close()

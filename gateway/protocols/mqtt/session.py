@@ -634,6 +634,7 @@ class MqttSession:
         self._client, present = self._store.open(client_id, pk.clean_start, self, now)
         self.last_received = now
         self._inflight = len(self._client.qos2) if self._client.qos2 else 0
+        self._downlink(pk)  # a clean start ends the client's subscriptions (before any SUBSCRIBE)
         self.state = CONNECTED
         if level == 5:
             connack_props = connack_properties(pk, limits, assigned, server_keep, self._expiry)
