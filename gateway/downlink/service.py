@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import structlog
@@ -33,9 +35,10 @@ from gateway.downlink.outbound import FullPolicy, OffsetTracker, OutboundFlow, O
 from gateway.downlink.record import ConsumedRecord
 from gateway.downlink.retained import Retained, RetainedStore
 from gateway.downlink.subscribe import handle_subscribe, handle_unsubscribe
-from gateway.downlink.subscriptions import SubscriptionTrie
+from gateway.downlink.subscriptions import FilterRefused, SubscriptionTrie, parse_filter
 from gateway.protocols.mqtt import packets as p
 from gateway.protocols.mqtt.encode import encode
+from gateway.protocols.mqtt.subscribe_codec import Options
 from gateway.routing.downlink import DownlinkRules
 
 if TYPE_CHECKING:
@@ -96,6 +99,12 @@ class Downlink:
         self._pump_scheduled = False
         self._full_logged: set[str] = set()  # clients whose full queue was logged
         self.consumers: list[DownlinkConsumer] = []
+        # Persistent sessions' subscriptions survive a restart in this file (None: not kept):
+        # client id -> seconds of session expiry, for those that subscribed.
+        self.state_file: Path | None = None
+        self.expiry: dict[str, int] = {}
+        self._offline_until: dict[str, float] = {}  # wall clock, for the state file
+        self._state_dirty = False
         # Counters (plain ints, read by metrics and tests).
         self.records = 0  # consumed records handled
         self.queued = 0  # messages queued to clients
@@ -128,6 +137,7 @@ class Downlink:
                                       self.retained, max_packet_size=max_size)
             self.refused_filters += sum(1 for code in answer.codes if code >= 0x80)
             if any(code < 0x80 for code in answer.codes):
+                self._changed(cid, session.expiry_interval)
                 flow = self._flow(session)
                 for message in answer.retained:
                     flow.enqueue(message)
@@ -135,6 +145,7 @@ class Downlink:
                     self._mark(cid)
             return answer.reply
         if isinstance(packet, p.Unsubscribe):
+            self._changed(cid, session.expiry_interval)
             return handle_unsubscribe(packet, version, cid, self.trie,
                                       max_packet_size=max_size).reply
         if flow is None:
@@ -168,6 +179,8 @@ class Downlink:
         timer = self._expiries.pop(cid, None)
         if timer is not None:
             timer.cancel()
+        if self._offline_until.pop(cid, None) is not None:
+            self._state_dirty = True
         self.links[cid] = link
         flow = self.flows.get(cid)
         if flow is not None:
@@ -185,15 +198,29 @@ class Downlink:
         if expiry <= 0 or (cid not in self.flows and not self.trie.subscriptions(cid)):
             self._end(cid)
             return
+        self._offline(cid, expiry, time.time() + expiry)
+
+    def _offline(self, cid: str, expiry: int, until: float) -> None:
         loop = asyncio.get_running_loop()
-        self._expiries[cid] = loop.call_later(expiry, self._expire, cid)
+        self._expiries[cid] = loop.call_later(max(0.0, until - time.time()), self._expire, cid)
+        self.expiry[cid] = expiry
+        self._offline_until[cid] = until
+        self._state_dirty = True
 
     def _expire(self, cid: str) -> None:
         self._expiries.pop(cid, None)
         if cid not in self.links:
             self._end(cid)
 
+    def _changed(self, cid: str, expiry: int) -> None:
+        if expiry > 0 or cid in self.expiry:
+            self.expiry[cid] = expiry
+            self._state_dirty = True
+
     def _end(self, cid: str) -> None:
+        if self.expiry.pop(cid, None) is not None:
+            self._state_dirty = True
+        self._offline_until.pop(cid, None)
         self.trie.remove_client(cid)
         self._full_logged.discard(cid)
         flow = self.flows.pop(cid, None)
@@ -205,6 +232,62 @@ class Downlink:
         cid = link.session.client_id
         if self.links.get(cid) is link:
             self._mark(cid)
+
+    # --- persistent sessions across a restart --------------------------------------
+
+    def save_state(self) -> None:
+        """Write the persistent sessions' subscriptions (on the commit timer, if changed)."""
+        if self.state_file is None or not self._state_dirty:
+            return
+        self._state_dirty = False
+        state = {}
+        for cid, expiry in self.expiry.items():
+            subs = self.trie.subscriptions(cid)
+            if expiry <= 0 or not subs:
+                continue
+            state[cid] = {
+                "expiry": expiry, "until": self._offline_until.get(cid),
+                "subs": [[s.filter.text, *s.options, s.identifier] for s in subs],
+            }
+        tmp = self.state_file.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(state))
+            os.replace(tmp, self.state_file)
+        except OSError as exc:
+            self._state_dirty = True
+            log.warning("downlink_state_write_failed", path=str(self.state_file), error=str(exc))
+
+    def load_state(self, path: Path) -> int:
+        """Read what ``save_state`` wrote (before consuming): the sessions come back
+        offline, their queues fill from the re-read records until they reconnect."""
+        self.state_file = path
+        try:
+            state = json.loads(path.read_text())
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError) as exc:
+            log.warning("downlink_state_unreadable", path=str(path), error=str(exc))
+            return 0
+        now = time.time()
+        loaded = 0
+        for cid, entry in state.items():
+            expiry = int(entry["expiry"])
+            until = entry["until"] if entry["until"] is not None else now + expiry
+            if until <= now:
+                continue
+            for text, qos, no_local, rap, handling, ident in entry["subs"]:
+                try:
+                    topic_filter = parse_filter(text)
+                except FilterRefused:
+                    continue
+                self.trie.subscribe(cid, topic_filter, Options(qos, no_local, rap, handling),
+                                    ident)
+            self.flows[cid] = OutboundFlow(receive_maximum=DEFAULT_WINDOW,
+                                           queue_limit=self.queue_limit,
+                                           full_policy=self.full_policy)
+            self._offline(cid, expiry, until)
+            loaded += 1
+        return loaded
 
     # --- records -----------------------------------------------------------------
 
@@ -540,6 +623,9 @@ async def start_downlink(
                        full_policy=limits.downlink_full_policy,
                        write_limit=limits.max_write_buffer_bytes)
     group = group_id(worker_id)
+    state = Path(config.spool.dir) / f"downlink-sessions-w{worker_id}.json"
+    state.parent.mkdir(parents=True, exist_ok=True)
+    sessions = service.load_state(state)
     try:
         for cluster in sorted(table.clusters):
             cfg = config.kafka.clusters[cluster]
@@ -559,11 +645,12 @@ async def start_downlink(
     async def commit_forever() -> None:
         while True:
             await asyncio.sleep(COMMIT_INTERVAL)
+            service.save_state()
             for consumer in service.consumers:
                 consumer.commit(service.committable(consumer.cluster))
 
     task = asyncio.create_task(commit_forever(), name="downlink-commit")
-    log.info("downlink_started", rules=len(table), group=group,
+    log.info("downlink_started", rules=len(table), group=group, sessions=sessions,
              topics=sorted(f"{c.cluster}:{t}" for c in service.consumers for t in c.topics))
 
     async def close(_timeout: float) -> None:
@@ -572,5 +659,6 @@ async def start_downlink(
             await task
         for consumer in service.consumers:
             await consumer.close(service.committable(consumer.cluster))
+        service.save_state()
 
     return service, close

@@ -210,3 +210,62 @@ def test_slow_subscriber_does_not_delay_another(
         finally:
             fast.close()
             stuck.close()
+
+
+class RawClient:
+    """A 3.1.1 client on a socket, acknowledging only when told to."""
+
+    def __init__(self, port: int, client_id: str, clean: bool) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+        self.buf = b""
+        self.sock.sendall(encode(p.Connect(client_id=client_id, keep_alive=0,
+                                           clean_start=clean), 4))
+        assert isinstance(self.read(1)[0], p.Connack)
+
+    def read(self, count: int) -> list[Any]:
+        got: list[Any] = []
+        while len(got) < count:
+            packets, used = decode_packets(self.buf, 4, 1 << 20)
+            self.buf = self.buf[used:]
+            got += packets
+            if len(got) < count:
+                data = self.sock.recv(65536)
+                assert data, f"closed after {got}"
+                self.buf += data
+        return got
+
+    def send(self, packet: Any) -> None:
+        self.sock.sendall(encode(packet, 4))
+
+
+def test_restart_loses_no_unacknowledged_command(
+        gateway_factory: Any, broker: Broker, topics: tuple[str, str]) -> None:
+    """A persistent session's command not acknowledged before a restart, and one written
+    while the gateway was down, both arrive after it is back (offsets held, subscriptions
+    kept in the state file)."""
+    commands = topics[0]
+    proc, ports = gateway_factory()
+    port = ports["mqtt"]
+    cid = unique("dev")
+    proc.start(("127.0.0.1", port))
+    try:
+        client = RawClient(port, cid, clean=False)
+        client.send(p.Subscribe(packet_id=1, subscriptions=[p.Subscription("cmd/dev-9", 1)]))
+        assert client.read(1)[0].reason_codes == [1]
+        produce(broker, commands, "dev-9", b"one")
+        first = client.read(1)[0]
+        assert (first.topic, first.payload, first.qos) == ("cmd/dev-9", b"one", 1)  # no PUBACK
+        assert proc.stop() == 0
+        client.sock.close()
+        produce(broker, commands, "dev-9", b"two")  # while the gateway is down
+        proc.start(("127.0.0.1", port))
+        again = RawClient(port, cid, clean=False)  # no SUBSCRIBE: the session has it
+        got = again.read(2)
+        assert [(m.topic, m.payload, m.qos) for m in got] == [
+            ("cmd/dev-9", b"one", 1), ("cmd/dev-9", b"two", 1)]
+        for message in got:
+            again.send(p.Puback(packet_id=message.packet_id))
+        again.sock.close()
+    finally:
+        if proc.proc is not None and proc.proc.poll() is None:
+            proc.stop()
