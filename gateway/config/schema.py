@@ -205,6 +205,14 @@ class Log(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     format: Literal["auto", "json", "console"] = "auto"
 
 
+class Downlink(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Kafka to devices (docs/downlink.md); the rules are the ``downlink:`` sections."""
+
+    # Publish a client's will through the uplink rules when its connection ends without
+    # DISCONNECT (MQTT 5 will delay honoured).  Off: wills are dropped, as before.
+    wills: bool = False
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     workers: int = 1
     shutdown_timeout_s: float = 15.0
@@ -216,3 +224,4 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     limits: Limits = msgspec.field(default_factory=Limits)
     auth: Auth = msgspec.field(default_factory=Auth)
     log: Log = msgspec.field(default_factory=Log)
+    downlink: Downlink = msgspec.field(default_factory=Downlink)

@@ -60,6 +60,10 @@ async def start_mqtt(pipeline: Pipeline, config: Config, reuse_port: bool, worke
     shared = open_shared(worker_id, limits, asyncio.get_running_loop().time())
     server = MqttServer(pipeline, limits, shared=shared, auth=auth)
     server.downlink = downlink  # Kafka -> subscribers (None: SUBSCRIBE is refused)
+    if config.downlink.wills:
+        from gateway.downlink.wills import Wills
+
+        server.wills = Wills(pipeline.publish)
     server.start_background()  # also for MQTT over WebSocket with no TCP listener
     if listeners.mqtt.enabled:
         await server.start(listeners.mqtt.host, listeners.mqtt.port, reuse_port=reuse_port)
@@ -73,6 +77,8 @@ async def start_mqtt(pipeline: Pipeline, config: Config, reuse_port: bool, worke
         tls.start()
 
     async def close(timeout: float) -> None:
+        if server.wills is not None:
+            server.wills.close()
         if tls is not None:
             await tls.close()
         await server.stop_accepting()

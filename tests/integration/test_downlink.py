@@ -269,3 +269,67 @@ def test_restart_loses_no_unacknowledged_command(
     finally:
         if proc.proc is not None and proc.proc.poll() is None:
             proc.stop()
+
+
+def will_connect(port: int, client_id: str, keep_alive: int, version: int = 4,
+                 delay: int | None = None) -> socket.socket:
+    props = None
+    if version == 5:
+        from gateway.protocols.mqtt.properties import Properties
+        props = Properties(will_delay_interval=delay) if delay else None
+    will = p.Will(topic=f"bench/{client_id}/status", payload=b"offline", qos=1,
+                  properties=props)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+    connect_props = None
+    if version == 5:
+        from gateway.protocols.mqtt.properties import Properties
+        connect_props = Properties(session_expiry_interval=60)
+    sock.sendall(encode(p.Connect(client_id=client_id, keep_alive=keep_alive, will=will,
+                                  protocol_level=version, properties=connect_props), version))
+    packets, _ = decode_packets(sock.recv(4096), version, 1 << 20)
+    assert isinstance(packets[0], p.Connack) and packets[0].reason_code == 0
+    return sock
+
+
+def wait_for_record(broker: Broker, topic: str, key: bytes) -> list[Any]:
+    return wait_until(lambda: [m for m in broker.read_all(topic) if m.key() == key],
+                      what=f"a record keyed {key!r} in {topic}")
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_will_published_on_socket_loss_and_keep_alive_timeout(
+        gateway_factory: Any, broker: Broker, version: int) -> None:
+    """Wills go through the uplink rules (the shipped bench/# rule keys by client id)."""
+    proc, ports = gateway_factory(downlink__wills=True)
+    with running(proc, ("127.0.0.1", ports["mqtt"])):
+        lost, silent, graceful = (unique(f"will{version}") for _ in range(3))
+        sock = will_connect(ports["mqtt"], lost, keep_alive=60, version=version)
+        sock.close()  # no DISCONNECT
+        quiet = will_connect(ports["mqtt"], silent, keep_alive=1, version=version)  # no PINGREQ
+        polite = will_connect(ports["mqtt"], graceful, keep_alive=60, version=version)
+        polite.sendall(encode(p.Disconnect(), version))
+        polite.close()
+        for client in (lost, silent):
+            got = wait_for_record(broker, "bench", client.encode())
+            assert [m.value() for m in got] == [b"offline"]
+        quiet.close()
+        # The graceful client's will is never sent: its DISCONNECT came before the others'
+        # connections ended, and the log says which wills were published.
+        assert not [m for m in broker.read_all("bench") if m.key() == graceful.encode()]
+
+
+def test_will_delay_held_then_sent_and_cancelled_by_reconnect(
+        gateway_factory: Any, broker: Broker) -> None:
+    proc, ports = gateway_factory(downlink__wills=True)
+    with running(proc, ("127.0.0.1", ports["mqtt"])):
+        delayed, back = unique("delayed"), unique("back")
+        will_connect(ports["mqtt"], delayed, keep_alive=60, version=5, delay=2).close()
+        will_connect(ports["mqtt"], back, keep_alive=60, version=5, delay=2).close()
+        again = will_connect(ports["mqtt"], back, keep_alive=60, version=5)  # within the delay
+        got = wait_for_record(broker, "bench", delayed.encode())
+        assert [m.value() for m in got] == [b"offline"]
+        # ``back`` lost its connection at the same moment as ``delayed``, whose will is out
+        # now that its delay ran: ``back``'s was cancelled by the reconnect.
+        assert not [m for m in broker.read_all("bench") if m.key() == back.encode()]
+        again.sendall(encode(p.Disconnect(), 5))
+        again.close()
