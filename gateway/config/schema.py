@@ -211,6 +211,10 @@ class Downlink(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Publish a client's will through the uplink rules when its connection ends without
     # DISCONNECT (MQTT 5 will delay honoured).  Off: wills are dropped, as before.
     wills: bool = False
+    # Presence events (connect, disconnect with reason, keep-alive timeout, takeover) as JSON
+    # records to this Kafka topic, keyed by client id; None: none.
+    presence_topic: str | None = None
+    presence_cluster: str = "default"
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -60,10 +60,19 @@ async def start_mqtt(pipeline: Pipeline, config: Config, reuse_port: bool, worke
     shared = open_shared(worker_id, limits, asyncio.get_running_loop().time())
     server = MqttServer(pipeline, limits, shared=shared, auth=auth)
     server.downlink = downlink  # Kafka -> subscribers (None: SUBSCRIBE is refused)
-    if config.downlink.wills:
-        from gateway.downlink.wills import Wills
+    down = config.downlink
+    if down.presence_topic and down.presence_cluster not in config.kafka.clusters:
+        from gateway.errors import ConfigError
 
-        server.wills = Wills(pipeline.publish)
+        raise ConfigError(f"downlink.presence_cluster '{down.presence_cluster}' is not a "
+                          "cluster of kafka.clusters", key="downlink.presence_cluster")
+    if down.wills or down.presence_topic:
+        from gateway.downlink.wills import Lifecycle, Presence, Wills
+
+        server.lifecycle = Lifecycle(
+            Wills(pipeline.publish) if down.wills else None,
+            Presence(pipeline.buffer.submit, down.presence_topic, down.presence_cluster)
+            if down.presence_topic else None)
     server.start_background()  # also for MQTT over WebSocket with no TCP listener
     if listeners.mqtt.enabled:
         await server.start(listeners.mqtt.host, listeners.mqtt.port, reuse_port=reuse_port)
@@ -77,8 +86,8 @@ async def start_mqtt(pipeline: Pipeline, config: Config, reuse_port: bool, worke
         tls.start()
 
     async def close(timeout: float) -> None:
-        if server.wills is not None:
-            server.wills.close()
+        if server.lifecycle is not None:
+            server.lifecycle.close()
         if tls is not None:
             await tls.close()
         await server.stop_accepting()

@@ -84,7 +84,7 @@ from gateway.protocols.mqtt.store import SessionStore
 if TYPE_CHECKING:
     from gateway.auth import Authenticator
     from gateway.downlink.service import Downlink
-    from gateway.downlink.wills import Wills
+    from gateway.downlink.wills import Lifecycle
     from gateway.sources.mqtt_registry import SharedSessions
 
 __all__ = ["MqttLimits", "MqttServer"]
@@ -167,7 +167,7 @@ class MqttServer:
         self._flush_scheduled = False
         self._debug: bool | None = None  # debug logs enabled (decided on first use)
         self.downlink: Downlink | None = None  # Kafka -> subscribers (gateway.downlink.service)
-        self.wills: Wills | None = None  # publishes due wills (None: downlink.wills is off)
+        self.lifecycle: Lifecycle | None = None  # wills and presence (gateway.downlink.wills)
 
     @property
     def debug(self) -> bool:
@@ -576,8 +576,9 @@ class MqttConnection(asyncio.Protocol):
                         closes = self.server.limit_closes
                         closes[event.limit] = closes.get(event.limit, 0) + 1
                     self._log_disconnect(event)
-                    if event.will_due and self.server.wills is not None:
-                        self.server.wills.ended(self)
+                    if self.server.lifecycle is not None:
+                        self.server.lifecycle.disconnected(self, event.reason_code, event.reason,
+                                                           event.will_due, event.limit)
                 elif isinstance(event, AuthRequested):
                     self._authenticate(event)
         self._flush()
@@ -760,8 +761,8 @@ class MqttConnection(asyncio.Protocol):
                 old.handle_events(old.session.takeover())
         if self.server.downlink is not None:
             self.server.downlink.attach(self, event)
-        if self.server.wills is not None:
-            self.server.wills.connected(event.client_id)
+        if self.server.lifecycle is not None:
+            self.server.lifecycle.connected(self, event.client_id)
         shared = self.server.shared
         if shared is not None and shared.connected(self, event.client_id):
             self.held = True

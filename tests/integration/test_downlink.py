@@ -333,3 +333,36 @@ def test_will_delay_held_then_sent_and_cancelled_by_reconnect(
         assert not [m for m in broker.read_all("bench") if m.key() == back.encode()]
         again.sendall(encode(p.Disconnect(), 5))
         again.close()
+
+
+def test_presence_events_keyed_by_client_id(gateway_factory: Any, broker: Broker) -> None:
+    import json
+
+    topic = unique("presence")
+    broker.create_topic(topic)
+    proc, ports = gateway_factory(downlink__presence_topic=topic)
+    port = ports["mqtt"]
+    with running(proc, ("127.0.0.1", port)):
+        polite, silent, taken = unique("polite"), unique("silent"), unique("taken")
+        client = RawClient(port, polite, clean=True)
+        client.send(p.Disconnect())
+        client.sock.close()
+        quiet = will_connect(port, silent, keep_alive=1)  # no PINGREQ: keep-alive timeout
+        first = RawClient(port, taken, clean=True)
+        second = RawClient(port, taken, clean=True)  # takes the session over
+
+        def events(cid: str, count: int) -> list[dict[str, Any]]:
+            got = wait_until(lambda: len(found := [json.loads(m.value()) for m in
+                                                   broker.read_all(topic)
+                                                   if m.key() == cid.encode()]) >= count
+                             and found, what=f"{count} presence events of {cid}")
+            return list(got)
+
+        assert [e["event"] for e in events(polite, 2)] == ["connect", "disconnect"]
+        assert [e["event"] for e in events(silent, 2)] == ["connect", "keep_alive_timeout"]
+        assert [e["event"] for e in events(taken, 3)] == ["connect", "takeover", "connect"]
+        end = events(polite, 2)[1]
+        assert (end["client_id"], end["version"], end["reason_code"]) == (polite, 4, 0)
+        assert end["listener"] == f"127.0.0.1:{port}" and end["peer"].startswith("127.0.0.1:")
+        for sock in (quiet, first.sock, second.sock):
+            sock.close()
