@@ -366,3 +366,45 @@ def test_presence_events_keyed_by_client_id(gateway_factory: Any, broker: Broker
         assert end["listener"] == f"127.0.0.1:{port}" and end["peer"].startswith("127.0.0.1:")
         for sock in (quiet, first.sock, second.sock):
             sock.close()
+
+
+def test_broker_on_kafka_sample(gateway_factory: Any, rules_dir: Path) -> None:
+    """Device to device through Kafka with the shipped sample as the whole rule set."""
+    from paho.mqtt.subscribeoptions import SubscribeOptions
+
+    from tests.helpers import ROOT
+
+    for path in rules_dir.glob("*.yaml"):
+        path.unlink()
+    sample = ROOT / "bridge-rules" / "samples" / "broker-on-kafka.yaml"
+    (rules_dir / sample.name).write_text(sample.read_text())
+    proc, ports = gateway_factory()
+    port = ports["mqtt"]
+    with running(proc, ("127.0.0.1", port)):
+        reader = Subscriber(port, paho.MQTTv5)
+        talker = Subscriber(port, paho.MQTTv5)  # subscribed with No Local
+        publisher = Subscriber(port, paho.MQTTv311)
+        try:
+            assert reader.subscribe("room/+/temp", 1) == [1]
+            talker.client.subscribe("room/#", options=SubscribeOptions(qos=2, noLocal=True))
+            assert talker.granted.get(timeout=15) == [2]
+            publisher.client.publish("room/1/temp", b"21", qos=1).wait_for_publish(15)
+            got = reader.next()
+            assert (got.topic, got.payload, got.qos) == ("room/1/temp", b"21", 1)
+            assert talker.next().payload == b"21"
+            talker.client.publish("room/2/temp", b"22", qos=2).wait_for_publish(15)
+            assert reader.next().payload == b"22"
+            with pytest.raises(queue.Empty):
+                talker.next(timeout=1)  # its own message: No Local
+        finally:
+            for client in (reader, talker, publisher):
+                client.close()
+
+
+def test_samples_are_not_loaded_by_default() -> None:
+    from gateway.routing import load_rules
+    from tests.helpers import ROOT
+
+    assert len(load_rules(str(ROOT / "bridge-rules")).downlink) == 0
+    sample = load_rules(str(ROOT / "bridge-rules" / "samples"))
+    assert len(sample.downlink) == 1
