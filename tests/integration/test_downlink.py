@@ -408,3 +408,56 @@ def test_samples_are_not_loaded_by_default() -> None:
     assert len(load_rules(str(ROOT / "bridge-rules")).downlink) == 0
     sample = load_rules(str(ROOT / "bridge-rules" / "samples"))
     assert len(sample.downlink) == 1
+
+
+def test_receive_maximum_honoured(gateway: Any, broker: Broker, topics: tuple[str, str]) -> None:
+    from gateway.protocols.mqtt.properties import Properties
+
+    _, port = gateway
+    sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+    sock.sendall(encode(p.Connect(client_id=unique("rm"), protocol_level=5,
+                                  properties=Properties(receive_maximum=2)), 5))
+    sock.sendall(encode(p.Subscribe(packet_id=1, subscriptions=[p.Subscription("cmd/rm", 1)]), 5))
+    buf = b""
+
+    def read(count: int) -> list[Any]:
+        nonlocal buf
+        got: list[Any] = []
+        while len(got) < count:
+            packets, used = decode_packets(buf, 5, 1 << 20)
+            buf = buf[used:]
+            got += [pk for pk in packets if isinstance(pk, p.Publish)]
+            if len(got) < count:
+                buf += sock.recv(65536)
+        return got
+
+    for n in range(4):
+        produce(broker, topics[0], "rm", str(n).encode())
+    first = read(2)
+    assert [m.payload for m in first] == [b"0", b"1"]
+    sock.settimeout(1.0)
+    with pytest.raises(TimeoutError):
+        read(1)  # the window is full until a PUBACK
+    sock.settimeout(20)
+    sock.sendall(encode(p.Puback(packet_id=first[0].packet_id), 5))
+    assert [m.payload for m in read(1)] == [b"2"]
+    sock.close()
+
+
+@pytest.mark.parametrize("protocol", VERSIONS)
+def test_offline_messages_delivered_on_reconnect(
+        gateway: Any, broker: Broker, topics: tuple[str, str], protocol: int) -> None:
+    _, port = gateway
+    cid = unique("persistent")
+    sub = Subscriber(port, protocol, client_id=cid, clean=False)
+    assert sub.subscribe("cmd/+", 1) == [1]
+    sub.close()  # a normal DISCONNECT: the session stays (expiry 300 s / clean session 0)
+    for n in range(3):
+        produce(broker, topics[0], "dev-7", f"while-away-{n}".encode())
+    back = Subscriber(port, protocol, client_id=cid, clean=False)  # no SUBSCRIBE
+    try:
+        got = [back.next() for _ in range(3)]
+        assert [(m.topic, m.payload, m.qos) for m in got] == [
+            ("cmd/dev-7", f"while-away-{n}".encode(), 1) for n in range(3)]
+    finally:
+        back.close()
