@@ -23,11 +23,10 @@ the same message back on every reconnect.  (A message sent to the dead-letter
 topic counts as safe: the application answers 0x00.)  ``ack`` returns the
 events it causes, like every other entry point.
 
-Downlink (designed, not built): sending PUBLISH needs the client's limits,
-which ``_on_connect`` already keeps (``client_receive_maximum``,
-``client_max_packet_size``, ``client_topic_alias_maximum``), an outbound packet
-id allocator, and an outbound map packet id -> message answered by PUBACK /
-PUBREC / PUBCOMP, which today are refused as protocol errors.
+Downlink: SUBSCRIBE, UNSUBSCRIBE, the acks of outgoing PUBLISH and the CONNECT
+(clean start) go to ``context.downlink`` when there is one (``_downlink``;
+gateway/downlink/service.py); without it SUBSCRIBE is refused and those acks
+are protocol errors.
 
 Authentication.  A session made with ``authenticate=True`` does not answer a
 valid CONNECT by itself: it emits ``AuthRequested`` and waits in
