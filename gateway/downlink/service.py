@@ -307,8 +307,18 @@ class Downlink:
                         self.retained.set(Retained(delivery.topic, delivery.payload, delivery.qos))
                 continue
             self.records += 1
-            result = fan_out(record, rules, self.trie, flows, self.tracker, self.retained,
-                             links.__contains__)
+            try:
+                result = fan_out(record, rules, self.trie, flows, self.tracker, self.retained,
+                                 links.__contains__)
+            except ValueError:
+                # The partition went back (librdkafka reset an out-of-range position):
+                # follow it; what was pending there is re-read, not committed past.
+                log.warning("downlink_partition_rewound", cluster=record.cluster,
+                            topic=record.topic, partition=record.partition,
+                            offset=record.offset)
+                self.tracker.forget((record.cluster, record.topic, record.partition))
+                result = fan_out(record, rules, self.trie, flows, self.tracker, self.retained,
+                                 links.__contains__)
             self.queued += result.queued
             self.skipped += len(result.skipped)
         for cid in touched:
