@@ -461,3 +461,42 @@ def test_offline_messages_delivered_on_reconnect(
             ("cmd/dev-7", f"while-away-{n}".encode(), 1) for n in range(3)]
     finally:
         back.close()
+
+
+def test_subscription_identifiers_unsubscribe_and_shared(
+        gateway: Any, broker: Broker, topics: tuple[str, str]) -> None:
+    """MQTT 5: overlapping subscriptions give one message with both identifiers; an
+    UNSUBSCRIBE answers 0x00 / 0x11; a shared subscription's members take turns."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    _, port = gateway
+    commands = topics[0]
+    sub = Subscriber(port, paho.MQTTv5)
+    members = [Subscriber(port, paho.MQTTv5) for _ in range(2)]
+    unsubacks: queue.Queue[list[int]] = queue.Queue()
+    sub.client.on_unsubscribe = lambda _c, _u, _mid, codes, _p: unsubacks.put(
+        [c.value for c in codes])
+    try:
+        for ident, filt in ((3, "cmd/+"), (9, "cmd/#")):
+            props = Properties(PacketTypes.SUBSCRIBE)
+            props.SubscriptionIdentifier = ident
+            sub.client.subscribe(filt, 1, properties=props)
+            assert sub.granted.get(timeout=15) == [1]
+        for member in members:
+            assert member.subscribe("$share/workers/cmd/#", 1) == [1]
+        for n in range(4):
+            produce(broker, commands, "dev-1", f"job-{n}".encode())
+        got = [sub.next() for _ in range(4)]
+        assert [m.payload for m in got] == [f"job-{n}".encode() for n in range(4)]
+        assert sorted(got[0].properties.SubscriptionIdentifier) == [3, 9]
+        shares = [sorted(member.next().payload for _ in range(2)) for member in members]
+        assert sorted(shares[0] + shares[1]) == [f"job-{n}".encode() for n in range(4)]
+        sub.client.unsubscribe(["cmd/#", "cmd/nothing"])
+        assert unsubacks.get(timeout=15) == [0x00, 0x11]
+        produce(broker, commands, "dev-1", b"after")
+        last = sub.next()
+        assert (last.payload, last.properties.SubscriptionIdentifier) == (b"after", [3])
+    finally:
+        for client in (sub, *members):
+            client.close()
