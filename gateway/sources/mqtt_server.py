@@ -662,6 +662,8 @@ class MqttConnection(asyncio.Protocol):
         if self.held:
             self.held = False
             self.after_ack()
+            if self.server.downlink is not None:
+                self.server.downlink.writable(self)  # what queued while held
 
     # --- authentication ----------------------------------------------------------------
 
