@@ -222,6 +222,9 @@ class RawClient:
                                            clean_start=clean), 4))
         assert isinstance(self.read(1)[0], p.Connack)
 
+    def close(self) -> None:
+        self.sock.close()
+
     def read(self, count: int) -> list[Any]:
         got: list[Any] = []
         while len(got) < count:
@@ -500,3 +503,28 @@ def test_subscription_identifiers_unsubscribe_and_shared(
     finally:
         for client in (sub, *members):
             client.close()
+
+
+def test_every_worker_serves_its_subscribers(
+        gateway_factory: Any, broker: Broker, topics: tuple[str, str]) -> None:
+    """workers: 2: each worker has its own consumer, so a subscriber on either gets it."""
+    from tests.helpers import child_pids, one_per_worker
+
+    proc, ports = gateway_factory(workers=2)
+    port = ports["mqtt"]
+    with running(proc, ("127.0.0.1", port)):
+        pids = wait_until(lambda: len(found := child_pids(proc.proc.pid)) == 2 and found,
+                          what="two workers")
+        clients = one_per_worker(lambda n: RawClient(port, unique(f"w{n}"), clean=True), pids)
+        try:
+            for client in clients.values():
+                client.send(p.Subscribe(packet_id=1,
+                                        subscriptions=[p.Subscription("cmd/+", 1)]))
+                assert client.read(1)[0].reason_codes == [1]
+            produce(broker, topics[0], "all", b"to-everyone")
+            for client in clients.values():
+                got = client.read(1)[0]
+                assert (got.topic, got.payload) == ("cmd/all", b"to-everyone")
+        finally:
+            for client in clients.values():
+                client.sock.close()
