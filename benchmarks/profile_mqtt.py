@@ -16,7 +16,9 @@ idle connection.
 publish: ``--connections`` publishers of ``--payload-size`` bytes at ``--qos``,
 as fast as they are acknowledged.  With ``--pyspy OUT`` py-spy samples the
 gateway during the run (``OUT.txt``: collapsed stacks; ``OUT.top``: functions
-by own and total samples).
+by own and total samples).  The gateway's own histograms are read from /metrics
+around the run (``gw_ack_ms``: receive -> PUBACK queued; ``gw_kafka_delivery_ms``:
+produce -> report; p50/p99 as bucket upper bounds), when the tree has them.
 
 Prints one JSON line per measurement.  Speed and memory belong here, never in
 a test.
@@ -47,24 +49,70 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def gateway_config(path: Path, bootstrap: str, spool: bool, spool_dir: Path,
-                   spool_mode: str) -> int:
-    mqtt = free_port()
+                   spool_mode: str, tree: Path = ROOT) -> tuple[int, int]:
+    """Write the config; returns the MQTT and metrics ports."""
+    mqtt, metrics = free_port(), free_port()
     cfg: dict[str, Any] = {
         "workers": 1,
         "listeners": {
             "mqtt": {"host": "127.0.0.1", "port": mqtt},
             "http": {"host": "127.0.0.1", "port": free_port()},
-            "metrics": {"host": "127.0.0.1", "port": free_port()},
+            "metrics": {"host": "127.0.0.1", "port": metrics},
         },
         "kafka": {"clusters": {"default": {"bootstrap_servers": bootstrap,
                                            "connect_timeout_s": 10}}},
-        "rules": {"dir": str(ROOT / "bridge-rules"), "watch": False},
+        "rules": {"dir": str(tree / "bridge-rules"), "watch": False},  # the tree's own rules
         "spool": {"enabled": spool, "dir": str(spool_dir), "mode": spool_mode},
         "log": {"level": "warning", "format": "json"},
         "auth": {"allow_anonymous": True},
     }
     path.write_text(yaml.safe_dump(cfg))
-    return mqtt
+    return mqtt, metrics
+
+
+# lastmile_ack_latency_seconds{listener="mqtt"}, lastmile_kafka_delivery_latency_seconds:
+# the gateway's own view of where a PUBACK's time went (trees without them: absent).
+HISTOGRAMS = {"gw_ack_ms": ("lastmile_ack_latency_seconds", 'listener="mqtt"'),
+              "gw_kafka_delivery_ms": ("lastmile_kafka_delivery_latency_seconds",
+                                       'cluster="default"')}
+
+
+def scrape_histograms(metrics_port: int) -> dict[str, dict[float, float]]:
+    """Cumulative bucket counts by upper bound, per histogram of HISTOGRAMS."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                    timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return {}
+    out: dict[str, dict[float, float]] = {}
+    for key, (name, label) in HISTOGRAMS.items():
+        for line in text.splitlines():
+            if line.startswith(name + "_bucket{") and label in line:
+                le = re.search(r'le="([^"]+)"', line)
+                if le is not None:
+                    out.setdefault(key, {})[float(le.group(1))] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def histogram_quantiles(before: dict[str, dict[float, float]],
+                        after: dict[str, dict[float, float]]) -> dict[str, Any]:
+    """p50 / p99 of what was observed between two scrapes, as bucket upper bounds (ms)."""
+    out: dict[str, Any] = {}
+    for key, buckets in after.items():
+        base = before.get(key, {})
+        diff = sorted((le, n - base.get(le, 0.0)) for le, n in buckets.items())
+        total = diff[-1][1] if diff else 0.0
+        if not total:
+            continue
+        q = {}
+        for name, p in (("p50", 0.5), ("p99", 0.99)):
+            le = next(le for le, n in diff if n >= p * total)
+            q[name + "_le"] = round(le * 1000, 2) if le != float("inf") else "inf"
+        out[key] = {"count": int(total), **q}
+    return out
 
 
 class Gateway:
@@ -212,7 +260,9 @@ def pyspy_bin() -> str | None:
     return str(here) if here.exists() else shutil.which("py-spy")
 
 
-def measure_publish(gw: Gateway, port: int, a: argparse.Namespace) -> dict[str, Any]:
+def measure_publish(gw: Gateway, port: int, a: argparse.Namespace,
+                    metrics_port: int = 0) -> dict[str, Any]:
+    before = scrape_histograms(metrics_port) if metrics_port else {}
     spy = start_pyspy(gw, a, int(a.duration) + 2) if a.pyspy else None
     cpu0 = cpu_seconds(gw.pid)
     res = loadgen("publish", port, {
@@ -227,6 +277,9 @@ def measure_publish(gw: Gateway, port: int, a: argparse.Namespace) -> dict[str, 
            "sent_per_s": res.get("sent_per_s"), "acked_per_s": res.get("acked_per_s"),
            "sent": res.get("sent"), "acked": res.get("acked"),
            "puback_ms": res.get("puback_latency_ms"), "errors": res.get("errors")}
+    if metrics_port:
+        time.sleep(1.5)  # the pump copies the counts once a second
+        out.update(histogram_quantiles(before, scrape_histograms(metrics_port)))
     finish_pyspy(spy, a, out)
     return out
 
@@ -265,13 +318,14 @@ def main(argv: list[str] | None = None) -> int:
             broker = Broker().start()
             bootstrap = broker.bootstrap
         cfg = Path(tmp) / "gateway.yaml"
-        port = gateway_config(cfg, bootstrap, a.spool == "on", Path(tmp) / "spool", a.spool_mode)
+        port, metrics_port = gateway_config(cfg, bootstrap, a.spool == "on",
+                                            Path(tmp) / "spool", a.spool_mode, Path(a.tree))
         gw = Gateway(Path(a.tree), cfg, Path(tmp) / "gateway.log")
         try:
             gw.start(port)
             for _ in range(a.repeat):
                 res = measure_idle(gw, port, a) if a.mode == "idle" else measure_publish(
-                    gw, port, a)
+                    gw, port, a, metrics_port)
                 res.update(tree=a.tree, spool=a.spool if a.spool == "off" else a.spool_mode,
                            log_events=log_events(gw.log))
                 print(json.dumps(res), flush=True)

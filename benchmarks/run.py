@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks import kafka_check, report
+from benchmarks import floors, kafka_check, report
 from benchmarks.modes import bench_modes
 from benchmarks.servers import (
     ROOT,
@@ -159,6 +159,9 @@ def run_loadgen(
         result["server_cpu_seconds_per_msg_us"] = (
             round(used / result["sent"] * 1e6, 2) if result.get("sent") and secs else None
         )
+        # Per message the server finished with: acked for QoS 1, accepted for QoS 0.
+        done = result.get("acked") if int(sc.args.get("qos", 0)) else result.get("sent")
+        result["server_cpu_us_per_msg"] = round(used / done * 1e6, 2) if done and secs else None
     log(f"  {server.name} {sc.name}: " + report.one_line(sc.name, result))
     return result
 
@@ -256,6 +259,28 @@ def bench_lastmile(plan: Plan, workdir: Path, log=print) -> dict[str, Any]:
             "publish_workers": plan.publish_workers, "results": res}
 
 
+def bench_floors(plan: Plan, workdir: Path, log=print) -> dict[str, Any]:
+    """The physical floors beside the qos1_rate figures: a bare producer at the same
+    rate on a fresh tansu, and fdatasync of 2 KB appends where the spool writes."""
+    rate = next(sc for sc in plan.scenarios if sc.name == "qos1_rate").args
+    out: dict[str, Any] = {"fsync": floors.fsync_floor(str(workdir))}
+    sub = workdir / "floors"
+    sub.mkdir()
+    t = Tansu(sub)
+    try:
+        t.start()
+        out["kafka"] = floors.kafka_floor(t.bootstrap, float(rate["rate"]),
+                                          float(rate["duration"]),
+                                          payload=int(rate["payload-size"]),
+                                          clients=int(rate["connections"]))
+    except (StartError, OSError) as e:
+        out["kafka"] = {"error": f"not measured: {e}"}
+    finally:
+        t.stop()
+    log(f"  floors: {json.dumps(out)}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m benchmarks.run",
@@ -296,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
             sub.mkdir()
             rate = next(sc for sc in plan.scenarios if sc.name == "qos1_rate")
             data["modes"] = bench_modes(plan, rate, sub, run_loadgen)
+        if a.only != "mosquitto":
+            print("== floors (bare Kafka producer, fsync)", flush=True)
+            data["floors"] = bench_floors(plan, Path(tmp))
     data["seconds"] = round(time.monotonic() - t0, 1)
     data["loadavg_end"] = report.loadavg()
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)

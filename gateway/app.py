@@ -65,6 +65,9 @@ class App:
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
         self._signals = 0
+        self.started = False  # every stage up (readiness)
+        # Set by the metrics listener: publish this worker's status now (health).
+        self.status_changed: Callable[[], None] | None = None
 
     # --- startup ------------------------------------------------------------------
 
@@ -78,6 +81,9 @@ class App:
         except BaseException:
             await self.stop()
             raise
+        self.started = True
+        if self.status_changed is not None:
+            self.status_changed()
         log.info("gateway_started", worker=self.worker_id,
                  rules_version=self.router.table.version if self.router else None)
 
@@ -173,7 +179,7 @@ class App:
 
         cfg, pipeline = self.config, self.pipeline
         assert pipeline is not None
-        metrics = await start_metrics(self, cfg.listeners.metrics, self.reuse_port)
+        metrics = await start_metrics(self, cfg.listeners.metrics)
         if metrics is not None:
             self._cleanups.append(("metrics listener", metrics))
         auth = self.auth
@@ -211,6 +217,8 @@ class App:
             raise SystemExit(130)  # propagates out of the loop: no graceful drain
         log.info("shutdown_requested", signal=sig.name)
         self._stop.set()
+        if self.status_changed is not None:
+            self.status_changed()
 
     def reload_rules(self) -> None:
         if self.reloader is not None:
@@ -218,6 +226,11 @@ class App:
 
     async def wait(self) -> None:
         await self._stop.wait()
+
+    @property
+    def draining(self) -> bool:
+        """A stop signal came: readiness says no from here on."""
+        return self._stop.is_set()
 
     # --- shutdown ----------------------------------------------------------------
 
@@ -253,6 +266,9 @@ async def _sync(fn: Callable[[], None]) -> None:
 async def serve(config: Config, rules_dir: str | None = None, worker_id: int = 0,
                 bootstrap: dict[str, str] | None = None, reuse_port: bool = False,
                 ready: Callable[[App], None] | None = None) -> None:
+    from gateway.observability import set_worker
+
+    set_worker(worker_id)
     app = App(config, rules_dir, worker_id, bootstrap, reuse_port)
     app.install_signal_handlers()
     await app.start()

@@ -106,9 +106,33 @@ def _bench(args: argparse.Namespace) -> int:
     return subprocess.call(cmd)
 
 
+def version() -> str:
+    """The installed distribution's version (pyproject.toml's)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("lastmile")
+    except PackageNotFoundError:  # a source tree run without installing it
+        return "unknown (not installed)"
+
+
+class _Version(argparse.Action):
+    """``--version``, looked up only when asked (reading metadata costs ~0.1 s)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **_: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        print(f"lastmile {version()}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lastmile", description="MQTT/HTTP-to-Kafka last-mile gateway")
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     serve = sub.add_parser("serve", help="run the gateway")
@@ -159,7 +183,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         code = args.func(args)
     except ConfigError as exc:
-        print(f"lastmile: config error: {exc}", file=sys.stderr)
+        for error in getattr(exc, "errors", None) or [exc]:  # every one, a line each
+            print(f"lastmile: config error: {error}", file=sys.stderr)
         code = 2
     sys.exit(code)
 

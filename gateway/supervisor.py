@@ -6,6 +6,10 @@ Kafka producer per cluster and spool directory.  It restarts a worker that dies,
 forwards SIGHUP (rules reload) and turns SIGTERM/SIGINT into a graceful drain
 with a deadline; a second signal kills the workers at once.
 
+It serves the metrics listener itself (``/metrics`` summed over the workers,
+``/healthz`` and ``/readyz`` judged from every worker's status file: see
+``gateway.observability.health``), so the answer is the whole gateway's.
+
 The workers share one MQTT session registry (``sources/mqtt_registry``) in a
 directory created here and removed at exit.  When a worker dies, what it owned
 there is released at once (``forget_worker``), so its clients reconnect to the
@@ -21,12 +25,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import TYPE_CHECKING
 
 import structlog
 
 from gateway.app import App
 from gateway.config.schema import Config
+from gateway.observability import set_worker
+from gateway.observability.health import HEALTH_DIR_ENV, WorkerView, read_status
 from gateway.sources import mqtt_registry_db
+
+if TYPE_CHECKING:
+    from gateway.observability.http import MetricsServer
 
 log = structlog.get_logger("lastmile.supervisor")
 
@@ -46,6 +56,8 @@ class Supervisor:
         # A short path: the workers' AF_UNIX sockets live there (108-byte limit).
         self.sessions_dir = tempfile.mkdtemp(prefix="lastmile-sessions-")
         mqtt_registry_db.create(self.sessions_dir)
+        self.health_dir = tempfile.mkdtemp(prefix="lastmile-health-")
+        self.stall_timeout_s = config.listeners.metrics.stall_timeout_s
 
     def _spawn(self, worker_id: int, bootstrap: dict[str, str]) -> None:
         cmd = [sys.executable, "-m", "gateway.cli", "worker", "--config", self.config_path,
@@ -53,9 +65,9 @@ class Supervisor:
         for name, servers in bootstrap.items():
             cmd += ["--bootstrap", f"{name}={servers}"]
         env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir,
-               mqtt_registry_db.ENV: self.sessions_dir}
+               mqtt_registry_db.ENV: self.sessions_dir, HEALTH_DIR_ENV: self.health_dir}
         self.workers[worker_id] = subprocess.Popen(cmd, env=env)
-        log.info("worker_started", worker=worker_id, pid=self.workers[worker_id].pid)
+        log.info("worker_started", child_worker=worker_id, child_pid=self.workers[worker_id].pid)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         if signum == signal.SIGHUP:
@@ -68,13 +80,56 @@ class Supervisor:
             if proc.poll() is None:
                 proc.send_signal(sig)
 
+    # --- health (read by the metrics listener's threads) ---------------------------
+
+    def views(self) -> list[WorkerView]:
+        views = []
+        for worker_id in range(self.config.workers):
+            proc = self.workers.get(worker_id)
+            running = proc is not None and proc.returncode is None
+            status = read_status(self.health_dir, worker_id) if running else None
+            if status is not None and proc is not None and status.get("pid") != proc.pid:
+                status = None  # the previous process's, before a restart
+            views.append(WorkerView(worker_id, running, status, self.restarts.get(worker_id, 0)))
+        return views
+
+    @property
+    def draining(self) -> bool:
+        return self.stopping > 0
+
+    def _serve_metrics(self) -> MetricsServer | None:
+        listener = self.config.listeners.metrics
+        if not listener.enabled:
+            return None
+        from prometheus_client import multiprocess
+
+        from gateway.observability.http import Exposition, MetricsServer
+        from gateway.observability.metrics import SupervisorProcess
+
+        workers = multiprocess.MultiProcessCollector(  # type: ignore[no-untyped-call]
+            None, path=self.metrics_dir)
+        server = MetricsServer(listener, self, Exposition(self, [SupervisorProcess(workers)]))
+        server.start()
+        return server
+
+    # --- running --------------------------------------------------------------------
+
     def run(self) -> int:
+        set_worker("supervisor")
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
+        try:
+            server = self._serve_metrics()
+        except OSError as exc:
+            listener = self.config.listeners.metrics
+            log.error("metrics_listen_failed", host=listener.host, port=listener.port,
+                      error=str(exc))
+            self._cleanup_dirs()
+            return 1
         # The embedded broker (dev only) is shared by all workers.
         resolver = App(self.config, self.rules_dir)
-        resolver.resolve_embedded()
         try:
+            resolver.resolve_embedded()
             for worker_id in range(self.config.workers):
                 self._spawn(worker_id, resolver.bootstrap)
             self._watch(resolver.bootstrap)
@@ -82,8 +137,13 @@ class Supervisor:
         finally:
             if resolver.embedded is not None:
                 resolver.embedded.stop()
-            shutil.rmtree(self.metrics_dir, ignore_errors=True)
-            shutil.rmtree(self.sessions_dir, ignore_errors=True)
+            if server is not None:
+                server.stop()
+            self._cleanup_dirs()
+
+    def _cleanup_dirs(self) -> None:
+        for directory in (self.metrics_dir, self.sessions_dir, self.health_dir):
+            shutil.rmtree(directory, ignore_errors=True)
 
     def _watch(self, bootstrap: dict[str, str]) -> None:
         """Until a stop signal: restart dead workers, forward reloads."""
@@ -101,7 +161,7 @@ class Supervisor:
                 count = self.restarts.get(worker_id, 0)
                 self.restarts[worker_id] = count + 1
                 delay = RESTART_BACKOFF_S[min(count, len(RESTART_BACKOFF_S) - 1)]
-                log.error("worker_died", worker=worker_id, pid=proc.pid, code=code,
+                log.error("worker_died", child_worker=worker_id, child_pid=proc.pid, code=code,
                           restart_in_s=delay)
                 time.sleep(delay)
                 if not self.stopping:
@@ -119,7 +179,7 @@ class Supervisor:
         code = 0
         for worker_id, proc in self.workers.items():
             if proc.poll() is None:
-                log.warning("worker_killed", worker=worker_id, pid=proc.pid)
+                log.warning("worker_killed", child_worker=worker_id, child_pid=proc.pid)
                 proc.kill()
                 proc.wait()
                 code = 1
@@ -132,7 +192,7 @@ class Supervisor:
         try:
             mqtt_registry_db.forget_worker(self.sessions_dir, worker_id)
         except Exception:
-            log.exception("session_registry_cleanup_failed", worker=worker_id)
+            log.exception("session_registry_cleanup_failed", child_worker=worker_id)
 
     def _mark_dead(self, pid: int) -> None:
         from prometheus_client import multiprocess

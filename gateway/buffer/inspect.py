@@ -48,7 +48,8 @@ def _inspect_worker(directory: str) -> dict[str, Any]:
                   bytes=report["bytes"] + high["bytes"],
                   oldest_record_age_s=max(ages) if ages else None,
                   topics=dict(sorted(topics.items())),
-                  damage=report["damage"] + high["damage"], high=high)
+                  damage=report["damage"] + high["damage"], high=high,
+                  empty=report["empty"] and high["empty"])
     return report
 
 
@@ -65,8 +66,26 @@ def _combine(directory: str, reports: dict[str, dict[str, Any]]) -> dict[str, An
         "oldest_record_age_s": max(ages) if ages else None,
         "topics": dict(sorted(topics.items())),
         "damage": [d for r in reports.values() for d in r["damage"]],
+        "empty": all(r["empty"] for r in reports.values()),
         "workers": reports,
     }
+
+
+# The ledger's state, as the report says it (and exit code 1 for "damaged").
+LEDGER_STATES = {
+    "ok": "ok",
+    "empty": "none yet (nothing was ever spooled)",
+    "missing": "missing: every record on disk replays (none was confirmed yet, or it was lost)",
+    "damaged": "DAMAGED: every record on disk replays (duplicates possible)",
+}
+
+
+def _ledger_state(directory: str, stored: int | None, segments: int) -> str:
+    if stored is not None:
+        return "ok"
+    if os.path.exists(os.path.join(directory, fmt.LEDGER)):
+        return "damaged"
+    return "missing" if segments else "empty"
 
 
 def _inspect_one(directory: str) -> dict[str, Any]:
@@ -95,6 +114,7 @@ def _inspect_one(directory: str) -> dict[str, Any]:
         if dmg is not None:
             damage.append(dmg.as_dict())
     quarantined = sorted(n for n in os.listdir(directory) if ".corrupt-" in n)
+    ledger = _ledger_state(directory, stored, len(segments))
     return {
         "directory": os.path.abspath(directory),
         "records": records,
@@ -103,13 +123,27 @@ def _inspect_one(directory: str) -> dict[str, Any]:
         "topics": dict(sorted(topics.items())),
         "segments": segments,
         "watermark": watermark,
-        "ledger": "ok" if stored is not None else "missing or damaged (all records replay)",
+        "ledger": ledger,
+        "empty": ledger in ("ok", "empty") and not segments and not quarantined,
         "damage": damage,
         "quarantined": quarantined,
     }
 
 
+def damaged(report: dict[str, Any]) -> bool:
+    """Damage in a segment, or a ledger that is there but unreadable (any worker, any
+    priority)."""
+    if report["damage"] or report.get("ledger") == "damaged":
+        return True
+    high = report.get("high")
+    return (high is not None and damaged(high)) or any(
+        damaged(w) for w in report.get("workers", {}).values())
+
+
 def _human(report: dict[str, Any]) -> str:
+    if report["empty"]:
+        count = f" ({len(report['workers'])} worker spool(s))" if "workers" in report else ""
+        return f"spool {report['directory']}: empty, nothing waiting for Kafka{count}"
     if "workers" in report:
         head = (f"spool {report['directory']}: {report['records']} records waiting for Kafka, "
                 f"{report['bytes']} bytes, {len(report['workers'])} worker spool(s)")
@@ -119,7 +153,10 @@ def _human(report: dict[str, Any]) -> str:
     lines.append(f"  records waiting for Kafka: {report['records']}"
                  + (f" (oldest {age:.1f}s old)" if age is not None else ""))
     lines.append(f"  bytes on disk: {report['bytes']} in {len(report['segments'])} segment(s)")
-    lines.append(f"  ledger: watermark {report['watermark']}, {report['ledger']}")
+    lines.append(f"  ledger: watermark {report['watermark']}, {LEDGER_STATES[report['ledger']]}")
+    high = report.get("high")
+    if high and high["ledger"] not in ("ok", "empty"):
+        lines.append(f"  high-priority ledger: {LEDGER_STATES[high['ledger']]}")
     for name, count in report["topics"].items():
         lines.append(f"    {name}: {count}")
     for seg in report["segments"]:
@@ -134,7 +171,7 @@ def _human(report: dict[str, Any]) -> str:
 
 
 def main_inspect(directory: str, json_out: bool) -> int:
-    """Print the report; exit code 0 clean, 1 damage found, 2 no such spool."""
+    """Print the report; exit code 0 clean (or empty), 1 damage found, 2 no such spool."""
     try:
         report = inspect_spool(directory)
     except FileNotFoundError as exc:
@@ -144,4 +181,4 @@ def main_inspect(directory: str, json_out: bool) -> int:
         print(json.dumps(report, indent=2))
     else:
         print(_human(report))
-    return 1 if report["damage"] else 0
+    return 1 if damaged(report) else 0

@@ -130,7 +130,6 @@ class Spool:
         # Frames appended during this loop iteration, handed to the writer under one lock
         # acquisition (a call_soon) rather than one per record.  Loop thread only.
         self._pending: list[tuple[int, bytes]] = []
-        self._first_at = 0.0
         self._closing = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -141,6 +140,9 @@ class Spool:
         self._roll_min = min(self.segment_bytes, 1 << 20)
         # Reader position: (segment path, byte offset, seq of the first frame there or later).
         self._rpos: tuple[str, int, int] | None = None
+        # The same, where the writer's last batch ended (the reader starts there after
+        # the replayer took records from memory instead of reading them).
+        self._wpos: tuple[str, int, int] | None = None
         # (seq, wall clock when it was appended), one per MARK_EVERY_S: the oldest
         # unconfirmed record's age without a timestamp per record in memory.
         self._marks: deque[tuple[int, float]] = deque()
@@ -232,7 +234,6 @@ class Spool:
         self._pending = []
         with self._cond:
             if not self._queue:
-                self._first_at = time.monotonic()
                 self._cond.notify()
             self._queue.extend(pending)
 
@@ -265,17 +266,26 @@ class Spool:
     # --- writer thread --------------------------------------------------------------
 
     def _run(self) -> None:
+        # Group commit: what was queued while the previous fsync ran is the next batch,
+        # written at once (no fixed interval: an ack waits for at most two fsyncs).
+        # With fsync_interval_ms > 0, two fsyncs start at least that far apart.
+        next_at = 0.0
+        batch: list[tuple[int, bytes]] | None
         while True:
             with self._cond:
                 if not self._queue and not self._closing:
                     self._cond.wait(LEDGER_INTERVAL_S)
                 closing = self._closing
-                wait = self._first_at + self.interval - time.monotonic()
-            if wait > 0 and not closing:
-                time.sleep(wait)  # group commit: let the batch fill for one interval
-            with self._cond:
-                batch, self._queue = self._queue, []
+                wait = next_at - time.monotonic() if self.interval > 0 else 0.0
+                batch = None
+                if wait <= 0 or closing:  # take it under this same lock acquisition
+                    batch, self._queue = self._queue, []
+            if batch is None:
+                time.sleep(wait)
+                with self._cond:
+                    batch, self._queue = self._queue, []
             if batch:
+                next_at = time.monotonic() + self.interval
                 self._write(batch)
             self._housekeep(force=closing and not batch)
             if closing and not batch:
@@ -303,6 +313,7 @@ class Spool:
             self.fsyncs += 1
             seg.size += len(data)
             seg.last_seq = last
+            self._wpos = (seg.path, seg.size, last + 1)
         except OSError as exc:
             error = exc
             self.write_errors += 1
@@ -418,7 +429,10 @@ class Spool:
         for i, (first, _) in enumerate(segments):
             if first <= cursor:
                 start = i
-        hint = self._rpos
+        hint, after_write = self._rpos, self._wpos
+        if after_write is not None and after_write[2] <= cursor and (
+                hint is None or after_write[2] > hint[2]):
+            hint = after_write
         for first, path in segments[start:]:
             if first > limit:
                 break

@@ -85,6 +85,7 @@ class Replayer:
         self._task: asyncio.Task[None] | None = None
         self._executor: Executor | None = None
         self._stopping = False
+        self._reading = False  # a disk read is on its way (offer() must not overlap it)
         # Priority drain: while this returns True nothing is handed to a sink (the
         # high-priority spool of the same worker still owes records to Kafka).
         self.hold_back: Callable[[], bool] | None = None
@@ -102,6 +103,23 @@ class Replayer:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def offer(self, records: list[tuple[int, Record]]) -> bool:
+        """Records just made durable (contiguous seqs, in order), still in memory.
+
+        Taken as if read back from disk when they are exactly the next ones the
+        replayer would read, so a caught-up spool (write-ahead, or a short spill)
+        replays without a disk read, a decode and a reader-thread hop per batch.
+        Otherwise (behind, reading, rewinding, read-ahead full) they are left to
+        the disk read, as before.
+        """
+        if (self._reading or self.rewind or not records or self.cursor != records[0][0]
+                or len(self.readahead) >= CHUNK):
+            return False
+        self.readahead.extend(records)
+        self.cursor = records[-1][0] + 1
+        self._advance()
+        return True
 
     def watermark(self) -> int:
         inflight, done = self.inflight, self.done
@@ -166,8 +184,12 @@ class Replayer:
                 self._check_caught_up()
                 return False
             loop = asyncio.get_running_loop()
-            records, cursor = await loop.run_in_executor(self._executor, self.spool.read,
-                                                         self.cursor, CHUNK)
+            self._reading = True
+            try:
+                records, cursor = await loop.run_in_executor(self._executor, self.spool.read,
+                                                             self.cursor, CHUNK)
+            finally:
+                self._reading = False
             if self.rewind:
                 return True  # read raced a failure: discard, rewind first
             self.readahead.extend(records)

@@ -255,10 +255,12 @@ class SpoolBuffer:
 
     def _on_durable(self, first: int, last: int, error: OSError | None) -> None:
         unsynced = self.unsynced
+        durable: list[tuple[int, Record]] = []
         while unsynced and unsynced[0].seq <= last:
             entry = unsynced.popleft()
             self._release(entry.size)
             if error is None:
+                durable.append((entry.seq, entry.record))
                 if not entry.acked and not entry.cancelled:
                     self.counters["spooled_acks"] += 1
                 entry.resolve(Delivery(cluster=entry.record.cluster, topic=entry.record.topic,
@@ -269,6 +271,8 @@ class SpoolBuffer:
                 entry.resolve(None, SpoolError(f"spool write failed: {error}"))
         if error is not None:
             self._spool_broke(error, first, last)
+        elif durable and durable[0][0] == first and len(durable) == last - first + 1:
+            self.replayer.offer(durable)  # replayed from memory, not read back, when next
         self.replayer.wake()
 
     def _spool_broke(self, error: OSError, first: int, last: int) -> None:

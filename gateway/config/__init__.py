@@ -17,13 +17,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import yaml
 
 from gateway.config.schema import Cluster, Config, TlsListener
-from gateway.config.yamlsrc import SourceMap, convert, parse_yaml
+from gateway.config.sizes import convert_sizes, size_paths
+from gateway.config.yamlsrc import PathKey, SourceMap, build, compose, format_path, locate
 from gateway.errors import ConfigError
 
-__all__ = ["Config", "ConfigError", "load_config", "max_record_bytes", "producer_settings"]
+__all__ = ["Config", "ConfigError", "ConfigErrors", "load_config", "max_record_bytes",
+           "producer_settings"]
 
 # librdkafka refuses a record when key + value + headers + this framing bound exceed
 # the producer's message.max.bytes (RD_KAFKAP_MESSAGE_V2_MAX_OVERHEAD, rdkafka_proto.h).
@@ -50,7 +53,28 @@ SHORTHANDS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _env_overrides(env: Mapping[str, str]) -> list[tuple[str, tuple[str, ...], Any]]:
+class ConfigErrors(ConfigError):
+    """Several problems in the config; ``errors`` lists each (file, line, key, reason).
+
+    Its own file, line and key are the first error's, so a caller reading one still can.
+    """
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        first = errors[0]
+        super().__init__(first.reason, file=first.file, line=first.line, key=first.key)
+        self.errors = errors
+        text = f"{len(errors)} errors:\n" + "\n".join(str(e) for e in errors)
+        self.message = text
+        self.args = (text,)
+
+
+# Past this many, the rest are left for the next run (a file that is not a config at all).
+MAX_ERRORS = 50
+SIZE_PATHS = size_paths(Config)
+
+
+def _env_overrides(env: Mapping[str, str],
+                   errors: list[ConfigError]) -> list[tuple[str, tuple[str, ...], Any]]:
     found = []
     for name, raw in env.items():
         if not name.startswith(ENV_PREFIX):
@@ -63,68 +87,127 @@ def _env_overrides(env: Mapping[str, str]) -> list[tuple[str, tuple[str, ...], A
             continue
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"invalid value {raw!r}", file=f"${name}") from exc
+        except yaml.YAMLError:
+            errors.append(ConfigError(f"invalid value {raw!r}", file=f"${name}"))
+            continue
         found.append((name, path, value))
     return found
 
 
-def _apply(data: dict[str, Any], path: tuple[str, ...], value: Any, name: str) -> None:
+def _apply(data: dict[str, Any], path: tuple[str, ...], value: Any, name: str,
+           errors: list[ConfigError]) -> None:
     node = data
     for part in path[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError("cannot override inside a non-mapping", file=f"${name}")
+            errors.append(ConfigError("cannot override inside a non-mapping", file=f"${name}"))
+            return
         node = child
     node[path[-1]] = value
 
 
-def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -> Config:
-    """Load and validate the gateway config; ``path=None`` means all defaults."""
+def _drop(data: Any, path: PathKey) -> bool:
+    """Remove the mapping key holding the error at ``path`` (its default then applies)."""
+    for depth in range(len(path), 0, -1):
+        parent = _node(data, path[: depth - 1])
+        if isinstance(parent, dict) and path[depth - 1] in parent:
+            del parent[path[depth - 1]]
+            return True
+    return False
+
+
+def _node(data: Any, path: PathKey) -> Any:
+    for part in path:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+def _convert_all(data: dict[str, Any], smap: SourceMap,
+                 errors: list[ConfigError]) -> Config | None:
+    """msgspec stops at the first error: record it, drop the key, convert again."""
+    for path, reason in convert_sizes(data, SIZE_PATHS):
+        errors.append(smap.error(reason, path))
+    while len(errors) < MAX_ERRORS:
+        try:
+            return msgspec.convert(data, Config, strict=False)
+        except msgspec.ValidationError as exc:
+            message, path = locate(exc, data)
+            errors.append(smap.error(message, path))
+            if not _drop(data, path):
+                return None
+    return None
+
+
+def load_config(path: str | Path | None, env: Mapping[str, str] | None = None, *,
+                tls_files: bool = True) -> Config:
+    """Load and validate the gateway config; ``path=None`` means all defaults.
+
+    Every problem found is reported at once: one ConfigError, or ConfigErrors for
+    several, each naming file, line and key.  ``tls_files=False`` skips reading the
+    TLS listeners' files (``rules check`` runs where they may not exist).
+    """
     env = os.environ if env is None else env
     file = str(path) if path is not None else "<defaults>"
-    if path is None:
-        data: Any = {}
-        smap = SourceMap(file)
-    else:
+    smap = SourceMap(file)
+    data: Any = {}
+    if path is not None:
         try:
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"cannot read config: {exc.strerror}", file=file) from exc
-        data, smap = parse_yaml(text, file)
+        node = compose(text, file)
+        data = {} if node is None else build(node, (), smap)
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise smap.error("the config must be a mapping of sections")
-    overrides = _env_overrides(env)
+    errors = [ConfigError("duplicate key", file=file, line=line, key=format_path(key))
+              for key, line in smap.duplicates]
+    overrides = _env_overrides(env, errors)
     for name, key_path, value in overrides:
-        _apply(data, key_path, value, name)
-    try:
-        config = convert(data, Config, smap)
-    except ConfigError as exc:
-        # Name the env var when the bad key came from one.
-        for name, key_path, _ in overrides:
-            if exc.key == ".".join(key_path):
-                raise ConfigError(exc.reason, file=f"${name}", key=exc.key) from exc
-        raise
-    _check(config, smap)
-    _fit_to_kafka(config, smap, data)
-    return config
+        _apply(data, key_path, value, name, errors)
+    config = _convert_all(data, smap, errors)
+    if config is not None:
+        # A key dropped for a bad value took its default: say nothing more about it.
+        bad = {e.key for e in errors if e.key}
+        checks: list[ConfigError] = []
+        _check(config, smap, checks, tls_files)
+        if config.kafka.clusters:
+            _fit_to_kafka(config, smap, data, checks)
+        errors += [e for e in checks
+                   if not any(e.key == k or e.key.startswith(k + ".") for k in bad)]
+        if not errors:
+            return config
+    errors = [_name_env(e, overrides) for e in errors]
+    errors.sort(key=lambda e: (e.file != file, e.line or 0, e.file))
+    raise errors[0] if len(errors) == 1 else ConfigErrors(errors)
 
 
-def _check_auth(config: Config, smap: SourceMap) -> None:
+def _name_env(error: ConfigError, overrides: list[tuple[str, tuple[str, ...], Any]]) -> ConfigError:
+    """Name the env var when the bad key came from one (or is an unknown key it added)."""
+    for name, key_path, _ in overrides:
+        joined = ".".join(key_path)
+        if error.key and (error.key == joined or joined.startswith(error.key + ".")):
+            return ConfigError(error.reason, file=f"${name}", key=error.key)
+    return error
+
+
+def _check_auth(config: Config, smap: SourceMap, errors: list[ConfigError]) -> None:
     """Anonymous access off needs a way in: a password file, JWTs or client certificates."""
     auth = config.auth
     jwt = auth.jwt
     if jwt is not None:
         if not (jwt.jwks_file or jwt.jwks_url):
-            raise smap.error("give jwks_file or jwks_url", ("auth", "jwt"))
+            errors.append(smap.error("give jwks_file or jwks_url", ("auth", "jwt")))
         from gateway.auth.jwks import check_config
 
         try:
             check_config(jwt)  # no "none", no HMAC with a public key, sane timings
         except ConfigError as exc:
-            raise smap.error(exc.reason, tuple(exc.key.split("."))) from exc
+            errors.append(smap.error(exc.reason, tuple(exc.key.split("."))))
     if auth.allow_anonymous:
         return
     mtls = any(
@@ -132,16 +215,16 @@ def _check_auth(config: Config, smap: SourceMap) -> None:
         for listener in (config.listeners.mqtts, config.listeners.https)
     )
     if not (auth.password_file or jwt is not None or mtls):
-        raise smap.error(
+        errors.append(smap.error(
             "false, but no client could ever authenticate: set auth.password_file or auth.jwt, "
             "require client certificates on a TLS listener, or say allow_anonymous: true",
-            ("auth", "allow_anonymous"))
+            ("auth", "allow_anonymous")))
 
 
 TLS_LISTENERS = ("mqtts", "https")
 
 
-def _check_tls(listener: TlsListener, section: str, smap: SourceMap) -> None:
+def _check_tls(listener: TlsListener, section: str, smap: SourceMap, files: bool) -> None:
     """An enabled TLS listener's files load and belong together, checked before serving."""
     if not listener.enabled:
         return
@@ -153,6 +236,8 @@ def _check_tls(listener: TlsListener, section: str, smap: SourceMap) -> None:
     if listener.require_client_cert and not listener.cafile:
         raise smap.error("require_client_cert needs a cafile (the CAs clients' certificates "
                          "come from)", (*path, "require_client_cert"))
+    if not files:
+        return
     from gateway.tls import TlsFileError, build_context
 
     try:
@@ -161,28 +246,33 @@ def _check_tls(listener: TlsListener, section: str, smap: SourceMap) -> None:
         raise smap.error(f"{exc.file}: {exc.reason}", (*path, exc.key)) from exc
 
 
-def _check(config: Config, smap: SourceMap) -> None:
+def _check(config: Config, smap: SourceMap, errors: list[ConfigError],
+           tls_files: bool = True) -> None:
     """Cross-field checks msgspec cannot express."""
     if config.workers < 1:
-        raise smap.error("must be at least 1", ("workers",))
+        errors.append(smap.error("must be at least 1", ("workers",)))
     if not config.kafka.clusters:
-        raise smap.error("at least one cluster is required", ("kafka", "clusters"))
+        errors.append(smap.error("at least one cluster is required", ("kafka", "clusters")))
     for section in ("mqtt", "mqtts", "http", "https", "metrics"):
         listener = getattr(config.listeners, section)
         if not 0 <= listener.port <= 65535:
-            raise smap.error("port out of range 0-65535", ("listeners", section, "port"))
+            errors.append(smap.error("port out of range 0-65535", ("listeners", section, "port")))
     for section in TLS_LISTENERS:
-        _check_tls(getattr(config.listeners, section), section, smap)
-    _check_auth(config, smap)
+        try:
+            _check_tls(getattr(config.listeners, section), section, smap, tls_files)
+        except ConfigError as exc:
+            errors.append(exc)
+    _check_auth(config, smap, errors)
     if config.buffer.low_water_bytes >= config.buffer.high_water_bytes:
-        raise smap.error("must be below high_water_bytes", ("buffer", "low_water_bytes"))
+        errors.append(smap.error("must be below high_water_bytes", ("buffer", "low_water_bytes")))
     for name, cluster in config.kafka.clusters.items():
         try:
             producer_settings(cluster)
         except ConfigError as exc:
-            raise smap.error(exc.reason, ("kafka", "clusters", name, "producer", exc.key)) from exc
+            errors.append(smap.error(exc.reason, ("kafka", "clusters", name, "producer", exc.key)))
         if not cluster.bootstrap_servers.strip():
-            raise smap.error("must not be empty", ("kafka", "clusters", name, "bootstrap_servers"))
+            errors.append(smap.error("must not be empty",
+                                     ("kafka", "clusters", name, "bootstrap_servers")))
 
 
 def message_max_bytes(cluster: Cluster) -> int:
@@ -209,7 +299,8 @@ def max_record_bytes(config: Config) -> int:
         - RECORD_FRAMING - DEAD_LETTER_ROOM
 
 
-def _fit_to_kafka(config: Config, smap: SourceMap, data: dict[str, Any]) -> None:
+def _fit_to_kafka(config: Config, smap: SourceMap, data: dict[str, Any],
+                  errors: list[ConfigError]) -> None:
     """What the gateway accepts must be producible (issue #10): derive or refuse.
 
     Edge limits the operator left out are derived from the clusters' producer
@@ -223,16 +314,19 @@ def _fit_to_kafka(config: Config, smap: SourceMap, data: dict[str, Any]) -> None
         try:
             sizes[name] = message_max_bytes(cluster)
         except ConfigError as exc:
-            raise smap.error(exc.reason, ("kafka", "clusters", name, "producer", exc.key)) \
-                from exc
+            errors.append(smap.error(exc.reason,
+                                     ("kafka", "clusters", name, "producer", exc.key)))
+    if len(sizes) < len(config.kafka.clusters):
+        return
     smallest = min(sizes, key=sizes.__getitem__)
     edge = max_record_bytes(config) - RULE_ROOM
     key_path = ("kafka", "clusters", smallest, "producer", "message.max.bytes")
     if edge < 1024:
-        raise smap.error(f"too small: leaves {edge} bytes for a message after the record "
+        errors.append(smap.error(f"too small: leaves {edge} bytes for a message after the record "
                          f"framing ({RECORD_FRAMING}), the dead-letter room "
                          f"({DEAD_LETTER_ROOM}) and the room for rule headers ({RULE_ROOM})",
-                         key_path)
+                         key_path))
+        return
     given = data.get("limits")
     given = given if isinstance(given, dict) else {}
     for key in _EDGE_LIMITS:
@@ -240,12 +334,12 @@ def _fit_to_kafka(config: Config, smap: SourceMap, data: dict[str, Any]) -> None
         if key not in given:
             setattr(config.limits, key, min(value, edge))
         elif value > edge:
-            raise smap.error(
+            errors.append(smap.error(
                 f"{value} bytes can not be produced to cluster '{smallest}': its "
                 f"message.max.bytes {sizes[smallest]} "
                 f"leaves {edge} after record framing, dead-letter room and room for rule "
                 f"headers; lower this or raise kafka.clusters.{smallest}.producer"
-                f"['message.max.bytes'] (and the brokers' limits)", ("limits", key))
+                f"['message.max.bytes'] (and the brokers' limits)", ("limits", key)))
     spool = config.spool
     if not (spool.enabled and spool.mode == "kafka"):
         return
@@ -256,15 +350,16 @@ def _fit_to_kafka(config: Config, smap: SourceMap, data: dict[str, Any]) -> None
             continue
         try:
             value = int(raw)
-        except (TypeError, ValueError) as exc:
-            raise smap.error("must be an integer",
-                             ("kafka", "clusters", name, "producer", _PROPAGATION)) from exc
+        except (TypeError, ValueError):
+            errors.append(smap.error("must be an integer",
+                                     ("kafka", "clusters", name, "producer", _PROPAGATION)))
+            continue
         if value >= spool.spill_after_ms:
-            raise smap.error(
+            errors.append(smap.error(
                 f"must be below spool.spill_after_ms ({spool.spill_after_ms}): otherwise a "
                 "record for a topic that does not exist is spilled and acknowledged before "
                 "Kafka reports the topic missing",
-                ("kafka", "clusters", name, "producer", _PROPAGATION))
+                ("kafka", "clusters", name, "producer", _PROPAGATION)))
 
 
 # librdkafka keys that a typed setting owns; giving both ways is an error.

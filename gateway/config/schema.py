@@ -1,7 +1,9 @@
 """Schema of config/gateway.yaml.
 
 Every key has a default that serves; unknown keys are errors (forbid_unknown_fields).
-Durations are plain numbers in the unit their name says (``_ms``, ``_s``).
+Durations are plain numbers in the unit their name says (``_ms``, ``_s``). Byte sizes
+(``Bytes``) are ints of bytes or strings with a unit: ``512MiB``, ``1GiB``, ``10MB``
+(gateway/config/sizes.py).
 """
 
 from __future__ import annotations
@@ -9,6 +11,11 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import msgspec
+
+from gateway.config.sizes import BYTES
+
+# A byte size; "512MiB" and the like are converted before validation.
+Bytes = Annotated[int, BYTES]
 
 
 class Listener(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -51,6 +58,8 @@ class MetricsListener(Listener, forbid_unknown_fields=True, kw_only=True):
 
     host: str = "127.0.0.1"
     port: int = 9100
+    # /healthz fails once a worker's event loop has not ticked for this long.
+    stall_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0
 
 
 class WebSocketListener(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -105,22 +114,24 @@ class Spool(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # "kafka": ack on the Kafka delivery report, spool only what Kafka cannot take now.
     # "write-ahead": ack after the spool fsync, for every message.
     mode: Literal["kafka", "write-ahead"] = "kafka"
-    max_bytes: int = 1 << 30
-    segment_bytes: int = 64 << 20
-    fsync_interval_ms: float = 5.0
+    max_bytes: Bytes = 1 << 30
+    segment_bytes: Bytes = 64 << 20
+    # Least time between the starts of two group-commit fsyncs; 0: the next batch is
+    # written as soon as the previous fsync ends (docs/spool.md, "Group commit").
+    fsync_interval_ms: float = 0.0
     # Hand a record to the spool when Kafka has not confirmed it within this time.
     spill_after_ms: int = 2_000
 
 
 class Buffer(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Bytes in flight to Kafka (or the spool) above which device reads pause.
-    high_water_bytes: int = 64 << 20
-    low_water_bytes: int = 32 << 20
+    high_water_bytes: Bytes = 64 << 20
+    low_water_bytes: Bytes = 32 << 20
 
 
 class Limits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_connections: int = 100_000  # MQTT (TCP, TLS, WebSocket) per worker process
-    max_packet_size: int = 1 << 20
+    max_packet_size: Bytes = 1 << 20
     max_inflight: int = 256  # MQTT 5 Receive Maximum and the 3.1.1 inflight bound
     connect_timeout_s: float = 10.0
     # The longest silence any MQTT connection gets (docs/mqtt.md, "Idle and partial input"):
@@ -132,16 +143,16 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # MQTT 5 Topic Alias Maximum (Mosquitto's default; 0: no aliases), and the bytes of
     # topic names one connection's aliases may hold (over it: DISCONNECT 0x97).
     topic_alias_maximum: Annotated[int, msgspec.Meta(ge=0, le=65_535)] = 10
-    topic_alias_max_bytes: Annotated[int, msgspec.Meta(ge=1)] = 64 << 10
+    topic_alias_max_bytes: Annotated[int, msgspec.Meta(ge=1), BYTES] = 64 << 10
     # Disconnected MQTT sessions kept per worker for a reconnect (0: none); over it the one
     # released longest ago is dropped, empty ones first (docs/sessions.md, "Bounds").
     max_sessions: Annotated[int, msgspec.Meta(ge=0)] = 100_000
     # Longer MQTT client ids are refused at CONNECT (MQTT 5: 0x85, 3.1.1: 0x02); MQTT
     # guarantees 23.
-    max_client_id_bytes: Annotated[int, msgspec.Meta(ge=23, le=65_535)] = 256
+    max_client_id_bytes: Annotated[int, msgspec.Meta(ge=23, le=65_535), BYTES] = 256
     # MQTT output a client has not read: above it the gateway stops reading that client,
     # and closes it when it stays above for slow_reader_timeout_s (docs/mqtt.md).
-    max_write_buffer_bytes: Annotated[int, msgspec.Meta(ge=4096)] = 64 << 10
+    max_write_buffer_bytes: Annotated[int, msgspec.Meta(ge=4096), BYTES] = 64 << 10
     slow_reader_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
     # New MQTT connections per second per worker (token bucket; burst 0: one second's
     # worth); over it MQTT 5 gets CONNACK 0x9F, 3.1.1 a close.  0: no limit (the default).
@@ -154,7 +165,7 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # offline; past it the policy drops the oldest or the newest (counted).
     downlink_queue: Annotated[int, msgspec.Meta(ge=1)] = 1_000
     downlink_full_policy: Literal["drop-oldest", "drop-newest"] = "drop-oldest"
-    http_max_body_bytes: int = 1 << 20
+    http_max_body_bytes: Bytes = 1 << 20
     http_max_batch_records: int = 1_000
     http_rate_per_client: float = 0.0  # requests/s; 0 = unlimited
     http_rate_burst: float = 0.0  # bucket size in requests; 0 = one second's worth
@@ -168,14 +179,14 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     http_max_connections: Annotated[int, msgspec.Meta(ge=0)] = 10_000
     # Request-body bytes being read or held per worker; a request that would go over it is
     # answered 503 before its body is read (0: off; a lone request always fits).
-    http_max_inflight_body_bytes: Annotated[int, msgspec.Meta(ge=0)] = 64 << 20
+    http_max_inflight_body_bytes: Annotated[int, msgspec.Meta(ge=0), BYTES] = 64 << 20
     idempotency_window_s: float = 300.0
     # Bounds on remembered Idempotency-Key answers; the oldest are forgotten first.  The
     # bytes count keys, caller scopes, answers and a fixed overhead per entry.
     idempotency_max_keys: int = 100_000
-    idempotency_max_bytes: int = 64 << 20
+    idempotency_max_bytes: Bytes = 64 << 20
     # Longer Idempotency-Key values are refused 400 (Stripe's bound).
-    idempotency_max_key_bytes: Annotated[int, msgspec.Meta(ge=1, le=8190)] = 255
+    idempotency_max_key_bytes: Annotated[int, msgspec.Meta(ge=1, le=8190), BYTES] = 255
 
 
 class Jwt(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -1,81 +1,158 @@
-"""The metrics listener: /metrics (Prometheus), /healthz (alive), /readyz (can take traffic)."""
+"""The metrics listener: /metrics (Prometheus), /healthz (liveness), /readyz (readiness).
+
+One server per gateway, on a thread of its own (stdlib ``http.server``): under the
+supervisor (``workers > 1``) the supervisor serves it, summing the workers'
+metrics files and judging health from every worker's status; a lone worker serves
+it itself.  Either way the answer is the whole gateway's, and a wedged event loop
+cannot stop the listener from saying so.  See ``gateway.observability.health``.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
-from collections.abc import Awaitable, Callable
+import socket
+import threading
+from collections.abc import Awaitable, Callable, Iterable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
 
 import structlog
-from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from gateway.config.schema import Listener
-from gateway.observability.metrics import Pump, Watched
+from gateway.config.schema import MetricsListener
+from gateway.observability.health import (
+    HEALTH_DIR_ENV,
+    KafkaWatch,
+    LocalSource,
+    PodSource,
+    StatusPublisher,
+    pod_families,
+    verdict,
+)
+from gateway.observability.metrics import Pump
+
+if TYPE_CHECKING:
+    from gateway.observability.health import Observed
 
 log = structlog.get_logger("lastmile.metrics")
 
 
-def _ready(app: Watched) -> tuple[bool, dict[str, object]]:
-    detail: dict[str, object] = {"worker": app.worker_id}
-    pipeline = app.pipeline
-    ok = pipeline is not None and not pipeline.flow.paused
-    counters: dict[str, object] = {}
-    if pipeline is not None:
-        detail["paused"] = pipeline.flow.paused
-        detail["buffer"] = pipeline.buffer.stats()
-        # Per priority: backlog_records/bytes, oldest_record_age_seconds, drain rate.
-        detail["spool"] = pipeline.buffer.drain()
-        counters.update(pipeline.counters)
-    if app.router is not None:
-        router = app.router
-        detail["rules_version"] = router.table.version
-        counters.update(routed=router.routed, dropped=router.dropped,
-                        dead_lettered=router.dead_lettered,
-                        refused=dict(router.refused_by_reason))
-    detail["counters"] = counters
-    return ok, detail
+class Exposition:
+    """What /metrics shows: the collectors given, then the pod's own families."""
+
+    def __init__(self, source: PodSource, collectors: Iterable[Any]) -> None:
+        self.source = source
+        self.collectors = list(collectors)
+
+    def collect(self) -> Iterable[Any]:
+        for collector in self.collectors:
+            yield from collector.collect()
+        yield from pod_families(self.source)
 
 
-async def start_metrics(app: Watched, listener: Listener, reuse_port: bool
+class MetricsServer:
+    """The listener thread; ``start`` raises OSError when the port cannot be bound."""
+
+    def __init__(self, listener: MetricsListener, source: PodSource, exposition: Any) -> None:
+        self.listener = listener
+        self.source = source
+        self.exposition = exposition
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        server_self = self
+
+        class Handler(BaseHTTPRequestHandler):
+            timeout = 10  # a client that sends nothing does not hold a thread long
+
+            def do_GET(self) -> None:
+                server_self.handle(self)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # stderr carries JSON log lines only
+
+        family = socket.AF_INET6 if ":" in self.listener.host else socket.AF_INET
+        server_cls = type("Server", (ThreadingHTTPServer,),
+                          {"address_family": family, "daemon_threads": True})
+        self._server = server_cls((self.listener.host, self.listener.port), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http",
+                                        daemon=True)
+        self._thread.start()
+        log.info("metrics_listening", host=self.listener.host, port=self.listener.port)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def handle(self, request: BaseHTTPRequestHandler) -> None:
+        path = request.path.split("?", 1)[0]
+        try:
+            if path == "/metrics":
+                self._reply(request, 200, generate_latest(self.exposition),
+                            CONTENT_TYPE_LATEST)
+            elif path == "/healthz":
+                result = verdict(self.source)
+                self._json(request, 200 if result.live else 503,
+                           {"live": result.live, "reasons": result.wedged})
+            elif path == "/readyz":
+                result = verdict(self.source)
+                self._json(request, 200 if result.ready else 503, result.body)
+            else:
+                self._json(request, 404, {"error": "not found",
+                                          "paths": ["/metrics", "/healthz", "/readyz"]})
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        except Exception:
+            log.exception("metrics_request_failed", path=path)
+            self._json(request, 500, {"error": "internal error (logged)"})
+
+    @staticmethod
+    def _json(request: BaseHTTPRequestHandler, status: int, body: object) -> None:
+        MetricsServer._reply(request, status, json.dumps(body).encode(), "application/json")
+
+    @staticmethod
+    def _reply(request: BaseHTTPRequestHandler, status: int, data: bytes, ctype: str) -> None:
+        request.send_response(status)
+        request.send_header("Content-Type", ctype)
+        request.send_header("Content-Length", str(len(data)))
+        request.end_headers()
+        request.wfile.write(data)
+
+
+async def start_metrics(app: Observed, listener: MetricsListener
                         ) -> Callable[[float], Awaitable[None]] | None:
-    """The metrics listener and its pump; returns the cleanup, or None when off."""
+    """This worker's metrics pump and status; the listener too when no supervisor serves it.
+
+    Returns the cleanup, or None when the metrics listener is off.
+    """
     if not listener.enabled:
         return None
-
-    registry = REGISTRY
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        # Under the supervisor: any worker answers with the sum over all workers.
-        from prometheus_client import multiprocess
-
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-
-    async def metrics(_request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(registry),
-                            headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    async def healthz(_request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
-    async def readyz(_request: web.Request) -> web.Response:
-        ok, detail = _ready(app)
-        return web.json_response({"ready": ok, **detail}, status=200 if ok else 503)
-
-    web_app = web.Application()
-    web_app.router.add_get("/metrics", metrics)
-    web_app.router.add_get("/healthz", healthz)
-    web_app.router.add_get("/readyz", readyz)
-    runner = web.AppRunner(web_app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, listener.host, listener.port, reuse_port=reuse_port or None)
-    await site.start()
-    log.info("metrics_listening", host=listener.host, port=listener.port)
-
+    kafka = KafkaWatch(app.sinks)
+    publisher = StatusPublisher(app, kafka, os.environ.get(HEALTH_DIR_ENV))
+    publisher.start()
+    app.status_changed = publisher.publish
     pump = asyncio.create_task(Pump(app).run(), name="metrics-pump")
+    server = None
+    if publisher.path is None:  # no supervisor: this worker serves the listener
+        source = LocalSource(app, publisher, listener.stall_timeout_s)
+        server = MetricsServer(listener, source, Exposition(source, [REGISTRY]))
+        try:
+            server.start()
+        except BaseException:
+            publisher.stop()
+            pump.cancel()
+            raise
 
     async def cleanup(_timeout: float) -> None:
+        app.status_changed = None
         pump.cancel()
-        await runner.cleanup()
+        publisher.stop()
+        if server is not None:
+            await asyncio.get_running_loop().run_in_executor(None, server.stop)
 
     return cleanup

@@ -2,7 +2,8 @@
 
 Both print for a person by default and one JSON document with ``--json``.
 Exit codes: 0 when the rules are valid (for ``test``: whatever the outcome, it is
-in the output), 1 when the rules are invalid or the input cannot be read.
+in the output), 1 when the rules are invalid or the input cannot be read, 2 when
+``check --config`` names a config that does not load.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +38,10 @@ def _error_dict(error: ConfigError) -> dict[str, object]:
     }
 
 
-def _load(directory: str, json_out: bool) -> RuleTable | None:
+def _load(directory: str, json_out: bool,
+          clusters: Collection[str] | None = None) -> RuleTable | None:
     try:
-        return load_rules(directory)
+        return load_rules(directory, clusters)
     except RulesError as exc:
         if json_out:
             errors = [_error_dict(e) for e in exc.errors]
@@ -50,8 +53,25 @@ def _load(directory: str, json_out: bool) -> RuleTable | None:
         return None
 
 
-def rules_check(directory: str = DEFAULT_DIR, json_out: bool = False) -> int:
-    table = _load(directory, json_out)
+def rules_check(directory: str | None = DEFAULT_DIR, json_out: bool = False,
+                config: str | None = None) -> int:
+    """Validate the rules; with ``config``, also that every cluster they name is in it
+    (the rules directory then defaults to the config's ``rules.dir``)."""
+    clusters: frozenset[str] | None = None
+    if config is not None:
+        from gateway.config import load_config
+
+        try:
+            # The TLS files may exist only where the gateway runs: not read here.
+            loaded = load_config(config, tls_files=False)
+        except ConfigError as exc:
+            for error in getattr(exc, "errors", None) or [exc]:
+                print(f"config error: {error}", file=sys.stderr)
+            return 2
+        clusters = frozenset(loaded.kafka.clusters)
+        directory = directory or loaded.rules.dir
+    directory = directory or DEFAULT_DIR
+    table = _load(directory, json_out, clusters)
     if table is None:
         return 1
     summary = {
@@ -208,9 +228,12 @@ def add_rules_parser(subparsers: Any) -> None:
     sub = rules.add_subparsers(dest="rules_command", required=True)
 
     check = sub.add_parser("check", help="validate every rule file; list every error")
-    check.add_argument("directory", nargs="?", default=DEFAULT_DIR)
+    check.add_argument("directory", nargs="?", default=None,
+                       help=f"rules directory (default: the config's rules.dir, or {DEFAULT_DIR})")
+    check.add_argument("--config", default=None, metavar="FILE",
+                       help="gateway settings YAML: also catch clusters it does not have")
     check.add_argument("--json", action="store_true", help="one JSON document for scripts")
-    check.set_defaults(func=lambda a: rules_check(a.directory, a.json))
+    check.set_defaults(func=lambda a: rules_check(a.directory, a.json, a.config))
 
     test = sub.add_parser("test", help="show exactly where a publish to TOPIC would go")
     test.add_argument("topic")

@@ -9,11 +9,12 @@ raising the first, and adds the rule name to each.
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
 from gateway.config import yamlsrc
+from gateway.config.sizes import BYTES, convert_sizes, size_paths
 from gateway.config.yamlsrc import format_path
 from gateway.errors import ConfigError
 
@@ -46,7 +47,7 @@ class KafkaSpec(_Spec):
 
 class PayloadSpec(_Spec):
     format: Literal["raw", "json"] = "raw"
-    max_bytes: int | None = None
+    max_bytes: Annotated[int, BYTES] | None = None  # or "64KiB" (gateway/config/sizes.py)
     on_invalid: Literal["dead-letter", "reject"] | None = None
 
 
@@ -151,10 +152,19 @@ def parse_yaml(text: str, file: str) -> tuple[Any, SourceMap]:
 
 def convert(data: Any, kind: type[T], smap: SourceMap, base: Path, rule: str = "") -> T | None:
     """msgspec.convert that records a located error and returns None on failure."""
+    skip = len(base) if base and base[0] in ("rules", "downlink") else 0
+    if kind not in _SIZE_PATHS:
+        _SIZE_PATHS[kind] = size_paths(kind)
+    bad_sizes = list(convert_sizes(data, _SIZE_PATHS[kind]))  # "64KiB" -> 65536
+    for path, message in bad_sizes:
+        smap.errors.append(smap.error(message, (*base, *path), rule, skip))
     try:
-        return msgspec.convert(data, kind)
+        value = msgspec.convert(data, kind)
     except msgspec.ValidationError as exc:
         message, path = yamlsrc.locate(exc, data)
-        skip = len(base) if base and base[0] in ("rules", "downlink") else 0
         smap.errors.append(smap.error(message, (*base, *path), rule, skip))
         return None
+    return None if bad_sizes else value
+
+
+_SIZE_PATHS: dict[Any, list[tuple[object, ...]]] = {}

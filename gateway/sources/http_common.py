@@ -12,6 +12,7 @@ import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
+from functools import partial
 
 import msgspec
 from aiohttp import web
@@ -182,6 +183,42 @@ def publish(pipeline: Pipeline, message: Message) -> asyncio.Future[Outcome]:
     return future
 
 
+async def publish_all(pipeline: Pipeline, todo: list[Message | Outcome | None]
+                      ) -> list[Outcome | None]:
+    """Every Message to the pipeline; the outcomes in the same order, once all are known.
+
+    An Outcome in ``todo`` stands as given, None stays None.  One future for the
+    whole list, so the handler wakes once rather than once per record.
+    """
+    collect = _Collect(len(todo))
+    for index, item in enumerate(todo):
+        if isinstance(item, Message):
+            pipeline.publish(item, partial(collect.done, index))
+        else:
+            collect.done(index, item)
+    if collect.remaining:
+        await collect.future
+    return collect.outcomes
+
+
+class _Collect:
+    """Outcomes by index; ``future`` resolves when the last one is known.  An outcome
+    arrives synchronously (a rule refused it) or later from the buffer."""
+
+    __slots__ = ("future", "outcomes", "remaining")
+
+    def __init__(self, n: int) -> None:
+        self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.outcomes: list[Outcome | None] = [None] * n
+        self.remaining = n
+
+    def done(self, index: int, outcome: Outcome | None) -> None:
+        self.outcomes[index] = outcome
+        self.remaining -= 1
+        if self.remaining == 0 and not self.future.done():  # the client may have gone
+            self.future.set_result(None)
+
+
 def check_topic(topic: str) -> None:
     """MQTT topic-name rules, so HTTP cannot publish what MQTT could not."""
     if not topic:
@@ -256,11 +293,21 @@ async def read_body(request: web.Request, max_bytes: int, timeout_s: float,
         raise BodyTooLarge(f"body is {length} bytes; the limit is {max_bytes}")
     if hold is not None and length:
         hold.grow_to(length)
+    stream = request.content
+    if stream.is_eof():
+        # The whole body came with the head (the usual small POST): nothing to wait
+        # for, so neither the timer nor the chunk loop.
+        body = stream.read_nowait()
+        if len(body) > max_bytes:
+            raise BodyTooLarge(f"body exceeds {max_bytes} bytes")
+        if hold is not None:
+            hold.grow_to(len(body))
+        return body
     chunks: list[bytes] = []
     size = 0
     try:
         async with asyncio.timeout(timeout_s):
-            async for chunk in request.content.iter_any():
+            async for chunk in stream.iter_any():
                 size += len(chunk)
                 if size > max_bytes:
                     raise BodyTooLarge(f"body exceeds {max_bytes} bytes")

@@ -24,6 +24,7 @@ from aiohttp import web
 
 from gateway.errors import GatewayError, Unavailable
 from gateway.model import Message, Outcome
+from gateway.observability.latency import Latency
 from gateway.pipeline import Pipeline
 from gateway.sources import rest_proxy
 from gateway.sources.http_auth import AnonymousOnly, Caller, HttpAuth
@@ -92,6 +93,8 @@ class HttpIngest:
         self.bodies = BodyBudget(limits.http_max_inflight_body_bytes)
         self.body_timeouts = 0  # 408: the body did not arrive within http_body_timeout_s
         self.long_keys = 0  # 400: an Idempotency-Key over idempotency_max_key_bytes
+        # Request received -> 2xx answer ready, per listener (lastmile_ack_latency_seconds).
+        self.ack_latency = {"http": Latency(), "https": Latency()}
 
     def refused(self) -> dict[str, int]:
         """Requests and connections refused by a bound, by reason (for /metrics)."""
@@ -119,6 +122,15 @@ class HttpIngest:
 
     async def _gate(self, request: web.Request, handler: Handler,
                     on_error: OnError = error_response) -> web.Response:
+        started = time.monotonic()
+        response = await self._gated(request, handler, on_error)
+        if response.status < 300:  # the ack: accepted and safe (or 202 accepted)
+            self.ack_latency["https" if request.secure else "http"].observe(
+                time.monotonic() - started)
+        return response
+
+    async def _gated(self, request: web.Request, handler: Handler,
+                     on_error: OnError) -> web.Response:
         hold = self.bodies.hold()  # this request's share of the in-flight body budget
         try:
             caller = await self.auth.identify(request)
@@ -204,7 +216,8 @@ class HttpIngest:
             user_properties=_user_properties(request), received_at=time.time(),
         )
         future = publish(self.pipeline, message)
-        if request.query.get("async", "").lower() in ("1", "true", "yes") and not future.done():
+        if (request.query_string and not future.done()
+                and request.query.get("async", "").lower() in ("1", "true", "yes")):
             # Routing already ran (it is synchronous), so a refusal is never a 202.
             future.add_done_callback(_log_async_failure)
             return json_response({"accepted": True}, 202)

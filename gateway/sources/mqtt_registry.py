@@ -285,7 +285,7 @@ class SharedSessions(SessionStore):
         handover = self._handovers.get(client_id)
         if handover is None or handover.claim != claim:
             return
-        log.warning("mqtt_handover_timeout", client_id=client_id, worker=handover.prev)
+        log.warning("mqtt_handover_timeout", client_id=client_id, owner_worker=handover.prev)
         self.db.rename_claim(client_id, claim)  # its late answer must not be written
         self._finish(client_id)
 

@@ -69,6 +69,7 @@ import structlog
 
 from gateway.auth import AuthRefusal, Credentials, Identity
 from gateway.model import Message, Outcome
+from gateway.observability.latency import Latency
 from gateway.protocols.mqtt.events import (
     AuthRequested,
     Connected,
@@ -88,6 +89,9 @@ if TYPE_CHECKING:
     from gateway.sources.mqtt_registry import SharedSessions
 
 __all__ = ["MqttLimits", "MqttServer"]
+
+
+_monotonic = time.monotonic
 
 
 class FlowLike(Protocol):
@@ -162,6 +166,9 @@ class MqttServer:
         self._sweep_interval = sweep_interval
         self._sweeper: asyncio.Task[None] | None = None
         self._unsubscribe: Any = None
+        # Receive -> ack queued for writing, per listener (mqtt, mqtts, ws): plain counts
+        # the metrics pump copies (lastmile_ack_latency_seconds).
+        self.ack_latency: dict[str, Latency] = {}
         # Connections with acks queued since the last flush (one call_soon per batch).
         self._dirty: set[MqttConnection] = set()
         self._flush_scheduled = False
@@ -188,9 +195,10 @@ class MqttServer:
         *, reuse_port: bool = False, backlog: int = 1024,
     ) -> None:
         loop = asyncio.get_running_loop()
+        latency = self.latency_for("mqtts" if ssl is not None else "mqtt")
         server = await loop.create_server(
-            lambda: MqttConnection(self), host, port, ssl=ssl, reuse_port=reuse_port or None,
-            backlog=backlog,
+            lambda: MqttConnection(self, latency), host, port, ssl=ssl,
+            reuse_port=reuse_port or None, backlog=backlog,
         )
         # Accepted sockets inherit the listener's send buffer (Linux): bound what the
         # kernel holds for a client that does not read, so the write-side pause
@@ -278,6 +286,13 @@ class MqttServer:
         if token.qos == 2 and self.shared is not None:
             self.shared.verdict(token, token.reason_code)  # another worker may wait for it
 
+    def latency_for(self, listener: str) -> Latency:
+        """The ack-latency counts of one listener kind (made on first use)."""
+        latency = self.ack_latency.get(listener)
+        if latency is None:
+            latency = self.ack_latency[listener] = Latency()
+        return latency
+
     def deliver(self, token: PublishToken, code: int, reason: str | None, *,
                 retriable: bool = True) -> None:
         """Ack ``token`` and write the ack on the connection that now waits for it.
@@ -289,6 +304,8 @@ class MqttServer:
         # The token follows a client that reconnected: write on its current connection.
         conn = token.session.context
         if isinstance(conn, MqttConnection):
+            if token.qos and token.received:  # written in this turn's flush (QoS 0: no ack)
+                conn.latency.observe(_monotonic() - token.received)
             if events:
                 # The verdict ended the session (3.1.1): log it, write what is left, close.
                 conn.handle_events(events)
@@ -420,11 +437,13 @@ class MqttServer:
 
 class MqttConnection(asyncio.Protocol):
     # Kept small: one per device. Shared things (limits, pipeline) live on the server.
-    __slots__ = ("_reading", "_waiting", "_write_paused", "cert_identity", "held", "server",
-                 "session", "source", "transport")
+    __slots__ = ("_reading", "_waiting", "_write_paused", "cert_identity", "held", "latency",
+                 "server", "session", "source", "transport")
 
-    def __init__(self, server: MqttServer) -> None:
+    def __init__(self, server: MqttServer, latency: Latency | None = None) -> None:
         self.server = server
+        # Its listener's ack-latency counts (shared: one reference per connection).
+        self.latency = latency if latency is not None else server.latency_for("mqtt")
         loop = asyncio.get_running_loop()
         self.session = MqttSession(server.limits, server.store, loop.time(),
                                    authenticate=server.auth is not None)
@@ -566,8 +585,10 @@ class MqttConnection(asyncio.Protocol):
             publish = self.server.pipeline.publish
             on_done = self.server.on_done
             received_at = time.time()
+            received = _monotonic()
             for event in events:
                 if isinstance(event, PublishReceived):
+                    event.token.received = received
                     publish(self._message(event, received_at), partial(on_done, event.token))
                 elif isinstance(event, Connected):
                     self._register(event)

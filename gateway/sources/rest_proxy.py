@@ -15,7 +15,6 @@ own stable ``error`` code rides along in those bodies.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import time
@@ -44,7 +43,7 @@ from gateway.sources.http_common import (
     check_topic,
     error_headers,
     media_type,
-    publish,
+    publish_all,
 )
 
 RESPONSE_TYPE = "application/vnd.kafka.v2+json"
@@ -185,7 +184,8 @@ async def produce(pipeline: Pipeline, request: web.Request, caller: Caller,
     messages = _messages(body, fmt, topic, caller, max_records)
     redo = [i for i in range(len(messages))
             if earlier is None or i >= len(earlier) or earlier[i] is None]
-    outcomes = await asyncio.gather(*(publish(pipeline, messages[i]) for i in redo))
+    found = await publish_all(pipeline, [messages[i] for i in redo])
+    outcomes = [o for o in found if o is not None]
     if earlier is None:
         refused = [o for o in outcomes if not o.ok]
         if len(refused) == len(outcomes) and refused[0].error is not None:

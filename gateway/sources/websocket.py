@@ -171,7 +171,7 @@ class MqttOverWebSocket:
             await ws.close(code=CLOSE_PROTOCOL, message=b"subprotocol mqtt required")
             return ws
         transport = WebSocketTransport(ws, request)
-        conn = MqttConnection(server)
+        conn = MqttConnection(server, server.latency_for("ws"))
         transport.set_protocol(conn)
         conn.connection_made(transport)  # type: ignore[arg-type]
         writer = asyncio.create_task(transport.run_writer(), name="ws-writer")

@@ -71,7 +71,7 @@ def refused(reason: str) -> str:
 
 
 def state(name: str) -> str:
-    return f'lastmile_http_state{{name="{name}"}}'
+    return f"lastmile_http_{name}"
 
 
 async def until(check: Callable[[], Awaitable[object]], timeout: float, what: str) -> object:

@@ -67,7 +67,7 @@ def test_readme_walkthrough_on_the_shipped_config(tmp_path: Path) -> None:
             checked += 1
         elif command.endswith("/readyz"):
             body = json.loads(stdout)
-            assert body["ready"] is True and body["rules_version"] and body["counters"]
+            assert body["ready"] is True and body["rules_version"] and body["workers"]
             checked += 1
         elif "/v1/publish/" in command:
             assert json.loads(stdout)["deliveries"][0]["topic"] == "mobile.events", stdout

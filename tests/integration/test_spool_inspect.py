@@ -70,3 +70,30 @@ def test_inspect_of_a_missing_spool_exits_2(tmp_path: Path) -> None:
     out = inspect(str(tmp_path / "nothing-here"))
     assert out.returncode == 2
     assert "no spool directory" in out.stderr
+
+
+def test_inspect_of_a_fresh_spool_says_empty(gateway_factory: Any, tmp_path: Path) -> None:
+    # A gateway that started and stopped with Kafka up never spooled: no ledger, no segment.
+    gw, ports = gateway_factory()
+    gw.start(wait_for=("127.0.0.1", ports["mqtt"]))
+    assert gw.stop() == 0
+    assert (tmp_path / "spool" / "worker-0").is_dir()
+    out = inspect(str(tmp_path / "spool"))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == (f"spool {tmp_path / 'spool'}: empty, nothing waiting for "
+                                  "Kafka (1 worker spool(s))")
+    assert "damaged" not in out.stdout
+    report = json.loads(inspect(str(tmp_path / "spool"), "--json").stdout)
+    assert report["empty"] is True and report["records"] == 0
+    assert report["workers"]["worker-0"]["ledger"] == "empty"
+
+
+def test_inspect_of_a_damaged_ledger_says_damaged(tmp_path: Path) -> None:
+    worker = tmp_path / "spool" / "worker-0"
+    worker.mkdir(parents=True)
+    (worker / "ledger").write_bytes(b"LML1 torn")  # there, but not a ledger
+    out = inspect(str(tmp_path / "spool"))
+    assert out.returncode == 1, out.stdout
+    assert "ledger: watermark 0, DAMAGED: every record on disk replays" in out.stdout
+    report = json.loads(inspect(str(tmp_path / "spool"), "--json").stdout)
+    assert report["empty"] is False and report["workers"]["worker-0"]["ledger"] == "damaged"

@@ -337,8 +337,9 @@ def test_a_verdict_still_due_at_the_takeover_reaches_the_new_worker(
         device.client.publish(topic, b"warm-up", qos=1).wait_for_publish(30)  # the topic exists
         fresh_broker.pause()
         info = device.client.publish(topic, b"late", qos=2)
-        wait_for(lambda: metric(ports["metrics"], 'lastmile_kafka_in_flight{cluster="default"}')
-                 >= 1, 30, "the message to reach the producer")
+        in_flight = 'lastmile_kafka_in_flight_records{cluster="default"}'
+        wait_for(lambda: metric(ports["metrics"], in_flight) >= 1, 30,
+                 "the message to reach the producer")
 
         proxy.upstream_port = port_for(port, pids[1], pids)
         proxy.cut()

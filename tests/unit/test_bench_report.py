@@ -69,3 +69,35 @@ def test_plans_are_bounded() -> None:
         for sc in plan.scenarios[1:]:
             assert sc.args["connections"] == 100 and sc.args["payload-size"] == 100
             assert sc.args["duration"] <= 15
+
+
+def test_floors_and_targets_say_met_or_not_met() -> None:
+    """The issue 15 table: floors beside PUBACK per spool mode, CPU µs/msg, and each
+    target judged against figures of the same run (or "not measured")."""
+    lm = {"status": "measured", "results": {
+        "qos1_max": {"acked_per_s": 40_000.0, "error_count": 0},
+    }}
+    data = _data(lm)
+    data["mosquitto"]["results"]["qos1_rate"] = {
+        "puback_latency_ms": {"p50": 1.6, "p99": 3.5}, "server_cpu_us_per_msg": 13.0}
+    data["floors"] = {"kafka": {"delivery_ms": {"p50": 5.0, "p99": 9.9}},
+                      "fsync": {"fdatasync_ms": {"p50": 0.18, "p99": 0.34}}}
+    data["modes"] = {
+        report.MODE_DEFAULT: {"puback_latency_ms": {"p50": 6.5, "p99": 40.0},
+                              "server_cpu_us_per_msg": 28.0},
+        report.MODE_WRITE_AHEAD: {"puback_latency_ms": {"p50": 2.0, "p99": 9.0},
+                                  "server_cpu_us_per_msg": 35.0},
+    }
+    md = report.markdown(data)
+    assert "| Kafka floor: bare producer, acks=all, idempotent, linger 5 ms, delivery report" \
+           " | 5.00 | 9.90 | not measured |" in md
+    assert "| fsync floor: write 2 KB + fdatasync | 0.18 | 0.34 | not measured |" in md
+    assert "| Lastmile PUBACK, spool write-ahead (ack on local fsync) | 2.00 | 9.00 | 35.0 |" in md
+    # 9.0 > 2.5 x 3.5 = 8.75: not met; 6.5 <= 5 + 2 and 40 <= 9.9 + 20 is false.
+    assert "| write-ahead PUBACK p99 <= 2.5x Mosquitto's p99 (8.75 ms) | 9.00 | **not met** |" in md
+    assert "| default mode PUBACK p50 <= Kafka floor p50 + 2 ms (7.00 ms) | 6.50 | met |" in md
+    assert "| default mode PUBACK p99 <= Kafka floor p99 + 20 ms (29.90 ms) | 40.00 " \
+           "| **not met** |" in md
+    assert "(default mode) | 28.0 | met |" in md
+    assert "| QoS 1 end to end >= 0.8x Mosquitto's QoS 1 ingest | 0.50x | **not met** |" in md
+    assert "| QoS 0 >= 0.4x Mosquitto | not measured | not measured |" in md

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import load_config, producer_settings
+from gateway.config import ConfigErrors, load_config, producer_settings
 from gateway.errors import ConfigError
 from tests.helpers import ANON, ROOT
 
@@ -101,3 +101,67 @@ def test_librdkafka_passthrough_and_typed_settings() -> None:
     assert settings["bootstrap.servers"] == "k:9092"
     assert settings["acks"] == "all" and settings["enable.idempotence"] is True
     assert settings["batch.num.messages"] == 5000 and settings["client.id"] == "edge-gw"
+
+
+def test_every_error_is_listed_at_once_in_line_order(tmp_path: Path) -> None:
+    path = write(tmp_path, """\
+workers: 0
+listeners:
+  mqtt:
+    prot: 1884
+  http:
+    port: abc
+spool:
+  max_bytes: 10 GiBs
+  mode: sometimes
+log:
+  level: info
+  level: debug
+""")
+    with pytest.raises(ConfigErrors) as info:
+        load_config(path, env={**ANON, "LASTMILE_METRICS_TYPO__PORT": "1",
+                               "LASTMILE_LISTENERS__METRICS__PORT": "70000"})
+    found = [(e.file, e.line, e.key) for e in info.value.errors]
+    f = str(path)
+    assert found == [
+        (f, 1, "workers"), (f, 4, "listeners.mqtt.prot"), (f, 6, "listeners.http.port"),
+        (f, 8, "spool.max_bytes"), (f, 9, "spool.mode"), (f, 12, "log.level"),
+        ("$LASTMILE_LISTENERS__METRICS__PORT", None, "listeners.metrics.port"),
+        ("$LASTMILE_METRICS_TYPO__PORT", None, "metrics_typo"),
+    ], found
+    # The first error's location is the exception's own, for callers that read one.
+    assert (info.value.file, info.value.line, info.value.key) == (f, 1, "workers")
+    text = str(info.value)
+    assert text.startswith("8 errors:\n") and f"{f}:9: spool.mode: Invalid enum" in text
+
+
+def test_a_dropped_bad_value_causes_no_second_error(tmp_path: Path) -> None:
+    # low_water_bytes is unreadable; its default (32 MiB) is above the 16 MiB high water
+    # mark, but that comparison is not the operator's mistake: one error, not two.
+    path = write(tmp_path, "buffer:\n  high_water_bytes: 16MiB\n  low_water_bytes: lots\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env=ANON)
+    assert not isinstance(info.value, ConfigErrors)
+    assert (info.value.line, info.value.key) == (3, "buffer.low_water_bytes")
+
+
+def test_cross_field_errors_are_all_listed(tmp_path: Path) -> None:
+    path = write(tmp_path, """\
+auth:
+  allow_anonymous: false
+buffer:
+  high_water_bytes: 1MiB
+  low_water_bytes: 2MiB
+kafka:
+  clusters:
+    default:
+      bootstrap_servers: " "
+      producer: {linger.ms: 5}
+""")
+    with pytest.raises(ConfigErrors) as info:
+        load_config(path, env={})
+    assert [(e.line, e.key) for e in info.value.errors] == [
+        (2, "auth.allow_anonymous"), (5, "buffer.low_water_bytes"),
+        (9, "kafka.clusters.default.bootstrap_servers"),
+        (10, "kafka.clusters.default.producer.linger.ms"),
+    ]

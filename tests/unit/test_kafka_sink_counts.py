@@ -61,7 +61,7 @@ def test_in_flight_is_zero_once_every_report_was_handled() -> None:
         sink.produce(Record(cluster="default", topic="t", value=b"%d" % i), on_result)
     assert sink.in_flight == 2
     callbacks, producer.callbacks = producer.callbacks, []
-    for callback in callbacks:  # what poll() does on the poll thread
+    for callback in callbacks:  # what poll() does (on the loop)
         callback(None, FakeMessage("t"))
     assert sink.in_flight == 2  # reported by librdkafka, not yet handled on the loop
     sink._dispatch(sink._take_reports())

@@ -253,3 +253,37 @@ async def test_unknown_cluster_fails_the_ack_and_spools_nothing(tmp_path: Path, 
     assert "no Kafka cluster named 'nope'" in str(outcomes[0].error)
     assert sink.pending == [] and buf.spool.next_seq == 0 and buf.mem_bytes == 0
     await buf.close(1.0)
+
+
+async def test_write_ahead_replays_from_memory_then_from_disk_when_behind(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A caught-up replayer takes just-fsynced records from memory (no disk read); when
+    it cannot (here: told so), the disk read picks up exactly where memory stopped."""
+    sink = FakeSink()
+    buf = make(tmp_path, sink, mode="write-ahead")
+    reads: list[int] = []
+    read = buf.spool.read
+
+    def counted(cursor: int, max_records: int) -> Any:
+        reads.append(cursor)
+        return read(cursor, max_records)
+
+    monkeypatch.setattr(buf.spool, "read", counted)
+    await buf.start()
+    client = Client(buf)
+    for i in range(200):
+        client.send(b"%d" % i)
+        if i % 50 == 49:
+            await until(lambda n=i + 1: len(client.acked()) == n)  # type: ignore[misc]
+    await until(lambda: len(sink.pending) == 200)
+    assert reads == []  # every batch came from memory
+    sink.deliver()
+    monkeypatch.setattr(buf.replayer, "offer", lambda records: False)
+    for i in range(200, 400):
+        client.send(b"%d" % i)
+    await until(lambda: len(sink.pending) == 200)
+    assert reads and reads[0] == 200  # the disk read starts where memory stopped
+    sink.deliver()
+    assert sink.log == [b"%d" % i for i in range(400)]  # in order, no gap, no duplicate
+    await until(lambda: buf.stats()["spool_records"] == 0)
+    await buf.close(2.0)

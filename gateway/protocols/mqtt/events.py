@@ -70,7 +70,8 @@ class PublishToken:
     """
 
     __slots__ = (
-        "done", "packet_id", "qos", "reason_code", "reason_string", "retriable", "sent", "session",
+        "done", "packet_id", "qos", "reason_code", "reason_string", "received", "retriable", "sent",
+        "session",
     )
 
     def __init__(self, session: MqttSession, qos: int, packet_id: int) -> None:
@@ -82,6 +83,7 @@ class PublishToken:
         self.reason_code = 0
         self.reason_string: str | None = None
         self.retriable = True  # a failure may succeed later (see MqttSession.ack)
+        self.received = 0.0  # monotonic time the I/O layer read it (ack latency)
 
     def __repr__(self) -> str:
         return f"PublishToken(qos={self.qos}, packet_id={self.packet_id}, done={self.done})"
