@@ -189,9 +189,18 @@ class App:
             self.http, http_cleanup = http
             self._cleanups.append(("http listener", http_cleanup))
         if mqtt_enabled(cfg):
-            self.mqtt, mqtt_cleanup = await start_mqtt(pipeline, cfg, self.reuse_port,
-                                                        self.worker_id, auth=auth)
+            from gateway.downlink.service import start_downlink
+
+            router = self.router
+            assert router is not None
+            downlink = await start_downlink(lambda: router.table.downlink, cfg, self.bootstrap,
+                                            self.worker_id)  # before the first SUBSCRIBE
+            self.mqtt, mqtt_cleanup = await start_mqtt(
+                pipeline, cfg, self.reuse_port, self.worker_id, auth=auth,
+                downlink=downlink[0] if downlink is not None else None)
             self._cleanups.append(("mqtt listeners", mqtt_cleanup))
+            if downlink is not None:  # runs before the listeners close: commits what was acked
+                self._cleanups.append(("downlink", downlink[1]))
 
     # --- running -----------------------------------------------------------------
 

@@ -161,6 +161,10 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Open MQTT connections per source address per worker; more are closed unread.
     # 0: no limit (the default: devices behind carrier NAT share addresses).
     max_connections_per_source: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # Downlink (docs/downlink.md): messages queued per subscribing MQTT client, online or
+    # offline; past it the policy drops the oldest or the newest (counted).
+    downlink_queue: Annotated[int, msgspec.Meta(ge=1)] = 1_000
+    downlink_full_policy: Literal["drop-oldest", "drop-newest"] = "drop-oldest"
     http_max_body_bytes: Bytes = 1 << 20
     http_max_batch_records: int = 1_000
     http_rate_per_client: float = 0.0  # requests/s; 0 = unlimited
@@ -212,6 +216,18 @@ class Log(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     format: Literal["auto", "json", "console"] = "auto"
 
 
+class Downlink(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Kafka to devices (docs/downlink.md); the rules are the ``downlink:`` sections."""
+
+    # Publish a client's will through the uplink rules when its connection ends without
+    # DISCONNECT (MQTT 5 will delay honoured).  Off: wills are dropped, as before.
+    wills: bool = False
+    # Presence events (connect, disconnect with reason, keep-alive timeout, takeover) as JSON
+    # records to this Kafka topic, keyed by client id; None: none.
+    presence_topic: str | None = None
+    presence_cluster: str = "default"
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     workers: int = 1
     shutdown_timeout_s: float = 15.0
@@ -223,3 +239,4 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     limits: Limits = msgspec.field(default_factory=Limits)
     auth: Auth = msgspec.field(default_factory=Auth)
     log: Log = msgspec.field(default_factory=Log)
+    downlink: Downlink = msgspec.field(default_factory=Downlink)

@@ -268,6 +268,19 @@ class Grant(NamedTuple):
     rules: tuple[str, ...]  # the rules serving the filter (all permit the client)
 
 
+# A record header with the QoS it was published at (an uplink rule writes it with
+# ``headers: {mqtt-qos: "{qos}"}``): delivery never goes above it, as a broker's would not.
+QOS_HEADER = "mqtt-qos"
+_QOS_VALUES = {b"0": 0, b"1": 1, b"2": 2}
+
+
+def publisher_qos(record: ConsumedRecord) -> int:
+    for name, value in record.headers:
+        if name == QOS_HEADER and value is not None:
+            return _QOS_VALUES.get(value, 2)
+    return 2
+
+
 class DownlinkRules:
     """The compiled ``downlink:`` sections of a rules directory; immutable."""
 
@@ -290,6 +303,7 @@ class DownlinkRules:
         """Every rule's delivery for ``record``, in file order, and why any rule had none."""
         deliveries: list[Delivery] = []
         skipped: list[Skipped] = []
+        cap = publisher_qos(record)
         for rule in self.by_topic.get((record.cluster, record.topic), ()):
             assert rule.topic is not None  # a loaded table has every template
             try:
@@ -299,7 +313,7 @@ class DownlinkRules:
                 continue
             payload = record.value or b""
             deliveries.append(
-                Delivery(rule.name, topic, rule.qos, rule.retain, payload,
+                Delivery(rule.name, topic, min(rule.qos, cap), rule.retain, payload,
                          rule.retain and not payload)
             )
         return deliveries, skipped

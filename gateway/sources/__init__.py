@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from gateway.auth import Authenticator
     from gateway.config.schema import Config
+    from gateway.downlink.service import Downlink
     from gateway.pipeline import Pipeline
     from gateway.sources.mqtt_server import MqttServer
 
@@ -25,7 +26,8 @@ def mqtt_enabled(config: Config) -> bool:
 
 
 async def start_mqtt(pipeline: Pipeline, config: Config, reuse_port: bool, worker_id: int = 0,
-                     *, auth: Authenticator | None = None) -> tuple[MqttServer, Cleanup]:
+                     *, auth: Authenticator | None = None,
+                     downlink: Downlink | None = None) -> tuple[MqttServer, Cleanup]:
     """The MQTT server (TCP and TLS listeners; WebSocket clients reach it through HTTP).
 
     ``auth`` decides every CONNECT (TCP, TLS and WebSocket alike); None lets every
@@ -57,6 +59,20 @@ async def start_mqtt(pipeline: Pipeline, config: Config, reuse_port: bool, worke
     # Under the supervisor (workers > 1) client ids and QoS 2 ids are shared by the workers.
     shared = open_shared(worker_id, limits, asyncio.get_running_loop().time())
     server = MqttServer(pipeline, limits, shared=shared, auth=auth)
+    server.downlink = downlink  # Kafka -> subscribers (None: SUBSCRIBE is refused)
+    down = config.downlink
+    if down.presence_topic and down.presence_cluster not in config.kafka.clusters:
+        from gateway.errors import ConfigError
+
+        raise ConfigError(f"downlink.presence_cluster '{down.presence_cluster}' is not a "
+                          "cluster of kafka.clusters", key="downlink.presence_cluster")
+    if down.wills or down.presence_topic:
+        from gateway.downlink.wills import Lifecycle, Presence, Wills
+
+        server.lifecycle = Lifecycle(
+            Wills(pipeline.publish) if down.wills else None,
+            Presence(pipeline.buffer.submit, down.presence_topic, down.presence_cluster)
+            if down.presence_topic else None)
     server.start_background()  # also for MQTT over WebSocket with no TCP listener
     if listeners.mqtt.enabled:
         await server.start(listeners.mqtt.host, listeners.mqtt.port, reuse_port=reuse_port)
@@ -70,6 +86,8 @@ async def start_mqtt(pipeline: Pipeline, config: Config, reuse_port: bool, worke
         tls.start()
 
     async def close(timeout: float) -> None:
+        if server.lifecycle is not None:
+            server.lifecycle.close()
         if tls is not None:
             await tls.close()
         await server.stop_accepting()

@@ -85,6 +85,8 @@ from gateway.protocols.mqtt.store import SessionStore
 
 if TYPE_CHECKING:
     from gateway.auth import Authenticator
+    from gateway.downlink.service import Downlink
+    from gateway.downlink.wills import Lifecycle
     from gateway.sources.mqtt_registry import SharedSessions
 
 __all__ = ["MqttLimits", "MqttServer"]
@@ -177,6 +179,8 @@ class MqttServer:
         self._dirty: set[MqttConnection] = set()
         self._flush_scheduled = False
         self._debug: bool | None = None  # debug logs enabled (decided on first use)
+        self.downlink: Downlink | None = None  # Kafka -> subscribers (gateway.downlink.service)
+        self.lifecycle: Lifecycle | None = None  # wills and presence (gateway.downlink.wills)
 
     @property
     def debug(self) -> bool:
@@ -631,6 +635,8 @@ class MqttConnection(asyncio.Protocol):
             del server.registry[self.session.client_id]
         try:
             self.handle_events(self.session.connection_lost(asyncio.get_running_loop().time()))
+            if server.downlink is not None:
+                server.downlink.detach(self, self.session.expiry_interval)
         except Exception:
             self._crash("connection_lost")
 
@@ -652,6 +658,9 @@ class MqttConnection(asyncio.Protocol):
                         closes = self.server.limit_closes
                         closes[event.limit] = closes.get(event.limit, 0) + 1
                     self._log_disconnect(event)
+                    if self.server.lifecycle is not None:
+                        self.server.lifecycle.disconnected(self, event.reason_code, event.reason,
+                                                           event.will_due, event.limit)
                 elif isinstance(event, AuthRequested):
                     self._authenticate(event)
         self._flush()
@@ -670,6 +679,8 @@ class MqttConnection(asyncio.Protocol):
             self._write_paused = False
             self.server.write_paused.pop(self, None)
             self.update_reading()
+            if self.server.downlink is not None:
+                self.server.downlink.writable(self)
 
     def close_slow_reader(self) -> None:
         """Output unread above the bound for limits.slow_reader_timeout (the sweep): end
@@ -719,6 +730,11 @@ class MqttConnection(asyncio.Protocol):
             else:
                 transport.pause_reading()
 
+    @property
+    def downlink(self) -> Downlink | None:
+        """The session's hook to the downlink (gateway.downlink.hook)."""
+        return self.server.downlink
+
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
@@ -728,6 +744,8 @@ class MqttConnection(asyncio.Protocol):
         if self.held:
             self.held = False
             self.after_ack()
+            if self.server.downlink is not None:
+                self.server.downlink.writable(self)  # what queued while held
 
     # --- authentication ----------------------------------------------------------------
 
@@ -834,6 +852,10 @@ class MqttConnection(asyncio.Protocol):
                 old.abort()  # it never got its CONNACK
             else:
                 old.handle_events(old.session.takeover())
+        if self.server.downlink is not None:
+            self.server.downlink.attach(self, event)
+        if self.server.lifecycle is not None:
+            self.server.lifecycle.connected(self, event.client_id)
         shared = self.server.shared
         if shared is not None and shared.connected(self, event.client_id):
             self.held = True

@@ -68,6 +68,16 @@ def test_a_record_maps_to_topic_qos_retain_with_payload_unchanged(tmp_path: Path
     assert down.route(_rec("commands", cluster="other")) == ([], [])
 
 
+@pytest.mark.parametrize(("header", "qos"), [
+    (b"0", 0), (b"1", 1), (b"2", 1), (b"bogus", 1), (None, 1)])
+def test_the_mqtt_qos_header_caps_the_delivery_qos(
+        tmp_path: Path, header: bytes | None, qos: int) -> None:
+    """An uplink rule's ``mqtt-qos: "{qos}"``: a message never leaves above its QoS."""
+    down = _load(tmp_path, ISSUE_RULES)
+    deliveries, _ = down.route(_rec("commands", headers=(("mqtt-qos", header),)))
+    assert [d.qos for d in deliveries] == [qos]
+
+
 @pytest.mark.parametrize("value", [b"", None])
 def test_an_empty_value_on_a_retained_rule_deletes(tmp_path: Path, value: bytes | None) -> None:
     down = _load(tmp_path, ISSUE_RULES)

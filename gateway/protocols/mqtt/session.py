@@ -23,11 +23,10 @@ the same message back on every reconnect.  (A message sent to the dead-letter
 topic counts as safe: the application answers 0x00.)  ``ack`` returns the
 events it causes, like every other entry point.
 
-Downlink (designed, not built): sending PUBLISH needs the client's limits,
-which ``_on_connect`` already keeps (``client_receive_maximum``,
-``client_max_packet_size``, ``client_topic_alias_maximum``), an outbound packet
-id allocator, and an outbound map packet id -> message answered by PUBACK /
-PUBREC / PUBCOMP, which today are refused as protocol errors.
+Downlink: SUBSCRIBE, UNSUBSCRIBE, the acks of outgoing PUBLISH and the CONNECT
+(clean start) go to ``context.downlink`` when there is one (``_downlink``;
+gateway/downlink/service.py); without it SUBSCRIBE is refused and those acks
+are protocol errors.
 
 Authentication.  A session made with ``authenticate=True`` does not answer a
 valid CONNECT by itself: it emits ``AuthRequested`` and waits in
@@ -50,6 +49,7 @@ from collections.abc import Callable
 import msgspec
 
 from gateway.auth import REFUSAL_CODES, AuthRefusal, Identity
+from gateway.downlink.hook import DownlinkHook
 from gateway.errors import GatewayError, ProtocolError
 from gateway.protocols.mqtt import packets as p
 from gateway.protocols.mqtt.codec import (
@@ -516,10 +516,14 @@ class MqttSession:
         elif isinstance(packet, p.Subscribe):
             return self._on_subscribe(packet)
         elif isinstance(packet, p.Unsubscribe):
+            if self._downlink(packet):
+                return None
             codes = [0x11] * len(packet.topic_filters) if self.version == 5 else []
             return self._send(p.Unsuback(packet_id=packet.packet_id, reason_codes=codes))
         elif isinstance(packet, p.Disconnect):
             return self._on_disconnect(packet)
+        elif isinstance(packet, (p.Puback, p.Pubrec, p.Pubcomp)) and self._downlink(packet):
+            return None  # an ack of a PUBLISH the downlink sent
         raise ProtocolError(f"unexpected {type(packet).__name__} in state {self.state}")
 
     def _on_publish(self, pk: p.Publish) -> None:
@@ -621,7 +625,24 @@ class MqttSession:
         self._inflight -= 1
         self._send(p.Pubcomp(packet_id=pk.packet_id))
 
+    def _downlink(self, packet: p.AnyPacket) -> bool:
+        """Hand ``packet`` to the downlink (gateway.downlink.hook); False: not served."""
+        hook: DownlinkHook | None = getattr(self.context, "downlink", None)
+        reply = hook.packet(self, packet) if hook is not None else None
+        if reply is None:
+            return False
+        if reply:
+            self._write(reply)
+        return True
+
+    @property
+    def expiry_interval(self) -> int:
+        """Seconds the client's state outlives the connection (0: ends with it)."""
+        return self._expiry
+
     def _on_subscribe(self, pk: p.Subscribe) -> None:
+        if self.state is CONNECTED and self._downlink(pk):
+            return
         props = None
         if self.version == 5 and self.problem_info:
             props = Properties(reason_string=SUBSCRIBE_UNSUPPORTED)
@@ -698,6 +719,7 @@ class MqttSession:
         self._client, present = self._setup.store.open(client_id, pk.clean_start, self, now)
         self.last_received = now
         self._inflight = len(self._client.qos2) if self._client.qos2 else 0
+        self._downlink(pk)  # a clean start ends the client's subscriptions (before any SUBSCRIBE)
         self.state = CONNECTED
         if level == 5:
             connack_props = connack_properties(pk, limits, assigned, server_keep, self._expiry)

@@ -1,0 +1,674 @@
+"""The downlink wired: Kafka records to MQTT subscribers of one worker (docs/downlink.md).
+
+``Downlink`` owns the worker's subscription trie, retained store, offset
+tracker and one ``OutboundFlow`` per client with subscriptions.  The MQTT
+listener calls it at a few points only: a SUBSCRIBE / UNSUBSCRIBE / ack of an
+outgoing PUBLISH (``packet``, through the session's hook), a CONNACK
+(``attach``), a closed connection (``detach``) and a transport that can take
+output again (``writable``).  ``DownlinkConsumer`` (one per Kafka cluster per
+worker) hands batches of records to ``on_batch`` on the loop.
+
+Delivery pulls: after a batch, each touched client that is online gets its
+flow pulled while its transport's buffer is under the write bound, so a slow
+client fills its own bounded queue (``limits.downlink_queue``, policy
+``limits.downlink_full_policy``, counted in ``dropped``) and nobody else's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, cast
+
+import structlog
+
+from gateway.auth import Identity
+from gateway.downlink.fanout import fan_out
+from gateway.downlink.outbound import FullPolicy, OffsetTracker, OutboundFlow, Outgoing
+from gateway.downlink.record import ConsumedRecord
+from gateway.downlink.retained import Retained, RetainedStore
+from gateway.downlink.subscribe import handle_subscribe, handle_unsubscribe
+from gateway.downlink.subscriptions import FilterRefused, SubscriptionTrie, parse_filter
+from gateway.protocols.mqtt import packets as p
+from gateway.protocols.mqtt.encode import encode
+from gateway.protocols.mqtt.subscribe_codec import Options
+from gateway.routing.downlink import DownlinkRules
+
+if TYPE_CHECKING:
+    from gateway.protocols.mqtt.events import Connected
+    from gateway.protocols.mqtt.session import MqttSession
+
+log = structlog.get_logger("lastmile.downlink")
+
+PULL_BATCH = 64  # messages encoded per write
+# In-flight QoS 1/2 messages per client when it announces no Receive Maximum (3.1.1).
+DEFAULT_WINDOW = 64
+
+
+class Link(Protocol):
+    """The slice of ``MqttConnection`` the downlink uses."""
+
+    session: MqttSession
+    transport: asyncio.Transport | None
+    held: bool
+
+
+class _Recorder(Mapping[str, OutboundFlow]):
+    """``flows`` as fan_out sees it, noting which clients got something."""
+
+    def __init__(self, flows: dict[str, OutboundFlow], touched: set[str]) -> None:
+        self.flows = flows
+        self.touched = touched
+
+    def __getitem__(self, key: str) -> OutboundFlow:
+        flow = self.flows[key]
+        self.touched.add(key)
+        return flow
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.flows)
+
+    def __len__(self) -> int:
+        return len(self.flows)
+
+
+class Downlink:
+    def __init__(
+        self, rules: Callable[[], DownlinkRules], *, queue_limit: int = 1000,
+        full_policy: FullPolicy = "drop-oldest", write_limit: int = 64 << 10,
+    ) -> None:
+        self.rules = rules  # the current table's downlink rules (a reload swaps them)
+        self.queue_limit = queue_limit
+        self.full_policy: FullPolicy = full_policy
+        self.write_limit = write_limit
+        self.trie = SubscriptionTrie()
+        self.retained = RetainedStore()
+        self.tracker = OffsetTracker()
+        self.flows: dict[str, OutboundFlow] = {}  # client id -> its outgoing side
+        self.links: dict[str, Link] = {}  # client id -> its live connection
+        self._expiries: dict[str, asyncio.TimerHandle] = {}
+        self._dirty: set[str] = set()
+        self._resume: set[str] = set()  # reconnected: resend what was in flight first
+        self._pump_scheduled = False
+        self._full_logged: set[str] = set()  # clients whose full queue was logged
+        self.consumers: list[DownlinkConsumer] = []
+        # Persistent sessions' subscriptions survive a restart in this file (None: not kept):
+        # client id -> seconds of session expiry, for those that subscribed.
+        self.state_file: Path | None = None
+        self.expiry: dict[str, int] = {}
+        self._offline_until: dict[str, float] = {}  # wall clock, for the state file
+        self._state_dirty = False
+        # Counters (plain ints, read by metrics and tests).
+        self.records = 0  # consumed records handled
+        self.queued = 0  # messages queued to clients
+        self.sent = 0  # PUBLISH written
+        self.skipped = 0  # records a rule could not render a topic for
+        self.too_large = 0  # over the client's Maximum Packet Size: dropped
+        self.refused_filters = 0  # SUBACK failure codes
+
+    @property
+    def dropped(self) -> int:
+        """Messages dropped by full queues (live flows)."""
+        return sum(flow.dropped for flow in self.flows.values())
+
+    # --- the session's hook ------------------------------------------------------
+
+    def packet(self, session: MqttSession, packet: p.AnyPacket) -> bytes | None:
+        cid = session.client_id
+        if isinstance(packet, p.Connect):
+            if packet.clean_start:
+                self._end(cid)  # before the SUBSCRIBEs pipelined behind this CONNECT
+            return None
+        flow = self.flows.get(cid)
+        if not len(self.rules()) and flow is None:
+            return None  # served as without a downlink
+        version = session.version
+        max_size = session.client_max_packet_size or None
+        if isinstance(packet, p.Subscribe):
+            identity = session.identity or Identity(method="anonymous", name=session.username)
+            answer = handle_subscribe(packet, version, cid, identity, self.rules(), self.trie,
+                                      self.retained, max_packet_size=max_size)
+            self.refused_filters += sum(1 for code in answer.codes if code >= 0x80)
+            if any(code < 0x80 for code in answer.codes):
+                self._changed(cid, session.expiry_interval)
+                flow = self._flow(session)
+                for message in answer.retained:
+                    flow.enqueue(message)
+                if answer.retained:
+                    self._mark(cid)
+            return answer.reply
+        if isinstance(packet, p.Unsubscribe):
+            self._changed(cid, session.expiry_interval)
+            return handle_unsubscribe(packet, version, cid, self.trie,
+                                      max_packet_size=max_size).reply
+        if flow is None:
+            return None  # an ack for nothing we sent: the session's protocol error
+        if isinstance(packet, p.Puback):
+            flow.on_puback(packet.packet_id, packet.reason_code)
+        elif isinstance(packet, p.Pubrec):
+            if flow.on_pubrec(packet.packet_id, packet.reason_code):
+                return encode(p.Pubrel(packet_id=packet.packet_id), version)
+        elif isinstance(packet, p.Pubcomp):
+            flow.on_pubcomp(packet.packet_id)
+        else:
+            return None
+        self._mark(cid)
+        return b""
+
+    def _flow(self, session: MqttSession) -> OutboundFlow:
+        flow = self.flows.get(session.client_id)
+        if flow is None:
+            flow = self.flows[session.client_id] = OutboundFlow(
+                receive_maximum=_window(session), queue_limit=self.queue_limit,
+                full_policy=self.full_policy)
+        return flow
+
+    # --- connections -------------------------------------------------------------
+
+    def attach(self, link: Link, event: Connected) -> None:
+        """CONNACK queued for ``link`` (a clean start has dropped the old state already,
+        at the CONNECT): a persistent session resends what was in flight, then goes on."""
+        cid = event.client_id
+        timer = self._expiries.pop(cid, None)
+        if timer is not None:
+            timer.cancel()
+        if self._offline_until.pop(cid, None) is not None:
+            self._state_dirty = True
+        self.links[cid] = link
+        flow = self.flows.get(cid)
+        if flow is not None:
+            flow.receive_maximum = _window(link.session)
+            self._resume.add(cid)
+            self._mark(cid)  # after the CONNACK, which is written when the events are done
+
+    def detach(self, link: Link, expiry: int) -> None:
+        """``link`` closed; its subscriptions and queue live on for ``expiry`` seconds."""
+        cid = link.session.client_id
+        if self.links.get(cid) is not link:
+            return  # taken over: the new connection has the client now
+        del self.links[cid]
+        self._resume.discard(cid)
+        if expiry <= 0 or (cid not in self.flows and not self.trie.subscriptions(cid)):
+            self._end(cid)
+            return
+        self._offline(cid, expiry, time.time() + expiry)
+
+    def _offline(self, cid: str, expiry: int, until: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._expiries[cid] = loop.call_later(max(0.0, until - time.time()), self._expire, cid)
+        self.expiry[cid] = expiry
+        self._offline_until[cid] = until
+        self._state_dirty = True
+
+    def _expire(self, cid: str) -> None:
+        self._expiries.pop(cid, None)
+        if cid not in self.links:
+            self._end(cid)
+
+    def _changed(self, cid: str, expiry: int) -> None:
+        if expiry > 0 or cid in self.expiry:
+            self.expiry[cid] = expiry
+            self._state_dirty = True
+
+    def _end(self, cid: str) -> None:
+        if self.expiry.pop(cid, None) is not None:
+            self._state_dirty = True
+        self._offline_until.pop(cid, None)
+        self.trie.remove_client(cid)
+        self._full_logged.discard(cid)
+        flow = self.flows.pop(cid, None)
+        if flow is not None:
+            flow.close()  # what it held counts as finished: the offsets move on
+
+    def writable(self, link: Link) -> None:
+        """The transport drained below its low-water mark: send on."""
+        cid = link.session.client_id
+        if self.links.get(cid) is link:
+            self._mark(cid)
+
+    # --- persistent sessions across a restart --------------------------------------
+
+    def save_state(self) -> None:
+        """Write the persistent sessions' subscriptions (on the commit timer, if changed)."""
+        if self.state_file is None or not self._state_dirty:
+            return
+        self._state_dirty = False
+        state = {}
+        for cid, expiry in self.expiry.items():
+            subs = self.trie.subscriptions(cid)
+            if expiry <= 0 or not subs:
+                continue
+            state[cid] = {
+                "expiry": expiry, "until": self._offline_until.get(cid),
+                "subs": [[s.filter.text, *s.options, s.identifier] for s in subs],
+            }
+        tmp = self.state_file.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(state))
+            os.replace(tmp, self.state_file)
+        except OSError as exc:
+            self._state_dirty = True
+            log.warning("downlink_state_write_failed", path=str(self.state_file), error=str(exc))
+
+    def load_state(self, path: Path) -> int:
+        """Read what ``save_state`` wrote (before consuming): the sessions come back
+        offline, their queues fill from the re-read records until they reconnect."""
+        self.state_file = path
+        try:
+            state = json.loads(path.read_text())
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError) as exc:
+            log.warning("downlink_state_unreadable", path=str(path), error=str(exc))
+            return 0
+        now = time.time()
+        loaded = 0
+        for cid, entry in state.items():
+            expiry = int(entry["expiry"])
+            until = entry["until"] if entry["until"] is not None else now + expiry
+            if until <= now:
+                continue
+            for text, qos, no_local, rap, handling, ident in entry["subs"]:
+                try:
+                    topic_filter = parse_filter(text)
+                except FilterRefused:
+                    continue
+                self.trie.subscribe(cid, topic_filter, Options(qos, no_local, rap, handling),
+                                    ident)
+            self.flows[cid] = OutboundFlow(receive_maximum=DEFAULT_WINDOW,
+                                           queue_limit=self.queue_limit,
+                                           full_policy=self.full_policy)
+            self._offline(cid, expiry, until)
+            loaded += 1
+        return loaded
+
+    # --- records -----------------------------------------------------------------
+
+    def on_batch(self, records: list[ConsumedRecord], replay: Callable[[ConsumedRecord], bool]
+                 ) -> None:
+        """One batch from a consumer, on the loop; ``replay`` says which records are
+        re-read only to fill the retained store (before the committed position)."""
+        rules = self.rules()
+        touched: set[str] = set()
+        flows = _Recorder(self.flows, touched)
+        links = self.links
+        for record in records:
+            if replay(record):
+                deliveries, _skipped = rules.route(record)
+                for delivery in deliveries:
+                    if delivery.retain:
+                        self.retained.set(Retained(delivery.topic, delivery.payload, delivery.qos))
+                continue
+            self.records += 1
+            try:
+                result = fan_out(record, rules, self.trie, flows, self.tracker, self.retained,
+                                 links.__contains__)
+            except ValueError:
+                # The partition went back (librdkafka reset an out-of-range position):
+                # follow it; what was pending there is re-read, not committed past.
+                log.warning("downlink_partition_rewound", cluster=record.cluster,
+                            topic=record.topic, partition=record.partition,
+                            offset=record.offset)
+                self.tracker.forget((record.cluster, record.topic, record.partition))
+                result = fan_out(record, rules, self.trie, flows, self.tracker, self.retained,
+                                 links.__contains__)
+            self.queued += result.queued
+            self.skipped += len(result.skipped)
+        for cid in touched:
+            self._mark(cid)
+            flow = self.flows[cid]
+            if flow.dropped and cid not in self._full_logged:
+                # Once per client's queue: a fleet of slow clients must not flood the log.
+                self._full_logged.add(cid)
+                log.warning("downlink_queue_full", client_id=cid, limit=flow.queue_limit,
+                            policy=flow.full_policy, online=cid in links)
+
+    # --- output ------------------------------------------------------------------
+
+    def _mark(self, cid: str) -> None:
+        self._dirty.add(cid)
+        if not self._pump_scheduled:
+            self._pump_scheduled = True
+            asyncio.get_running_loop().call_soon(self._pump_dirty)
+
+    def _pump_dirty(self) -> None:
+        self._pump_scheduled = False
+        dirty, self._dirty = self._dirty, set()
+        for cid in dirty:
+            link = self.links.get(cid)
+            if link is not None:
+                try:
+                    self._pump(cid, link)
+                except Exception:
+                    log.exception("downlink_pump_error", client_id=cid)
+
+    def _pump(self, cid: str, link: Link) -> None:
+        flow = self.flows.get(cid)
+        transport = link.transport
+        session = link.session
+        if (flow is None or transport is None or transport.is_closing() or link.held
+                or session.closing):
+            return
+        version = session.version
+        limit = session.client_max_packet_size
+        if cid in self._resume:
+            self._resume.discard(cid)
+            chunks = []
+            for message in flow.resume():
+                if message.state == "released":
+                    chunks.append(encode(p.Pubrel(packet_id=message.packet_id), version))
+                else:
+                    chunks.append(self._encode(message, version))
+            if chunks:
+                transport.write(b"".join(chunks))
+        while transport.get_write_buffer_size() < self.write_limit:
+            batch = flow.pull(PULL_BATCH)
+            if not batch:
+                return
+            chunks = []
+            for message in batch:
+                data = self._encode(message, version)
+                if limit and len(data) > limit:
+                    # [MQTT-3.1.2-25]: never send more than the client takes; the message
+                    # counts as refused by it.
+                    self.too_large += 1
+                    if message.qos == 1:
+                        flow.on_puback(message.packet_id, 0x95)
+                    elif message.qos == 2:
+                        flow.on_pubrec(message.packet_id, 0x95)
+                    continue
+                chunks.append(data)
+            self.sent += len(chunks)
+            if chunks:
+                transport.write(b"".join(chunks))
+
+    @staticmethod
+    def _encode(message: Outgoing, version: int) -> bytes:
+        return encode(p.Publish(
+            topic=message.topic, payload=message.payload, qos=message.qos,
+            retain=message.retain, dup=message.dup, packet_id=message.packet_id,
+            properties=message.properties if version == 5 else None,
+        ), version)
+
+    # --- offsets -----------------------------------------------------------------
+
+    def committable(self, cluster: str) -> dict[tuple[str, int], int]:
+        """(topic, partition) -> the offset every subscriber is done with, for ``cluster``."""
+        out: dict[tuple[str, int], int] = {}
+        for key, offset in self.tracker.committable().items():
+            c, topic, partition = cast(tuple[str, str, int], key)  # fan_out's partition key
+            if c == cluster:
+                out[(topic, partition)] = offset
+        return out
+
+
+def _window(session: MqttSession) -> int:
+    if session.version == 5:
+        return session.client_receive_maximum
+    return DEFAULT_WINDOW
+
+
+def group_id(worker_id: int) -> str:
+    """Positions are committed per gateway host and worker (positions only, no membership)."""
+    host = os.environ.get("LASTMILE_POD") or os.environ.get("HOSTNAME") or socket.gethostname()
+    return f"lastmile-{host}-w{worker_id}"
+
+
+def consumer_settings(bootstrap: str, producer: Mapping[str, Any], group: str) -> dict[str, Any]:
+    """The consumer's librdkafka settings: the cluster's connection and security keys."""
+    settings: dict[str, Any] = {
+        k: v for k, v in producer.items()
+        if k.startswith(("security.", "ssl.", "sasl.", "client.", "socket.", "broker."))
+    }
+    settings.update({
+        "bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
+        "enable.auto.offset.store": False, "auto.offset.reset": "earliest",
+        "enable.partition.eof": False,
+    })
+    return settings
+
+
+class DownlinkConsumer:
+    """One Kafka consumer of one cluster for this worker: ``assign`` of every partition
+    of the downlink topics (no group membership), a poll thread, batches to the loop.
+
+    Where it starts: each partition at the position committed under ``group``
+    (what every subscriber had finished), else at the beginning.  A topic a
+    ``retain: true`` rule reads is read from the beginning always, the records
+    before the committed position only refilling the retained store.
+    """
+
+    def __init__(
+        self, cluster: str, settings: dict[str, Any], topics: frozenset[str],
+        retained_topics: frozenset[str], deliver: Callable[..., None],
+        *, max_batches: int = 4,
+    ) -> None:
+        self.cluster = cluster
+        self.settings = settings
+        self.topics = topics
+        self.retained_topics = retained_topics
+        self.deliver = deliver
+        self.replay_until: dict[tuple[str, int], int] = {}
+        self.missing: set[str] = set(topics)  # no partitions seen yet
+        self._consumer: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self._batches = threading.Semaphore(max_batches)  # handed to the loop, not done
+        self._committed: dict[tuple[str, int], int] = {}
+        self._to_commit: list[Any] | None = None  # positions for the poll thread to commit
+        self.consumed = 0
+        self.errors = 0
+
+    def replay(self, record: ConsumedRecord) -> bool:
+        until = self.replay_until.get((record.topic, record.partition))
+        return until is not None and record.offset < until
+
+    async def start(self) -> None:
+        from confluent_kafka import Consumer
+
+        self._loop = asyncio.get_running_loop()
+        self._consumer = Consumer(self.settings)
+        await self._loop.run_in_executor(None, self._assign_missing)
+        self._running = True
+        self._thread = threading.Thread(target=self._poll_forever, name=f"downlink-{self.cluster}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _assign_missing(self) -> None:
+        from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
+
+        consumer = self._consumer
+        wanted: list[Any] = []
+        for topic in sorted(self.missing):
+            try:
+                md = consumer.list_topics(topic, timeout=10)
+            except KafkaException as exc:
+                log.warning("downlink_metadata_failed", cluster=self.cluster, topic=topic,
+                            error=str(exc))
+                continue
+            meta = md.topics.get(topic)
+            if meta is None or meta.error is not None or not meta.partitions:
+                log.warning("downlink_topic_missing", cluster=self.cluster, topic=topic)
+                continue
+            self.missing.discard(topic)
+            wanted.extend(TopicPartition(topic, part) for part in sorted(meta.partitions))
+        if not wanted:
+            return
+        committed = consumer.committed(wanted, timeout=10)
+        start = []
+        for tp in committed:
+            key = (tp.topic, tp.partition)
+            position = tp.offset if tp.offset >= 0 else None
+            if position is not None:
+                self._committed[key] = position
+            if tp.topic in self.retained_topics:
+                self.replay_until[key] = position or 0
+                start.append(TopicPartition(tp.topic, tp.partition, OFFSET_BEGINNING))
+            else:
+                start.append(TopicPartition(tp.topic, tp.partition,
+                                            OFFSET_BEGINNING if position is None else position))
+        consumer.incremental_assign(start)
+        log.info("downlink_assigned", cluster=self.cluster, partitions=len(start),
+                 committed={f"{t}:{p}": o for (t, p), o in self._committed.items()})
+
+    def _poll_forever(self) -> None:
+        consumer = self._consumer
+        next_check = time.monotonic() + 5.0
+        while self._running:
+            if self._to_commit is not None:
+                self._commit_now()
+            if self.missing and time.monotonic() >= next_check:
+                next_check = time.monotonic() + 5.0
+                with contextlib.suppress(Exception):
+                    self._assign_missing()
+            try:
+                messages = consumer.consume(500, 0.1)
+            except Exception as exc:  # pragma: no cover - closed under us at shutdown
+                if self._running:
+                    log.warning("downlink_consume_failed", cluster=self.cluster, error=str(exc))
+                    time.sleep(0.5)
+                continue
+            batch: list[ConsumedRecord] = []
+            for msg in messages:
+                err = msg.error()
+                if err is not None:
+                    self.errors += 1
+                    log.warning("downlink_consume_error", cluster=self.cluster, error=str(err))
+                    continue
+                batch.append(ConsumedRecord(
+                    topic=msg.topic(), partition=msg.partition(), offset=msg.offset(),
+                    key=msg.key(), value=msg.value(), headers=tuple(msg.headers() or ()),
+                    cluster=self.cluster,
+                ))
+            if not batch:
+                continue
+            self.consumed += len(batch)
+            # At most max_batches wait for the loop: a busy loop slows the consumer down.
+            while self._running and not self._batches.acquire(timeout=0.5):
+                pass
+            assert self._loop is not None
+            try:
+                self._loop.call_soon_threadsafe(self._hand, batch)
+            except RuntimeError:  # pragma: no cover - the loop closed at shutdown
+                return
+
+    def _hand(self, batch: list[ConsumedRecord]) -> None:
+        try:
+            self.deliver(batch, self.replay)
+        except Exception:
+            log.exception("downlink_batch_error", cluster=self.cluster)
+        finally:
+            self._batches.release()
+
+    def commit(self, offsets: Mapping[tuple[str, int], int]) -> None:
+        """Commit the positions that moved (called on the loop; the poll thread commits:
+        a commit from another thread while it sits in ``consume`` blocks the loop)."""
+        from confluent_kafka import TopicPartition
+
+        moved = [TopicPartition(t, part, off) for (t, part), off in offsets.items()
+                 if self._committed.get((t, part)) != off]
+        if not moved or self._consumer is None:
+            return
+        for tp in moved:
+            self._committed[(tp.topic, tp.partition)] = tp.offset
+        self._to_commit = moved  # replaces an older set not taken yet: newer positions
+
+    def _commit_now(self) -> None:
+        moved, self._to_commit = self._to_commit, None
+        if moved:
+            try:
+                self._consumer.commit(offsets=moved, asynchronous=True)
+            except Exception as exc:
+                log.warning("downlink_commit_failed", cluster=self.cluster, error=str(exc))
+
+    async def close(self, final: Mapping[tuple[str, int], int]) -> None:
+        self._running = False
+        thread = self._thread
+        loop = asyncio.get_running_loop()
+        if thread is not None:
+            await loop.run_in_executor(None, thread.join, 5.0)
+        consumer = self._consumer
+        if consumer is None:
+            return
+        from confluent_kafka import TopicPartition
+
+        def finish() -> None:
+            moved = [TopicPartition(t, part, off) for (t, part), off in final.items()
+                     if self._committed.get((t, part)) != off]
+            if moved:
+                with contextlib.suppress(Exception):
+                    consumer.commit(offsets=moved, asynchronous=False)
+            consumer.close()
+
+        await loop.run_in_executor(None, finish)
+        self._consumer = None
+
+
+COMMIT_INTERVAL = 1.0  # seconds between commits of the finished positions
+
+
+async def start_downlink(
+    rules: Callable[[], DownlinkRules], config: Any, bootstrap: Mapping[str, str],
+    worker_id: int,
+) -> tuple[Downlink, Callable[[float], Any]] | None:
+    """The downlink of this worker, consuming (the MQTT server gets it as ``downlink``)
+    and its cleanup; None when there are no downlink rules.
+
+    The Kafka topics are the ones the rules read at start: a reload that adds
+    a topic needs a restart to be consumed.
+    """
+    table = rules()
+    if not len(table):
+        return None
+    limits = config.limits
+    service = Downlink(rules, queue_limit=limits.downlink_queue,
+                       full_policy=limits.downlink_full_policy,
+                       write_limit=limits.max_write_buffer_bytes)
+    group = group_id(worker_id)
+    state = Path(config.spool.dir) / f"downlink-sessions-w{worker_id}.json"
+    state.parent.mkdir(parents=True, exist_ok=True)
+    sessions = service.load_state(state)
+    try:
+        for cluster in sorted(table.clusters):
+            cfg = config.kafka.clusters[cluster]
+            retained = frozenset(r.kafka_topic for r in table.rules
+                                 if r.cluster == cluster and r.retain)
+            consumer = DownlinkConsumer(
+                cluster, consumer_settings(bootstrap.get(cluster) or cfg.bootstrap_servers,
+                                           cfg.producer, group),
+                table.kafka_topics(cluster), retained, service.on_batch)
+            service.consumers.append(consumer)
+            await consumer.start()
+    except BaseException:
+        for consumer in service.consumers:
+            await consumer.close({})
+        raise
+
+    async def commit_forever() -> None:
+        while True:
+            await asyncio.sleep(COMMIT_INTERVAL)
+            service.save_state()
+            for consumer in service.consumers:
+                consumer.commit(service.committable(consumer.cluster))
+
+    task = asyncio.create_task(commit_forever(), name="downlink-commit")
+    log.info("downlink_started", rules=len(table), group=group, sessions=sessions,
+             topics=sorted(f"{c.cluster}:{t}" for c in service.consumers for t in c.topics))
+
+    async def close(_timeout: float) -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        for consumer in service.consumers:
+            await consumer.close(service.committable(consumer.cluster))
+        service.save_state()
+
+    return service, close
