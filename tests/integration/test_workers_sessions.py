@@ -59,14 +59,24 @@ def listening(server_port: int, pid: int) -> bool:
     return pid_holding(tcp_inodes(server_port), [pid]) is not None
 
 
-def worker_of(server_port: int, client_port: int, pids: list[int]) -> int | None:
-    """The worker pid that accepted the connection from ``client_port`` (None: not yet)."""
-    return pid_holding(tcp_inodes(server_port, client_port), pids)
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as fh:
+        return int(fh.read().rsplit(")", 1)[1].split()[1])
 
 
 def port_for(server_port: int, worker: int, pids: list[int]) -> int:
-    """A local port whose connections to ``server_port`` the kernel gives to ``worker``."""
+    """A local port whose connections to ``server_port`` the kernel gives to ``worker``.
+
+    The probe may land on any live worker, one the supervisor restarted after ``pids``
+    was taken included: every current worker is a candidate, not only ``pids``.
+    """
     wait_for(partial(listening, server_port, worker), 90, f"worker {worker} listening")
+    supervisor = _parent(worker)
+
+    def acceptor(client_port: int) -> int | None:
+        workers = list(dict.fromkeys([*pids, *child_pids(supervisor)]))
+        return pid_holding(tcp_inodes(server_port, client_port), workers)
+
     for _ in range(200):
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
@@ -74,7 +84,7 @@ def port_for(server_port: int, worker: int, pids: list[int]) -> int:
         port = sock.getsockname()[1]
         sock.connect(("127.0.0.1", server_port))
         try:
-            got = wait_for(partial(worker_of, server_port, port, pids), 10, "accept")
+            got = wait_for(partial(acceptor, port), 10, "accept")
         finally:
             sock.close()
         if got == worker:
