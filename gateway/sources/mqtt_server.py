@@ -633,7 +633,8 @@ class MqttConnection(asyncio.Protocol):
     def after_ack(self) -> None:
         try:
             self._flush()
-            self.update_reading()
+            if not self._reading:  # an ack only ever lets reading resume (_flush pauses it
+                self.update_reading()  # at receive_maximum, pause_writing on a full buffer)
         except Exception:
             self._crash("ack")
 
