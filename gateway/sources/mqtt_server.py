@@ -79,7 +79,7 @@ from gateway.protocols.mqtt.events import (
     PublishReceived,
     PublishToken,
 )
-from gateway.protocols.mqtt.session import AWAIT_AUTH, AWAIT_CONNECT, MqttSession
+from gateway.protocols.mqtt.session import AWAIT_AUTH, AWAIT_CONNECT, CLOSED, MqttSession
 from gateway.protocols.mqtt.store import SessionStore
 
 if TYPE_CHECKING:
@@ -720,13 +720,15 @@ class MqttConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or self.held:
             return
-        out = self.session.data_to_send()
+        session = self.session
+        out = session.data_to_send()
         if out and not transport.is_closing():
             transport.write(out)
-        if self.session.closing:
+        state = session.state
+        if state is CLOSED:
             transport.close()
-        elif self._reading and (self.session.pending >= self.server.limits.receive_maximum
-                                or self.session.state is AWAIT_AUTH):
+        elif self._reading and (session.pending >= self.server.limits.receive_maximum
+                                or state is AWAIT_AUTH):
             self.update_reading()
 
     def _message(self, event: PublishReceived, received_at: float) -> Message:
