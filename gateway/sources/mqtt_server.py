@@ -306,6 +306,8 @@ class MqttServer:
                 # The verdict ended the session (3.1.1): log it, write what is left, close.
                 conn.handle_events(events)
                 return
+            if not token.qos and conn._reading:
+                return  # QoS 0: nothing to write, and reading needs no resume
             self._dirty.add(conn)
             if not self._flush_scheduled:
                 self._flush_scheduled = True
