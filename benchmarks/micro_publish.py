@@ -1,6 +1,6 @@
-"""The gateway's Python cost per QoS 1 message, in process: no sockets, no broker.
+"""The gateway's Python cost per QoS 1 (or 0) message, in process: no sockets, no broker.
 
-    PYTHONPATH=TREE python -m benchmarks.micro_publish [--per-read 1] [--per-poll 20]
+    PYTHONPATH=TREE python -m benchmarks.micro_publish [--per-read 1] [--per-poll 20] [--qos 0]
 
 Runs the real path of ``lastmile serve`` in spool ``kafka`` mode: an
 ``MqttConnection`` (with a transport that only counts what it is given) decodes
@@ -108,10 +108,11 @@ def _connect(cid: str) -> bytes:
     return bytes([0x10, len(body)]) + body
 
 
-def _publish(topic: str, packet_id: int) -> bytes:
+def _publish(topic: str, packet_id: int, qos: int) -> bytes:
     t = topic.encode()
-    body = len(t).to_bytes(2, "big") + t + packet_id.to_bytes(2, "big") + PAYLOAD
-    return bytes([0x32, len(body)]) + body
+    pid = packet_id.to_bytes(2, "big") if qos else b""
+    body = len(t).to_bytes(2, "big") + t + pid + PAYLOAD
+    return bytes([0x30 | qos << 1, len(body)]) + body
 
 
 def _poll(sink: KafkaSink) -> None:
@@ -121,8 +122,8 @@ def _poll(sink: KafkaSink) -> None:
     sink._poll()
 
 
-async def run(messages: int, per_read: int, per_poll: int,
-              repeat: int) -> list[tuple[float, float]]:
+async def run(messages: int, per_read: int, per_poll: int, repeat: int,
+              qos: int = 1) -> list[tuple[float, float]]:
     tmp = tempfile.mkdtemp(prefix="lm-micro-")
     sink = KafkaSink("default", Cluster(bootstrap_servers="127.0.0.1:1"))
     producer = _Producer()
@@ -154,7 +155,7 @@ async def run(messages: int, per_read: int, per_poll: int,
             parts = []
             for _ in range(per_read):
                 ids[idx] = ids[idx] % 65535 + 1
-                parts.append(_publish(topic, ids[idx]))
+                parts.append(_publish(topic, ids[idx], qos))
             chunks.append((conn, b"".join(parts)))
         gc.collect()
         gc.freeze()  # the prebuilt chunks are not the gateway's live set
@@ -193,6 +194,7 @@ def main() -> None:
     ap.add_argument("--per-read", type=int, default=1)
     ap.add_argument("--per-poll", type=int, default=20)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--qos", type=int, choices=(0, 1), default=1)
     args = ap.parse_args()
     import logging
 
@@ -201,10 +203,10 @@ def main() -> None:
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     tune_gc()  # as in a worker
-    out = uvloop.run(run(args.messages, args.per_read, args.per_poll, args.repeat))
+    out = uvloop.run(run(args.messages, args.per_read, args.per_poll, args.repeat, args.qos))
     best = min(out, key=sum)
-    print(f"CPU us/msg per_read={args.per_read} per_poll={args.per_poll}: best {sum(best):.2f} "
-          f"(in {best[0]:.2f} + out {best[1]:.2f}); all "
+    print(f"CPU us/msg qos={args.qos} per_read={args.per_read} per_poll={args.per_poll}: "
+          f"best {sum(best):.2f} (in {best[0]:.2f} + out {best[1]:.2f}); all "
           + " ".join(f"{a + b:.2f}" for a, b in out))
 
 if __name__ == "__main__":
