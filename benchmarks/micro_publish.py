@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -185,6 +186,7 @@ async def run(messages: int, per_read: int, per_poll: int, repeat: int,
             sink._poll_handle.cancel()
     sink._running = False
     await buffer.close(1.0)
+    shutil.rmtree(tmp, ignore_errors=True)
     return results
 
 
