@@ -300,6 +300,10 @@ for _reason in REFUSAL_CODES:
     AUTH_REFUSED.labels(_reason)
 for _reason in ("queue_full", "too_large"):
     DOWNLINK_DROPPED.labels(_reason)
+for _state in ("waiting", "in_flight"):
+    DOWNLINK_DEPTH.labels(_state)
+for _state in ("online", "offline"):
+    DOWNLINK_CLIENTS.labels(_state)
 
 
 def process_samples() -> dict[str, float]:
@@ -368,6 +372,7 @@ class Pump:
         # client id -> (its flow, the flow's drops already counted): a flow ends with its
         # session, so ``Downlink.dropped`` (a sum over live flows) can go down.
         self._flow_drops: dict[str, tuple[object, int]] = {}
+        self._downlink_clusters: set[str] = set()
 
     def _delta(self, counter: Any, labels: tuple[str, ...], value: int) -> None:
         key = (counter._name, *labels)
@@ -511,6 +516,12 @@ class Pump:
                                         "refused_client_id": store.refused_client_ids})
 
     def _downlink(self) -> None:
+        for cluster in self.app.sinks:  # every cluster at 0, downlink rules or not
+            if cluster not in self._downlink_clusters:
+                self._downlink_clusters.add(cluster)
+                for metric in (DOWNLINK_RECORDS, DOWNLINK_CONSUME_ERRORS, DOWNLINK_UNCOMMITTED,
+                               DOWNLINK_COMMITTED):
+                    metric.labels(cluster)
         mqtt = self.app.mqtt
         if mqtt is None:
             return
