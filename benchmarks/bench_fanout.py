@@ -45,7 +45,7 @@ from typing import Any
 from benchmarks import mqttwire as w
 from benchmarks import report
 from benchmarks.servers import Lastmile, Mosquitto, Tansu, mosquitto_bin, mosquitto_version
-from benchmarks.stats import raise_nofile, summarize
+from benchmarks.stats import cpu_seconds, raise_nofile, summarize
 
 RESULTS = Path(__file__).parent / "results" / "fanout.json"
 ROOT = Path(__file__).resolve().parent.parent
@@ -257,6 +257,9 @@ class Fleet:
     def connect(self, port: int) -> int:
         return sum(self._all("connect", [port] * self.procs))
 
+    def cpu(self) -> float:
+        return sum(cpu_seconds(p.pid) for p in self._procs)
+
     def wait(self, phase: int, expected: list[int], quiet: float) -> dict[str, Any]:
         parts = self._all("wait", [(phase, e, quiet) for e in expected])
         lat = array("q")
@@ -380,7 +383,9 @@ def _floor_main(settings: dict[str, Any], topic: str, seconds: float, pipe: Conn
 # --- one server ------------------------------------------------------------------------
 
 def phases(fleet: Fleet, sender: Any, args: argparse.Namespace, unicast_name: Any,
-           broadcast_name: str) -> dict[str, Any]:
+           broadcast_name: str, servers: list[int]) -> dict[str, Any]:
+    """Both phases; ``servers``: pids whose CPU the broadcast phase reports (with the
+    subscribers': whoever is near 1 CPU second per second bounds the throughput)."""
     n = fleet.n
     count = int(args.rate * args.duration)
     per_proc = [0] * fleet.procs
@@ -394,8 +399,11 @@ def phases(fleet: Fleet, sender: Any, args: argparse.Namespace, unicast_name: An
                "deliveries_per_s": round(len(lat) / ((got["last_ns"] - first) / 1e9), 1)
                if got["last_ns"] > first else None}
     bursts = args.bursts
+    cpu0 = [cpu_seconds(pid) for pid in servers], fleet.cpu()
     first, _ = sender.run(BROADCAST, bursts, 0, lambda _i: broadcast_name)
     got = fleet.wait(BROADCAST, [bursts * len(sl) for sl in fleet.slices], args.quiet)
+    cpu = {"server_s": round(sum(cpu_seconds(pid) for pid in servers) - sum(cpu0[0]), 2),
+           "subscribers_s": round(fleet.cpu() - cpu0[1], 2)}
     lat = got["lat_us"]
     # Throughput: deliveries from the first send to the last delivery (what the target
     # compares); from the first delivery to the last too (the fan-out alone, without
@@ -406,7 +414,7 @@ def phases(fleet: Fleet, sender: Any, args: argparse.Namespace, unicast_name: An
                  "seconds": round(span, 3), "first_to_last_s": round(fan, 3),
                  "deliveries_per_s": round(len(lat) / span, 1) if span else None,
                  "fanout_deliveries_per_s": round(len(lat) / fan, 1) if fan else None,
-                 "latency_ms": summarize(lat, 0.001)}
+                 "latency_ms": summarize(lat, 0.001), "cpu": cpu}
     return {"unicast": unicast, "broadcast": broadcast, "foreign": got["foreign"]}
 
 
@@ -446,7 +454,7 @@ def run_lastmile(fleet: Fleet, tansu: Tansu, workdir: Path, args: argparse.Names
         mine.recv()
         time.sleep(1.0)  # its assignment resolves OFFSET_END before the first record
         sender = KafkaSender(tansu.bootstrap, topic)
-        out = phases(fleet, sender, args, lambda i: f"{i}", "all")
+        out = phases(fleet, sender, args, lambda i: f"{i}", "all", [server.pid, tansu.pid])
         mine.send("stop")
         lat = array("q")
         if mine.poll(30):
@@ -470,7 +478,7 @@ def run_mosquitto(fleet: Fleet, workdir: Path, args: argparse.Namespace) -> dict
         connected = fleet.connect(server.port)
         connect_s = time.monotonic() - t0
         sender = MqttSender(server.port)
-        out = phases(fleet, sender, args, lambda i: f"cmd/{i}", "cmd/all")
+        out = phases(fleet, sender, args, lambda i: f"cmd/{i}", "cmd/all", [server.pid])
         sender.close()
         out["connected"], out["connect_s"] = connected, round(connect_s, 2)
         fleet.disconnect()

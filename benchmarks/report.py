@@ -567,13 +567,14 @@ def _fanout_section() -> list[str]:
         "the same topic during Lastmile's unicast phase (produce -> consume).",
         "",
         "| server | connected | unicast received | unicast p50 / p99 (ms) "
-        "| broadcast received | broadcast deliveries/s | broadcast p50 / p99 (ms) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| broadcast received | broadcast deliveries/s | broadcast p50 / p99 (ms) "
+        "| broadcast CPU s: server / subscribers |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name in ("lastmile", "mosquitto"):
         r = d.get(name)
         if not r:
-            lines.append(f"| {name} | {NM} | | | | | |")
+            lines.append(f"| {name} | {NM} | | | | | | |")
             continue
         u, b = r["unicast"], r["broadcast"]
         lines.append(
@@ -584,7 +585,9 @@ def _fanout_section() -> list[str]:
             f"| {_fmt(b['deliveries_per_s'], '{:,.0f}')} "
             f"({_fmt(b.get('fanout_deliveries_per_s'), '{:,.0f}')}) "
             f"| {_fmt(b['latency_ms']['p50'], '{:,.1f}')} / "
-            f"{_fmt(b['latency_ms']['p99'], '{:,.1f}')} |")
+            f"{_fmt(b['latency_ms']['p99'], '{:,.1f}')} "
+            f"| {_fmt(b.get('cpu', {}).get('server_s'), '{:,.2f}')} / "
+            f"{_fmt(b.get('cpu', {}).get('subscribers_s'), '{:,.2f}')} |")
     lm = d.get("lastmile") or {}
     floor = lm.get("kafka_floor_latency_ms")
     if floor:

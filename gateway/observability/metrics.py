@@ -369,9 +369,6 @@ class Pump:
         self._seen_sinks: set[str] = set()
         self._authz_version = ""
         self._latency_last: dict[tuple[str, ...], list[float]] = {}
-        # client id -> (its flow, the flow's drops already counted): a flow ends with its
-        # session, so ``Downlink.dropped`` (a sum over live flows) can go down.
-        self._flow_drops: dict[str, tuple[object, int]] = {}
         self._downlink_clusters: set[str] = set()
 
     def _delta(self, counter: Any, labels: tuple[str, ...], value: int) -> None:
@@ -539,18 +536,15 @@ class Pump:
         self._delta(DOWNLINK_QUEUED, (), downlink.queued)
         self._delta(DOWNLINK_SENT, (), downlink.sent)
         self._delta(DOWNLINK_DROPPED, ("too_large",), downlink.too_large)
-        drops, waiting, in_flight = 0, 0, 0
-        seen: dict[str, tuple[object, int]] = {}
-        for cid, flow in downlink.flows.items():
-            before = self._flow_drops.get(cid)
-            counted = before[1] if before is not None and before[0] is flow else 0
-            drops += max(0, flow.dropped - counted)
-            seen[cid] = (flow, flow.dropped)
+        # One pass over the clients (10,000 cost ~1 ms a second).  ``dropped`` is a sum
+        # over live flows: it goes down when a session with drops ends, and the drops
+        # of others in that same second are missed.
+        drops = waiting = in_flight = 0
+        for flow in downlink.flows.values():
+            drops += flow.dropped
             waiting += len(flow.queue)
             in_flight += len(flow.inflight)
-        self._flow_drops = seen
-        if drops:
-            DOWNLINK_DROPPED.labels("queue_full").inc(drops)
+        self._delta(DOWNLINK_DROPPED, ("queue_full",), drops)
         DOWNLINK_DEPTH.labels("waiting").set(waiting)
         DOWNLINK_DEPTH.labels("in_flight").set(in_flight)
         online = len(downlink.links)
