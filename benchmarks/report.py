@@ -563,8 +563,9 @@ def _fanout_section() -> list[str]:
         f"Broadcast: {sc['broadcast_messages']} messages to `cmd/all` back to back; "
         "throughput is deliveries per second from the first send to the last delivery "
         "(in brackets: from the first delivery to the last, the fan-out alone). Kafka's "
-        "floor: a bare confluent-kafka consumer with the gateway's consumer settings reading "
-        "the same topic during Lastmile's unicast phase (produce -> consume).",
+        "floor: a bare confluent-kafka consumer with the gateway's consumer settings, one "
+        "`poll()` at a time, reading the same topic during Lastmile's unicast phase "
+        "(produce -> consume).",
         "",
         "| server | connected | unicast received | unicast p50 / p99 (ms) "
         "| broadcast received | broadcast deliveries/s | broadcast p50 / p99 (ms) "
