@@ -15,10 +15,13 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from gateway.downlink.record import ConsumedRecord
 from gateway.errors import ConfigError, GatewayError
 from gateway.model import Message, Sequence
 from gateway.routing.compile import RuleTable
+from gateway.routing.downlink import Delivery
 from gateway.routing.load import load_rules
 from gateway.routing.router import RouteResult, route
 from gateway.routing.rules import RuleError, RulesError
@@ -218,6 +221,23 @@ def rules_test(
     return 0
 
 
+def _properties(d: Delivery) -> list[tuple[str, Any]]:
+    """The MQTT 5 properties a delivery carries (from the record's mqtt-* headers)."""
+    out: list[tuple[str, Any]] = []
+    if d.properties is not None:
+        for name, value in msgspec.structs.asdict(d.properties).items():
+            if value is None or value == []:
+                continue
+            if isinstance(value, bytes):
+                value = _text(value)
+            elif name == "user_properties":
+                value = [list(pair) for pair in value]
+            out.append((name, value))
+    if d.expiry is not None:
+        out.append(("message_expiry_interval", d.expiry))
+    return out
+
+
 def rules_test_downlink(
     directory: str,
     kafka_topic: str,
@@ -249,7 +269,7 @@ def rules_test_downlink(
             "version": table.version,
             "deliveries": [
                 {"rule": d.rule, "where": where[d.rule], "topic": d.topic, "qos": d.qos,
-                 "retain": d.retain, "delete": d.delete}
+                 "retain": d.retain, "delete": d.delete, "properties": dict(_properties(d))}
                 for d in deliveries
             ],
             "skipped": [{"rule": s.rule, "where": where[s.rule], "reason": s.reason}
@@ -263,9 +283,11 @@ def rules_test_downlink(
     if not deliveries and not skipped:
         print(f"no downlink rule reads Kafka topic {kafka_topic!r} of cluster {cluster}")
     for d in deliveries:
-        action = "delete retained" if d.delete else "publish"
-        print(f"rule {d.rule} ({where[d.rule]}): {action} to MQTT topic {d.topic!r} "
-              f"qos {d.qos} retain {str(d.retain).lower()}")
+        print(f"rule {d.rule} ({where[d.rule]}): publish to MQTT topic {d.topic!r} "
+              f"qos {d.qos} retain {str(d.retain).lower()}"
+              + (" (empty: deletes the retained message)" if d.delete else ""))
+        for name, value in _properties(d):
+            print(f"  {name}: {value}")
     for s in skipped:
         print(f"rule {s.rule} ({where[s.rule]}): skipped: {s.reason}")
     return 0
