@@ -161,13 +161,17 @@ def test_test_downlink_shows_topics_and_why_not(
     assert "site" in lines[2]
 
     args = parser.parse_args(["rules", "test", "--downlink", "commands", "--key", "dev-1",
-                              "--header", "site=s1", "--rules", directory, "--json"])
+                              "--header", "site=s1", "--header", "mqtt-user.a=1",
+                              "--header", "mqtt-message-expiry=30", "--rules", directory,
+                              "--json"])
     assert args.func(args) == 0
     doc = json.loads(capsys.readouterr().out)
     assert [(d["rule"], d["topic"], d["qos"], d["retain"], d["delete"])
             for d in doc["deliveries"]] == [
         ("commands", "cmd/dev-1", 1, False, False), ("config", "cfg/s1/dev-1", 2, True, True)]
     assert doc["skipped"] == []
+    assert doc["deliveries"][0]["properties"] == {
+        "user_properties": [["a", "1"]], "message_expiry_interval": 30}
 
     args = parser.parse_args(["rules", "test", "--downlink", "other", "--rules", directory])
     assert args.func(args) == 0
