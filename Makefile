@@ -52,6 +52,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run $(if $(QUICK),--quick,)
 	$(BIN)/python -m benchmarks.bench_neighbours $(if $(QUICK),--quick,)
 	$(BIN)/python -m benchmarks.bench_http $(if $(QUICK),--duration 4,)
+	$(BIN)/python -m benchmarks.bench_fanout $(if $(QUICK),--quick,)
 
 clean:
 	rm -rf $(VENV) $(HELM_VENV) var .pytest_cache .mypy_cache .ruff_cache

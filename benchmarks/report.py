@@ -542,6 +542,87 @@ def _storm_section() -> list[str]:
     return lines
 
 
+def _fanout_section() -> list[str]:
+    """From benchmarks/results/fanout.json (``python -m benchmarks.bench_fanout``)."""
+    path = ROOT / "benchmarks" / "results" / "fanout.json"
+    if not path.exists():
+        return [f"{NM}: run `python -m benchmarks.bench_fanout`."]
+    d = json.loads(path.read_text())
+    sc = d["scenario"]
+    lines = [
+        f"Run: {d['started']}, {d.get('seconds', '?')} s, load average {d['loadavg_start']} at "
+        f"start, {d['loadavg_end']} at end, Lastmile {d.get('lastmile_git', '?')}, "
+        f"{d.get('mosquitto_version', '?')}. `python -m benchmarks.bench_fanout`: "
+        f"{sc['subscribers']:,} MQTT 3.1.1 subscribers ({sc['procs']} processes, sources "
+        "127.0.0.2..), each subscribed at QoS 1 to `cmd/<its id>` and `cmd/all`, answering "
+        "PUBACKs. Lastmile (1 worker, rule `cmd/{key}` at QoS 1, topic of 1 partition on "
+        "tansu) is fed by a Kafka producer (linger.ms 0); Mosquitto by one MQTT QoS 1 "
+        f"publisher; both to the same subscribers. Unicast: {sc['unicast_rate_per_s']:g} "
+        f"messages/s for {sc['unicast_seconds']:g} s, ids in turn, latency from the send time "
+        f"in the {sc['payload_bytes']}-byte payload to its receipt (same host clock). "
+        f"Broadcast: {sc['broadcast_messages']} messages to `cmd/all` back to back; "
+        "throughput is deliveries per second from the first send to the last delivery "
+        "(in brackets: from the first delivery to the last, the fan-out alone). Kafka's "
+        "floor: a bare confluent-kafka consumer with the gateway's consumer settings, one "
+        "`poll()` at a time, reading the same topic during Lastmile's unicast phase "
+        "(produce -> consume).",
+        "",
+        "| server | connected | unicast received | unicast p50 / p99 (ms) "
+        "| broadcast received | broadcast deliveries/s | broadcast p50 / p99 (ms) "
+        "| broadcast CPU s: server / subscribers |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name in ("lastmile", "mosquitto"):
+        r = d.get(name)
+        if not r:
+            lines.append(f"| {name} | {NM} | | | | | | |")
+            continue
+        u, b = r["unicast"], r["broadcast"]
+        lines.append(
+            f"| {name} | {r['connected']:,} | {u['received']:,} of {u['sent']:,} "
+            f"| {_fmt(u['latency_ms']['p50'], '{:,.1f}')} / "
+            f"{_fmt(u['latency_ms']['p99'], '{:,.1f}')} "
+            f"| {b['received']:,} of {b['expected']:,} "
+            f"| {_fmt(b['deliveries_per_s'], '{:,.0f}')} "
+            f"({_fmt(b.get('fanout_deliveries_per_s'), '{:,.0f}')}) "
+            f"| {_fmt(b['latency_ms']['p50'], '{:,.1f}')} / "
+            f"{_fmt(b['latency_ms']['p99'], '{:,.1f}')} "
+            f"| {_fmt(b.get('cpu', {}).get('server_s'), '{:,.2f}')} / "
+            f"{_fmt(b.get('cpu', {}).get('subscribers_s'), '{:,.2f}')} |")
+    lm = d.get("lastmile") or {}
+    floor = lm.get("kafka_floor_latency_ms")
+    if floor:
+        lines += ["", f"Kafka's own produce -> consume latency (tansu, bare consumer): p50 "
+                      f"{_fmt(floor['p50'], '{:,.1f}')} ms, p99 {_fmt(floor['p99'], '{:,.1f}')} "
+                      f"ms ({floor['count']:,} records). This floor is tansu's (the test "
+                      "broker of this repository, on the same loaded box), far above a tuned "
+                      "Kafka's: the latency target is only as strict as it."]
+    t = d.get("targets", {})
+    if "latency_met" in t:
+        lines += ["", f"Target (issue 17): latency p99 {t['latency_p99_ms']:,.1f} ms within "
+                      f"Kafka's p99 + 20 ms ({t['latency_target_ms']:,.1f} ms): "
+                      f"**{'met' if t['latency_met'] else 'not met'}**."]
+    if "throughput_met" in t:
+        lines += ["", f"Target (issue 17): broadcast throughput >= 0.5 x Mosquitto's: "
+                      f"{t['throughput_ratio']:.2f} x: "
+                      f"**{'met' if t['throughput_met'] else 'not met'}**."]
+    if sc.get("quick"):
+        lines += ["", "(A --quick run: not the issue's 10,000 subscribers.)"]
+    lines += [
+        "",
+        "- Latency is Kafka's (tansu's) on this box: its p99 swings from 0.5 to 2.7 s "
+        "between runs at load 2.5-4 on 2 cores, so the p99 verdict flips between runs. The "
+        "gateway's own share shows at p50: its consumer takes `consume(500, 0.1)`, which "
+        "waits for 500 records or the 0.1 s timeout; a bare `poll()` returns on the first "
+        "(25-70 ms less at p50 in hand runs with `poll(0.1)` then `consume(499, 0)`).",
+        "- Broadcast: the consumer hands Lastmile several records at once and each client "
+        "gets them in one write; Mosquitto writes each message to each client (its one "
+        "thread near 1 CPU second per second here). The subscribers are the same Python "
+        "processes for both, the CPU column shows they were not the bound.",
+    ]
+    return lines
+
+
 def _auth_section() -> list[str]:
     """From benchmarks/results/auth.json (``python -m benchmarks.bench_auth``), a run of its own."""
     path = ROOT / "benchmarks" / "results" / "auth.json"
@@ -880,6 +961,10 @@ def markdown(data: dict[str, Any]) -> str:
         "## Reconnect storm after a cut",
         "",
         *_storm_section(),
+        "",
+        "## Fan-out: Kafka to 10,000 subscribers",
+        "",
+        *_fanout_section(),
         "",
         "## Errors and omissions",
         "",

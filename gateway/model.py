@@ -123,7 +123,8 @@ class Ack:
                  dead_lettered: bool = False) -> None:
         self._callback = callback
         self._remaining = expected
-        self._deliveries: list[Delivery] = []
+        # Made with the first delivery (most messages have one record: one list, not two).
+        self._deliveries: list[Delivery] | None = None
         self._done = False
         self.rule = rule
         self.dead_lettered = dead_lettered
@@ -133,23 +134,22 @@ class Ack:
     def record_safe(self, delivery: Delivery) -> None:
         if self._done:
             return
-        self._deliveries.append(delivery)
+        deliveries = self._deliveries
+        if deliveries is None:
+            deliveries = self._deliveries = [delivery]
+        else:
+            deliveries.append(delivery)
         self._remaining -= 1
         if self._remaining <= 0:
-            self._finish(
-                Outcome(
-                    ok=True,
-                    deliveries=self._deliveries,
-                    rule=self.rule,
-                    dead_lettered=self.dead_lettered,
-                )
-            )
+            self._done = True
+            self._callback(Outcome(ok=True, deliveries=deliveries, rule=self.rule,
+                                   dead_lettered=self.dead_lettered))
 
     def record_failed(self, error: GatewayError) -> None:
         if self._done:
             return
         self._finish(
-            Outcome(ok=False, error=error, deliveries=self._deliveries, rule=self.rule)
+            Outcome(ok=False, error=error, deliveries=self._deliveries or [], rule=self.rule)
         )
 
     def _finish(self, outcome: Outcome) -> None:

@@ -218,6 +218,44 @@ MQTT_STATE = Gauge("lastmile_mqtt_state",
                    "connects_waiting (CONNECTs waiting for their turn in a storm), handovers "
                    "(client ids waiting for another worker, workers > 1)", ["name"],
                    multiprocess_mode="livesum")
+# --- downlink (issue 17, docs/downlink.md): Kafka records to MQTT subscribers ------------
+DOWNLINK_RECORDS = Counter("lastmile_downlink_records",
+                           "Kafka records the downlink consumed, by cluster (read by the "
+                           "worker's consumer, before fan-out)", ["cluster"])
+DOWNLINK_CONSUME_ERRORS = Counter("lastmile_downlink_consume_errors",
+                                  "Errors the downlink consumer reported, by cluster", ["cluster"])
+DOWNLINK_FANNED = Counter("lastmile_downlink_records_fanned_out",
+                          "Consumed records fanned out to the subscriptions (not the replay "
+                          "that refills the retained store)")
+DOWNLINK_SKIPPED = Counter("lastmile_downlink_records_skipped",
+                           "Records a downlink rule could not render an MQTT topic for")
+DOWNLINK_QUEUED = Counter("lastmile_downlink_messages_queued",
+                          "Messages queued to subscribers (one per matching subscription)")
+DOWNLINK_SENT = Counter("lastmile_downlink_messages_sent", "PUBLISH packets written to subscribers")
+DOWNLINK_DROPPED = Counter("lastmile_downlink_messages_dropped",
+                           "Messages not delivered: queue_full (over limits.downlink_queue, "
+                           "by limits.downlink_full_policy), too_large (over the client's "
+                           "Maximum Packet Size)", ["reason"])
+DOWNLINK_DEPTH = Gauge("lastmile_downlink_queue_messages",
+                       "Messages held for subscribers, summed over clients: waiting (not sent) "
+                       "and in_flight (sent, QoS 1/2 ack not yet received)", ["state"],
+                       multiprocess_mode="livesum")
+DOWNLINK_CLIENTS = Gauge("lastmile_downlink_clients",
+                         "Clients with downlink state: online, offline (a persistent session "
+                         "kept until its expiry)", ["state"], multiprocess_mode="livesum")
+DOWNLINK_SUBSCRIPTIONS = Gauge("lastmile_downlink_subscriptions",
+                               "Subscriptions in the worker's trie", multiprocess_mode="livesum")
+DOWNLINK_UNCOMMITTED = Gauge("lastmile_downlink_uncommitted_records",
+                             "Records consumed whose deliveries are not all finished (offsets "
+                             "held back from the commit), by cluster", ["cluster"],
+                             multiprocess_mode="livesum")
+DOWNLINK_COMMITTED = Gauge("lastmile_downlink_committed_offsets",
+                           "Sum of the committed downlink positions over the partitions "
+                           "(rate(): records committed per second), by cluster; the highest "
+                           "worker's", ["cluster"], multiprocess_mode="livemax")
+WILLS_PUBLISHED = Counter("lastmile_wills_published",
+                          "Will messages published through the uplink rules")
+PRESENCE_SENT = Counter("lastmile_presence_events", "Presence records handed to the buffer")
 PUMP_FAILURES = Counter("lastmile_metrics_pump_failures",
                         "Failed copies of a component's counters into the metrics "
                         "(logged as metrics_pump_failed)")
@@ -260,6 +298,12 @@ for _method in get_args(Method):
     AUTH_ACCEPTED.labels(_method)
 for _reason in REFUSAL_CODES:
     AUTH_REFUSED.labels(_reason)
+for _reason in ("queue_full", "too_large"):
+    DOWNLINK_DROPPED.labels(_reason)
+for _state in ("waiting", "in_flight"):
+    DOWNLINK_DEPTH.labels(_state)
+for _state in ("online", "offline"):
+    DOWNLINK_CLIENTS.labels(_state)
 
 
 def process_samples() -> dict[str, float]:
@@ -325,6 +369,7 @@ class Pump:
         self._seen_sinks: set[str] = set()
         self._authz_version = ""
         self._latency_last: dict[tuple[str, ...], list[float]] = {}
+        self._downlink_clusters: set[str] = set()
 
     def _delta(self, counter: Any, labels: tuple[str, ...], value: int) -> None:
         key = (counter._name, *labels)
@@ -343,7 +388,7 @@ class Pump:
                               ("pipeline", self._pipeline), ("kafka", self._kafka),
                               ("rules", self._rules), ("mqtt", self._mqtt),
                               ("auth", self._auth), ("http", self._http),
-                              ("latency", self._latencies)):
+                              ("downlink", self._downlink), ("latency", self._latencies)):
             try:
                 section()
             except Exception:  # metrics never take the gateway down, but say why
@@ -466,6 +511,57 @@ class Pump:
             MQTT_STATE.labels(name).set(value)
         self._counters(SESSION_EVENTS, {"expired": store.expired, "evicted": store.evicted,
                                         "refused_client_id": store.refused_client_ids})
+
+    def _downlink(self) -> None:
+        for cluster in self.app.sinks:  # every cluster at 0, downlink rules or not
+            if cluster not in self._downlink_clusters:
+                self._downlink_clusters.add(cluster)
+                for metric in (DOWNLINK_RECORDS, DOWNLINK_CONSUME_ERRORS, DOWNLINK_UNCOMMITTED,
+                               DOWNLINK_COMMITTED):
+                    metric.labels(cluster)
+        mqtt = self.app.mqtt
+        if mqtt is None:
+            return
+        lifecycle = mqtt.lifecycle
+        if lifecycle is not None:
+            if lifecycle.wills is not None:
+                self._delta(WILLS_PUBLISHED, (), lifecycle.wills.published)
+            if lifecycle.presence is not None:
+                self._delta(PRESENCE_SENT, (), lifecycle.presence.sent)
+        downlink = mqtt.downlink
+        if downlink is None:
+            return
+        self._delta(DOWNLINK_FANNED, (), downlink.records)
+        self._delta(DOWNLINK_SKIPPED, (), downlink.skipped)
+        self._delta(DOWNLINK_QUEUED, (), downlink.queued)
+        self._delta(DOWNLINK_SENT, (), downlink.sent)
+        self._delta(DOWNLINK_DROPPED, ("too_large",), downlink.too_large)
+        # One pass over the clients (10,000 cost ~1 ms a second).  ``dropped`` is a sum
+        # over live flows: it goes down when a session with drops ends, and the drops
+        # of others in that same second are missed.
+        drops = waiting = in_flight = 0
+        for flow in downlink.flows.values():
+            drops += flow.dropped
+            waiting += len(flow.queue)
+            in_flight += len(flow.inflight)
+        self._delta(DOWNLINK_DROPPED, ("queue_full",), drops)
+        DOWNLINK_DEPTH.labels("waiting").set(waiting)
+        DOWNLINK_DEPTH.labels("in_flight").set(in_flight)
+        online = len(downlink.links)
+        DOWNLINK_CLIENTS.labels("online").set(online)
+        DOWNLINK_CLIENTS.labels("offline").set(max(0, len(downlink.flows) - online))
+        DOWNLINK_SUBSCRIPTIONS.set(len(downlink.trie))
+        held: dict[str, int] = {}
+        for key, part in downlink.tracker.partitions.items():
+            if part.pending:
+                cluster = str(key[0]) if isinstance(key, tuple) else ""
+                held[cluster] = held.get(cluster, 0) + part.next - part.pending[0].offset
+        for consumer in downlink.consumers:
+            cluster = consumer.cluster
+            self._delta(DOWNLINK_RECORDS, (cluster,), consumer.consumed)
+            self._delta(DOWNLINK_CONSUME_ERRORS, (cluster,), consumer.errors)
+            DOWNLINK_UNCOMMITTED.labels(cluster).set(held.get(cluster, 0))
+            DOWNLINK_COMMITTED.labels(cluster).set(sum(consumer._committed.values()))
 
     def _auth(self) -> None:
         auth = self.app.auth

@@ -442,7 +442,8 @@ class KafkaSink:
             if err is None:
                 delivered += 1
                 observe(now - produced_at)
-                delivery = Delivery(cluster=name, topic=msg.topic(),
+                # record.topic: the topic produced to (msg.topic() would copy it again)
+                delivery = Delivery(cluster=name, topic=record.topic,
                                     partition=msg.partition(), offset=msg.offset())
                 try:
                     callback(record, delivery, None)

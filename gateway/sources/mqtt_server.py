@@ -80,7 +80,7 @@ from gateway.protocols.mqtt.events import (
     PublishReceived,
     PublishToken,
 )
-from gateway.protocols.mqtt.session import AWAIT_AUTH, AWAIT_CONNECT, MqttSession
+from gateway.protocols.mqtt.session import AWAIT_AUTH, AWAIT_CONNECT, CLOSED, MqttSession
 from gateway.protocols.mqtt.store import SessionStore
 
 if TYPE_CHECKING:
@@ -317,6 +317,8 @@ class MqttServer:
                 # The verdict ended the session (3.1.1): log it, write what is left, close.
                 conn.handle_events(events)
                 return
+            if not token.qos and conn._reading:
+                return  # QoS 0: nothing to write, and reading needs no resume
             self._dirty.add(conn)
             if not self._flush_scheduled:
                 self._flush_scheduled = True
@@ -705,7 +707,8 @@ class MqttConnection(asyncio.Protocol):
     def after_ack(self) -> None:
         try:
             self._flush()
-            self.update_reading()
+            if not self._reading:  # an ack only ever lets reading resume (_flush pauses it
+                self.update_reading()  # at receive_maximum, pause_writing on a full buffer)
         except Exception:
             self._crash("ack")
 
@@ -807,13 +810,15 @@ class MqttConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or self.held:
             return
-        out = self.session.data_to_send()
+        session = self.session
+        out = session.data_to_send()
         if out and not transport.is_closing():
             transport.write(out)
-        if self.session.closing:
+        state = session.state
+        if state is CLOSED:
             transport.close()
-        elif self._reading and (self.session.pending >= self.server.limits.receive_maximum
-                                or self.session.state is AWAIT_AUTH):
+        elif self._reading and (session.pending >= self.server.limits.receive_maximum
+                                or state is AWAIT_AUTH):
             self.update_reading()
 
     def _message(self, event: PublishReceived, received_at: float) -> Message:

@@ -32,8 +32,12 @@ TOPIC = "chart-pod-sandbox"
 # Runs as root inside the new mount namespace, then drops to the pod's user.
 SANDBOX = r"""
 set -eu
-base=$1; shift
+base=$1; repo=$2; shift 2
 mount --make-rprivate /
+# The checkout (code and .venv) may live under /tmp or /root, which get covered below:
+# keep a handle on it and mount it back at the same path, read-only.
+mkdir "$base/repo"
+mount --bind "$repo" "$base/repo"
 # The interpreter lives under /root (0700): show the pod's user only /root/.pyenv.
 mount --bind /root/.pyenv "$base/pyenv"
 mount -t tmpfs -o mode=755 tmpfs /root
@@ -42,6 +46,9 @@ mount --bind "$base/pyenv" /root/.pyenv
 mount --bind "$base/spool" "$base/spool"
 for m in / /root/.pyenv; do mount -o remount,bind,ro "$m"; done
 mount -t tmpfs -o mode=1777,size=256m tmpfs /tmp
+mkdir -p "$repo"
+mount --bind "$base/repo" "$repo"
+mount -o remount,bind,ro "$repo"
 exec setpriv --reuid=10001 --regid=10001 --clear-groups --inh-caps=-all \
   --bounding-set=-all --no-new-privs "$@"
 """
@@ -106,7 +113,7 @@ def test_gateway_serves_in_the_pods_sandbox(helm: Engine, broker: Broker, base: 
     log = base / "gateway.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            ["unshare", "-m", "sh", "-c", SANDBOX, "sandbox", str(base),
+            ["unshare", "-m", "sh", "-c", SANDBOX, "sandbox", str(base), str(ROOT),
              sys.executable, "-m", "gateway.cli", "serve", "--config", str(base / "gateway.yaml")],
             stdout=out, stderr=out, env=env, cwd="/")
     metrics = f"http://127.0.0.1:{ports['metrics']}"

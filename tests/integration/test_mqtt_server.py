@@ -136,6 +136,25 @@ async def test_reading_stops_at_the_inflight_bound_and_on_backpressure(server: A
     assert conn._reading
 
 
+async def test_qos0_answers_resume_reading_at_the_inflight_bound(server: Any) -> None:
+    """A QoS 0 verdict writes nothing, but it frees a place under the bound: reading
+    resumes (the server skips the ack flush for QoS 0 only while reading is on)."""
+    srv, pipeline = server
+    client = await connect(srv, "bound0")
+    for _ in range(2):
+        client.send(p.Publish(topic="a/b", payload=b"x", qos=0,
+                              properties=Properties()))
+    await until(lambda: len(pipeline.received) == 2)
+    (conn,) = srv.connections
+    assert not conn._reading
+    pipeline.received[0][1](Outcome(ok=True))
+    await until(lambda: conn._reading)
+    client.send(p.Publish(topic="a/b", payload=b"y", qos=0, properties=Properties()))
+    await until(lambda: len(pipeline.received) == 3)
+    assert pipeline.received[2][0].payload == b"y"
+    assert await client.recv(0.2) is None  # QoS 0: never an ack
+
+
 async def test_keepalive_sweep_disconnects_idle_clients(server: Any) -> None:
     srv, _ = server
     client = await connect(srv, "idle", keep_alive=1)

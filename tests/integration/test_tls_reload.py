@@ -57,7 +57,9 @@ def test_replaced_certificate_is_served_without_restart(
     gw.start(wait_for=("127.0.0.1", ports["mqtt"]))
     assert gw.proc is not None
     pid = gw.proc.pid
-    assert served_cn(port, pki.ca) == "server-one"
+    # The TLS listener may open a moment after the plain one gw.start waited for.
+    wait_until(lambda: served_cn(port, pki.ca) == "server-one", timeout=30,
+               what="the first certificate")
 
     # An MQTT session over TLS opened before the reload keeps working after it.
     held = None

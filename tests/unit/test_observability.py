@@ -211,3 +211,37 @@ def test_verdict(views: list[WorkerView], draining: bool, live: bool, ready: boo
         assert verdict.body["reasons"] == []
     else:
         assert any(r.startswith(reason) for r in verdict.body["reasons"]), verdict.body
+
+
+def test_downlink_queue_full_drops_and_depth_follow_the_flows() -> None:
+    """Drops are summed over the live flows: a session ending with drops does not take
+    the counter back, and drops after that are counted again."""
+    from types import SimpleNamespace
+
+    from gateway.downlink.outbound import OffsetTracker, OutboundFlow, Outgoing
+
+    flows = {"a": OutboundFlow(queue_limit=2), "b": OutboundFlow(queue_limit=2)}
+    downlink = SimpleNamespace(records=0, skipped=0, queued=0, sent=0, too_large=0,
+                               flows=flows, links={"a": object()}, trie=[],
+                               tracker=OffsetTracker(), consumers=[])
+    app = SimpleNamespace(worker_id=0, sinks={}, mqtt=SimpleNamespace(
+        lifecycle=None, downlink=downlink))
+    pump = Pump(app)  # type: ignore[arg-type]
+    before = _value("lastmile_downlink_messages_dropped_total", reason="queue_full")
+
+    def push(cid: str, n: int) -> None:
+        for _ in range(n):
+            flows[cid].enqueue(Outgoing("cmd/x", b"x", 1))
+
+    push("a", 5)  # 3 over the bound of 2
+    pump._downlink()
+    assert _value("lastmile_downlink_messages_dropped_total", reason="queue_full") == before + 3
+    assert _value("lastmile_downlink_queue_messages", state="waiting") == 2
+    assert _value("lastmile_downlink_clients", state="online") == 1
+    assert _value("lastmile_downlink_clients", state="offline") == 1
+    del flows["a"]  # its session ended
+    pump._downlink()
+    push("b", 4)  # 2 dropped
+    pump._downlink()
+    assert _value("lastmile_downlink_messages_dropped_total", reason="queue_full") == before + 5
+    assert _value("lastmile_downlink_queue_messages", state="waiting") == 2
