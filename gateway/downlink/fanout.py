@@ -9,8 +9,11 @@ so a slow client never stalls the others.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+
+import msgspec
 
 from gateway.downlink.outbound import OffsetTracker, OutboundFlow, Outgoing
 from gateway.downlink.record import ConsumedRecord
@@ -38,6 +41,21 @@ def publisher(record: ConsumedRecord) -> str | None:
     return None
 
 
+def expiry_deadline(expiry: int | None, produced_at: float = 0.0) -> float:
+    """The ``Outgoing.expires`` deadline of a message expiry interval (0: none), counted
+    from the record's Kafka timestamp ``produced_at`` (from now when unknown or ahead)."""
+    if not expiry:
+        return 0.0
+    age = max(0.0, time.time() - produced_at) if produced_at else 0.0
+    return time.monotonic() + expiry - age
+
+
+def with_identifiers(base: Properties | None, identifiers: Iterable[int]) -> Properties:
+    if base is None:
+        return Properties(subscription_identifiers=list(identifiers))
+    return msgspec.structs.replace(base, subscription_identifiers=list(identifiers))
+
+
 def fan_out(
     record: ConsumedRecord, rules: DownlinkRules, trie: SubscriptionTrie,
     flows: Mapping[str, OutboundFlow], tracker: OffsetTracker,
@@ -51,21 +69,24 @@ def fan_out(
     result.skipped.extend(skipped)
     sender = publisher(record)
     for delivery in deliveries:
+        expires = expiry_deadline(delivery.expiry, record.timestamp)
         if retained is not None and delivery.retain:
-            retained.set(Retained(delivery.topic, delivery.payload, delivery.qos))
+            retained.set(Retained(delivery.topic, delivery.payload, delivery.qos,
+                                  delivery.properties, expires))
+        base = delivery.properties
         for target in trie.match(delivery.topic, sender, eligible):
             flow = flows.get(target.client_id)
             if flow is None:
                 result.no_session += 1
                 continue
-            props = None
+            props = base
             if target.identifiers:
-                props = Properties(subscription_identifiers=list(target.identifiers))
+                props = with_identifiers(base, target.identifiers)
             pending.hold()
             message = Outgoing(
                 delivery.topic, delivery.payload, min(delivery.qos, target.qos),
                 delivery.retain and target.retain_as_published,
-                properties=props, origin=pending,
+                properties=props, origin=pending, expires=expires,
             )
             if flow.enqueue(message) is not None:
                 result.dropped += 1

@@ -19,6 +19,7 @@ packets.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Hashable
 from typing import Literal
@@ -110,12 +111,13 @@ class OffsetTracker:
 class Outgoing:
     """One message on its way to one client."""
 
-    __slots__ = ("dup", "origin", "packet_id", "payload", "properties", "qos", "retain",
-                 "state", "topic")
+    __slots__ = ("dup", "expires", "origin", "packet_id", "payload", "properties", "qos",
+                 "retain", "state", "topic")
 
     def __init__(
         self, topic: str, payload: bytes, qos: int, retain: bool = False, *,
         properties: Properties | None = None, origin: Pending | None = None,
+        expires: float = 0.0,
     ) -> None:
         if qos not in (0, 1, 2):
             raise ValueError(f"QoS {qos}")
@@ -125,6 +127,9 @@ class Outgoing:
         self.retain = retain
         self.properties = properties  # MQTT 5 properties (subscription identifiers, ...)
         self.origin = origin  # the consumed record, when it came from Kafka
+        # MQTT 5 message expiry: time.monotonic() deadline, 0.0 for none.  A queued
+        # message past it is dropped unsent; a sent one carries the remaining interval.
+        self.expires = expires
         self.packet_id = 0
         self.dup = False
         self.state = QUEUED
@@ -160,6 +165,7 @@ class OutboundFlow:
         self.dropped = 0  # by the full policy
         self.refused = 0  # the client answered with an error reason code
         self.unknown_acks = 0  # acks for a packet id not in flight (ignored)
+        self.expired = 0  # queued messages whose MQTT 5 message expiry passed unsent
 
     def __len__(self) -> int:
         return len(self.queue) + len(self.inflight)
@@ -182,16 +188,25 @@ class OutboundFlow:
         """QoS 1/2 messages the client will take now (its Receive Maximum less in flight)."""
         return self.receive_maximum - len(self.inflight)
 
-    def pull(self, limit: int | None = None) -> list[Outgoing]:
+    def pull(self, limit: int | None = None, now: float | None = None) -> list[Outgoing]:
         """What to send now, in order; QoS 0 is finished once handed out.
 
         Stops at the first QoS 1/2 message the window has no room for, so the
         order of one client's messages is kept; ``limit`` bounds one batch.
+        Messages whose expiry (``Outgoing.expires``) is at or before ``now``
+        (default: ``time.monotonic()``) are dropped and counted.
         """
         out: list[Outgoing] = []
         queue = self.queue
+        if now is None:
+            now = time.monotonic()
         while queue and (limit is None or len(out) < limit):
             message = queue[0]
+            if message.expires and message.expires <= now:
+                queue.popleft()
+                self.expired += 1
+                message._finish()
+                continue
             if message.qos:
                 if len(self.inflight) >= self.receive_maximum:
                     break

@@ -16,3 +16,6 @@ class ConsumedRecord(msgspec.Struct, gc=False, kw_only=True, frozen=True):
     value: bytes | None = None
     headers: tuple[tuple[str, bytes | None], ...] = ()
     cluster: str = "default"
+    # The record's Kafka timestamp in seconds since the epoch (0.0: unknown); MQTT 5
+    # message expiry counts from it.
+    timestamp: float = 0.0

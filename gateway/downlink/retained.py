@@ -21,6 +21,7 @@ class Retained(NamedTuple):
     payload: bytes
     qos: int
     properties: Properties | None = None  # MQTT 5 properties to send with it
+    expires: float = 0.0  # MQTT 5 message expiry: time.monotonic() deadline, 0.0 for none
 
 
 class _Node:

@@ -9,9 +9,11 @@ A ``ProtocolError`` from the packet ends the connection (the caller's job).
 
 from __future__ import annotations
 
+import time
 from typing import NamedTuple
 
 from gateway.auth import Identity
+from gateway.downlink.fanout import with_identifiers
 from gateway.downlink.outbound import Outgoing
 from gateway.downlink.retained import RetainedStore
 from gateway.downlink.subscriptions import (
@@ -23,7 +25,6 @@ from gateway.downlink.subscriptions import (
     sends_retained,
 )
 from gateway.protocols.mqtt import packets as p
-from gateway.protocols.mqtt.properties import Properties
 from gateway.protocols.mqtt.subscribe_codec import (
     encode_suback,
     encode_unsuback,
@@ -66,12 +67,15 @@ def handle_subscribe(
         reasons.append("")
         if retained is None or not sends_retained(topic_filter, options, existed):
             continue
-        props = None
-        if version == p.MQTT5 and request.identifier is not None:
-            props = Properties(subscription_identifiers=[request.identifier])
+        now = time.monotonic()
         for message in retained.match(topic_filter.levels):
+            if message.expires and message.expires <= now:
+                continue  # expired while retained (MQTT 5 message expiry)
+            props = message.properties
+            if version == p.MQTT5 and request.identifier is not None:
+                props = with_identifiers(props, [request.identifier])
             out.append(Outgoing(message.topic, message.payload, min(message.qos, options.qos),
-                                True, properties=props))
+                                True, properties=props, expires=message.expires))
     reply = encode_suback(request.packet_id, codes, version, max_packet_size=max_packet_size)
     return Answer(reply, tuple(codes), tuple(reasons), tuple(out))
 

@@ -15,9 +15,13 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
+from gateway.downlink.record import ConsumedRecord
 from gateway.errors import ConfigError, GatewayError
 from gateway.model import Message, Sequence
 from gateway.routing.compile import RuleTable
+from gateway.routing.downlink import Delivery
 from gateway.routing.load import load_rules
 from gateway.routing.router import RouteResult, route
 from gateway.routing.rules import RuleError, RulesError
@@ -79,6 +83,7 @@ def rules_check(directory: str | None = DEFAULT_DIR, json_out: bool = False,
         "version": table.version,
         "files": list(table.files),
         "rules": table.rules,
+        "downlink_rules": len(table.downlink),
         "clusters": sorted(table.clusters),
         "dead_letter": _dead_letter_dict(table),
         "unmatched": table.unmatched,
@@ -88,7 +93,8 @@ def rules_check(directory: str | None = DEFAULT_DIR, json_out: bool = False,
     else:
         print(
             f"ok: {table.rules} rules in {len(table.files)} files, version {table.version}; "
-            f"clusters: {', '.join(sorted(table.clusters)) or '-'}; unmatched: {table.unmatched}"
+            f"clusters: {', '.join(sorted(table.clusters)) or '-'}; unmatched: {table.unmatched}; "
+            f"downlink: {len(table.downlink)} rules"
         )
     return 0
 
@@ -215,6 +221,78 @@ def rules_test(
     return 0
 
 
+def _properties(d: Delivery) -> list[tuple[str, Any]]:
+    """The MQTT 5 properties a delivery carries (from the record's mqtt-* headers)."""
+    out: list[tuple[str, Any]] = []
+    if d.properties is not None:
+        for name, value in msgspec.structs.asdict(d.properties).items():
+            if value is None or value == []:
+                continue
+            if isinstance(value, bytes):
+                value = _text(value)
+            elif name == "user_properties":
+                value = [list(pair) for pair in value]
+            out.append((name, value))
+    if d.expiry is not None:
+        out.append(("message_expiry_interval", d.expiry))
+    return out
+
+
+def rules_test_downlink(
+    directory: str,
+    kafka_topic: str,
+    key: str | None = None,
+    headers: list[tuple[str, str]] | None = None,
+    partition: int = 0,
+    payload: str | None = None,
+    cluster: str = "default",
+    json_out: bool = False,
+) -> int:
+    """Route one imaginary Kafka record through the ``downlink:`` rules and show the result."""
+    table = _load(directory, json_out)
+    if table is None:
+        return 1
+    try:
+        body = _read_payload(payload)
+    except OSError as exc:
+        print(f"cannot read payload file: {exc}", file=sys.stderr)
+        return 1
+    record = ConsumedRecord(
+        topic=kafka_topic, partition=partition, offset=0, cluster=cluster,
+        key=None if key is None else key.encode(), value=body,
+        headers=tuple((name, value.encode()) for name, value in headers or ()),
+    )
+    deliveries, skipped = table.downlink.route(record)
+    where = {r.name: f"{r.file}:{r.line}" for r in table.downlink.rules}
+    if json_out:
+        print(json.dumps({
+            "version": table.version,
+            "deliveries": [
+                {"rule": d.rule, "where": where[d.rule], "topic": d.topic, "qos": d.qos,
+                 "retain": d.retain, "delete": d.delete, "properties": dict(_properties(d))}
+                for d in deliveries
+            ],
+            "skipped": [{"rule": s.rule, "where": where[s.rule], "reason": s.reason}
+                        for s in skipped],
+        }, indent=2))
+        return 0
+    print(
+        f"rules version {table.version}: record in Kafka topic {kafka_topic!r} "
+        f"(cluster {cluster}, partition {partition}), key {key!r}"
+    )
+    if not deliveries and not skipped:
+        print(f"no downlink rule reads Kafka topic {kafka_topic!r} of cluster {cluster}")
+    for d in deliveries:
+        print(f"rule {d.rule} ({where[d.rule]}): publish to MQTT topic {d.topic!r} "
+              f"qos {d.qos} retain {str(d.retain).lower()}"
+              + (" (empty: deletes the retained message)" if d.delete else ""))
+        for name, value in _properties(d):
+            print(f"  {name}: {value}")
+    for s in skipped:
+        print(f"rule {s.rule} ({where[s.rule]}): skipped: {s.reason}")
+    return 0
+
+
 def _name_value(text: str) -> tuple[str, str]:
     name, sep, value = text.partition("=")
     if not sep:
@@ -235,8 +313,18 @@ def add_rules_parser(subparsers: Any) -> None:
     check.add_argument("--json", action="store_true", help="one JSON document for scripts")
     check.set_defaults(func=lambda a: rules_check(a.directory, a.json, a.config))
 
-    test = sub.add_parser("test", help="show exactly where a publish to TOPIC would go")
-    test.add_argument("topic")
+    test = sub.add_parser(
+        "test", help="show exactly where a publish to TOPIC would go (or, with --downlink, "
+        "which MQTT topics a Kafka record would reach)")
+    test.add_argument("topic", nargs="?", help="the MQTT topic of the publish (not with "
+                      "--downlink)")
+    test.add_argument("--downlink", metavar="KAFKA_TOPIC",
+                      help="test the downlink rules with a record in KAFKA_TOPIC")
+    test.add_argument("--key", help="--downlink: the record's key (none if not given)")
+    test.add_argument("--header", type=_name_value, action="append", default=[],
+                      metavar="NAME=VALUE", help="--downlink: a record header (repeatable)")
+    test.add_argument("--partition", type=int, default=0, help="--downlink: the partition")
+    test.add_argument("--cluster", default="default", help="--downlink: the Kafka cluster")
     test.add_argument("--payload", help="payload text, or @FILE to read a file")
     test.add_argument("--client-id", default=DEFAULT_CLIENT_ID)
     test.add_argument("--username", help="the verified name (password-file user, JWT sub)")
@@ -255,20 +343,23 @@ def add_rules_parser(subparsers: Any) -> None:
     )
     test.add_argument("--rules", default=DEFAULT_DIR, metavar="DIR")
     test.add_argument("--json", action="store_true", help="one JSON document for scripts")
-    test.set_defaults(
-        func=lambda a: rules_test(
-            a.rules,
-            a.topic,
-            a.payload,
-            a.client_id,
-            a.username,
-            a.source,
-            a.qos,
-            a.json,
-            a.user_property,
-            a.cert_identity,
-            a.claim,
-        )
+    test.set_defaults(func=_test_command)
+
+
+def _test_command(a: argparse.Namespace) -> int:
+    if a.downlink is not None:
+        if a.topic is not None:
+            print("give either an MQTT topic or --downlink KAFKA_TOPIC, not both",
+                  file=sys.stderr)
+            return 1
+        return rules_test_downlink(a.rules, a.downlink, a.key, a.header, a.partition,
+                                   a.payload, a.cluster, a.json)
+    if a.topic is None:
+        print("rules test needs an MQTT topic (or --downlink KAFKA_TOPIC)", file=sys.stderr)
+        return 1
+    return rules_test(
+        a.rules, a.topic, a.payload, a.client_id, a.username, a.source, a.qos, a.json,
+        a.user_property, a.cert_identity, a.claim,
     )
 
 

@@ -68,6 +68,7 @@ class CompiledRule:
         "key",
         "line",
         "max_bytes",
+        "mqtt_properties",
         "name",
         "payload_json",
         "reason",
@@ -102,6 +103,7 @@ class CompiledRule:
         self.cluster = spec.kafka.cluster if spec.kafka else ""
         # Stamp lastmile-client-id / -session / -seq on this rule's records.
         self.sequence = spec.kafka.sequence if spec.kafka else False
+        self.mqtt_properties = spec.kafka.mqtt_properties if spec.kafka else False
         self.topic: Template | None = None
         self.key: Template | None = None
         self.headers: tuple[tuple[str, Template], ...] = ()

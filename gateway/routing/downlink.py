@@ -29,6 +29,9 @@ import msgspec
 from gateway.auth import Identity
 from gateway.downlink.record import ConsumedRecord
 from gateway.model import Message
+from gateway.protocols.mqtt.properties import Properties
+from gateway.routing import mqtt_headers
+from gateway.routing.mqtt_headers import FromHeaders, from_headers
 from gateway.routing.rules import AllowSpec, Path, _Spec
 from gateway.routing.templates import TemplateError, split_fields, valid_kafka_topic
 from gateway.routing.trie import Allow, Patterns
@@ -52,7 +55,9 @@ class DownlinkMqttSpec(_Spec):
     topic: str
     # At least once unless the rule says otherwise: what a command usually needs.
     qos: Literal[0, 1, 2] = 1
-    retain: bool = False
+    # "header": retained when the record carries mqtt-retain: 1 (an uplink rule with
+    # kafka.mqtt_properties: true writes it for a retained PUBLISH).
+    retain: bool | Literal["header"] = False
 
 
 class DownlinkSpec(_Spec):
@@ -237,7 +242,7 @@ class DownlinkRule:
         self.cluster = spec.kafka.cluster
         self.kafka_topic = spec.kafka.topic
         self.qos = spec.mqtt.qos
-        self.retain = spec.mqtt.retain
+        self.retain: bool | Literal["header"] = spec.mqtt.retain
         self.topic: MqttTemplate | None = None
         self.allow: Allow | None = None
 
@@ -252,6 +257,10 @@ class Delivery(NamedTuple):
     payload: bytes
     # Retained rules only: an empty value (or a tombstone) deletes the topic's retained message.
     delete: bool
+    # From the record's mqtt-* headers (gateway/routing/mqtt_headers.py): MQTT 5 properties
+    # for the PUBLISH and the message expiry interval in seconds.
+    properties: Properties | None = None
+    expiry: int | None = None
 
 
 class Skipped(NamedTuple):
@@ -270,7 +279,7 @@ class Grant(NamedTuple):
 
 # A record header with the QoS it was published at (an uplink rule writes it with
 # ``headers: {mqtt-qos: "{qos}"}``): delivery never goes above it, as a broker's would not.
-QOS_HEADER = "mqtt-qos"
+QOS_HEADER = mqtt_headers.QOS
 _QOS_VALUES = {b"0": 0, b"1": 1, b"2": 2}
 
 
@@ -279,6 +288,9 @@ def publisher_qos(record: ConsumedRecord) -> int:
         if name == QOS_HEADER and value is not None:
             return _QOS_VALUES.get(value, 2)
     return 2
+
+
+_NO_ATTRS = FromHeaders(None, None, False)
 
 
 class DownlinkRules:
@@ -304,6 +316,7 @@ class DownlinkRules:
         deliveries: list[Delivery] = []
         skipped: list[Skipped] = []
         cap = publisher_qos(record)
+        attrs = from_headers(record.headers) if record.headers else _NO_ATTRS
         for rule in self.by_topic.get((record.cluster, record.topic), ()):
             assert rule.topic is not None  # a loaded table has every template
             try:
@@ -312,9 +325,10 @@ class DownlinkRules:
                 skipped.append(Skipped(rule.name, str(exc)))
                 continue
             payload = record.value or b""
+            retain = attrs.retain if rule.retain == "header" else bool(rule.retain)
             deliveries.append(
-                Delivery(rule.name, topic, min(rule.qos, cap), rule.retain, payload,
-                         rule.retain and not payload)
+                Delivery(rule.name, topic, min(rule.qos, cap), retain, payload,
+                         retain and not payload, attrs.properties, attrs.expiry)
             )
         return deliveries, skipped
 

@@ -31,6 +31,7 @@ from gateway.errors import (
     TopicInvalid,
 )
 from gateway.model import Message, Record
+from gateway.routing import mqtt_headers
 from gateway.routing.compile import (
     CACHE_TOPIC_MAX,
     RESERVED_HEADER_PREFIX,
@@ -207,6 +208,8 @@ def _record_planned(cand: Candidate, message: Message, ctx: Context) -> Record:
         raise _Invalid(TopicInvalid(f"rendered Kafka topic {topic!r} is not a legal name"), rule)
     if message.headers:
         headers.extend(message.headers)  # explicit hints extend what templates produce
+    if rule.mqtt_properties:
+        headers.extend(mqtt_headers.to_headers(message))
     return Record(
         cluster=rule.cluster,
         topic=topic,

@@ -43,6 +43,9 @@ class KafkaSpec(_Spec):
     headers: dict[str, str] = {}
     # Stamp lastmile-client-id, -session and -seq headers (docs/rules.md, "Sequence stamps").
     sequence: bool = False
+    # Add the publish's QoS, retain flag and MQTT 5 properties as mqtt-* headers
+    # (gateway/routing/mqtt_headers.py; docs/rules.md, "MQTT 5 properties").
+    mqtt_properties: bool = False
 
 
 class PayloadSpec(_Spec):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 import socket
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -371,10 +372,9 @@ def test_presence_events_keyed_by_client_id(gateway_factory: Any, broker: Broker
             sock.close()
 
 
-def test_broker_on_kafka_sample(gateway_factory: Any, rules_dir: Path) -> None:
-    """Device to device through Kafka with the shipped sample as the whole rule set."""
-    from paho.mqtt.subscribeoptions import SubscribeOptions
-
+@pytest.fixture
+def sample_port(gateway_factory: Any, rules_dir: Path) -> Any:
+    """The gateway with the shipped broker-on-kafka sample as its whole rule set."""
     from tests.helpers import ROOT
 
     for path in rules_dir.glob("*.yaml"):
@@ -382,27 +382,131 @@ def test_broker_on_kafka_sample(gateway_factory: Any, rules_dir: Path) -> None:
     sample = ROOT / "bridge-rules" / "samples" / "broker-on-kafka.yaml"
     (rules_dir / sample.name).write_text(sample.read_text())
     proc, ports = gateway_factory()
-    port = ports["mqtt"]
-    with running(proc, ("127.0.0.1", port)):
-        reader = Subscriber(port, paho.MQTTv5)
-        talker = Subscriber(port, paho.MQTTv5)  # subscribed with No Local
-        publisher = Subscriber(port, paho.MQTTv311)
-        try:
-            assert reader.subscribe("room/+/temp", 1) == [1]
-            talker.client.subscribe("room/#", options=SubscribeOptions(qos=2, noLocal=True))
-            assert talker.granted.get(timeout=15) == [2]
-            publisher.client.publish("room/1/temp", b"21", qos=1).wait_for_publish(15)
-            got = reader.next()
-            assert (got.topic, got.payload, got.qos) == ("room/1/temp", b"21", 1)
-            assert talker.next().payload == b"21"
-            talker.client.publish("room/2/temp", b"22", qos=0).wait_for_publish(15)
-            got = reader.next()  # at the QoS it was published with, below the subscription's
-            assert (got.payload, got.qos) == (b"22", 0)
-            with pytest.raises(queue.Empty):
-                talker.next(timeout=1)  # its own message: No Local
-        finally:
-            for client in (reader, talker, publisher):
-                client.close()
+    with running(proc, ("127.0.0.1", ports["mqtt"])):
+        yield ports["mqtt"]
+
+
+def test_broker_on_kafka_sample(sample_port: int) -> None:
+    """Device to device through Kafka with the shipped sample as the whole rule set."""
+    from paho.mqtt.subscribeoptions import SubscribeOptions
+
+    port = sample_port
+    room = unique("room")
+    reader = Subscriber(port, paho.MQTTv5)
+    talker = Subscriber(port, paho.MQTTv5)  # subscribed with No Local
+    publisher = Subscriber(port, paho.MQTTv311)
+    try:
+        assert reader.subscribe(f"{room}/+/temp", 1) == [1]
+        talker.client.subscribe(f"{room}/#", options=SubscribeOptions(qos=2, noLocal=True))
+        assert talker.granted.get(timeout=15) == [2]
+        publisher.client.publish(f"{room}/1/temp", b"21", qos=1).wait_for_publish(15)
+        got = reader.next()
+        assert (got.topic, got.payload, got.qos) == (f"{room}/1/temp", b"21", 1)
+        assert talker.next().payload == b"21"
+        talker.client.publish(f"{room}/2/temp", b"22", qos=0).wait_for_publish(15)
+        got = reader.next()  # at the QoS it was published with, below the subscription's
+        assert (got.payload, got.qos) == (b"22", 0)
+        with pytest.raises(queue.Empty):
+            talker.next(timeout=1)  # its own message: No Local
+    finally:
+        for client in (reader, talker, publisher):
+            client.close()
+
+
+def publish_props(**values: Any) -> Any:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    props = Properties(PacketTypes.PUBLISH)
+    for name, value in values.items():
+        setattr(props, name, value)
+    return props
+
+
+def test_mqtt5_properties_through_kafka_and_back(sample_port: int) -> None:
+    """User properties, content type, payload format, response topic and correlation
+    data ride the record's mqtt-* headers back onto the PUBLISH of MQTT 5 subscribers."""
+    topic = unique("req") + "/a"
+    v5, v3 = Subscriber(sample_port, paho.MQTTv5), Subscriber(sample_port, paho.MQTTv311)
+    publisher = Subscriber(sample_port, paho.MQTTv5)
+    try:
+        assert v5.subscribe(topic, 1) == [1] and v3.subscribe(topic, 1) == [1]
+        props = publish_props(UserProperty=[("a", "2"), ("c", "3"), ("a", "1")],
+                              ContentType="text/plain", PayloadFormatIndicator=1,
+                              ResponseTopic=topic + "/reply", CorrelationData=b"\x00id")
+        publisher.client.publish(topic, b"hello", qos=1, properties=props).wait_for_publish(15)
+        got = v5.next()
+        assert got.payload == b"hello"
+        assert got.properties.UserProperty == [("a", "2"), ("c", "3"), ("a", "1")]
+        assert (got.properties.ContentType, got.properties.PayloadFormatIndicator,
+                got.properties.ResponseTopic, got.properties.CorrelationData) == (
+            "text/plain", 1, topic + "/reply", b"\x00id")
+        assert v3.next().payload == b"hello"  # 3.1.1: the same message, no properties
+    finally:
+        for client in (v5, v3, publisher):
+            client.close()
+
+
+@pytest.mark.parametrize("protocol", VERSIONS)
+def test_retained_publishes_through_kafka(sample_port: int, protocol: int) -> None:
+    """A retained PUBLISH (mqtt-retain: 1, rule retain: header) reaches later subscribers
+    with the retain flag; an empty retained PUBLISH deletes it."""
+    topic = unique("state") + "/lamp"
+    live = Subscriber(sample_port, protocol)
+    publisher = Subscriber(sample_port, protocol)
+    clients = [live, publisher]
+    try:
+        assert live.subscribe(topic, 1) == [1]
+        publisher.client.publish(topic, b"on", qos=1, retain=True).wait_for_publish(15)
+        got = live.next()
+        assert (got.payload, got.retain) == (b"on", False)  # live: retain 0
+        late = Subscriber(sample_port, protocol)
+        clients.append(late)
+        assert late.subscribe(topic, 1) == [1]
+        got = late.next()
+        assert (got.topic, got.payload, got.qos, got.retain) == (topic, b"on", 1, True)
+        # A non-retained publish leaves the retained message alone.
+        publisher.client.publish(topic, b"blink", qos=1).wait_for_publish(15)
+        assert live.next().payload == b"blink"
+        publisher.client.publish(topic, b"", qos=1, retain=True).wait_for_publish(15)
+        assert live.next().payload == b""
+        after = Subscriber(sample_port, protocol)
+        clients.append(after)
+        assert after.subscribe(topic, 1) == [1]
+        publisher.client.publish(topic, b"marker", qos=1).wait_for_publish(15)
+        got = after.next()  # nothing retained came before it
+        assert (got.payload, got.retain) == (b"marker", False)
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_queued_message_expires_while_offline(sample_port: int) -> None:
+    """MQTT 5 message expiry counts from the record's timestamp: a queued message past
+    it is dropped; the other leaves with what remains of its interval."""
+    topic = unique("expiry") + "/t"
+    cid = unique("offline")
+    sub = Subscriber(sample_port, paho.MQTTv5, client_id=cid, clean=False)
+    assert sub.subscribe(topic, 2) == [2]
+    sub.close()
+    publisher = Subscriber(sample_port, paho.MQTTv5)
+    try:
+        publisher.client.publish(topic, b"expire", qos=1, properties=publish_props(
+            MessageExpiryInterval=1)).wait_for_publish(15)
+        publisher.client.publish(topic, b"keep", qos=2, properties=publish_props(
+            MessageExpiryInterval=60)).wait_for_publish(15)
+        published = time.time()
+    finally:
+        publisher.close()
+    # Waiting here is the point of the test (the interval must pass), not its verdict.
+    wait_until(lambda: time.time() > published + 1.5, what="the 1 s expiry to pass")
+    back = Subscriber(sample_port, paho.MQTTv5, client_id=cid, clean=False)
+    try:
+        got = back.next()  # "expire" was queued first: it would come first
+        assert got.payload == b"keep"
+        assert 0 < got.properties.MessageExpiryInterval < 60
+    finally:
+        back.close()
 
 
 def test_samples_are_not_loaded_by_default() -> None:

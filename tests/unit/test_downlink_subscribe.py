@@ -123,3 +123,18 @@ def test_unsubscribe(rules: DownlinkRules, version: int, wire_codes: list[int]) 
     assert isinstance(reply, p.Unsuback)
     assert (reply.packet_id, reply.reason_codes) == (9, wire_codes)
     assert len(trie) == 0
+
+
+def test_retained_keep_their_properties_and_expire(rules: DownlinkRules) -> None:
+    import time
+
+    store = RetainedStore()
+    props = Properties(user_properties=[("a", "1")], content_type="text/plain")
+    store.set(Retained("cfg/dev-1", b"on", 2, props, time.monotonic() + 60))
+    store.set(Retained("cfg/dev-2", b"gone", 2, None, time.monotonic() - 1))
+    answer = handle_subscribe(_subscribe(5, ("cfg/+", 1), ident=7), 5, "c1", DEV1, rules,
+                              SubscriptionTrie(), store)
+    (message,) = answer.retained  # cfg/dev-2 expired while retained
+    assert message.topic == "cfg/dev-1" and message.expires > time.monotonic()
+    assert message.properties == Properties(
+        user_properties=[("a", "1")], content_type="text/plain", subscription_identifiers=[7])

@@ -119,3 +119,70 @@ def test_module_entry_point_exit_codes() -> None:
     # The default directory is bridge-rules, relative to where the operator runs it.
     default = subprocess.run(run, capture_output=True, text=True, cwd=ROOT, check=False)
     assert default.returncode == 0 and default.stdout.startswith("ok:")
+
+
+DOWNLINK_RULES = """\
+downlink:
+  - name: commands
+    kafka: {topic: commands}
+    mqtt: {topic: "cmd/{key}", qos: 1}
+  - name: config
+    kafka: {topic: commands}
+    mqtt: {topic: "cfg/{header.site}/{key}", qos: 2, retain: true}
+"""
+
+
+def _downlink_dir(tmp_path: Path) -> str:
+    (tmp_path / "60-commands.yaml").write_text(DOWNLINK_RULES)
+    return str(tmp_path)
+
+
+def test_check_counts_downlink_rules(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    directory = _downlink_dir(tmp_path)
+    assert rules_check(directory, json_out=False) == 0
+    assert capsys.readouterr().out.rstrip().endswith("; downlink: 2 rules")
+    assert rules_check(directory, json_out=True) == 0
+    assert json.loads(capsys.readouterr().out)["downlink_rules"] == 2
+
+
+def test_test_downlink_shows_topics_and_why_not(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    parser = argparse.ArgumentParser(prog="lastmile")
+    add_rules_parser(parser.add_subparsers(dest="command", required=True))
+    directory = _downlink_dir(tmp_path)
+    args = parser.parse_args(["rules", "test", "--downlink", "commands", "--key", "dev-1",
+                              "--payload", "X", "--rules", directory])
+    assert args.func(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == (f"rule commands ({directory}/60-commands.yaml:2): publish to MQTT topic "
+                        "'cmd/dev-1' qos 1 retain false")
+    assert lines[2].startswith(f"rule config ({directory}/60-commands.yaml:5): skipped: ")
+    assert "site" in lines[2]
+
+    args = parser.parse_args(["rules", "test", "--downlink", "commands", "--key", "dev-1",
+                              "--header", "site=s1", "--header", "mqtt-user.a=1",
+                              "--header", "mqtt-message-expiry=30", "--rules", directory,
+                              "--json"])
+    assert args.func(args) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [(d["rule"], d["topic"], d["qos"], d["retain"], d["delete"])
+            for d in doc["deliveries"]] == [
+        ("commands", "cmd/dev-1", 1, False, False), ("config", "cfg/s1/dev-1", 2, True, True)]
+    assert doc["skipped"] == []
+    assert doc["deliveries"][0]["properties"] == {
+        "user_properties": [["a", "1"]], "message_expiry_interval": 30}
+
+    args = parser.parse_args(["rules", "test", "--downlink", "other", "--rules", directory])
+    assert args.func(args) == 0
+    assert "no downlink rule reads Kafka topic 'other'" in capsys.readouterr().out
+    # Without a key the {key} rules say why.
+    args = parser.parse_args(["rules", "test", "--downlink", "commands", "--rules", directory,
+                              "--json"])
+    assert args.func(args) == 0
+    assert [s["rule"] for s in json.loads(capsys.readouterr().out)["skipped"]] == [
+        "commands", "config"]
+    for argv in (["rules", "test", "t", "--downlink", "commands"], ["rules", "test"]):
+        args = parser.parse_args([*argv, "--rules", directory])
+        assert args.func(args) == 1
+    assert "not both" in capsys.readouterr().err
