@@ -345,6 +345,10 @@ def _floors_section(data: dict[str, Any]) -> list[str]:
               "[benchmarks-http.md](benchmarks-http.md)):", "",
               "| target | this run | |", "| --- | ---: | --- |"]
     lines += [f"| {t} | {v} | {_met(ok)} |" for t, v, ok in targets]
+    if any(ok is False for _, _, ok in targets):
+        lines += ["", "What stops each target that is not met, measured: "
+                  "[performance.md](performance.md), section 5 (\"What stops the targets\" "
+                  "and the full run of 2026-12-06) and section 6 (connects, idle memory)."]
     if data.get("quick"):
         lines += ["", "Quick run: the fixed rate is the quick plan's, not the issue's 20,000 "
                   "msg/s; judge the targets on a full run."]
@@ -612,9 +616,8 @@ def _fanout_section() -> list[str]:
         "",
         "- Latency is Kafka's (tansu's) on this box: its p99 swings from 0.5 to 2.7 s "
         "between runs at load 2.5-4 on 2 cores, so the p99 verdict flips between runs. The "
-        "gateway's own share shows at p50: its consumer takes `consume(500, 0.1)`, which "
-        "waits for 500 records or the 0.1 s timeout; a bare `poll()` returns on the first "
-        "(25-70 ms less at p50 in hand runs with `poll(0.1)` then `consume(499, 0)`).",
+        "gateway's own share shows at p50 (its consumer returns on the first record: "
+        "`poll(0.1)`, then what is already fetched).",
         "- Broadcast: the consumer hands Lastmile several records at once and each client "
         "gets them in one write; Mosquitto writes each message to each client (its one "
         "thread near 1 CPU second per second here). The subscribers are the same Python "
