@@ -10,25 +10,25 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import msgspec
 
 from gateway.model import Message
+from gateway.routing.allow import compile_allow
 from gateway.routing.downlink import DownlinkRules
-from gateway.routing.rules import AllowSpec, MatchSpec, Path, RuleSpec
+from gateway.routing.rules import MatchSpec, Path, RuleSpec
 from gateway.routing.templates import (
     Template,
     TemplateError,
     check_kafka_topic_template,
     compile_template,
-    split_fields,
     valid_kafka_topic,
 )
 from gateway.routing.trie import (
     Allow,
     FilterError,
     Glob,
-    Patterns,
     TopicFilter,
     Trie,
     parse_filter,
@@ -314,54 +314,8 @@ def _compile_payload_and_allow(
     else:
         rule.dead_letter_invalid = has_dead_letter
     if spec.allow is not None:
-        rule.allow = _compile_allow(rule, spec.allow, problems)
-
-
-def _patterns(
-    rule: CompiledRule, globs: list[str], where: Path, problems: list[Problem]
-) -> Patterns:
-    """Allow globs; ``{name}`` is one of the rule's captures, ``{{`` ``}}`` are braces."""
-    static: list[str] = []
-    dynamic: list[list[str]] = []
-    captures = _capture_names(rule)
-    for i, text in enumerate(globs):
-        try:
-            pieces, _ = split_fields(text)
-        except TemplateError as exc:
-            problems.append((str(exc), (*where, i)))
-            continue
-        bad = [n for n in pieces[1::2] if n not in captures]
-        for name in bad:
-            problems.append((_unknown_capture(name, rule), (*where, i)))
-        if bad:
-            continue
-        if len(pieces) == 1:
-            static.append(pieces[0])
-        else:
-            dynamic.append(pieces)
-    return Patterns(static, dynamic)
-
-
-def _compile_allow(rule: CompiledRule, allow: AllowSpec, problems: list[Problem]) -> Allow:
-    if allow.client_ids is not msgspec.UNSET:
-        problems.append((
-            "client_ids is no longer accepted: a client chooses its own client id, so it "
-            "proves nothing; use usernames (password file or JWT sub), identities "
-            "(certificate CN) or claims (JWT)", ("allow", "client_ids")))
-    elif not (allow.usernames or allow.identities or allow.claims):
-        problems.append(("allow lists nobody; give usernames, identities or claims", ("allow",)))
-    claims = []
-    for name, globs in allow.claims.items():
-        where: Path = ("allow", "claims", name)
-        if not name:
-            problems.append(("empty claim name", where))
-        elif not globs:
-            problems.append((f"claim {name!r} lists no value; nobody would match", where))
-        else:
-            claims.append((name, _patterns(rule, globs, where, problems)))
-    usernames = _patterns(rule, allow.usernames, ("allow", "usernames"), problems)
-    identities = _patterns(rule, allow.identities, ("allow", "identities"), problems)
-    return Allow(usernames, identities, claims)
+        rule.allow = compile_allow(spec.allow, _capture_names(rule),
+                                   partial(_unknown_capture, rule=rule), problems)
 
 
 def compile_rule(

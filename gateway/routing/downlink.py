@@ -22,19 +22,19 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from functools import partial
 from typing import Literal, NamedTuple
-
-import msgspec
 
 from gateway.auth import Identity
 from gateway.downlink.record import ConsumedRecord
 from gateway.model import Message
 from gateway.protocols.mqtt.properties import Properties
 from gateway.routing import mqtt_headers
+from gateway.routing.allow import compile_allow
 from gateway.routing.mqtt_headers import FromHeaders, from_headers
 from gateway.routing.rules import AllowSpec, Path, _Spec
 from gateway.routing.templates import TemplateError, split_fields, valid_kafka_topic
-from gateway.routing.trie import Allow, Patterns
+from gateway.routing.trie import Allow
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 HEADER = "header."
@@ -383,56 +383,14 @@ def compile_downlink(
         problems.append((str(exc), ("mqtt", "topic")))
     if spec.allow is not None:
         names = rule.topic.whole_level if rule.topic is not None else ()
-        rule.allow = _compile_allow(spec.allow, names, problems)
+        rule.allow = compile_allow(spec.allow, names, partial(_unknown_variable, names=names),
+                                   problems)
     return rule, problems
 
 
-def _compile_allow(allow: AllowSpec, names: tuple[str, ...], problems: list[Problem]) -> Allow:
-    # The uplink checks, with the template's whole-level variables as the captures.
-    if allow.client_ids is not msgspec.UNSET:
-        problems.append((
-            "client_ids is not accepted: a client chooses its own client id, so it proves "
-            "nothing; use usernames, identities or claims", ("allow", "client_ids")))
-    elif not (allow.usernames or allow.identities or allow.claims):
-        problems.append(("allow lists nobody; give usernames, identities or claims", ("allow",)))
-    claims = []
-    for claim, globs in allow.claims.items():
-        where: Path = ("allow", "claims", claim)
-        if not claim:
-            problems.append(("empty claim name", where))
-        elif not globs:
-            problems.append((f"claim {claim!r} lists no value; nobody would match", where))
-        else:
-            claims.append((claim, _patterns(globs, names, where, problems)))
-    usernames = _patterns(allow.usernames, names, ("allow", "usernames"), problems)
-    identities = _patterns(allow.identities, names, ("allow", "identities"), problems)
-    return Allow(usernames, identities, claims)
-
-
-def _patterns(
-    globs: list[str], names: tuple[str, ...], where: Path, problems: list[Problem]
-) -> Patterns:
-    static: list[str] = []
-    dynamic: list[list[str]] = []
-    for i, text in enumerate(globs):
-        try:
-            pieces, _ = split_fields(text)
-        except TemplateError as exc:
-            problems.append((str(exc), (*where, i)))
-            continue
-        bad = [n for n in pieces[1::2] if n not in names]
-        for name in bad:
-            known = ", ".join(f"{{{n}}}" for n in names) or "none"
-            problems.append((
-                f"unknown variable {{{name}}}; this rule's topic has whole-level variables: "
-                f"{known}", (*where, i)))
-        if bad:
-            continue
-        if len(pieces) == 1:
-            static.append(pieces[0])
-        else:
-            dynamic.append(pieces)
-    return Patterns(static, dynamic)
+def _unknown_variable(name: str, names: tuple[str, ...]) -> str:
+    known = ", ".join(f"{{{n}}}" for n in names) or "none"
+    return f"unknown variable {{{name}}}; this rule's topic has whole-level variables: {known}"
 
 
 __all__ = [
