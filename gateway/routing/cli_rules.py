@@ -113,6 +113,19 @@ def _read_payload(payload: str | None) -> bytes:
     return payload.encode()
 
 
+def _load_with_payload(directory: str, json_out: bool,
+                       payload: str | None) -> tuple[RuleTable, bytes] | None:
+    """The rules and the payload of an imaginary message; None (said why) if either fails."""
+    table = _load(directory, json_out)
+    if table is None:
+        return None
+    try:
+        return table, _read_payload(payload)
+    except OSError as exc:
+        print(f"cannot read payload file: {exc}", file=sys.stderr)
+        return None
+
+
 def _text(value: bytes | None) -> str | None:
     return None if value is None else value.decode("utf-8", "backslashreplace")
 
@@ -192,14 +205,10 @@ def rules_test(
     claims: list[tuple[str, str]] | None = None,
 ) -> int:
     """Route one imaginary publish through the rules in ``directory`` and show the result."""
-    table = _load(directory, json_out)
-    if table is None:
+    loaded = _load_with_payload(directory, json_out, payload)
+    if loaded is None:
         return 1
-    try:
-        body = _read_payload(payload)
-    except OSError as exc:
-        print(f"cannot read payload file: {exc}", file=sys.stderr)
-        return 1
+    table, body = loaded
     message = Message(
         source=source,
         topic=topic,
@@ -249,14 +258,10 @@ def rules_test_downlink(
     json_out: bool = False,
 ) -> int:
     """Route one imaginary Kafka record through the ``downlink:`` rules and show the result."""
-    table = _load(directory, json_out)
-    if table is None:
+    loaded = _load_with_payload(directory, json_out, payload)
+    if loaded is None:
         return 1
-    try:
-        body = _read_payload(payload)
-    except OSError as exc:
-        print(f"cannot read payload file: {exc}", file=sys.stderr)
-        return 1
+    table, body = loaded
     record = ConsumedRecord(
         topic=kafka_topic, partition=partition, offset=0, cluster=cluster,
         key=None if key is None else key.encode(), value=body,
