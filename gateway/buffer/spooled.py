@@ -72,22 +72,6 @@ class Entry:
 
     def __call__(self, record: Record, delivery: Delivery | None,
                  error: GatewayError | None) -> None:
-        if error is None and delivery is not None and self.direct_open and not self.spilled:
-            # The usual report, inline: delivered on the direct path, never spilled
-            # (what ``_on_direct`` and ``resolve`` do for it, without their frames).
-            self.direct_open = False
-            buffer = self.buffer
-            direct = buffer._direct
-            while direct and not direct[0].direct_open:
-                direct.popleft()
-            buffer.flow.remove(self.size)
-            buffer.counters["delivered"] += 1
-            if not self.acked:
-                self.acked = True
-                ack = self.record.ack
-                if ack is not None:
-                    ack.record_safe(delivery)
-            return
         self.buffer._on_direct(self, delivery, error)
 
     def resolve(self, delivery: Delivery | None, error: GatewayError | None) -> None:
