@@ -546,7 +546,10 @@ class DownlinkConsumer:
                 with contextlib.suppress(Exception):
                     self._assign_missing()
             try:
-                messages = consumer.consume(500, 0.1)
+                # Wait for the first record only, then take what is already there:
+                # consume(500, timeout) waits for all 500 or the whole timeout.
+                first = consumer.poll(0.1)
+                messages = [] if first is None else [first, *consumer.consume(499, 0)]
             except Exception as exc:  # pragma: no cover - closed under us at shutdown
                 if self._running:
                     log.warning("downlink_consume_failed", cluster=self.cluster, error=str(exc))
