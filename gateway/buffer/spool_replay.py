@@ -72,6 +72,10 @@ class Replayer:
         self.write_ahead = mode == "write-ahead"
         self.dead_letter = dead_letter
         self.cursor = 0
+        # The last seq the loop has heard is written (the buffer's durable callback). The
+        # writer thread's ``spool.written_seq`` moves first; reading up to it would read
+        # back the very batch whose callback, already on its way, offers it from memory.
+        self.durable_seq = -1
         self.readahead: deque[tuple[int, Record]] = deque()
         self.inflight: deque[int] = deque()
         self.done: set[int] = set()
@@ -96,6 +100,7 @@ class Replayer:
 
     def start(self, cursor: int, executor: Executor, draining: bool) -> None:
         self.cursor = cursor
+        self.durable_seq = self.spool.written_seq  # what recovery found on disk
         self._executor = executor
         if draining:
             self.draining_since("records recovered from a previous run")
@@ -180,7 +185,7 @@ class Replayer:
             return False
         self.held = False
         if not self.readahead:
-            if self.cursor > self.spool.written_seq:
+            if self.cursor > self.durable_seq:
                 self._check_caught_up()
                 return False
             loop = asyncio.get_running_loop()

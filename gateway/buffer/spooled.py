@@ -255,6 +255,7 @@ class SpoolBuffer:
     # --- callbacks from the writer thread and Kafka (on the loop) ---------------------
 
     def _on_durable(self, first: int, last: int, error: OSError | None) -> None:
+        self.replayer.durable_seq = last
         unsynced = self.unsynced
         durable: list[tuple[int, Record]] = []
         while unsynced and unsynced[0].seq <= last:

@@ -255,6 +255,45 @@ async def test_unknown_cluster_fails_the_ack_and_spools_nothing(tmp_path: Path, 
     await buf.close(1.0)
 
 
+async def test_write_ahead_does_not_read_back_a_batch_whose_durable_callback_is_coming(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer thread marks a batch written before its callback reaches the loop; a
+    replayer woken in between (a Kafka report, a tick) must wait for the callback's
+    in-memory records, not read the batch back from disk."""
+    sink = FakeSink()
+    buf = make(tmp_path, sink, mode="write-ahead")
+    reads: list[int] = []
+    read = buf.spool.read
+
+    def counted(cursor: int, max_records: int) -> Any:
+        reads.append(cursor)
+        return read(cursor, max_records)
+
+    monkeypatch.setattr(buf.spool, "read", counted)
+    post = buf.spool._post
+    loop = asyncio.get_running_loop()
+
+    def late(callback: Any, *args: object) -> None:
+        if callback == buf._on_durable:  # the replayer runs first, the callback after it
+            loop.call_soon_threadsafe(buf.replayer.wake)
+            loop.call_soon_threadsafe(loop.call_later, 0.02, callback, *args)
+        else:
+            post(callback, *args)
+
+    monkeypatch.setattr(buf.spool, "_post", late)
+    await buf.start()
+    client = Client(buf)
+    for i in range(100):
+        client.send(b"%d" % i)
+        if i % 10 == 9:
+            await until(lambda n=i + 1: len(client.acked()) == n)  # type: ignore[misc]
+    await until(lambda: len(sink.pending) == 100)
+    assert reads == []  # every batch came from memory
+    sink.deliver()
+    assert sink.log == [b"%d" % i for i in range(100)]
+    await buf.close(2.0)
+
+
 async def test_write_ahead_replays_from_memory_then_from_disk_when_behind(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A caught-up replayer takes just-fsynced records from memory (no disk read); when
