@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -291,6 +292,47 @@ async def test_write_ahead_does_not_read_back_a_batch_whose_durable_callback_is_
     assert reads == []  # every batch came from memory
     sink.deliver()
     assert sink.log == [b"%d" % i for i in range(100)]
+    await buf.close(2.0)
+
+
+async def test_write_ahead_catches_up_with_memory_after_one_disk_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replayer sent to the disk once (here: one refused offer) takes the batches
+    that became durable during that read from memory afterwards, instead of reading
+    every later batch back while the traffic lasts."""
+    sink = FakeSink()
+    buf = make(tmp_path, sink, mode="write-ahead")
+    reads: list[int] = []
+    read = buf.spool.read
+
+    def slow(cursor: int, max_records: int) -> Any:
+        reads.append(cursor)
+        got = read(cursor, max_records)
+        time.sleep(0.05)  # a read behind a busy disk or GIL: more batches are written
+        return got
+
+    monkeypatch.setattr(buf.spool, "read", slow)
+    offer = buf.replayer.offer
+    refused: list[int] = []
+
+    def refuse_first(records: list[Any]) -> bool:
+        if not refused:
+            refused.append(records[0][0])
+            return False
+        return offer(records)
+
+    monkeypatch.setattr(buf.replayer, "offer", refuse_first)
+    await buf.start()
+    client = Client(buf)
+    for i in range(300):
+        client.send(b"%d" % i)
+        if i % 5 == 4:
+            await until(lambda n=i + 1: len(client.acked()) == n)  # type: ignore[misc]
+            await asyncio.sleep(0.005)
+    await until(lambda: len(sink.pending) == 300)
+    assert reads == [0]  # one read for the refused batch, memory from then on
+    sink.deliver()
+    assert sink.log == [b"%d" % i for i in range(300)]  # in order, no gap, no duplicate
     await buf.close(2.0)
 
 
