@@ -16,6 +16,12 @@ per record.  ``--gateway-src`` runs the gateway from another checkout (A/B on
 the same load generator); ``BENCH_TRACE=1`` prints each fixed-rate batch slower than
 50 ms.  Writes docs/benchmarks-http.md and
 benchmarks/results/http.json.  Not a test: nothing here asserts a speed.
+
+``--batch-only`` runs just the closed-loop batch case (no floor, no Kafka floor, no
+fixed rate, no report written), for A/B pairs and profiles: ``--spool kafka`` serves
+it with the spool on (the shipped default), ``--pyspy OUT [--gil]`` samples the
+worker with py-spy during it (``OUT.txt`` collapsed stacks, ``OUT.top`` per function
+and ``OUT.stages`` per stage of the batch path).
 """
 
 from __future__ import annotations
@@ -258,6 +264,108 @@ def _find(data: Any, key: str) -> Any:
     return None
 
 
+# Stages of a batch request in py-spy's stacks: the first pattern (in this order) found
+# in a sample's frames names its stage, so a stage's share is inclusive of what it calls
+# and excludes what an earlier stage claims.
+STAGES = [
+    ("delivery reports (poll, dispatch, acks, on_done)",
+     ("._poll (gateway/sinks/kafka.py)", "._dispatch (gateway/sinks/kafka.py)")),
+    ("Kafka produce calls", ("._produce_one (gateway/sinks/kafka.py)",
+                             ".produce (gateway/sinks/kafka.py)",
+                             ".produce_many (gateway/sinks/kafka.py)")),
+    ("routing", ("route (gateway/routing/router.py)",)),
+    ("pipeline -> buffer submit", (".submit (gateway/buffer/", ".submit_many (gateway/buffer/",
+                                   ".publish (gateway/pipeline.py)",
+                                   ".publish_many (gateway/pipeline.py)")),
+    ("JSON/body decode + per-record validation",
+     ("parse_batch (gateway/sources/http_batch.py)", "check_topic (gateway/sources/")),
+    ("per-record results + JSON answer", ("_result (gateway/sources/http_batch.py)",
+                                          "json_response (gateway/sources/http_common.py)",
+                                          "produce_batch (gateway/sources/http_batch.py)")),
+    ("gate: auth, rate, body read", ("._gated (gateway/sources/http_server.py)",)),
+    ("HTTP parse/framework, response write, loop", ("",)),
+]
+
+
+def pyspy_stages(raw: Path, seconds: float, records: float) -> str:
+    """Per stage: share of the samples, and us per record (samples / rate / records)."""
+    counts = dict.fromkeys((name for name, _ in STAGES), 0)
+    samples = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        n = int(count)
+        samples += n
+        # "Class.func (file.py:123)" -> "Class.func (file.py)", as pyspy_top does.
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
+        for name, patterns in STAGES:
+            if any(p in f for p in patterns for f in frames):
+                counts[name] += n
+                break
+    out = [f"{samples} samples at 200/s over {seconds:g} s ({samples / 2 / seconds:.0f} % "
+           f"of one core), {records:,.0f} records", "",
+           "| stage | % of samples | us/record |", "| --- | ---: | ---: |"]
+    for name, n in counts.items():
+        share = n / samples if samples else 0.0
+        us = n / 200.0 / records * 1e6 if records else 0.0
+        out.append(f"| {name} | {100 * share:.1f} | {us:.2f} |")
+    return "\n".join(out) + "\n"
+
+
+def batch_only(args: argparse.Namespace) -> dict[str, Any]:
+    """The closed-loop batch case alone (optionally profiled): A/B pairs and py-spy."""
+    from benchmarks.profile_mqtt import pyspy_bin, pyspy_top
+
+    case = next(c for c in CASES if c[0].startswith("batch"))
+    broker = Broker().start()
+    try:
+        with tempfile.TemporaryDirectory() as tmp_name:
+            tmp = Path(tmp_name)
+            (tmp / "rules").mkdir()
+            (tmp / "rules" / "00-bench.yaml").write_text(RULES)
+            spool = {"spool__enabled": True, "spool__mode": args.spool} if args.spool != "off" \
+                else {"spool__enabled": False}
+            ports = write_config(tmp / "gw.yaml", bootstrap=broker.bootstrap,
+                                 rules_dir=tmp / "rules", spool_dir=tmp / "spool",
+                                 rules__watch=False, log__level="warning", **spool)
+            env = {}
+            if args.gateway_src:
+                env = {"PYTHONSAFEPATH": "1", "PYTHONPATH": str(Path(args.gateway_src))}
+            gateway = GatewayProcess(tmp / "gw.yaml", tmp / "gw.log", env)
+            with running(gateway, ("127.0.0.1", ports["mqtt"])):
+                assert gateway.proc is not None
+                pid, port = gateway.proc.pid, ports["http"]
+                run_wrk(f"http://127.0.0.1:{port}{case[2]}", _write_lua(tmp, case), 2,
+                        args.connections, 1)
+                spy = None
+                if args.pyspy:
+                    spy = subprocess.Popen(
+                        [str(pyspy_bin()), "record", "--pid", str(pid), "--format", "raw",
+                         "--rate", "200", *(["--gil"] if args.gil else []), "--nonblocking",
+                         "--output", args.pyspy + ".txt", "--duration", str(args.duration)],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                result = wrk_case(pid, port, case, tmp, args)
+                if spy is not None:
+                    spy.wait()
+                    raw = Path(args.pyspy + ".txt")
+                    Path(args.pyspy + ".top").write_text(pyspy_top(raw, 40))
+                    stages = pyspy_stages(raw, args.duration, result["requests"] * BATCH_SIZE)
+                    Path(args.pyspy + ".stages").write_text(stages)
+                    print(stages, flush=True)
+                errors = [line for line in gateway.log_text().splitlines()
+                          if '"error"' in line]
+                if errors:
+                    print(f"gateway logged {len(errors)} errors, first: {errors[0]}",
+                          flush=True)
+    finally:
+        broker.stop()
+    result["records_per_s"] = result["rps"] * BATCH_SIZE
+    result["spool"] = args.spool
+    result["gateway_src"] = args.gateway_src or "this checkout"
+    return result
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"cases": [], "date": time.strftime("%Y-%m-%d %H:%M"),
                                "args": {k: v for k, v in vars(args).items()
@@ -411,6 +519,13 @@ def main() -> int:
                         help="run the gateway package from this checkout (A/B)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks-http.md"))
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "http.json"))
+    parser.add_argument("--batch-only", action="store_true",
+                        help="only the closed-loop batch case; prints, writes no report")
+    parser.add_argument("--spool", choices=("off", "kafka", "write-ahead"), default="off",
+                        help="--batch-only: the gateway's spool mode (off: as the full run)")
+    parser.add_argument("--pyspy", default="", help="--batch-only: py-spy output prefix")
+    parser.add_argument("--gil", action="store_true",
+                        help="py-spy: sample only the thread holding the GIL")
     parser.add_argument("--serve-floor", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_floor:
@@ -420,6 +535,9 @@ def main() -> int:
     if shutil.which("wrk") is None:
         # Skipped, not failed: `make bench` still runs the rest on a machine without it.
         print("bench_http: not measured: wrk not found (apt-get install wrk)", file=sys.stderr)
+        return 0
+    if args.batch_only:
+        print(json.dumps(batch_only(args)), flush=True)
         return 0
     results = run(args)
     if args.json:
