@@ -12,7 +12,6 @@ import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
-from functools import partial
 
 import msgspec
 from aiohttp import web
@@ -187,36 +186,22 @@ async def publish_all(pipeline: Pipeline, todo: list[Message | Outcome | None]
                       ) -> list[Outcome | None]:
     """Every Message to the pipeline; the outcomes in the same order, once all are known.
 
-    An Outcome in ``todo`` stands as given, None stays None.  One future for the
-    whole list, so the handler wakes once rather than once per record.
+    An Outcome in ``todo`` stands as given, None stays None.  One ``publish_many``
+    for all the messages, so the handler wakes once rather than once per record.
     """
-    collect = _Collect(len(todo))
-    for index, item in enumerate(todo):
-        if isinstance(item, Message):
-            pipeline.publish(item, partial(collect.done, index))
-        else:
-            collect.done(index, item)
-    if collect.remaining:
-        await collect.future
-    return collect.outcomes
+    messages = [item for item in todo if isinstance(item, Message)]
+    found: list[Outcome] = []
+    if messages:
+        future: asyncio.Future[list[Outcome]] = asyncio.get_running_loop().create_future()
 
+        def done(outcomes: list[Outcome]) -> None:
+            if not future.done():  # the client may have gone; the answer still resolves
+                future.set_result(outcomes)
 
-class _Collect:
-    """Outcomes by index; ``future`` resolves when the last one is known.  An outcome
-    arrives synchronously (a rule refused it) or later from the buffer."""
-
-    __slots__ = ("future", "outcomes", "remaining")
-
-    def __init__(self, n: int) -> None:
-        self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.outcomes: list[Outcome | None] = [None] * n
-        self.remaining = n
-
-    def done(self, index: int, outcome: Outcome | None) -> None:
-        self.outcomes[index] = outcome
-        self.remaining -= 1
-        if self.remaining == 0 and not self.future.done():  # the client may have gone
-            self.future.set_result(None)
+        pipeline.publish_many(messages, done)
+        found = await future
+    it = iter(found)
+    return [next(it) if isinstance(item, Message) else item for item in todo]
 
 
 def check_topic(topic: str) -> None:

@@ -15,6 +15,7 @@ from gateway.model import Message, Outcome
 from gateway.sources.http_auth import Caller
 from gateway.sources.http_batch import parse_batch
 from gateway.sources.http_common import MalformedBatch, TooManyRecords, publish_all
+from tests.support.pipelines import PublishMany
 
 pytestmark = pytest.mark.unit
 
@@ -65,7 +66,7 @@ def test_array_bounds() -> None:
         parse_batch(b'{"topic": "in/a"}', "application/json", CALLER, 10)
 
 
-class Pipeline:
+class Pipeline(PublishMany):
     """Keeps each on_done to resolve later; refuses topics under ``no/`` at once."""
 
     def __init__(self) -> None:
