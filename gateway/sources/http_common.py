@@ -145,19 +145,20 @@ def error_response(error: GatewayError) -> web.Response:
 
 
 def delivery_json(delivery: Delivery) -> dict[str, object]:
-    out: dict[str, object] = {"cluster": delivery.cluster, "topic": delivery.topic}
     if delivery.spooled:
         # Safe on the gateway's disk; Kafka has not assigned a partition/offset yet.
-        out["spooled"] = True
-    else:
-        out["partition"] = delivery.partition
-        out["offset"] = delivery.offset
-    return out
+        return {"cluster": delivery.cluster, "topic": delivery.topic, "spooled": True}
+    return {"cluster": delivery.cluster, "topic": delivery.topic,
+            "partition": delivery.partition, "offset": delivery.offset}
 
 
-def outcome_json(outcome: Outcome) -> dict[str, object]:
-    """The success body: where the message went, and anything surprising about it."""
-    body: dict[str, object] = {"deliveries": [delivery_json(d) for d in outcome.deliveries]}
+def outcome_json(outcome: Outcome, body: dict[str, object] | None = None
+                 ) -> dict[str, object]:
+    """The success body: where the message went, and anything surprising about it
+    (added to ``body`` when given)."""
+    if body is None:
+        body = {}
+    body["deliveries"] = [delivery_json(d) for d in outcome.deliveries]
     if outcome.rule:
         body["rule"] = outcome.rule
     if outcome.dropped:
