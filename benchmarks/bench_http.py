@@ -19,7 +19,8 @@ benchmarks/results/http.json.  Not a test: nothing here asserts a speed.
 
 ``--batch-only`` runs just the closed-loop batch case (no floor, no Kafka floor, no
 fixed rate, no report written), for A/B pairs and profiles: ``--spool kafka`` serves
-it with the spool on (the shipped default), ``--pyspy OUT [--gil]`` samples the
+it with the spool on (the shipped default), ``--workers 2`` with a worker per core
+(as ``benchmarks.run``'s MQTT publish scenarios), ``--pyspy OUT [--gil]`` samples the
 worker with py-spy during it (``OUT.txt`` collapsed stacks, ``OUT.top`` per function
 and ``OUT.stages`` per stage of the batch path).
 """
@@ -328,7 +329,8 @@ def batch_only(args: argparse.Namespace) -> dict[str, Any]:
                 else {"spool__enabled": False}
             ports = write_config(tmp / "gw.yaml", bootstrap=broker.bootstrap,
                                  rules_dir=tmp / "rules", spool_dir=tmp / "spool",
-                                 rules__watch=False, log__level="warning", **spool)
+                                 rules__watch=False, log__level="warning",
+                                 workers=args.workers, **spool)
             env = {}
             if args.gateway_src:
                 env = {"PYTHONSAFEPATH": "1", "PYTHONPATH": str(Path(args.gateway_src))}
@@ -339,7 +341,7 @@ def batch_only(args: argparse.Namespace) -> dict[str, Any]:
                 run_wrk(f"http://127.0.0.1:{port}{case[2]}", _write_lua(tmp, case), 2,
                         args.connections, 1)
                 spy = None
-                if args.pyspy:
+                if args.pyspy and args.workers == 1:  # one worker: the served pid
                     spy = subprocess.Popen(
                         [str(pyspy_bin()), "record", "--pid", str(pid), "--format", "raw",
                          "--rate", "200", *(["--gil"] if args.gil else []), "--nonblocking",
@@ -362,6 +364,7 @@ def batch_only(args: argparse.Namespace) -> dict[str, Any]:
         broker.stop()
     result["records_per_s"] = result["rps"] * BATCH_SIZE
     result["spool"] = args.spool
+    result["workers"] = args.workers
     result["gateway_src"] = args.gateway_src or "this checkout"
     return result
 
@@ -523,7 +526,10 @@ def main() -> int:
                         help="only the closed-loop batch case; prints, writes no report")
     parser.add_argument("--spool", choices=("off", "kafka", "write-ahead"), default="off",
                         help="--batch-only: the gateway's spool mode (off: as the full run)")
-    parser.add_argument("--pyspy", default="", help="--batch-only: py-spy output prefix")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="--batch-only: gateway workers (2: as the MQTT publish scenarios)")
+    parser.add_argument("--pyspy", default="",
+                        help="--batch-only, one worker: py-spy output prefix")
     parser.add_argument("--gil", action="store_true",
                         help="py-spy: sample only the thread holding the GIL")
     parser.add_argument("--serve-floor", type=int, default=0, help=argparse.SUPPRESS)
