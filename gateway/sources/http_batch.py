@@ -183,6 +183,7 @@ async def produce_batch(pipeline: Pipeline, messages: list[Message],
     results: list[dict[str, object]] = []
     settled: list[object | None] = []
     retriable_only = True  # every refusal so far was "cannot take more"
+    taken = 0
     for index, outcome in enumerate(outcomes):
         if outcome is None:
             assert earlier is not None
@@ -192,13 +193,18 @@ async def produce_batch(pipeline: Pipeline, messages: list[Message],
             settled.append(old)
             if old.get("status") != 200:
                 retriable_only = False
+            else:
+                taken += 1
             continue
         result = _result(index, outcome)
         results.append(result)
+        if outcome.ok:
+            taken += 1
+            settled.append(result)
+            continue
         settled.append(result if _settled(outcome) else None)
-        if not outcome.ok and not _unavailable(outcome.error):
+        if not _unavailable(outcome.error):
             retriable_only = False
-    taken = sum(1 for r in results if r.get("status") == 200)
     body: dict[str, object] = {"taken": taken, "refused": len(results) - taken,
                                "results": results}
     if taken == len(results):

@@ -158,7 +158,10 @@ def outcome_json(outcome: Outcome, body: dict[str, object] | None = None
     (added to ``body`` when given)."""
     if body is None:
         body = {}
-    body["deliveries"] = [delivery_json(d) for d in outcome.deliveries]
+    deliveries = outcome.deliveries
+    # One delivery is the usual case: no comprehension (a function call of its own).
+    body["deliveries"] = ([delivery_json(deliveries[0])] if len(deliveries) == 1
+                          else [delivery_json(d) for d in deliveries])
     if outcome.rule:
         body["rule"] = outcome.rule
     if outcome.dropped:
