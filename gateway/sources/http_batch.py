@@ -21,11 +21,12 @@ from gateway.pipeline import Pipeline
 from gateway.sources.http_auth import Caller
 from gateway.sources.http_common import (
     MalformedBatch,
+    ResultJSON,
     TooManyRecords,
     UnsupportedMediaType,
     check_topic,
-    outcome_json,
     publish_all,
+    result_json,
 )
 
 JSON_TYPES = frozenset({"application/json"})
@@ -140,11 +141,18 @@ def _parse_array(body: bytes, caller: Caller, max_records: int) -> list[Message]
     return messages
 
 
-def _result(index: int, outcome: Outcome) -> dict[str, object]:
+def _result(index: int, outcome: Outcome) -> ResultJSON | dict[str, object]:
     if outcome.ok:
-        return outcome_json(outcome, {"index": index, "status": 200})
+        return result_json(index, outcome)
     error = outcome.error or Unavailable("no outcome")
     return {"index": index, "status": error.http_status, **error.to_json()}
+
+
+def _status(result: object) -> object:
+    """The status of a result this or an earlier attempt answered."""
+    if isinstance(result, ResultJSON):
+        return result.status
+    return result.get("status") if isinstance(result, dict) else None
 
 
 def _settled(outcome: Outcome) -> bool:
@@ -180,7 +188,7 @@ async def produce_batch(pipeline: Pipeline, messages: list[Message],
             checked = message.topic
         todo.append(message)
     outcomes = await publish_all(pipeline, todo)
-    results: list[dict[str, object]] = []
+    results: list[object] = []
     settled: list[object | None] = []
     retriable_only = True  # every refusal so far was "cannot take more"
     taken = 0
@@ -188,10 +196,10 @@ async def produce_batch(pipeline: Pipeline, messages: list[Message],
         if outcome is None:
             assert earlier is not None
             old = earlier[index]
-            assert isinstance(old, dict)
+            assert old is not None
             results.append(old)
             settled.append(old)
-            if old.get("status") != 200:
+            if _status(old) != 200:
                 retriable_only = False
             else:
                 taken += 1
@@ -211,7 +219,7 @@ async def produce_batch(pipeline: Pipeline, messages: list[Message],
         return 200, body, settled
     if taken == 0 and retriable_only:
         return 503, body, settled
-    if taken == 0 and all(r.get("status") == 403 for r in results):
+    if taken == 0 and all(_status(r) == 403 for r in results):
         # Nothing here is this client's to publish: say so as a whole, not as a 2xx.
         return 403, body, settled
     return 207, body, settled

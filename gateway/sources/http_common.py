@@ -144,24 +144,45 @@ def error_response(error: GatewayError) -> web.Response:
                         headers=error_headers(error), content_type="application/json")
 
 
-def delivery_json(delivery: Delivery) -> dict[str, object]:
+class DeliveryJSON(msgspec.Struct, omit_defaults=True, gc=False):
+    """Where one record went, as the client reads it: a partition and offset, or
+    ``spooled`` (safe on the gateway's disk; Kafka has not assigned them yet)."""
+
+    cluster: str
+    topic: str
+    partition: int | None = None
+    offset: int | None = None
+    spooled: bool = False
+
+
+class ResultJSON(msgspec.Struct, omit_defaults=True, gc=False):
+    """One taken record of a batch answer (a refused one is ``{index, status, error...}``).
+    A struct, not a dict: a batch makes one per record (msgspec encodes it faster)."""
+
+    index: int
+    status: int
+    deliveries: list[DeliveryJSON]
+    rule: str = ""
+    dropped: bool = False
+    dead_lettered: bool = False
+
+
+def delivery_json(delivery: Delivery) -> DeliveryJSON:
     if delivery.spooled:
-        # Safe on the gateway's disk; Kafka has not assigned a partition/offset yet.
-        return {"cluster": delivery.cluster, "topic": delivery.topic, "spooled": True}
-    return {"cluster": delivery.cluster, "topic": delivery.topic,
-            "partition": delivery.partition, "offset": delivery.offset}
+        return DeliveryJSON(delivery.cluster, delivery.topic, spooled=True)
+    return DeliveryJSON(delivery.cluster, delivery.topic, delivery.partition, delivery.offset)
 
 
-def outcome_json(outcome: Outcome, body: dict[str, object] | None = None
-                 ) -> dict[str, object]:
-    """The success body: where the message went, and anything surprising about it
-    (added to ``body`` when given)."""
-    if body is None:
-        body = {}
+def deliveries_json(outcome: Outcome) -> list[DeliveryJSON]:
     deliveries = outcome.deliveries
     # One delivery is the usual case: no comprehension (a function call of its own).
-    body["deliveries"] = ([delivery_json(deliveries[0])] if len(deliveries) == 1
-                          else [delivery_json(d) for d in deliveries])
+    return ([delivery_json(deliveries[0])] if len(deliveries) == 1
+            else [delivery_json(d) for d in deliveries])
+
+
+def outcome_json(outcome: Outcome) -> dict[str, object]:
+    """The success body: where the message went, and anything surprising about it."""
+    body: dict[str, object] = {"deliveries": deliveries_json(outcome)}
     if outcome.rule:
         body["rule"] = outcome.rule
     if outcome.dropped:
@@ -169,6 +190,12 @@ def outcome_json(outcome: Outcome, body: dict[str, object] | None = None
     if outcome.dead_lettered:
         body["dead_lettered"] = True
     return body
+
+
+def result_json(index: int, outcome: Outcome) -> ResultJSON:
+    """``outcome_json`` of a taken record, with its index and status, for a batch answer."""
+    return ResultJSON(index, 200, deliveries_json(outcome), outcome.rule, outcome.dropped,
+                      outcome.dead_lettered)
 
 
 # --- the pipeline as an awaitable ------------------------------------------------------
