@@ -288,8 +288,9 @@ STAGES = [
 ]
 
 
-def pyspy_stages(raw: Path, seconds: float, records: float) -> str:
-    """Per stage: share of the samples, and us per record (samples / rate / records)."""
+def pyspy_stages(raw: Path, seconds: float, cpu_us_per_record: float) -> str:
+    """Per stage: share of the samples, and that share of the worker's CPU per record
+    (process CPU time, steadier than samples / records on a shared box)."""
     counts = dict.fromkeys((name for name, _ in STAGES), 0)
     samples = 0
     for line in raw.read_text().splitlines():
@@ -305,12 +306,11 @@ def pyspy_stages(raw: Path, seconds: float, records: float) -> str:
                 counts[name] += n
                 break
     out = [f"{samples} samples at 200/s over {seconds:g} s ({samples / 2 / seconds:.0f} % "
-           f"of one core), {records:,.0f} records", "",
+           f"of one core); process CPU {cpu_us_per_record:.2f} us/record", "",
            "| stage | % of samples | us/record |", "| --- | ---: | ---: |"]
     for name, n in counts.items():
         share = n / samples if samples else 0.0
-        us = n / 200.0 / records * 1e6 if records else 0.0
-        out.append(f"| {name} | {100 * share:.1f} | {us:.2f} |")
+        out.append(f"| {name} | {100 * share:.1f} | {share * cpu_us_per_record:.2f} |")
     return "\n".join(out) + "\n"
 
 
@@ -352,7 +352,7 @@ def batch_only(args: argparse.Namespace) -> dict[str, Any]:
                     spy.wait()
                     raw = Path(args.pyspy + ".txt")
                     Path(args.pyspy + ".top").write_text(pyspy_top(raw, 40))
-                    stages = pyspy_stages(raw, args.duration, result["requests"] * BATCH_SIZE)
+                    stages = pyspy_stages(raw, args.duration, result["cpu_us_per_record"])
                     Path(args.pyspy + ".stages").write_text(stages)
                     print(stages, flush=True)
                 errors = [line for line in gateway.log_text().splitlines()
