@@ -450,7 +450,7 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
         "",
         f"`python -m benchmarks.bench_http --duration {args.duration} "
         f"--connections {args.connections} --wide {args.wide} "
-        f"--batch-rate {args.batch_rate:g}` on "
+        f"--batch-rate {args.batch_rate:g} --batch-workers {args.batch_workers}` on "
         f"{results['date']} UTC, {platform.machine()} {platform.python_version()}, "
         f"{os.cpu_count()} cores, one worker{also}, spool off (a 200 means Kafka acknowledged), "
         f"tansu broker on loopback{src}. Closed loop: `wrk -t{args.threads} "
