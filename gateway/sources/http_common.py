@@ -214,7 +214,7 @@ def publish(pipeline: Pipeline, message: Message) -> asyncio.Future[Outcome]:
 
 
 async def publish_all(pipeline: Pipeline, todo: list[Message | Outcome | None]
-                      ) -> list[Outcome | None]:
+                      ) -> Sequence[Outcome | None]:
     """Every Message to the pipeline; the outcomes in the same order, once all are known.
 
     An Outcome in ``todo`` stands as given, None stays None.  One ``publish_many``
@@ -231,6 +231,8 @@ async def publish_all(pipeline: Pipeline, todo: list[Message | Outcome | None]
 
         pipeline.publish_many(messages, done)
         found = await future
+        if len(found) == len(todo):  # every item was a Message: nothing to put in between
+            return found
     it = iter(found)
     return [next(it) if isinstance(item, Message) else item for item in todo]
 
