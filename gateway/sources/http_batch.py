@@ -174,7 +174,7 @@ async def produce_batch(pipeline: Pipeline, messages: list[Message],
     same for this answer (None where a record's failure was retriable).
     """
     todo: list[Message | Outcome | None] = []
-    checked = ""  # the last topic found valid: a batch's records often share one
+    checked: str | None = None  # the last topic found valid: records often share one
     for index, message in enumerate(messages):
         if earlier is not None and index < len(earlier) and earlier[index] is not None:
             todo.append(None)  # answered from the earlier attempt
