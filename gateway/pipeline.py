@@ -3,6 +3,7 @@
 This is the only door into the gateway for every source (MQTT, HTTP, bridge)::
 
     pipeline.publish(message, on_done)   # on_done(Outcome) runs exactly once
+    pipeline.publish_many(messages, on_done)  # an HTTP batch: on_done(list[Outcome]) once
     pipeline.flow.paused                 # True: stop reading from clients
     pipeline.flow.subscribe(listener)    # listener(True) pause / listener(False) resume
 
