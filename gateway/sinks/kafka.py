@@ -321,6 +321,44 @@ class KafkaSink:
             return
         self._produce_one(record, callback)
 
+    def produce_many(self, records: list[Record], callback: DeliveryCallback) -> None:
+        """``produce`` for each record, in order, as one call (an HTTP batch).
+
+        One clock read and one poll-timer check for all of them; ``callback``
+        runs once per record, exactly as for ``produce``.  A record librdkafka
+        does not take at once goes the way ``produce`` sends it (backlog,
+        or refused alone), and so does every record after it.
+        """
+        producer = self._producer
+        if self._retiring or self._backlog or producer is None:
+            for record in records:
+                self.produce(record, callback)
+            return
+        reports = self._reports
+        produced_at = _monotonic()
+        produce = producer.produce
+        handed = 0
+        for index, record in enumerate(records):
+            def on_delivery(err: Any, msg: Any, record: Record = record) -> None:
+                reports.append((record, callback, err, msg, produced_at))
+
+            partition = record.partition
+            headers: Any = record.headers or None
+            try:
+                if headers:
+                    _check_header_names(headers)
+                produce(record.topic, record.value, record.key,
+                        -1 if partition is None else partition,
+                        on_delivery=on_delivery, headers=headers)
+            except Exception:  # the rare path: produce() decides (backlog, or a refusal)
+                for rest in records[index:]:
+                    self.produce(rest, callback)
+                break
+            handed += 1
+        self._handed += handed
+        if handed and not self._poll_busy:
+            self._poll_soon()
+
     def _produce_one(self, record: Record, callback: DeliveryCallback) -> bool:
         assert self._producer is not None
         reports = self._reports
