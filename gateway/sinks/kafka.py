@@ -356,8 +356,8 @@ class KafkaSink:
                 break
             handed += 1
         self._handed += handed
-        if handed and not self._poll_busy:
-            self._poll_soon()
+        if handed:
+            self._produced(produced_at)
 
     def _produce_one(self, record: Record, callback: DeliveryCallback) -> bool:
         assert self._producer is not None
@@ -392,11 +392,15 @@ class KafkaSink:
                 retriable=False, kafka_code="invalid_record"))
             return True
         self._handed += 1
+        self._produced(produced_at)
+        return True
+
+    def _produced(self, produced_at: float) -> None:
+        """Records were handed over: make sure a poll will collect their reports soon."""
         if not self._poll_busy:
             self._poll_soon()
         elif not self._poll_eager and produced_at - self._polled_at >= POLL_EAGER_S:
             self._poll_now()
-        return True
 
     def _drain_backlog(self) -> None:
         while self._backlog:
