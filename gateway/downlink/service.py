@@ -547,7 +547,7 @@ class Downlink:
                     [*cast(PartitionKey, origin.partition), origin.offset]
                     if origin is not None else None,
                 ])
-        doc = {
+        doc: dict[str, Any] = {
             "expiry": self.expiry.get(client_id, 0),
             "subs": [[s.filter.text, *s.options, s.identifier]
                      for s in self.trie.subscriptions(client_id)],
@@ -560,6 +560,8 @@ class Downlink:
         self._end(client_id)
         self._state_dirty = True
         self.handed_over += 1
+        log.info("downlink_session_handed_over", client_id=client_id,
+                 messages=len(messages), subscriptions=len(doc["subs"]))
         self.save_state()  # the session is the new owner's now, in its file only
         return msgspec.msgpack.encode(doc)
 
@@ -613,6 +615,9 @@ class Downlink:
             self._changed(cid, doc["expiry"])
         self._state_dirty = True
         self.taken_over += 1
+        log.info("downlink_session_taken_over", client_id=cid, messages=len(doc["messages"]),
+                 meanwhile=len(taking.records) if taking is not None else None,
+                 queued=len(flow), online=cid in self.links)
         if cid in self.links:
             self._resume.add(cid)
             self._mark(cid)
@@ -866,8 +871,9 @@ class DownlinkConsumer:
         from confluent_kafka import TopicPartition
 
         def finish() -> None:
-            moved = [TopicPartition(t, part, off) for (t, part), off in final.items()
-                     if self._committed.get((t, part)) != off]
+            # Every position, not only the moved ones: the poll thread may have stopped
+            # before it took the last periodic commit (``_committed`` already has it).
+            moved = [TopicPartition(t, part, off) for (t, part), off in final.items()]
             if moved:
                 with contextlib.suppress(Exception):
                     consumer.commit(offsets=moved, asynchronous=False)

@@ -264,10 +264,22 @@ class SharedSessions(SessionStore):
                                          handover.claim)
         downlink = self.server.downlink if self.server is not None else None
         positions = downlink.begin_take(client_id) if downlink is not None else None
-        if not self.mailbox.send(handover.prev, ("take", client_id, self.db.worker,
-                                                 handover.claim, positions)):
-            self._finish(client_id)  # nobody there: a dead worker holds nothing
+        self._send_take(client_id, handover, positions)
         return client_id in self._handovers
+
+    def _send_take(self, client_id: str, handover: Handover, positions: Any) -> None:
+        if self._handovers.get(client_id) is not handover:
+            return
+        if self.mailbox.send(handover.prev, ("take", client_id, self.db.worker,
+                                             handover.claim, positions)):
+            return
+        if handover.clean and handover.downlink:
+            # A downlink session in the state file of a worker still starting (a gateway
+            # restart): ask again until it listens, or the handover's timer gives up.
+            asyncio.get_running_loop().call_later(0.1, self._send_take, client_id, handover,
+                                                  positions)
+        else:
+            self._finish(client_id)  # nobody there: a dead worker holds nothing
 
     def verdict(self, token: PublishToken, code: int) -> None:
         """The pipeline answered a QoS 2 message; tell its new owner if it moved."""
