@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -64,3 +66,91 @@ def test_persistent_subscriptions_come_back_offline_from_the_state_file(
 
     asyncio.run(save())
     assert asyncio.run(load()) == (1, ["cmd/+ 1 7"], 1)  # the record waits for it offline
+
+
+# --- a session moving to another worker (give / take; the registry carries the bytes) ----
+
+def _value(offset: int) -> ConsumedRecord:
+    return ConsumedRecord(topic="commands", partition=0, offset=offset, key=b"dev-1",
+                          value=str(offset).encode())
+
+
+class _Consumer:
+    """What the handover reads of a DownlinkConsumer: where fan-out started, commits."""
+
+    cluster = "default"
+
+    def __init__(self) -> None:
+        self.fanout_start = {("commands", 0): 0}
+        self.commits: list[dict[tuple[str, int], int]] = []
+
+    def commit(self, offsets: dict[tuple[str, int], int]) -> None:
+        self.commits.append(dict(offsets))
+
+
+def _worker(rules: DownlinkRules) -> Downlink:
+    service = Downlink(lambda: rules)
+    service.consumers.append(_Consumer())  # type: ignore[arg-type]
+    return service
+
+
+def _session(cid: str) -> Any:
+    return SimpleNamespace(client_id=cid, version=4, client_receive_maximum=65535,
+                           expiry_interval=300)
+
+
+def _subscribe(service: Downlink, cid: str) -> None:
+    service.trie.subscribe(cid, parse_filter("cmd/+"), Options(1), None)
+    service._changed(cid, 300)
+    service._flow(_session(cid))
+
+
+def _queued(service: Downlink, cid: str) -> list[bytes]:
+    flow = service.flows[cid]
+    return [m.payload for m in [*flow.inflight.values(), *flow.queue]]
+
+
+@pytest.mark.parametrize(("a_has", "b_has"), [(2, 4), (3, 1)])
+def test_a_session_taken_over_gets_each_record_once_in_order(
+        rules: DownlinkRules, a_has: int, b_has: int) -> None:
+    """Old owner A and new owner B each consumed a different part of the partition when
+    B asked: A lets go once it is where B was; B keeps what it fans out meanwhile and
+    skips what A had queued.  Offsets: A no longer holds them, B does."""
+    async def run() -> None:
+        a, b = _worker(rules), _worker(rules)
+        _subscribe(a, "dev")
+        a.on_batch([_value(n) for n in range(a_has)], lambda _r: False)
+        b.on_batch([_value(n) for n in range(b_has)], lambda _r: False)
+        want = b.begin_take("dev")
+        assert want == [["default", "commands", 0, b_has]]
+        b.on_batch([_value(b_has)], lambda _r: False)  # meanwhile: kept for "dev"
+        given: list[bytes | None] = []
+        a.give("dev", want, given.append)
+        if a_has < b_has:
+            assert given == []  # A waits for its consumer to reach B's position
+            a.on_batch([_value(n) for n in range(a_has, b_has)], lambda _r: False)
+        assert len(given) == 1 and given[0] is not None
+        assert "dev" not in a.flows and not a.trie.subscriptions("dev")
+        assert a.committable("default") == {("commands", 0): max(a_has, b_has)}
+        b.take(_session("dev"), given[0])
+        b.on_batch([_value(n) for n in range(b_has + 1, 6)], lambda _r: False)
+        assert _queued(b, "dev") == [str(n).encode() for n in range(6)]
+        assert b.committable("default") == {("commands", 0): 0}  # below what B consumed
+        flow = b.flows["dev"]
+        for message in flow.pull():
+            flow.on_puback(message.packet_id)
+        assert b.committable("default") == {("commands", 0): 6}
+
+    asyncio.run(run())
+
+
+def test_a_restart_finds_sessions_in_the_other_workers_state_files(tmp_path: Path) -> None:
+    from gateway.downlink.service import other_sessions
+
+    (tmp_path / "downlink-sessions-w0.json").write_text(
+        '{"mine": {"expiry": 300, "until": null, "subs": []}}')
+    (tmp_path / "downlink-sessions-w1.json").write_text(
+        '{"there": {"expiry": 300, "until": null, "subs": []},'
+        ' "gone": {"expiry": 1, "until": 1.0, "subs": []}}')
+    (tmp_path / "downlink-sessions-w2.json").write_text("not json")
+    assert other_sessions(tmp_path, 0) == {"there": 1}
