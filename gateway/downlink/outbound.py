@@ -118,7 +118,8 @@ class OffsetTracker:
         for key, part in self.partitions.items():
             if part.next < 0:
                 continue
-            out[key] = part.pending[0].offset if part.pending else part.next
+            # An adopted offset may lie past what was consumed here: never commit past that.
+            out[key] = min(part.pending[0].offset, part.next) if part.pending else part.next
         return out
 
     def forget(self, partition: Hashable) -> None:
