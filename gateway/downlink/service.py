@@ -139,11 +139,12 @@ class Downlink:
         self.skipped = 0  # records a rule could not render a topic for
         self.too_large = 0  # over the client's Maximum Packet Size: dropped
         self.refused_filters = 0  # SUBACK failure codes
+        self.dropped_ended = 0  # full-queue drops of flows that are gone (``dropped``)
 
     @property
     def dropped(self) -> int:
-        """Messages dropped by full queues (live flows)."""
-        return sum(flow.dropped for flow in self.flows.values())
+        """Messages dropped by full queues (ended sessions' flows included)."""
+        return self.dropped_ended + sum(flow.dropped for flow in self.flows.values())
 
     # --- the session's hook ------------------------------------------------------
 
@@ -252,6 +253,7 @@ class Downlink:
         self._full_logged.discard(cid)
         flow = self.flows.pop(cid, None)
         if flow is not None:
+            self.dropped_ended += flow.dropped
             flow.close()  # what it held counts as finished: the offsets move on
 
     def writable(self, link: Link) -> None:

@@ -154,3 +154,15 @@ def test_a_restart_finds_sessions_in_the_other_workers_state_files(tmp_path: Pat
         ' "gone": {"expiry": 1, "until": 1.0, "subs": []}}')
     (tmp_path / "downlink-sessions-w2.json").write_text("not json")
     assert other_sessions(tmp_path, 0) == {"there": 1}
+
+
+def test_drops_of_an_ended_session_stay_counted(rules: DownlinkRules) -> None:
+    async def run() -> tuple[int, int]:
+        service = Downlink(lambda: rules, queue_limit=2)
+        _subscribe(service, "slow")
+        service.on_batch([_value(n) for n in range(5)], lambda _r: False)
+        before = service.dropped
+        service._end("slow")
+        return before, service.dropped
+
+    assert asyncio.run(run()) == (3, 3)
