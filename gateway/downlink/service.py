@@ -885,9 +885,10 @@ class DownlinkConsumer:
         self._consumer = None
 
 
-def other_sessions(directory: Path, worker_id: int) -> dict[str, int]:
-    """Client id -> worker, for the persistent sessions in the other workers' state files:
-    after a restart, a client landing here takes its session from the one that has it."""
+def other_sessions(directory: Path, worker_id: int, workers: int) -> dict[str, int]:
+    """Client id -> worker, for the persistent sessions in the other workers' state files
+    (of the ``workers`` running): after a restart, a client landing here takes its
+    session from the one that has it."""
     out: dict[str, int] = {}
     now = time.time()
     for path in sorted(directory.glob("downlink-sessions-w*.json")):
@@ -895,7 +896,7 @@ def other_sessions(directory: Path, worker_id: int) -> dict[str, int]:
             worker = int(path.stem.rsplit("-w", 1)[1])
         except ValueError:
             continue
-        if worker == worker_id:
+        if worker == worker_id or worker >= workers:
             continue
         try:
             state = json.loads(path.read_text())
@@ -932,7 +933,8 @@ async def start_downlink(
     state = Path(config.spool.dir) / f"downlink-sessions-w{worker_id}.json"
     state.parent.mkdir(parents=True, exist_ok=True)
     sessions = service.load_state(state)
-    service.elsewhere = other_sessions(state.parent, worker_id)
+    if config.workers > 1:
+        service.elsewhere = other_sessions(state.parent, worker_id, config.workers)
     try:
         for cluster in sorted(table.clusters):
             cfg = config.kafka.clusters[cluster]

@@ -153,7 +153,9 @@ def test_a_restart_finds_sessions_in_the_other_workers_state_files(tmp_path: Pat
         '{"there": {"expiry": 300, "until": null, "subs": []},'
         ' "gone": {"expiry": 1, "until": 1.0, "subs": []}}')
     (tmp_path / "downlink-sessions-w2.json").write_text("not json")
-    assert other_sessions(tmp_path, 0) == {"there": 1}
+    (tmp_path / "downlink-sessions-w3.json").write_text(
+        '{"worker-gone": {"expiry": 300, "until": null, "subs": []}}')
+    assert other_sessions(tmp_path, 0, 3) == {"there": 1}
 
 
 def test_drops_of_an_ended_session_stay_counted(rules: DownlinkRules) -> None:
