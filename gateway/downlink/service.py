@@ -473,7 +473,10 @@ class Downlink:
     def holder(self, client_id: str) -> int | None:
         """The worker whose state file (at this worker's start) has ``client_id``'s
         persistent session: after a restart, a connect here takes it from there."""
-        return self.elsewhere.pop(client_id, None)
+        holder = self.elsewhere.pop(client_id, None)
+        if holder is None or client_id in self.flows or self.trie.subscriptions(client_id):
+            return None  # ours (a file written twice would be the older one there)
+        return holder
 
     def begin_take(self, client_id: str) -> list[list[Any]]:
         """This worker asks for ``client_id``'s session: our positions, for the old owner

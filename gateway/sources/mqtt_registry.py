@@ -263,7 +263,8 @@ class SharedSessions(SessionStore):
         handover.timer = loop.call_later(HANDOVER_TIMEOUT_S, self._timed_out, client_id,
                                          handover.claim)
         downlink = self.server.downlink if self.server is not None else None
-        positions = downlink.begin_take(client_id) if downlink is not None else None
+        positions = (downlink.begin_take(client_id)
+                     if downlink is not None and handover.downlink else None)
         self._send_take(client_id, handover, positions)
         return client_id in self._handovers
 
