@@ -13,6 +13,8 @@ its state):
    writes the unreleased QoS 2 ids of that client with their verdicts (safe,
    failed, or still in progress) and the session's stamp counter (``kafka.sequence``,
    docs/rules.md), and answers ``released``.
+   With downlink rules, A also hands over the client's downlink session (a file named
+   by the claim; docs/downlink.md) before it answers.
 3. B takes those ids and the counter into the new session, then writes the CONNACK.  An id
    still in progress gets its verdict later: A writes it to the store when the
    pipeline answers and sends ``check`` to the current owner.
@@ -364,7 +366,9 @@ class SharedSessions(SessionStore):
             return
         if handover.timer is not None:
             handover.timer.cancel()
-        session = read_downlink(self.mailbox.directory, handover.claim)
+        downlink = self.server.downlink if self.server is not None else None
+        session = (read_downlink(self.mailbox.directory, handover.claim)
+                   if downlink is not None and handover.downlink else None)
         if self._states.get(client_id) is not handover.state:
             if client_id in self._states:  # a clean start replaced it here: old ids go
                 self.db.take_rows(client_id, keep=False)
@@ -380,9 +384,8 @@ class SharedSessions(SessionStore):
         if conn is not None:
             if added:
                 conn.session.imported_qos2(added)
-            downlink = self.server.downlink if self.server is not None else None
             if downlink is not None:
-                downlink.take(conn.session, session if handover.downlink else None)
+                downlink.take(conn.session, session)
             conn.release_hold()
 
     def _adopt(self, client_id: str, state: ClientState,
