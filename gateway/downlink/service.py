@@ -33,7 +33,14 @@ import structlog
 
 from gateway.auth import Identity
 from gateway.downlink.fanout import expiry_deadline, fan_out
-from gateway.downlink.outbound import QUEUED, FullPolicy, OffsetTracker, OutboundFlow, Outgoing
+from gateway.downlink.outbound import (
+    QUEUED,
+    SENT,
+    FullPolicy,
+    OffsetTracker,
+    OutboundFlow,
+    Outgoing,
+)
 from gateway.downlink.record import ConsumedRecord
 from gateway.downlink.retained import Retained, RetainedStore
 from gateway.downlink.subscribe import handle_subscribe, handle_unsubscribe
@@ -584,17 +591,23 @@ class Downlink:
         except msgspec.DecodeError as exc:
             log.warning("downlink_handover_unreadable", client_id=cid, error=str(exc))
             return
-        self._end(cid)  # anything of an earlier session here gives way
+        # A SUBSCRIBE pipelined behind the CONNECT may have been served here already:
+        # its subscriptions are the newer ones, its queue goes after the old one.
+        mine = {sub.filter.text for sub in self.trie.subscriptions(cid)}
         for text, qos, no_local, rap, handling, ident in doc["subs"]:
+            if text in mine:
+                continue
             try:
                 topic_filter = parse_filter(text)
             except FilterRefused:
                 continue
             self.trie.subscribe(cid, topic_filter, Options(qos, no_local, rap, handling), ident)
         flow = self._flow(session)
-        flow._last_id = doc["last_id"]
+        if not flow.inflight:
+            flow._last_id = doc["last_id"]
         starts = {tuple(k): v for *k, v in self.positions()}
         now = time.monotonic()
+        queued: list[Outgoing] = []
         for (topic, payload, qos, retain, pid, state, dup, props, remaining,
              origin) in doc["messages"]:
             pending = None
@@ -606,11 +619,14 @@ class Downlink:
                 properties=msgspec.msgpack.decode(props, type=Properties)
                 if props is not None else None,
                 expires=now + remaining if remaining else 0.0)
-            message.packet_id, message.state, message.dup = pid, state, dup
-            if state == QUEUED:
-                flow.queue.append(message)
-            else:
+            if state == QUEUED or (state == SENT and pid in flow.inflight):
+                queued.append(message)  # (an id taken here: sent again as new)
+            elif pid not in flow.inflight:
+                message.packet_id, message.state, message.dup = pid, state, dup
                 flow.inflight[pid] = message
+            else:  # released, its id taken here: the client has it, only PUBCOMP is lost
+                message._finish()
+        flow.queue.extendleft(reversed(queued))
         floors = {(c, t, part): at for c, t, part, at in doc["positions"]}
         if floors:
             self._floors[cid] = floors

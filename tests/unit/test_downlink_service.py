@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from gateway.downlink.outbound import Outgoing
 from gateway.downlink.record import ConsumedRecord
 from gateway.downlink.service import Downlink
 from gateway.downlink.subscriptions import Options, parse_filter
@@ -168,3 +169,21 @@ def test_drops_of_an_ended_session_stay_counted(rules: DownlinkRules) -> None:
         return before, service.dropped
 
     assert asyncio.run(run()) == (3, 3)
+
+
+def test_a_subscribe_served_before_the_session_arrived_is_kept(rules: DownlinkRules) -> None:
+    """A SUBSCRIBE pipelined behind the CONNECT reaches the new owner first: its
+    subscription stays, the old owner's queue goes before what it queued."""
+    async def run() -> tuple[list[str], list[bytes]]:
+        a, b = _worker(rules), _worker(rules)
+        _subscribe(a, "dev")
+        a.on_batch([_value(0), _value(1)], lambda _r: False)
+        b.trie.subscribe("dev", parse_filter("cmd/#"), Options(1), None)
+        b._flow(_session("dev")).enqueue(Outgoing("cmd/x", b"retained", 1))
+        given: list[bytes | None] = []
+        a.give("dev", None, given.append)
+        b.take(_session("dev"), given[0])
+        return (sorted(s.filter.text for s in b.trie.subscriptions("dev")),
+                _queued(b, "dev"))
+
+    assert asyncio.run(run()) == (["cmd/#", "cmd/+"], [b"0", b"1", b"retained"])
