@@ -66,8 +66,10 @@ class Client:
         got, self.packets = self.packets[:count], self.packets[count:]
         return got
 
-    def subscribe(self, topic_filter: str) -> None:
-        self.send(p.Subscribe(packet_id=1, subscriptions=[p.Subscription(topic_filter, 1)]))
+    def subscribe(self, topic_filter: str, identifier: int | None = None) -> None:
+        props = Properties(subscription_identifiers=[identifier]) if identifier else None
+        self.send(p.Subscribe(packet_id=1, subscriptions=[p.Subscription(topic_filter, 1)],
+                              properties=props))
         assert self.read(1)[0].reason_codes == [1]
 
     def ack(self, messages: list[Any]) -> None:
@@ -129,7 +131,8 @@ def test_queue_and_inflight_follow_the_client_to_another_worker(
     pids = start(proc, port)
     cid = unique(f"roam{version}")
     first = Client(port, port_for(port, pids[0], pids), cid, version)
-    first.subscribe("cmd/+")
+    ident = 7 if version == 5 else None  # MQTT 5: the identifier moves with it
+    first.subscribe("cmd/+", ident)
     produce(broker, commands, "dev-0", b"in-flight")
     inflight = first.read(1)[0]
     assert (inflight.payload, inflight.dup) == (b"in-flight", False)  # not acknowledged
@@ -148,6 +151,8 @@ def test_queue_and_inflight_follow_the_client_to_another_worker(
         assert by_key(got) == {f"cmd/{key}": [f"{key}-{n}".encode() for n in range(4)]
                                for key in keys}
         assert all(m.qos == 1 and not m.dup for m in got)
+        if version == 5:
+            assert {tuple(m.properties.subscription_identifiers) for m in got} == {(7,)}
         produce(broker, commands, "dev-1", b"later")  # consumed by worker B for it now
         later = second.read(1)[0]
         assert (later.topic, later.payload) == ("cmd/dev-1", b"later")
