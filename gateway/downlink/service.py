@@ -488,6 +488,10 @@ class Downlink:
     def begin_take(self, client_id: str) -> list[list[Any]]:
         """This worker asks for ``client_id``'s session: our positions, for the old owner
         to reach before it lets go; what we fan out from now on is kept for the client."""
+        giving = self._giving.pop(client_id, None)
+        if giving is not None:  # back before we let go: it stays here
+            giving.timer.cancel()
+            giving.done(None)
         self._taking[client_id] = _Taking(time.monotonic() + TAKE_KEEP_S)
         return self.positions()
 

@@ -187,3 +187,18 @@ def test_a_subscribe_served_before_the_session_arrived_is_kept(rules: DownlinkRu
                 _queued(b, "dev"))
 
     assert asyncio.run(run()) == (["cmd/#", "cmd/+"], [b"0", b"1", b"retained"])
+
+
+def test_a_client_back_before_the_old_owner_let_go_keeps_its_session(
+        rules: DownlinkRules) -> None:
+    async def run() -> tuple[list[bytes | None], list[bytes]]:
+        a = _worker(rules)
+        _subscribe(a, "dev")
+        a.on_batch([_value(0)], lambda _r: False)
+        given: list[bytes | None] = []
+        a.give("dev", [["default", "commands", 0, 5]], given.append)  # A is behind: waits
+        a.begin_take("dev")  # the client is back on A meanwhile
+        a.take(_session("dev"), None)  # the other worker had nothing for it
+        return given, _queued(a, "dev")
+
+    assert asyncio.run(run()) == ([None], [b"0"])
