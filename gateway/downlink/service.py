@@ -12,6 +12,10 @@ Delivery pulls: after a batch, each touched client that is online gets its
 flow pulled while its transport's buffer is under the write bound, so a slow
 client fills its own bounded queue (``limits.downlink_queue``, policy
 ``limits.downlink_full_policy``, counted in ``dropped``) and nobody else's.
+
+With workers > 1 a client's session moves with the MQTT session handover
+(``gateway.sources.mqtt_registry``): ``begin_take`` / ``take`` on the new owner,
+``give`` / ``export`` on the old one (docs/downlink.md, "To another worker").
 """
 
 from __future__ import annotations
