@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import queue
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -219,3 +220,56 @@ def test_restart_after_handover_neither_loses_nor_repeats(
         back.ack(again)
     finally:
         back.sock.close()
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_paho_subscriber_roams_between_workers(
+        gateway: tuple[GatewayProcess, int], broker: Broker, topics: tuple[str, str],
+        version: int) -> None:
+    """The same with paho: subscribe on A, away, reconnect on B (its source port)."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties as PahoProperties
+
+    proc, port = gateway
+    pids = start(proc, port)
+    cid = unique(f"paho{version}")
+    received: queue.Queue[Any] = queue.Queue()
+
+    def connect(worker: int) -> Any:
+        protocol = paho.MQTTv5 if version == 5 else paho.MQTTv311
+        client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=cid,
+                             protocol=protocol,
+                             **({} if version == 5 else {"clean_session": False}))
+        client.on_message = lambda _c, _u, msg: received.put(msg)
+        acked: queue.Queue[bool] = queue.Queue()
+        client.on_connect = lambda *_a: acked.put(True)
+        kwargs: dict[str, Any] = {"bind_port": port_for(port, pids[worker], pids)}
+        if version == 5:
+            props = PahoProperties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 300
+            kwargs.update(clean_start=False, properties=props)
+        client.connect("127.0.0.1", port, **kwargs)
+        client.loop_start()
+        acked.get(timeout=20)
+        return client
+
+    first = connect(0)
+    subscribed: queue.Queue[bool] = queue.Queue()
+    first.on_subscribe = lambda *_a: subscribed.put(True)
+    first.subscribe("cmd/+", 1)
+    subscribed.get(timeout=20)
+    first.disconnect()
+    first.loop_stop()
+    keys = ["dev-0", "dev-1", "dev-2"]
+    for n in range(3):
+        for key in keys:
+            produce(broker, topics[0], key, f"{key}-{n}".encode())
+    second = connect(1)
+    try:
+        got = [received.get(timeout=30) for _ in range(9)]
+        assert by_key(got) == {f"cmd/{key}": [f"{key}-{n}".encode() for n in range(3)]
+                               for key in keys}
+    finally:
+        second.disconnect()
+        second.loop_stop()
