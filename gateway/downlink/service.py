@@ -507,11 +507,11 @@ class Downlink:
         kept = [r for r in records if not replay(r)]
         total = sum(len(t.records) for t in self._taking.values())
         for cid, taking in self._taking.items():
+            if taking.overflow:
+                continue  # stopped at its first gap: never a later record without it
             if total + len(kept) > TAKE_BUFFER:
-                if not taking.overflow:
-                    taking.overflow = True
-                    log.warning("downlink_takeover_buffer_full", client_id=cid,
-                                limit=TAKE_BUFFER)
+                taking.overflow = True
+                log.warning("downlink_takeover_buffer_full", client_id=cid, limit=TAKE_BUFFER)
                 continue
             taking.records.extend(kept)
             total += len(kept)
