@@ -67,6 +67,8 @@ PULL_BATCH = 64  # messages encoded per write
 HANDOVER_WAIT_S = 3.0
 TAKE_BUFFER = 50_000  # records kept for sessions being taken over (the whole worker)
 TAKE_KEEP_S = 10.0  # a takeover never finished stops buffering after this
+# The old owner holds a handed-over session's offsets this long (3 commit intervals).
+HOLD_AFTER_HANDOVER_S = 3.0
 PartitionKey = tuple[str, str, int]  # (cluster, topic, partition)
 # In-flight QoS 1/2 messages per client when it announces no Receive Maximum (3.1.1).
 DEFAULT_WINDOW = 64
@@ -135,6 +137,7 @@ class Downlink:
         self._taking: dict[str, _Taking] = {}  # arriving: records fanned out meanwhile
         self._floors: dict[str, dict[PartitionKey, int]] = {}  # arrived: what came with it
         self.elsewhere: dict[str, int] = {}  # client id -> worker whose state file has it
+        self.hold_after_handover = HOLD_AFTER_HANDOVER_S
         self.handed_over = 0  # sessions given to another worker
         self.taken_over = 0  # sessions taken from another worker
         # Persistent sessions' subscriptions survive a restart in this file (None: not kept):
@@ -577,6 +580,12 @@ class Downlink:
         if timer is not None:
             timer.cancel()
         self._floors.pop(client_id, None)
+        if flow is not None:
+            # Its offsets stay held here a little longer: until the new owner's commit,
+            # sent at once, has landed (else a crash of it in between would lose them).
+            del self.flows[client_id]
+            self.dropped_ended += flow.dropped
+            asyncio.get_running_loop().call_later(self.hold_after_handover, flow.close)
         self._end(client_id)
         self._state_dirty = True
         self.handed_over += 1

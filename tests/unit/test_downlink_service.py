@@ -119,6 +119,7 @@ def test_a_session_taken_over_gets_each_record_once_in_order(
     skips what A had queued.  Offsets: A no longer holds them, B does."""
     async def run() -> None:
         a, b = _worker(rules), _worker(rules)
+        a.hold_after_handover = 0.05
         _subscribe(a, "dev")
         a.on_batch([_value(n) for n in range(a_has)], lambda _r: False)
         b.on_batch([_value(n) for n in range(b_has)], lambda _r: False)
@@ -132,6 +133,11 @@ def test_a_session_taken_over_gets_each_record_once_in_order(
             a.on_batch([_value(n) for n in range(a_has, b_has)], lambda _r: False)
         assert len(given) == 1 and given[0] is not None
         assert "dev" not in a.flows and not a.trie.subscriptions("dev")
+        assert a.committable("default") == {("commands", 0): 0}  # until B has committed
+        for _ in range(500):
+            if a.committable("default") != {("commands", 0): 0}:
+                break
+            await asyncio.sleep(0.01)
         assert a.committable("default") == {("commands", 0): max(a_has, b_has)}
         b.take(_session("dev"), given[0])
         b.on_batch([_value(n) for n in range(b_has + 1, 6)], lambda _r: False)
