@@ -55,6 +55,10 @@ class MemoryBuffer:
     def _on_delivery(self, record: Record, delivery: Delivery | None,
                      error: GatewayError | None) -> None:
         self.flow.remove(record_size(record))
+        self._settle(record, delivery, error)
+
+    def _settle(self, record: Record, delivery: Delivery | None,
+                error: GatewayError | None) -> None:
         ack = record.ack
         if ack is None:
             return
@@ -89,11 +93,4 @@ class _Group:
         self.left -= 1
         if not self.left:
             self.buffer.flow.remove(self.size)
-        ack = record.ack
-        if ack is None:
-            return
-        if error is None and delivery is not None:
-            ack.record_safe(delivery)
-        else:
-            self.buffer.failed += 1
-            ack.record_failed(error or DeliveryFailed("no delivery report"))
+        self.buffer._settle(record, delivery, error)
