@@ -24,6 +24,7 @@ measurement and a summary.  Speed belongs here, never in a test.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -265,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=8.0)
     ap.add_argument("--tests", action="store_true", help="run unit tests in the compiled tree")
     a = ap.parse_args(argv)
+    if a.tool == "cython" and importlib.util.find_spec("Cython") is None:
+        ap.error("Cython is not installed here (pip install cython)")
+    if a.tool == "mypyc" and not (Path(sys.executable).parent / "mypyc").exists():
+        ap.error("mypyc is not next to this Python (pip install mypy)")
     shapes = SHAPES if a.shapes == "all" else [
         tuple(int(x) for x in s.split(":")) for s in a.shapes.split(",")]
 
