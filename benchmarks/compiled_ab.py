@@ -137,6 +137,8 @@ def compile_mypyc(tree: Path, modules: list[str]) -> dict[str, str]:
     mypyc = Path(sys.executable).parent / "mypyc"
     status = {m: MYPYC_SKIP[m] for m in modules if m in MYPYC_SKIP}
     for path, old, new in MYPYC_PATCHES:
+        if path not in modules:
+            continue
         f = tree / path
         text = f.read_text()
         if text.count(old) != 1:
@@ -253,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tool", choices=["cython", "mypyc"], default="cython")
     ap.add_argument("--directives", default="",
                     help="cython: compiler directives, e.g. binding=False,annotation_typing=False")
+    ap.add_argument("--modules", default=None,
+                    help="comma-separated paths to compile instead of MODULES")
     ap.add_argument("--tag", default=None, help="name of the compiled tree (default: the tool)")
     ap.add_argument("--work", default=None, help="reuse or keep the two trees here")
     ap.add_argument("--jobs", type=int, default=2, help="cython: modules compiled at once")
@@ -270,6 +274,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("Cython is not installed here (pip install cython)")
     if a.tool == "mypyc" and not (Path(sys.executable).parent / "mypyc").exists():
         ap.error("mypyc is not next to this Python (pip install mypy)")
+    modules = a.modules.split(",") if a.modules else MODULES
+    for m in modules:
+        if not (Path(a.tree) / m).is_file():
+            ap.error(f"--modules: no such file in {a.tree}: {m}")
     shapes = SHAPES if a.shapes == "all" else [
         tuple(int(x) for x in s.split(":")) for s in a.shapes.split(",")]
 
@@ -287,9 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(trees["compiled"], ignore_errors=True)
         copy_tree(Path(a.tree), trees["compiled"])
         t0 = time.monotonic()
-        status = (compile_cython(trees["compiled"], MODULES, a.jobs, a.directives)
+        status = (compile_cython(trees["compiled"], modules, a.jobs, a.directives)
                   if a.tool == "cython"
-                  else compile_mypyc(trees["compiled"], MODULES))
+                  else compile_mypyc(trees["compiled"], modules))
         print(f"compiled in {time.monotonic() - t0:.0f} s", file=sys.stderr)
         add_pyproject(Path(a.tree), trees["compiled"])
         status_file.write_text(json.dumps(status))
