@@ -212,7 +212,8 @@ def e2e(tree: Path, a: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, Any] = json.loads(lines[-1])
     pub = res.get("puback_ms") or {}
     return {"cpu_us": res.get("gateway_cpu_us_per_msg"), "acked_per_s": res.get("acked_per_s"),
-            "p50_ms": pub.get("p50"), "p99_ms": pub.get("p99")}
+            "p50_ms": pub.get("p50"), "p99_ms": pub.get("p99"),
+            "errors": res.get("errors"), "log_events": res.get("log_events")}
 
 
 def load() -> str:
