@@ -16,8 +16,10 @@ test files in the compiled tree first (do the compiled modules behave the same).
 
 Cython compiles the modules unchanged (pure-Python mode, annotations used as
 types where Cython understands them); mypyc compiles them as one group with the
-project's strict mypy settings.  Needs ``cython`` (or mypy's ``mypyc``) and a C
-compiler; neither is a dependency of the gateway.  Prints one JSON line per
+project's strict mypy settings, less ``MYPYC_SKIP`` and with ``MYPYC_PATCHES``
+applied to the copy.  ``--modules`` compiles a subset (e.g. the codec alone).
+Needs ``cython`` (or mypy's ``mypyc``) and a C compiler; neither is a dependency
+of the gateway.  Prints one JSON line per
 measurement and a summary.  Speed belongs here, never in a test.
 """
 
