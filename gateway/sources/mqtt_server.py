@@ -496,8 +496,8 @@ class MqttServer:
 
 class MqttConnection(asyncio.Protocol):
     # Kept small: one per device. Shared things (limits, pipeline) live on the server.
-    __slots__ = ("_reading", "_waiting", "_write_paused", "held", "latency", "server",
-                 "session", "source", "transport")
+    __slots__ = ("_reading", "_waiting", "held", "latency", "server", "session", "source",
+                 "transport")
 
     def __init__(self, server: MqttServer, latency: Latency | None = None) -> None:
         self.server = server
@@ -511,7 +511,6 @@ class MqttConnection(asyncio.Protocol):
         self._reading = True
         # First bytes received while waiting for a turn (server.admit_connect), else None.
         self._waiting: bytearray | None = None
-        self._write_paused = False  # the transport's buffer is above its high-water mark
         # CONNACK and what follows wait while another worker gives the client id up.
         self.held = False
         # The source address counted in server.per_source (only when that limit is on).
@@ -619,8 +618,7 @@ class MqttConnection(asyncio.Protocol):
         server = self.server
         server.connections.discard(self)
         self._waiting = None  # server.connects_waiting skips it
-        if self._write_paused:
-            self._write_paused = False
+        if server.write_paused:
             server.write_paused.pop(self, None)
         source = self.source
         if source is not None:
@@ -670,16 +668,14 @@ class MqttConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         """The transport holds more unread output than limits.max_write_buffer_bytes:
         stop reading (no new answers are asked for) and start the slow-reader clock."""
-        if not self._write_paused:
-            self._write_paused = True
-            self.server.write_paused[self] = asyncio.get_running_loop().time()
+        paused = self.server.write_paused  # those above the mark: no flag of our own
+        if self not in paused:
+            paused[self] = asyncio.get_running_loop().time()
             self.update_reading()
 
     def resume_writing(self) -> None:
         """The client read its output down to the low-water mark: read again."""
-        if self._write_paused:
-            self._write_paused = False
-            self.server.write_paused.pop(self, None)
+        if self.server.write_paused.pop(self, None) is not None:
             self.update_reading()
             if self.server.downlink is not None:
                 self.server.downlink.writable(self)
@@ -719,7 +715,8 @@ class MqttConnection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         session = self.session
-        want = not self.held and not self._write_paused and self._waiting is None and (
+        paused = self.server.write_paused
+        want = not self.held and self._waiting is None and not (paused and self in paused) and (
             session.state is not AWAIT_AUTH or session.buffered < AUTH_HOLD_BYTES
         ) and not self.server.pipeline.flow.paused and (
             session.pending < self.server.limits.receive_maximum
