@@ -143,6 +143,7 @@ class MqttServer:
         self._admitted: list[tuple[MqttConnection, Identity, Credentials]] = []
         self._admit_scheduled = False
         self._admit_retries = 0  # turns the registry's lock was busy for the waiting batch
+        self._claims_at = float("-inf")  # the loop's time of the last claim transaction
         # Peer host -> (when its last refusal was logged, refusals not logged since).
         self._refusals_logged: dict[str, tuple[float, int]] = {}
         self.limits = limits or MqttLimits()
@@ -406,7 +407,14 @@ class MqttServer:
         self._admitted.append((conn, identity, creds))
         if not self._admit_scheduled:
             self._admit_scheduled = True
-            asyncio.get_running_loop().call_soon(self._admit_turn)
+            # At most one claim transaction per ADMIT_COALESCE_S: a lone CONNECT goes at
+            # once, a storm's wait for the next one and share it (fewer, larger batches).
+            loop = asyncio.get_running_loop()
+            wait = self._claims_at + ADMIT_COALESCE_S - loop.time()
+            if wait > 0:
+                loop.call_later(wait, self._admit_turn)
+            else:
+                loop.call_soon(self._admit_turn)
 
     def _admit_turn(self) -> None:
         """Claim the client ids of this turn's admitted CONNECTs in one registry
@@ -428,6 +436,7 @@ class MqttServer:
         loop = asyncio.get_running_loop()
         now = loop.time()
         if shared is not None:
+            self._claims_at = now
             wait = self._admit_retries >= ADMIT_MAX_RETRIES
             try:
                 if not shared.claim_many([(conn.session.client_id, conn.session.clean_start)
@@ -897,6 +906,11 @@ CONNECTS_PER_TURN = 64
 # try again this much later, at most this many times before waiting for the lock.
 ADMIT_RETRY_S = 0.001
 ADMIT_MAX_RETRIES = 50
+# With workers > 1, claim transactions are this far apart at least (MqttServer.admit_later):
+# each costs ~25-50 µs of CPU whether it claims 1 id or 4 (another worker's writes in
+# between invalidate SQLite's page cache), so a storm's CONNACKs wait up to this much
+# longer and cost about half the registry CPU (docs/performance.md, section 6).
+ADMIT_COALESCE_S = 0.002
 # Ends that are routine for a fleet of devices: connection lost (0x80), server shutting
 # down (0x8B), keep alive timeout (0x8D), session taken over (0x8E).
 _ROUTINE = frozenset({0x80, 0x8B, 0x8D, 0x8E})
