@@ -296,7 +296,7 @@ class SharedSessions(SessionStore):
     def _give_up(self, client_id: str, to_worker: int, claim: int) -> None:
         """Another worker took ``client_id``: end our connection, write what we hold."""
         server = self.server
-        conn = server.registry.pop(client_id, None) if server is not None else None
+        conn = server.unregister(client_id) if server is not None else None
         if conn is not None:
             if conn.held:
                 conn.abort()  # it never got its CONNACK: the client simply retries

@@ -62,7 +62,7 @@ import sqlite3
 import ssl as ssl_module
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -153,7 +153,12 @@ class MqttServer:
         self.store: SessionStore = (
             shared if shared is not None else SessionStore(self.limits.max_sessions))
         self.store.on_evict = self._session_evicted
-        self.connections: set[MqttConnection] = set()
+        self.registry: dict[str, MqttConnection] = {}  # client id -> live connection
+        # Live connections the registry does not name: before their CONNECT is accepted,
+        # or taken over and closing.  With the registry's, that is every live one
+        # (``connections``): one hash-table entry per connected client, not two.
+        self._unnamed: set[MqttConnection] = set()
+        self.connections = LiveConnections(self)
         self.refused_connections = 0  # over limits.max_connections
         # Connections refused by a connect limit, by its name: "connect_rate" (CONNACK 0x9F
         # or a close), "per_source" (closed unread).
@@ -168,7 +173,6 @@ class MqttServer:
         self.write_paused: dict[MqttConnection, float] = {}
         # Connections ended by a per-connection bound, by its name (Disconnected.limit).
         self.limit_closes: dict[str, int] = {}
-        self.registry: dict[str, MqttConnection] = {}  # client id -> live connection
         self._servers: list[asyncio.Server] = []
         self._sweep_interval = sweep_interval
         self._sweeper: asyncio.Task[None] | None = None
@@ -338,6 +342,14 @@ class MqttServer:
             self.log.debug("mqtt_session_evicted", client_id=client_id, qos2_ids=qos2_ids,
                            retained=self.store.retained, evicted=self.store.evicted)
 
+    def unregister(self, client_id: str) -> MqttConnection | None:
+        """Take ``client_id``'s connection out of the registry (another worker took the
+        client over); it stays live (``connections``) until it closes."""
+        conn = self.registry.pop(client_id, None)
+        if conn is not None:
+            self._unnamed.add(conn)
+        return conn
+
     def _on_flow(self, paused: bool) -> None:
         for conn in self.connections:
             conn.update_reading()
@@ -503,6 +515,40 @@ class MqttServer:
                                   seconds=interval)
 
 
+class LiveConnections:
+    """Every live connection of a server: those its client-id registry names and the
+    others (``MqttServer._unnamed``).  Iterating takes a snapshot."""
+
+    __slots__ = ("_server",)
+
+    def __init__(self, server: MqttServer) -> None:
+        self._server = server
+
+    def add(self, conn: MqttConnection) -> None:
+        self._server._unnamed.add(conn)
+
+    def discard(self, conn: MqttConnection) -> None:
+        server = self._server
+        server._unnamed.discard(conn)
+        client_id = conn.session.client_id
+        if server.registry.get(client_id) is conn:
+            del server.registry[client_id]
+
+    def __contains__(self, conn: object) -> bool:
+        server = self._server
+        if conn in server._unnamed:
+            return True
+        return (isinstance(conn, MqttConnection)
+                and server.registry.get(conn.session.client_id) is conn)
+
+    def __iter__(self) -> Iterator[MqttConnection]:
+        server = self._server
+        return iter([*server._unnamed, *server.registry.values()])
+
+    def __len__(self) -> int:
+        return len(self._server._unnamed) + len(self._server.registry)
+
+
 class MqttConnection(asyncio.Protocol):
     # Kept small: one per device. Shared things (limits, pipeline) live on the server.
     __slots__ = ("_reading", "_waiting", "held", "latency", "server", "session", "source",
@@ -625,7 +671,7 @@ class MqttConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         server = self.server
-        server.connections.discard(self)
+        server.connections.discard(self)  # and its registry entry
         self._waiting = None  # server.connects_waiting skips it
         if server.write_paused:
             server.write_paused.pop(self, None)
@@ -640,8 +686,6 @@ class MqttConnection(asyncio.Protocol):
         task = server.auth_tasks.pop(self, None)
         if task is not None:
             task.cancel()  # its verdict has nobody to go to
-        if server.registry.get(self.session.client_id) is self:
-            del server.registry[self.session.client_id]
         try:
             self.handle_events(self.session.connection_lost(asyncio.get_running_loop().time()))
             if server.downlink is not None:
@@ -858,7 +902,9 @@ class MqttConnection(asyncio.Protocol):
         registry = self.server.registry
         old = registry.get(event.client_id)
         registry[event.client_id] = self
+        self.server._unnamed.discard(self)  # live through the registry now
         if old is not None and old is not self:
+            self.server._unnamed.add(old)  # live until it closes
             if old.held:
                 old.abort()  # it never got its CONNACK
             else:
