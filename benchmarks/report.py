@@ -631,10 +631,9 @@ def _fanout_section() -> list[str]:
         "",
         "- Latency is Kafka's (tansu's) on this box: its p99 swings from 0.5 to 2.7 s "
         "between runs at load 2.5-4 on 2 cores, so the p99 verdict flips between runs. The "
-        "gateway's own share shows at p50: its consumer takes `consume(500, 0.1)`, which "
-        "waits for 500 records or the 0.1 s timeout; a bare `poll()` returns on the first "
-        "(25-70 ms less at p50 in hand runs with `poll(0.1)` then `consume(499, 0)`; that "
-        "change broke the restart test and was reverted, not yet understood).",
+        "gateway's consumer waits for the first record (`poll(0.1)`) and takes what is "
+        "already fetched with it (`consume(499, 0)`); before 2026-12-06 it took "
+        "`consume(500, 0.1)`, which waits for 500 records or the whole 0.1 s.",
         "- Broadcast: the consumer hands Lastmile several records at once and each client "
         "gets them in one write; Mosquitto writes each message to each client (its one "
         "thread near 1 CPU second per second here). The subscribers are the same Python "

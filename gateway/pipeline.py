@@ -3,6 +3,7 @@
 This is the only door into the gateway for every source (MQTT, HTTP, bridge)::
 
     pipeline.publish(message, on_done)   # on_done(Outcome) runs exactly once
+    pipeline.publish_many(messages, on_done)  # an HTTP batch: on_done(list[Outcome]) once
     pipeline.flow.paused                 # True: stop reading from clients
     pipeline.flow.subscribe(listener)    # listener(True) pause / listener(False) resume
 
@@ -14,7 +15,8 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
+from functools import partial
 from typing import Protocol
 
 import structlog
@@ -134,21 +136,58 @@ class Pipeline:
         self.refusal_log = RefusalLog()
 
     def publish(self, message: Message, on_done: Callable[[Outcome], None]) -> None:
+        records = self._take(message, on_done)
+        if records:
+            submit = self.buffer.submit
+            for record in records:
+                submit(record)
+
+    def publish_many(self, messages: Sequence[Message],
+                     on_done: Callable[[list[Outcome]], None]) -> None:
+        """``publish`` of each message (an HTTP batch); ``on_done(outcomes)`` runs once,
+        with every message's outcome in order, when the last one is known.
+
+        Each message is routed, admitted and acknowledged on its own, as by
+        ``publish``; what is shared is the bookkeeping: one collector rather
+        than a callback per message, and one ``buffer.submit_many`` for the
+        records of the whole batch, in order.
+        """
+        batch = _Outcomes(len(messages), on_done)
+        settle = batch.settle
+        pending: list[Record] = []
+        for index, message in enumerate(messages):
+            if message.partition is not None and pending:
+                # Admitting an explicit partition reads the buffer's state (acks from the
+                # spool or from Kafka): hand over the records before it first, as
+                # ``publish`` would have.
+                self.buffer.submit_many(pending)
+                pending = []
+            records = self._take(message, partial(settle, index))
+            if records:
+                pending += records
+        if pending:
+            self.buffer.submit_many(pending)
+        if not messages:
+            on_done([])
+
+    def _take(self, message: Message, on_done: Callable[[Outcome], None]) -> list[Record]:
+        """Route and admit ``message``; its records, each with the message's ``Ack``
+        (none: ``on_done`` already ran, the message is refused or dropped)."""
         counters = self.counters
         counters["messages"] += 1
         if self._closing:
             counters["shutting_down"] += 1
             on_done(Outcome(ok=False, error=ShuttingDown()))
-            return
+            return _NONE
         result = self.router.route(message)
         if result.error is not None:
             if isinstance(result.error, NotAuthorized):
                 self._not_authorized(message, result.error, result.refused_by)
             on_done(Outcome(ok=False, error=result.error, rule=result.rule))
-            return
+            return _NONE
         if result.dropped:
             on_done(Outcome(ok=True, dropped=True, rule=result.rule))
-            return
+            return _NONE
         records = result.records
         admit = self.admit
         if admit is not None:
@@ -156,13 +195,12 @@ class Pipeline:
                 refused = admit(record)
                 if refused is not None:
                     on_done(Outcome(ok=False, error=refused, rule=result.rule))
-                    return
+                    return _NONE
         ack = Ack(on_done, len(records), result.rule, result.dead_lettered)
         counters["records"] += len(records)
-        submit = self.buffer.submit
         for record in records:
             record.ack = ack
-            submit(record)
+        return records
 
     def _not_authorized(self, message: Message, error: GatewayError, rule: str) -> None:
         """Log a refusal by ``allow`` / ``deny`` with who and where (the router counts it)."""
@@ -179,3 +217,27 @@ class Pipeline:
     def stop_intake(self) -> None:
         """New publishes fail with ShuttingDown; records already taken still resolve."""
         self._closing = True
+
+
+_NONE: list[Record] = []  # never appended to
+
+
+class _Outcomes:
+    """The outcomes of a ``publish_many`` by index; the callback runs once, when the last
+    one is known (each message's ``Ack`` settles it exactly once)."""
+
+    __slots__ = ("callback", "left", "outcomes")
+
+    def __init__(self, n: int, callback: Callable[[list[Outcome]], None]) -> None:
+        self.callback = callback
+        self.outcomes: list[Outcome] = [_UNKNOWN] * n
+        self.left = n
+
+    def settle(self, index: int, outcome: Outcome) -> None:
+        self.outcomes[index] = outcome
+        self.left -= 1
+        if not self.left:
+            self.callback(self.outcomes)
+
+
+_UNKNOWN = Outcome(ok=False)  # a placeholder, replaced before the callback runs

@@ -24,6 +24,9 @@ class Buffer(Protocol):
     def submit(self, record: Record) -> None:
         """Take one record (with ``record.ack`` set); resolve its ack when safe or failed."""
 
+    def submit_many(self, records: list[Record]) -> None:
+        """``submit`` of each record in order (an HTTP batch), sharing what can be shared."""
+
     async def start(self) -> None: ...
 
     async def close(self, timeout: float) -> None:

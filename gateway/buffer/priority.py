@@ -79,6 +79,10 @@ class PrioritySpoolBuffer:
     def submit(self, record: Record) -> None:
         (self.high if record.high_priority else self.normal).submit(record)
 
+    def submit_many(self, records: list[Record]) -> None:
+        for record in records:
+            (self.high if record.high_priority else self.normal).submit(record)
+
     async def start(self) -> None:
         await self.high.start()
         await self.normal.start()

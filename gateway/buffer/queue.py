@@ -35,9 +35,30 @@ class MemoryBuffer:
         self.flow.add(record_size(record))
         sink.produce(record, self._on_delivery)
 
+    def submit_many(self, records: list[Record]) -> None:
+        """Every record to its sink in one ``produce_many`` call per cluster, their bytes
+        counted in the flow signal as one sum, released when the last is reported."""
+        sinks = self.sinks
+        runs: dict[str, list[Record]] = {}
+        for record in records:
+            run = runs.get(record.cluster)
+            if run is None:
+                if sink_for(sinks, record) is None:  # fails the record's ack
+                    continue
+                run = runs[record.cluster] = []
+            run.append(record)
+        for cluster, run in runs.items():
+            group = _Group(self, sum(map(record_size, run)), len(run))
+            self.flow.add(group.size)
+            sinks[cluster].produce_many(run, group)
+
     def _on_delivery(self, record: Record, delivery: Delivery | None,
                      error: GatewayError | None) -> None:
         self.flow.remove(record_size(record))
+        self._settle(record, delivery, error)
+
+    def _settle(self, record: Record, delivery: Delivery | None,
+                error: GatewayError | None) -> None:
         ack = record.ack
         if ack is None:
             return
@@ -55,3 +76,21 @@ class MemoryBuffer:
 
     def drain(self) -> dict[str, dict[str, float]]:
         return {}  # no spool: nothing is ever owed to Kafka from disk
+
+
+class _Group:
+    """The delivery callback of the records of one ``submit_many`` to one sink."""
+
+    __slots__ = ("buffer", "left", "size")
+
+    def __init__(self, buffer: MemoryBuffer, size: int, count: int) -> None:
+        self.buffer = buffer
+        self.size = size
+        self.left = count
+
+    def __call__(self, record: Record, delivery: Delivery | None,
+                 error: GatewayError | None) -> None:
+        self.left -= 1
+        if not self.left:
+            self.buffer.flow.remove(self.size)
+        self.buffer._settle(record, delivery, error)

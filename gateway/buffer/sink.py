@@ -25,6 +25,9 @@ class Sink(Protocol):
         Records of one partition are delivered in the order they were handed over.
         """
 
+    def produce_many(self, records: list[Record], callback: DeliveryCallback) -> None:
+        """``produce`` of each record in order, in one call (one callback per record)."""
+
 
 Sinks = Mapping[str, Sink]
 

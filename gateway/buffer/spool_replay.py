@@ -72,6 +72,10 @@ class Replayer:
         self.write_ahead = mode == "write-ahead"
         self.dead_letter = dead_letter
         self.cursor = 0
+        # The last seq the loop has heard is written (the buffer's durable callback). The
+        # writer thread's ``spool.written_seq`` moves first; reading up to it would read
+        # back the very batch whose callback, already on its way, offers it from memory.
+        self.durable_seq = -1
         self.readahead: deque[tuple[int, Record]] = deque()
         self.inflight: deque[int] = deque()
         self.done: set[int] = set()
@@ -85,7 +89,8 @@ class Replayer:
         self._task: asyncio.Task[None] | None = None
         self._executor: Executor | None = None
         self._stopping = False
-        self._reading = False  # a disk read is on its way (offer() must not overlap it)
+        self._reading = False  # a disk read is on its way (offers wait for it)
+        self._offered: list[list[tuple[int, Record]]] = []  # offered during that read
         # Priority drain: while this returns True nothing is handed to a sink (the
         # high-priority spool of the same worker still owes records to Kafka).
         self.hold_back: Callable[[], bool] | None = None
@@ -96,6 +101,7 @@ class Replayer:
 
     def start(self, cursor: int, executor: Executor, draining: bool) -> None:
         self.cursor = cursor
+        self.durable_seq = self.spool.written_seq  # what recovery found on disk
         self._executor = executor
         if draining:
             self.draining_since("records recovered from a previous run")
@@ -110,11 +116,28 @@ class Replayer:
         Taken as if read back from disk when they are exactly the next ones the
         replayer would read, so a caught-up spool (write-ahead, or a short spill)
         replays without a disk read, a decode and a reader-thread hop per batch.
-        Otherwise (behind, reading, rewinding, read-ahead full) they are left to
-        the disk read, as before.
+        Offered during a disk read, they are kept until it returns and taken then
+        if they continue it (else the disk has them): a replayer that fell behind
+        once catches up again instead of reading every later batch back.
+        Otherwise (behind, rewinding, read-ahead full) they are left to the disk.
         """
-        if (self._reading or self.rewind or not records or self.cursor != records[0][0]
-                or len(self.readahead) >= CHUNK):
+        if self.rewind or not records:
+            return False
+        if self._reading:
+            if sum(map(len, self._offered)) < CHUNK:
+                self._offered.append(records)
+                return True
+            return False
+        return self._take(records)
+
+    def _take(self, records: list[tuple[int, Record]]) -> bool:
+        cursor = self.cursor
+        first = records[0][0]
+        if records[-1][0] < cursor:
+            return True  # the disk read had them already
+        if first < cursor:
+            records = records[cursor - first:]  # seqs are contiguous: drop what was read
+        if records[0][0] != cursor or len(self.readahead) >= CHUNK:
             return False
         self.readahead.extend(records)
         self.cursor = records[-1][0] + 1
@@ -180,7 +203,7 @@ class Replayer:
             return False
         self.held = False
         if not self.readahead:
-            if self.cursor > self.spool.written_seq:
+            if self.cursor > self.durable_seq:
                 self._check_caught_up()
                 return False
             loop = asyncio.get_running_loop()
@@ -190,10 +213,14 @@ class Replayer:
                                                              self.cursor, CHUNK)
             finally:
                 self._reading = False
+                offered, self._offered = self._offered, []
             if self.rewind:
                 return True  # read raced a failure: discard, rewind first
             self.readahead.extend(records)
             self.cursor = cursor
+            for batch in offered:  # what became durable during the read, if it follows on
+                if not self._take(batch):
+                    break
             self._advance()
             if not records:
                 return True

@@ -220,6 +220,12 @@ class SpoolBuffer:
             self._direct.append(entry)
             sink.produce(record, entry)
 
+    def submit_many(self, records: list[Record]) -> None:
+        """One ``submit`` per record: each decides alone whether it goes straight to Kafka
+        or through the spool (a spill halfway through the batch sends the rest there)."""
+        for record in records:
+            self.submit(record)
+
     def pump(self) -> None:
         """Append waiting records in order while the spool has room and is healthy."""
         spool = self.spool
@@ -255,6 +261,7 @@ class SpoolBuffer:
     # --- callbacks from the writer thread and Kafka (on the loop) ---------------------
 
     def _on_durable(self, first: int, last: int, error: OSError | None) -> None:
+        self.replayer.durable_seq = last
         unsynced = self.unsynced
         durable: list[tuple[int, Record]] = []
         while unsynced and unsynced[0].seq <= last:

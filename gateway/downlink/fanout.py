@@ -1,4 +1,4 @@
-"""One consumed record to every subscriber's outbound flow (sans-IO, not wired yet).
+"""One consumed record to every subscriber's outbound flow (sans-IO).
 
 The path per record: hold it in the ``OffsetTracker``, map it through the
 downlink rules, update the retained store, look the MQTT topic up in the
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from gateway.downlink.outbound import OffsetTracker, OutboundFlow, Outgoing
+from gateway.downlink.outbound import OffsetTracker, OutboundFlow, Outgoing, Pending
 from gateway.downlink.record import ConsumedRecord
 from gateway.downlink.retained import Retained, RetainedStore
 from gateway.downlink.subscriptions import SubscriptionTrie
@@ -60,11 +60,19 @@ def fan_out(
     record: ConsumedRecord, rules: DownlinkRules, trie: SubscriptionTrie,
     flows: Mapping[str, OutboundFlow], tracker: OffsetTracker,
     retained: RetainedStore | None = None,
-    eligible: Callable[[str], bool] | None = None,
+    eligible: Callable[[str], bool] | None = None, *,
+    pending: Pending | None = None, only: str | None = None,
 ) -> FanoutResult:
-    """Queue ``record`` for every matching subscription; its offset is held until done."""
+    """Queue ``record`` for every matching subscription; its offset is held until done.
+
+    ``pending``: the record's hold already taken (``OffsetTracker.adopt``: a record
+    fanned out again for a session taken over from another worker); ``only``: that
+    session's client id, the one target.
+    """
     result = FanoutResult()
-    pending = tracker.consumed((record.cluster, record.topic, record.partition), record.offset)
+    if pending is None:
+        pending = tracker.consumed((record.cluster, record.topic, record.partition),
+                                   record.offset)
     deliveries, skipped = rules.route(record)
     result.skipped.extend(skipped)
     sender = publisher(record)
@@ -75,6 +83,8 @@ def fan_out(
                                   delivery.properties, expires))
         base = delivery.properties
         for target in trie.match(delivery.topic, sender, eligible):
+            if only is not None and target.client_id != only:
+                continue
             flow = flows.get(target.client_id)
             if flow is None:
                 result.no_session += 1

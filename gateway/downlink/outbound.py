@@ -84,6 +84,24 @@ class OffsetTracker:
         part.pending.append(pending)
         return pending
 
+    def adopt(self, partition: Hashable, offset: int, start: int) -> Pending:
+        """Hold ``offset`` for a message this worker took over from another one (or
+        re-fans out to one client): it may lie below what was consumed here.  ``start``
+        is where this worker fans the partition out from, for one it has not consumed yet
+        (the committable offset never passes it).  Release as for ``consumed``."""
+        part = self.partitions.get(partition)
+        if part is None:
+            part = self.partitions[partition] = _Partition()
+        if part.next < 0:
+            part.next = start
+        pending = Pending(self, partition, offset)
+        queue = part.pending
+        at = len(queue)
+        while at and queue[at - 1].offset > offset:
+            at -= 1
+        queue.insert(at, pending)
+        return pending
+
     def fanned_out(self, pending: Pending) -> None:
         """Every delivery of the record is held (``Pending.hold``); drop the fan-out's hold."""
         pending.release()
@@ -100,7 +118,8 @@ class OffsetTracker:
         for key, part in self.partitions.items():
             if part.next < 0:
                 continue
-            out[key] = part.pending[0].offset if part.pending else part.next
+            # An adopted offset may lie past what was consumed here: never commit past that.
+            out[key] = min(part.pending[0].offset, part.next) if part.pending else part.next
         return out
 
     def forget(self, partition: Hashable) -> None:

@@ -12,6 +12,10 @@ Delivery pulls: after a batch, each touched client that is online gets its
 flow pulled while its transport's buffer is under the write bound, so a slow
 client fills its own bounded queue (``limits.downlink_queue``, policy
 ``limits.downlink_full_policy``, counted in ``dropped``) and nobody else's.
+
+With workers > 1 a client's session moves with the MQTT session handover
+(``gateway.sources.mqtt_registry``): ``begin_take`` / ``take`` on the new owner,
+``give`` / ``export`` on the old one (docs/downlink.md, "To another worker").
 """
 
 from __future__ import annotations
@@ -33,14 +37,21 @@ import structlog
 
 from gateway.auth import Identity
 from gateway.downlink.fanout import expiry_deadline, fan_out
-from gateway.downlink.outbound import FullPolicy, OffsetTracker, OutboundFlow, Outgoing
+from gateway.downlink.outbound import (
+    QUEUED,
+    SENT,
+    FullPolicy,
+    OffsetTracker,
+    OutboundFlow,
+    Outgoing,
+)
 from gateway.downlink.record import ConsumedRecord
 from gateway.downlink.retained import Retained, RetainedStore
 from gateway.downlink.subscribe import handle_subscribe, handle_unsubscribe
 from gateway.downlink.subscriptions import FilterRefused, SubscriptionTrie, parse_filter
 from gateway.protocols.mqtt import packets as p
 from gateway.protocols.mqtt.encode import encode
-from gateway.protocols.mqtt.properties import EMPTY
+from gateway.protocols.mqtt.properties import EMPTY, Properties
 from gateway.protocols.mqtt.subscribe_codec import Options
 from gateway.routing.downlink import DownlinkRules
 
@@ -51,6 +62,14 @@ if TYPE_CHECKING:
 log = structlog.get_logger("lastmile.downlink")
 
 PULL_BATCH = 64  # messages encoded per write
+# A session leaving this worker: at most this long waiting for this worker's consumer
+# to reach the positions the new owner had when it asked (docs/downlink.md).
+HANDOVER_WAIT_S = 3.0
+TAKE_BUFFER = 50_000  # records kept for sessions being taken over (the whole worker)
+TAKE_KEEP_S = 10.0  # a takeover never finished stops buffering after this
+# The old owner holds a handed-over session's offsets this long (3 commit intervals).
+HOLD_AFTER_HANDOVER_S = 3.0
+PartitionKey = tuple[str, str, int]  # (cluster, topic, partition)
 # In-flight QoS 1/2 messages per client when it announces no Receive Maximum (3.1.1).
 DEFAULT_WINDOW = 64
 
@@ -66,12 +85,23 @@ class Link(Protocol):
 class _Recorder(Mapping[str, OutboundFlow]):
     """``flows`` as fan_out sees it, noting which clients got something."""
 
-    def __init__(self, flows: dict[str, OutboundFlow], touched: set[str]) -> None:
+    def __init__(self, flows: dict[str, OutboundFlow], touched: set[str],
+                 floors: dict[str, dict[PartitionKey, int]]) -> None:
         self.flows = flows
         self.touched = touched
+        self.floors = floors  # sessions taken over: records below these came with them
+        self.at: tuple[PartitionKey, int] = (("", "", 0), 0)  # the record being fanned out
 
     def __getitem__(self, key: str) -> OutboundFlow:
         flow = self.flows[key]
+        floors = self.floors.get(key) if self.floors else None
+        if floors:
+            partition, offset = self.at
+            floor = floors.get(partition)
+            if floor is not None:
+                if offset < floor:
+                    raise KeyError(key)  # the old owner queued it already
+                del floors[partition]  # past it: from here on as any other
         self.touched.add(key)
         return flow
 
@@ -102,6 +132,14 @@ class Downlink:
         self._pump_scheduled = False
         self._full_logged: set[str] = set()  # clients whose full queue was logged
         self.consumers: list[DownlinkConsumer] = []
+        # Sessions moving between workers (workers > 1, docs/downlink.md):
+        self._giving: dict[str, _Giving] = {}  # leaving: waiting for our positions
+        self._taking: dict[str, _Taking] = {}  # arriving: records fanned out meanwhile
+        self._floors: dict[str, dict[PartitionKey, int]] = {}  # arrived: what came with it
+        self.elsewhere: dict[str, int] = {}  # client id -> worker whose state file has it
+        self.hold_after_handover = HOLD_AFTER_HANDOVER_S
+        self.handed_over = 0  # sessions given to another worker
+        self.taken_over = 0  # sessions taken from another worker
         # Persistent sessions' subscriptions survive a restart in this file (None: not kept):
         # client id -> seconds of session expiry, for those that subscribed.
         self.state_file: Path | None = None
@@ -115,11 +153,12 @@ class Downlink:
         self.skipped = 0  # records a rule could not render a topic for
         self.too_large = 0  # over the client's Maximum Packet Size: dropped
         self.refused_filters = 0  # SUBACK failure codes
+        self.dropped_ended = 0  # full-queue drops of flows that are gone (``dropped``)
 
     @property
     def dropped(self) -> int:
-        """Messages dropped by full queues (live flows)."""
-        return sum(flow.dropped for flow in self.flows.values())
+        """Messages dropped by full queues (ended sessions' flows included)."""
+        return self.dropped_ended + sum(flow.dropped for flow in self.flows.values())
 
     # --- the session's hook ------------------------------------------------------
 
@@ -228,6 +267,7 @@ class Downlink:
         self._full_logged.discard(cid)
         flow = self.flows.pop(cid, None)
         if flow is not None:
+            self.dropped_ended += flow.dropped
             flow.close()  # what it held counts as finished: the offsets move on
 
     def writable(self, link: Link) -> None:
@@ -300,8 +340,10 @@ class Downlink:
         re-read only to fill the retained store (before the committed position)."""
         rules = self.rules()
         touched: set[str] = set()
-        flows = _Recorder(self.flows, touched)
+        flows = _Recorder(self.flows, touched, self._floors)
         links = self.links
+        if self._taking:
+            self._buffer(records, replay)
         for record in records:
             if replay(record):
                 deliveries, _skipped = rules.route(record)
@@ -313,6 +355,7 @@ class Downlink:
                             expiry_deadline(delivery.expiry, record.timestamp)))
                 continue
             self.records += 1
+            flows.at = ((record.cluster, record.topic, record.partition), record.offset)
             try:
                 result = fan_out(record, rules, self.trie, flows, self.tracker, self.retained,
                                  links.__contains__)
@@ -335,6 +378,9 @@ class Downlink:
                 self._full_logged.add(cid)
                 log.warning("downlink_queue_full", client_id=cid, limit=flow.queue_limit,
                             policy=flow.full_policy, online=cid in links)
+        if self._giving:
+            for cid in [c for c, giving in self._giving.items() if self._reached(giving.want)]:
+                self._give_now(cid)
 
     # --- output ------------------------------------------------------------------
 
@@ -408,6 +454,230 @@ class Downlink:
             properties=props,
         ), version)
 
+    # --- sessions moving between workers (workers > 1) ----------------------------
+
+    def positions(self) -> list[list[Any]]:
+        """[cluster, topic, partition, offset]: where this worker's fan-out is, per
+        partition (the next record it will fan out)."""
+        out: list[list[Any]] = []
+        parts = self.tracker.partitions
+        for consumer in self.consumers:
+            for (topic, partition), start in consumer.fanout_start.items():
+                part = parts.get((consumer.cluster, topic, partition))
+                at = part.next if part is not None and part.next >= 0 else start
+                out.append([consumer.cluster, topic, partition, at])
+        return out
+
+    def _position(self, key: PartitionKey) -> int | None:
+        part = self.tracker.partitions.get(key)
+        if part is not None and part.next >= 0:
+            return part.next
+        for consumer in self.consumers:
+            if consumer.cluster == key[0]:
+                return consumer.fanout_start.get((key[1], key[2]))
+        return None
+
+    def _reached(self, want: list[list[Any]]) -> bool:
+        for cluster, topic, partition, offset in want:
+            at = self._position((cluster, topic, partition))
+            if at is not None and at < offset:
+                return False
+        return True
+
+    def holder(self, client_id: str) -> int | None:
+        """The worker whose state file (at this worker's start) has ``client_id``'s
+        persistent session: after a restart, a connect here takes it from there."""
+        holder = self.elsewhere.pop(client_id, None)
+        if holder is None or client_id in self.flows or self.trie.subscriptions(client_id):
+            return None  # ours (a file written twice would be the older one there)
+        return holder
+
+    def begin_take(self, client_id: str) -> list[list[Any]]:
+        """This worker asks for ``client_id``'s session: our positions, for the old owner
+        to reach before it lets go; what we fan out from now on is kept for the client."""
+        giving = self._giving.pop(client_id, None)
+        if giving is not None:  # back before we let go: it stays here
+            giving.timer.cancel()
+            giving.done(None)
+        self._taking[client_id] = _Taking(time.monotonic() + TAKE_KEEP_S)
+        return self.positions()
+
+    def _buffer(self, records: list[ConsumedRecord],
+                replay: Callable[[ConsumedRecord], bool]) -> None:
+        now = time.monotonic()
+        for cid in [c for c, t in self._taking.items() if t.deadline < now]:
+            del self._taking[cid]
+        kept = [r for r in records if not replay(r)]
+        total = sum(len(t.records) for t in self._taking.values())
+        for cid, taking in self._taking.items():
+            if taking.overflow:
+                continue  # stopped at its first gap: never a later record without it
+            if total + len(kept) > TAKE_BUFFER:
+                taking.overflow = True
+                log.warning("downlink_takeover_buffer_full", client_id=cid, limit=TAKE_BUFFER)
+                continue
+            taking.records.extend(kept)
+            total += len(kept)
+
+    def give(self, client_id: str, want: list[list[Any]] | None,
+             done: Callable[[bytes | None], None]) -> None:
+        """Another worker took ``client_id`` over: once our fan-out is where the new
+        owner's was when it asked (``want``; at most ``HANDOVER_WAIT_S``), ``done`` gets
+        the session (``export``), or None when there is none here."""
+        self._taking.pop(client_id, None)
+        old = self._giving.pop(client_id, None)
+        if old is not None:
+            old.timer.cancel()
+            old.done(None)  # a newer claim: the older one gets nothing
+        self.links.pop(client_id, None)  # its connection is being ended
+        self._resume.discard(client_id)
+        if client_id not in self.flows and not self.trie.subscriptions(client_id):
+            done(None)
+            return
+        if not want or self._reached(want):
+            done(self.export(client_id))
+            return
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(HANDOVER_WAIT_S, self._give_late, client_id)
+        self._giving[client_id] = _Giving(want, done, timer)
+
+    def _give_late(self, client_id: str) -> None:
+        giving = self._giving.get(client_id)
+        if giving is not None:
+            log.warning("downlink_handover_behind", client_id=client_id,
+                        wanted=giving.want, at=self.positions())
+            self._give_now(client_id)
+
+    def _give_now(self, client_id: str) -> None:
+        giving = self._giving.pop(client_id)
+        giving.timer.cancel()
+        giving.done(self.export(client_id))
+
+    def export(self, client_id: str) -> bytes:
+        """``client_id``'s session as bytes for ``take`` on another worker, and its end
+        here: its messages' offsets are no longer held by this worker."""
+        flow = self.flows.get(client_id)
+        messages: list[list[Any]] = []
+        last_id = 0
+        if flow is not None:
+            last_id = flow._last_id
+            for m in [*flow.inflight.values(), *flow.queue]:
+                origin = m.origin
+                messages.append([
+                    m.topic, m.payload, m.qos, m.retain, m.packet_id, m.state, m.dup,
+                    msgspec.msgpack.encode(m.properties) if m.properties is not None else None,
+                    max(0.001, m.expires - time.monotonic()) if m.expires else 0.0,
+                    [*cast(PartitionKey, origin.partition), origin.offset]
+                    if origin is not None else None,
+                ])
+        doc: dict[str, Any] = {
+            "expiry": self.expiry.get(client_id, 0),
+            "subs": [[s.filter.text, *s.options, s.identifier]
+                     for s in self.trie.subscriptions(client_id)],
+            "last_id": last_id, "messages": messages, "positions": self.positions(),
+        }
+        timer = self._expiries.pop(client_id, None)
+        if timer is not None:
+            timer.cancel()
+        self._floors.pop(client_id, None)
+        if flow is not None:
+            # Its offsets stay held here a little longer: until the new owner's commit,
+            # sent at once, has landed (else a crash of it in between would lose them).
+            del self.flows[client_id]
+            self.dropped_ended += flow.dropped
+            asyncio.get_running_loop().call_later(self.hold_after_handover, flow.close)
+        self._end(client_id)
+        self._state_dirty = True
+        self.handed_over += 1
+        log.info("downlink_session_handed_over", client_id=client_id,
+                 messages=len(messages), subscriptions=len(doc["subs"]))
+        self.save_state()  # the session is the new owner's now, in its file only
+        return msgspec.msgpack.encode(doc)
+
+    def take(self, session: MqttSession, data: bytes | None) -> None:
+        """The old owner let go of ``session``'s client id (``data``: its ``export``, None
+        for nothing, or a session the client does not keep): the subscriptions, the
+        messages in flight (resent, DUP) and queued, and what we fanned out meanwhile
+        past where the old owner was."""
+        cid = session.client_id
+        taking = self._taking.pop(cid, None)
+        if data is None:
+            return
+        try:
+            doc = msgspec.msgpack.decode(data)
+        except msgspec.DecodeError as exc:
+            log.warning("downlink_handover_unreadable", client_id=cid, error=str(exc))
+            return
+        # A SUBSCRIBE pipelined behind the CONNECT may have been served here already:
+        # its subscriptions are the newer ones, its queue goes after the old one.
+        mine = {sub.filter.text for sub in self.trie.subscriptions(cid)}
+        for text, qos, no_local, rap, handling, ident in doc["subs"]:
+            if text in mine:
+                continue
+            try:
+                topic_filter = parse_filter(text)
+            except FilterRefused:
+                continue
+            self.trie.subscribe(cid, topic_filter, Options(qos, no_local, rap, handling), ident)
+        flow = self._flow(session)
+        if not flow.inflight:
+            flow._last_id = doc["last_id"]
+        starts = {tuple(k): v for *k, v in self.positions()}
+        now = time.monotonic()
+        queued: list[Outgoing] = []
+        for (topic, payload, qos, retain, pid, state, dup, props, remaining,
+             origin) in doc["messages"]:
+            pending = None
+            if origin is not None:
+                key = (origin[0], origin[1], origin[2])
+                pending = self.tracker.adopt(key, origin[3], starts.get(key, origin[3]))
+            message = Outgoing(
+                topic, payload, qos, retain, origin=pending,
+                properties=msgspec.msgpack.decode(props, type=Properties)
+                if props is not None else None,
+                expires=now + remaining if remaining else 0.0)
+            if state == QUEUED or (state == SENT and pid in flow.inflight):
+                queued.append(message)  # (an id taken here: sent again as new)
+            elif pid not in flow.inflight:
+                message.packet_id, message.state, message.dup = pid, state, dup
+                flow.inflight[pid] = message
+            else:  # released, its id taken here: the client has it, only PUBCOMP is lost
+                message._finish()
+        flow.queue.extendleft(reversed(queued))
+        floors = {(c, t, part): at for c, t, part, at in doc["positions"]}
+        if floors:
+            self._floors[cid] = floors
+        if taking is not None and taking.records:
+            self._refan(cid, taking.records)
+        if doc["expiry"]:
+            self._changed(cid, doc["expiry"])
+        self._state_dirty = True
+        self.taken_over += 1
+        log.info("downlink_session_taken_over", client_id=cid, messages=len(doc["messages"]),
+                 meanwhile=len(taking.records) if taking is not None else None,
+                 queued=len(flow), online=cid in self.links)
+        if cid in self.links:
+            self._resume.add(cid)
+            self._mark(cid)
+        self.save_state()
+        for consumer in self.consumers:  # the offsets we hold now, committed soon
+            consumer.commit(self.committable(consumer.cluster))
+
+    def _refan(self, cid: str, records: list[ConsumedRecord]) -> None:
+        """Records fanned out here while ``cid`` was on its way: to it, from its floors."""
+        rules = self.rules()
+        floors = self._floors.get(cid, {})
+        starts = {tuple(k): v for *k, v in self.positions()}
+        for record in records:
+            key = (record.cluster, record.topic, record.partition)
+            floor = floors.get(key)
+            if floor is not None and record.offset < floor:
+                continue
+            pending = self.tracker.adopt(key, record.offset, starts.get(key, record.offset))
+            result = fan_out(record, rules, self.trie, self.flows, self.tracker, None,
+                             pending=pending, only=cid)
+            self.queued += result.queued
+
     # --- offsets -----------------------------------------------------------------
 
     def committable(self, cluster: str) -> dict[tuple[str, int], int]:
@@ -418,6 +688,25 @@ class Downlink:
             if c == cluster:
                 out[(topic, partition)] = offset
         return out
+
+
+class _Giving:
+    __slots__ = ("done", "timer", "want")
+
+    def __init__(self, want: list[list[Any]], done: Callable[[bytes | None], None],
+                 timer: asyncio.TimerHandle) -> None:
+        self.want = want
+        self.done = done
+        self.timer = timer
+
+
+class _Taking:
+    __slots__ = ("deadline", "overflow", "records")
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.records: list[ConsumedRecord] = []
+        self.overflow = False
 
 
 def _window(session: MqttSession) -> int:
@@ -479,6 +768,8 @@ class DownlinkConsumer:
         self._running = False
         self._batches = threading.Semaphore(max_batches)  # handed to the loop, not done
         self._committed: dict[tuple[str, int], int] = {}
+        # Where fan-out starts per partition: the committed position, else 0 (beginning).
+        self.fanout_start: dict[tuple[str, int], int] = {}
         self._to_commit: list[Any] | None = None  # positions for the poll thread to commit
         self.consumed = 0
         self.errors = 0
@@ -525,6 +816,7 @@ class DownlinkConsumer:
             position = tp.offset if tp.offset >= 0 else None
             if position is not None:
                 self._committed[key] = position
+            self.fanout_start[key] = position or 0
             if tp.topic in self.retained_topics:
                 self.replay_until[key] = position or 0
                 start.append(TopicPartition(tp.topic, tp.partition, OFFSET_BEGINNING))
@@ -546,7 +838,10 @@ class DownlinkConsumer:
                 with contextlib.suppress(Exception):
                     self._assign_missing()
             try:
-                messages = consumer.consume(500, 0.1)
+                # Wait for the first record only, then take what is already there:
+                # consume(500, timeout) waits for all 500 or the whole timeout.
+                first = consumer.poll(0.1)
+                messages = [] if first is None else [first, *consumer.consume(499, 0)]
             except Exception as exc:  # pragma: no cover - closed under us at shutdown
                 if self._running:
                     log.warning("downlink_consume_failed", cluster=self.cluster, error=str(exc))
@@ -617,8 +912,9 @@ class DownlinkConsumer:
         from confluent_kafka import TopicPartition
 
         def finish() -> None:
-            moved = [TopicPartition(t, part, off) for (t, part), off in final.items()
-                     if self._committed.get((t, part)) != off]
+            # Every position, not only the moved ones: the poll thread may have stopped
+            # before it took the last periodic commit (``_committed`` already has it).
+            moved = [TopicPartition(t, part, off) for (t, part), off in final.items()]
             if moved:
                 with contextlib.suppress(Exception):
                     consumer.commit(offsets=moved, asynchronous=False)
@@ -626,6 +922,30 @@ class DownlinkConsumer:
 
         await loop.run_in_executor(None, finish)
         self._consumer = None
+
+
+def other_sessions(directory: Path, worker_id: int, workers: int) -> dict[str, int]:
+    """Client id -> worker, for the persistent sessions in the other workers' state files
+    (of the ``workers`` running): after a restart, a client landing here takes its
+    session from the one that has it."""
+    out: dict[str, int] = {}
+    now = time.time()
+    for path in sorted(directory.glob("downlink-sessions-w*.json")):
+        try:
+            worker = int(path.stem.rsplit("-w", 1)[1])
+        except ValueError:
+            continue
+        if worker == worker_id or worker >= workers:
+            continue
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # its worker logs it when it loads it
+        for cid, entry in state.items():
+            until = entry.get("until")
+            if until is None or until > now:
+                out[cid] = worker
+    return out
 
 
 COMMIT_INTERVAL = 1.0  # seconds between commits of the finished positions
@@ -652,6 +972,8 @@ async def start_downlink(
     state = Path(config.spool.dir) / f"downlink-sessions-w{worker_id}.json"
     state.parent.mkdir(parents=True, exist_ok=True)
     sessions = service.load_state(state)
+    if config.workers > 1:
+        service.elsewhere = other_sessions(state.parent, worker_id, config.workers)
     try:
         for cluster in sorted(table.clusters):
             cfg = config.kafka.clusters[cluster]

@@ -21,11 +21,12 @@ from gateway.pipeline import Pipeline
 from gateway.sources.http_auth import Caller
 from gateway.sources.http_common import (
     MalformedBatch,
+    ResultJSON,
     TooManyRecords,
     UnsupportedMediaType,
     check_topic,
-    outcome_json,
     publish_all,
+    result_json,
 )
 
 JSON_TYPES = frozenset({"application/json"})
@@ -52,19 +53,19 @@ _decode_records = msgspec.json.Decoder(list[BatchRecord]).decode
 
 
 def _payload(record: BatchRecord) -> bytes:
-    given = [record.payload != _EMPTY, record.payload_text is not None,
-             record.payload_base64 is not None]
-    if sum(given) != 1:
+    text, b64 = record.payload_text, record.payload_base64
+    if text is None and b64 is None and record.payload:
+        # A JSON value travels as the exact bytes the client sent: no re-encoding.
+        return bytes(record.payload)
+    if (len(record.payload) > 0) + (text is not None) + (b64 is not None) != 1:
         raise ValueError("give exactly one of payload, payload_text, payload_base64")
-    if record.payload_text is not None:
-        return record.payload_text.encode()
-    if record.payload_base64 is not None:
-        try:
-            return base64.b64decode(record.payload_base64, validate=True)
-        except binascii.Error as exc:
-            raise ValueError(f"payload_base64 is not valid base64: {exc}") from exc
-    # A JSON value travels as the exact bytes the client sent: no re-encoding.
-    return bytes(record.payload)
+    if text is not None:
+        return text.encode()
+    assert b64 is not None
+    try:
+        return base64.b64decode(b64, validate=True)
+    except binascii.Error as exc:
+        raise ValueError(f"payload_base64 is not valid base64: {exc}") from exc
 
 
 def _message(raw: bytes, caller: Caller, now: float) -> Message:
@@ -72,10 +73,11 @@ def _message(raw: bytes, caller: Caller, now: float) -> Message:
 
 
 def _from_record(record: BatchRecord, caller: Caller, now: float) -> Message:
+    identity = caller.identity
     return Message(
         source="http", topic=record.topic, payload=_payload(record), qos=1,
-        client_id=caller.client_id, username=caller.identity.name,
-        cert_identity=caller.identity.cert, claims=caller.identity.claims,
+        client_id=caller.client_id, username=identity.name,
+        cert_identity=identity.cert, claims=identity.claims,
         key=record.key.encode() if record.key is not None else None,
         headers=[(name, value.encode()) for name, value in record.headers.items()]
         if record.headers else [],
@@ -139,11 +141,18 @@ def _parse_array(body: bytes, caller: Caller, max_records: int) -> list[Message]
     return messages
 
 
-def _result(index: int, outcome: Outcome) -> dict[str, object]:
+def _result(index: int, outcome: Outcome) -> ResultJSON | dict[str, object]:
     if outcome.ok:
-        return {"index": index, "status": 200, **outcome_json(outcome)}
+        return result_json(index, outcome)
     error = outcome.error or Unavailable("no outcome")
     return {"index": index, "status": error.http_status, **error.to_json()}
+
+
+def _status(result: object) -> object:
+    """The status of a result this or an earlier attempt answered."""
+    if isinstance(result, ResultJSON):
+        return result.status
+    return result.get("status") if isinstance(result, dict) else None
 
 
 def _settled(outcome: Outcome) -> bool:
@@ -165,43 +174,52 @@ async def produce_batch(pipeline: Pipeline, messages: list[Message],
     same for this answer (None where a record's failure was retriable).
     """
     todo: list[Message | Outcome | None] = []
+    checked: str | None = None  # the last topic found valid: records often share one
     for index, message in enumerate(messages):
         if earlier is not None and index < len(earlier) and earlier[index] is not None:
             todo.append(None)  # answered from the earlier attempt
             continue
-        try:
-            check_topic(message.topic)
-        except TopicInvalid as exc:
-            todo.append(Outcome(ok=False, error=exc))
-            continue
+        if message.topic != checked:
+            try:
+                check_topic(message.topic)
+            except TopicInvalid as exc:
+                todo.append(Outcome(ok=False, error=exc))
+                continue
+            checked = message.topic
         todo.append(message)
     outcomes = await publish_all(pipeline, todo)
-    results: list[dict[str, object]] = []
+    results: list[object] = []
     settled: list[object | None] = []
     retriable_only = True  # every refusal so far was "cannot take more"
+    taken = 0
     for index, outcome in enumerate(outcomes):
         if outcome is None:
             assert earlier is not None
             old = earlier[index]
-            assert isinstance(old, dict)
+            assert old is not None
             results.append(old)
             settled.append(old)
-            if old.get("status") != 200:
+            if _status(old) != 200:
                 retriable_only = False
+            else:
+                taken += 1
             continue
         result = _result(index, outcome)
         results.append(result)
+        if outcome.ok:
+            taken += 1
+            settled.append(result)
+            continue
         settled.append(result if _settled(outcome) else None)
-        if not outcome.ok and not _unavailable(outcome.error):
+        if not _unavailable(outcome.error):
             retriable_only = False
-    taken = sum(1 for r in results if r.get("status") == 200)
     body: dict[str, object] = {"taken": taken, "refused": len(results) - taken,
                                "results": results}
     if taken == len(results):
         return 200, body, settled
     if taken == 0 and retriable_only:
         return 503, body, settled
-    if taken == 0 and all(r.get("status") == 403 for r in results):
+    if taken == 0 and all(_status(r) == 403 for r in results):
         # Nothing here is this client's to publish: say so as a whole, not as a 2xx.
         return 403, body, settled
     return 207, body, settled

@@ -12,7 +12,6 @@ import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
-from functools import partial
 
 import msgspec
 from aiohttp import web
@@ -145,20 +144,45 @@ def error_response(error: GatewayError) -> web.Response:
                         headers=error_headers(error), content_type="application/json")
 
 
-def delivery_json(delivery: Delivery) -> dict[str, object]:
-    out: dict[str, object] = {"cluster": delivery.cluster, "topic": delivery.topic}
+class DeliveryJSON(msgspec.Struct, omit_defaults=True, gc=False):
+    """Where one record went, as the client reads it: a partition and offset, or
+    ``spooled`` (safe on the gateway's disk; Kafka has not assigned them yet)."""
+
+    cluster: str
+    topic: str
+    partition: int | None = None
+    offset: int | None = None
+    spooled: bool = False
+
+
+class ResultJSON(msgspec.Struct, omit_defaults=True, gc=False):
+    """One taken record of a batch answer (a refused one is ``{index, status, error...}``).
+    A struct, not a dict: a batch makes one per record (msgspec encodes it faster)."""
+
+    index: int
+    status: int
+    deliveries: list[DeliveryJSON]
+    rule: str = ""
+    dropped: bool = False
+    dead_lettered: bool = False
+
+
+def delivery_json(delivery: Delivery) -> DeliveryJSON:
     if delivery.spooled:
-        # Safe on the gateway's disk; Kafka has not assigned a partition/offset yet.
-        out["spooled"] = True
-    else:
-        out["partition"] = delivery.partition
-        out["offset"] = delivery.offset
-    return out
+        return DeliveryJSON(delivery.cluster, delivery.topic, spooled=True)
+    return DeliveryJSON(delivery.cluster, delivery.topic, delivery.partition, delivery.offset)
+
+
+def deliveries_json(outcome: Outcome) -> list[DeliveryJSON]:
+    deliveries = outcome.deliveries
+    # One delivery is the usual case: no comprehension (a function call of its own).
+    return ([delivery_json(deliveries[0])] if len(deliveries) == 1
+            else [delivery_json(d) for d in deliveries])
 
 
 def outcome_json(outcome: Outcome) -> dict[str, object]:
     """The success body: where the message went, and anything surprising about it."""
-    body: dict[str, object] = {"deliveries": [delivery_json(d) for d in outcome.deliveries]}
+    body: dict[str, object] = {"deliveries": deliveries_json(outcome)}
     if outcome.rule:
         body["rule"] = outcome.rule
     if outcome.dropped:
@@ -166,6 +190,12 @@ def outcome_json(outcome: Outcome) -> dict[str, object]:
     if outcome.dead_lettered:
         body["dead_lettered"] = True
     return body
+
+
+def result_json(index: int, outcome: Outcome) -> ResultJSON:
+    """``outcome_json`` of a taken record, with its index and status, for a batch answer."""
+    return ResultJSON(index, 200, deliveries_json(outcome), outcome.rule, outcome.dropped,
+                      outcome.dead_lettered)
 
 
 # --- the pipeline as an awaitable ------------------------------------------------------
@@ -184,39 +214,27 @@ def publish(pipeline: Pipeline, message: Message) -> asyncio.Future[Outcome]:
 
 
 async def publish_all(pipeline: Pipeline, todo: list[Message | Outcome | None]
-                      ) -> list[Outcome | None]:
+                      ) -> Sequence[Outcome | None]:
     """Every Message to the pipeline; the outcomes in the same order, once all are known.
 
-    An Outcome in ``todo`` stands as given, None stays None.  One future for the
-    whole list, so the handler wakes once rather than once per record.
+    An Outcome in ``todo`` stands as given, None stays None.  One ``publish_many``
+    for all the messages, so the handler wakes once rather than once per record.
     """
-    collect = _Collect(len(todo))
-    for index, item in enumerate(todo):
-        if isinstance(item, Message):
-            pipeline.publish(item, partial(collect.done, index))
-        else:
-            collect.done(index, item)
-    if collect.remaining:
-        await collect.future
-    return collect.outcomes
+    messages = [item for item in todo if isinstance(item, Message)]
+    found: list[Outcome] = []
+    if messages:
+        future: asyncio.Future[list[Outcome]] = asyncio.get_running_loop().create_future()
 
+        def done(outcomes: list[Outcome]) -> None:
+            if not future.done():  # the client may have gone; the answer still resolves
+                future.set_result(outcomes)
 
-class _Collect:
-    """Outcomes by index; ``future`` resolves when the last one is known.  An outcome
-    arrives synchronously (a rule refused it) or later from the buffer."""
-
-    __slots__ = ("future", "outcomes", "remaining")
-
-    def __init__(self, n: int) -> None:
-        self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.outcomes: list[Outcome | None] = [None] * n
-        self.remaining = n
-
-    def done(self, index: int, outcome: Outcome | None) -> None:
-        self.outcomes[index] = outcome
-        self.remaining -= 1
-        if self.remaining == 0 and not self.future.done():  # the client may have gone
-            self.future.set_result(None)
+        pipeline.publish_many(messages, done)
+        found = await future
+        if len(found) == len(todo):  # every item was a Message: nothing to put in between
+            return found
+    it = iter(found)
+    return [next(it) if isinstance(item, Message) else item for item in todo]
 
 
 def check_topic(topic: str) -> None:

@@ -13,6 +13,8 @@ its state):
    writes the unreleased QoS 2 ids of that client with their verdicts (safe,
    failed, or still in progress) and the session's stamp counter (``kafka.sequence``,
    docs/rules.md), and answers ``released``.
+   With downlink rules, A also hands over the client's downlink session (a file named
+   by the claim; docs/downlink.md) before it answers.
 3. B takes those ids and the counter into the new session, then writes the CONNACK.  An id
    still in progress gets its verdict later: A writes it to the store when the
    pipeline answers and sends ``check`` to the current owner.
@@ -57,13 +59,16 @@ def open_shared(worker: int, limits: MqttLimits, now: float) -> SharedSessions |
 
 
 class Handover:
-    __slots__ = ("claim", "clean", "conn", "prev", "state", "timer")
+    __slots__ = ("claim", "clean", "conn", "downlink", "prev", "state", "timer")
 
-    def __init__(self, prev: int, claim: int, clean: bool, state: ClientState) -> None:
+    def __init__(self, prev: int, claim: int, clean: bool, state: ClientState,
+                 downlink: bool | None = None) -> None:
         self.prev = prev
         self.claim = claim
         self.clean = clean
         self.state = state
+        # Take the client's downlink session (docs/downlink.md): kept unless clean.
+        self.downlink = not clean if downlink is None else downlink
         self.conn: MqttConnection | None = None
         self.timer: asyncio.TimerHandle | None = None
 
@@ -166,8 +171,11 @@ class SharedSessions(SessionStore):
         present = (prev is not None and not clean_start
                    and (prev.expires_at is None or prev.expires_at > now))
         state, _ = super().open(client_id, True, owner, now)
+        holder = self._downlink_holder(client_id) if prev is None and not clean_start else None
         if prev is not None and prev.alive and prev.worker is not None:
             self._handovers[client_id] = Handover(prev.worker, claim, not present, state)
+        elif holder is not None:  # after a restart: its downlink session is over there
+            self._handovers[client_id] = Handover(holder, claim, True, state, downlink=True)
         else:  # nobody, or a dead worker: it holds nothing to wait for (taken with the claim)
             self._adopt(client_id, state, rows if rows is not None
                         else self.db.take_rows(client_id, present))
@@ -256,10 +264,25 @@ class SharedSessions(SessionStore):
         loop = asyncio.get_running_loop()
         handover.timer = loop.call_later(HANDOVER_TIMEOUT_S, self._timed_out, client_id,
                                          handover.claim)
-        if not self.mailbox.send(handover.prev, ("take", client_id, self.db.worker,
-                                                 handover.claim)):
-            self._finish(client_id)  # nobody there: a dead worker holds nothing
+        downlink = self.server.downlink if self.server is not None else None
+        positions = (downlink.begin_take(client_id)
+                     if downlink is not None and handover.downlink else None)
+        self._send_take(client_id, handover, positions)
         return client_id in self._handovers
+
+    def _send_take(self, client_id: str, handover: Handover, positions: Any) -> None:
+        if self._handovers.get(client_id) is not handover:
+            return
+        if self.mailbox.send(handover.prev, ("take", client_id, self.db.worker,
+                                             handover.claim, positions)):
+            return
+        if handover.clean and handover.downlink:
+            # A downlink session in the state file of a worker still starting (a gateway
+            # restart): ask again until it listens, or the handover's timer gives up.
+            asyncio.get_running_loop().call_later(0.1, self._send_take, client_id, handover,
+                                                  positions)
+        else:
+            self._finish(client_id)  # nobody there: a dead worker holds nothing
 
     def verdict(self, token: PublishToken, code: int) -> None:
         """The pipeline answered a QoS 2 message; tell its new owner if it moved."""
@@ -285,7 +308,7 @@ class SharedSessions(SessionStore):
             self.flush_releases()
         kind = msg[0]
         if kind == "take":
-            self._give_up(msg[1], msg[2], msg[3])
+            self._give_up(msg[1], msg[2], msg[3], msg[4] if len(msg) > 4 else None)
         elif kind == "released":
             handover = self._handovers.get(msg[1])
             if handover is not None and handover.claim == msg[2]:
@@ -293,7 +316,8 @@ class SharedSessions(SessionStore):
         elif kind == "check":
             self._check(msg[1])
 
-    def _give_up(self, client_id: str, to_worker: int, claim: int) -> None:
+    def _give_up(self, client_id: str, to_worker: int, claim: int,
+                 positions: list[Any] | None = None) -> None:
         """Another worker took ``client_id``: end our connection, write what we hold."""
         server = self.server
         conn = server.unregister(client_id) if server is not None else None
@@ -311,11 +335,22 @@ class SharedSessions(SessionStore):
         seq = state.sequence if state is not None else None
         counter = (seq.session, seq.last) if seq is not None and seq.last else None
         self._drop_local(client_id)
-        if self.db.export(client_id, claim, rows, counter):
+        exported = self.db.export(client_id, claim, rows, counter)
+        if exported:
             for token in mine:
                 if not token.done:
                     self._exported[token] = client_id
-        self.mailbox.send(to_worker, ("released", client_id, claim))
+        downlink = server.downlink if server is not None else None
+        if downlink is None or not exported:
+            self.mailbox.send(to_worker, ("released", client_id, claim))
+            return
+
+        def released(session: bytes | None) -> None:  # maybe later: the downlink's pace
+            if session is not None and not self._closed:
+                write_downlink(self.mailbox.directory, claim, session)
+            self.mailbox.send(to_worker, ("released", client_id, claim))
+
+        downlink.give(client_id, positions, released)
 
     def _timed_out(self, client_id: str, claim: int) -> None:
         handover = self._handovers.get(client_id)
@@ -331,6 +366,9 @@ class SharedSessions(SessionStore):
             return
         if handover.timer is not None:
             handover.timer.cancel()
+        downlink = self.server.downlink if self.server is not None else None
+        session = (read_downlink(self.mailbox.directory, handover.claim)
+                   if downlink is not None and handover.downlink else None)
         if self._states.get(client_id) is not handover.state:
             if client_id in self._states:  # a clean start replaced it here: old ids go
                 self.db.take_rows(client_id, keep=False)
@@ -346,6 +384,8 @@ class SharedSessions(SessionStore):
         if conn is not None:
             if added:
                 conn.session.imported_qos2(added)
+            if downlink is not None:
+                downlink.take(conn.session, session)
             conn.release_hold()
 
     def _adopt(self, client_id: str, state: ClientState,
@@ -405,6 +445,11 @@ class SharedSessions(SessionStore):
                 conn.handle_events(token.session.server_disconnect(
                     LOST, "the worker holding this message's verdict died"))
 
+    def _downlink_holder(self, client_id: str) -> int | None:
+        downlink = self.server.downlink if self.server is not None else None
+        holder = downlink.holder(client_id) if downlink is not None else None
+        return holder if holder != self.db.worker else None
+
     def _drop_local(self, client_id: str) -> None:
         self._drop(client_id)
         self._forget_ids(client_id)
@@ -416,6 +461,35 @@ class SharedSessions(SessionStore):
         if handover is not None and handover.timer is not None:
             handover.timer.cancel()
         return handover is not None
+
+
+def _downlink_path(directory: Path, claim: int) -> Path:
+    return directory / f"downlink-{claim}.bin"
+
+
+def write_downlink(directory: Path, claim: int, session: bytes) -> None:
+    """The downlink session handed over with ``claim`` (too big for a datagram)."""
+    path = _downlink_path(directory, claim)
+    tmp = path.with_suffix(".tmp")
+    try:
+        tmp.write_bytes(session)
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("downlink_handover_write_failed", path=str(path), error=str(exc))
+
+
+def read_downlink(directory: Path, claim: int) -> bytes | None:
+    path = _downlink_path(directory, claim)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.warning("downlink_handover_read_failed", path=str(path), error=str(exc))
+        return None
+    with contextlib.suppress(OSError):
+        path.unlink()
+    return data
 
 
 class Mailbox:

@@ -171,6 +171,9 @@ class MqttServer:
         # Connections whose transport asked to pause writing (output unread above
         # limits.max_write_buffer_bytes), and since when: the sweep closes slow readers.
         self.write_paused: dict[MqttConnection, float] = {}
+        # Transports the gateway has half-closed after its last packet, and the timer
+        # that aborts each if the client never closes (close_lingering).
+        self.lingering: dict[Any, asyncio.TimerHandle] = {}
         # Connections ended by a per-connection bound, by its name (Disconnected.limit).
         self.limit_closes: dict[str, int] = {}
         self._servers: list[asyncio.Server] = []
@@ -483,6 +486,35 @@ class MqttServer:
         self._tokens = tokens
         return False
 
+    def close_lingering(self, transport: Any) -> None:
+        """Close after the gateway's last packet (a DISCONNECT, a refusing CONNACK).
+
+        A client may still be writing (an ack, a PUBLISH) when it arrives; a
+        socket closed under those writes answers them with a reset, and the
+        client gets a write error before it has read the reason code.  So a TCP
+        connection is half-closed (FIN after what is buffered) and read, unread,
+        until the client closes, at most ``LINGER_S``.  TLS and WebSocket close
+        as before (their own closing handshakes).
+        """
+        if transport in self.lingering:
+            return
+        can_eof = getattr(transport, "can_write_eof", None)
+        if transport.is_closing() or can_eof is None or not can_eof():
+            transport.close()
+            return
+        try:
+            transport.write_eof()
+            transport.resume_reading()  # the session discards what comes (CLOSED)
+        except (OSError, RuntimeError):
+            transport.close()
+            return
+        self.lingering[transport] = asyncio.get_running_loop().call_later(
+            LINGER_S, self._linger_over, transport)
+
+    def _linger_over(self, transport: Any) -> None:
+        self.lingering.pop(transport, None)
+        transport.abort()
+
     def refuse_connect(self, limit: str) -> None:
         self.connect_refusals[limit] = self.connect_refusals.get(limit, 0) + 1
 
@@ -672,6 +704,10 @@ class MqttConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         server = self.server
         server.connections.discard(self)  # and its registry entry
+        if server.lingering:
+            timer = server.lingering.pop(self.transport, None)
+            if timer is not None:
+                timer.cancel()
         self._waiting = None  # server.connects_waiting skips it
         if server.write_paused:
             server.write_paused.pop(self, None)
@@ -866,7 +902,7 @@ class MqttConnection(asyncio.Protocol):
             transport.write(out)
         state = session.state
         if state is CLOSED:
-            transport.close()
+            self.server.close_lingering(transport)
         elif self._reading and (session.pending >= self.server.limits.receive_maximum
                                 or state is AWAIT_AUTH):
             self.update_reading()
@@ -948,6 +984,8 @@ class MqttConnection(asyncio.Protocol):
 # costs ~25 ms on this project's 2-core benchmark host, so an ack waits at most about that
 # behind a storm (docs/performance.md, "Reconnect storms").
 CONNECTS_PER_TURN = 64
+# How long a connection the gateway ended stays half-closed for the client to close it.
+LINGER_S = 2.0
 # With workers > 1, admitted CONNECTs whose registry claims find another worker writing
 # try again this much later, at most this many times before waiting for the lock.
 ADMIT_RETRY_S = 0.001

@@ -219,6 +219,7 @@ class RawClient:
     def __init__(self, port: int, client_id: str, clean: bool) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=20)
         self.buf = b""
+        self.early: list[Any] = []  # decoded, not yet asked for
         self.sock.sendall(encode(p.Connect(client_id=client_id, keep_alive=0,
                                            clean_start=clean), 4))
         assert isinstance(self.read(1)[0], p.Connack)
@@ -227,7 +228,8 @@ class RawClient:
         self.sock.close()
 
     def read(self, count: int) -> list[Any]:
-        got: list[Any] = []
+        """The next ``count`` packets; any that came with them wait for the next read."""
+        got = self.early
         while len(got) < count:
             packets, used = decode_packets(self.buf, 4, 1 << 20)
             self.buf = self.buf[used:]
@@ -236,7 +238,8 @@ class RawClient:
                 data = self.sock.recv(65536)
                 assert data, f"closed after {got}"
                 self.buf += data
-        return got
+        self.early = got[count:]
+        return got[:count]
 
     def send(self, packet: Any) -> None:
         self.sock.sendall(encode(packet, 4))

@@ -28,6 +28,7 @@ from gateway.errors import NotAuthorized
 from gateway.model import Delivery, Message, Outcome
 from gateway.sources.http_server import HttpIngest
 from tests.helpers import ANON
+from tests.support.pipelines import PublishMany
 
 pytestmark = pytest.mark.integration
 
@@ -71,7 +72,7 @@ class FakeAuth:
         return self.delay
 
 
-class Recorder:
+class Recorder(PublishMany):
     """Takes every message; "alice-only" topics refuse anyone but alice, as a rule's
     ``allow: {usernames: [alice]}`` does."""
 

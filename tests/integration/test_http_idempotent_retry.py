@@ -23,13 +23,14 @@ from gateway.errors import DeliveryFailed
 from gateway.model import Delivery, Message, Outcome
 from gateway.sources.http_server import HttpIngest
 from tests.helpers import ANON
+from tests.support.pipelines import PublishMany
 
 pytestmark = pytest.mark.integration
 
 JSON_V2 = "application/vnd.kafka.json.v2+json"
 
 
-class FlakyPipeline:
+class FlakyPipeline(PublishMany):
     """Takes every message, except that a payload of ``"flaky"`` fails once, retriably."""
 
     def __init__(self) -> None:

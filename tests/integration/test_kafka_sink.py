@@ -152,3 +152,39 @@ async def test_recovers_after_an_outage_longer_than_the_message_timeout(
     await sink.close(5)
     values = [m.value() for m in await asyncio.to_thread(fresh_broker.read, "long-hang", 2, 10)]
     assert values.count(b"after") == 1 and b"warm" in values
+
+
+@pytest.mark.parametrize("bad", [2, 12])  # refused in the one call / from the backlog
+async def test_produce_many_keeps_order_through_a_full_queue_and_a_refusal(
+        broker: Broker, bad: int) -> None:
+    """One ``produce_many`` call: librdkafka's queue takes 5 records, the rest wait in the
+    backlog; a record librdkafka cannot take (a header name it cannot encode) fails
+    alone; every other record reaches Kafka in the order given, each reported once."""
+    topic = f"sink-produce-many-{bad}"
+    sink = KafkaSink("default", Cluster(bootstrap_servers=broker.bootstrap,
+                                        queue_max_messages=5))
+    await sink.start()
+    reports: list[tuple[int, Delivery | None, GatewayError | None]] = []
+    done = asyncio.Event()
+    n = 30
+
+    def on_result(record: Record, delivery: Delivery | None, error: GatewayError | None) -> None:
+        reports.append((int(record.value), delivery, error))
+        if len(reports) == n:
+            done.set()
+
+    records = [Record(cluster="default", topic=topic, value=str(i).encode(), key=b"one",
+                      headers=[("bad\udc80" if i == bad else "ok", b"v")]) for i in range(n)]
+    sink.produce_many(records, on_result)
+    # 5 handed to librdkafka, the rest waiting in order; refused at once when it came first
+    assert sink.in_flight == (n - 1 if bad < 5 else n)
+    await asyncio.wait_for(done.wait(), 30)
+    await sink.close(10)
+    assert sorted(i for i, _, _ in reports) == list(range(n))  # each exactly once
+    failed = [(i, e) for i, _, e in reports if e is not None]
+    assert [i for i, _ in failed] == [bad]
+    assert isinstance(failed[0][1], DeliveryFailed) and not failed[0][1].retriable
+    offsets = [d.offset for i, d, _ in sorted(reports, key=lambda r: r[0]) if d is not None]
+    assert offsets == sorted(offsets) and len(set(offsets)) == n - 1
+    got = await asyncio.to_thread(broker.read_all, topic, 30)
+    assert [int(m.value()) for m in got] == [i for i in range(n) if i != bad]

@@ -253,3 +253,26 @@ async def test_background_starts_once_without_a_tcp_listener() -> None:
     await asyncio.wait_for(swept.wait(), 2.0)
     await srv.close(deadline=0.1)
     assert pipeline.flow.listeners == []
+
+
+async def test_a_client_still_writing_reads_the_disconnect_reason(server: Any) -> None:
+    """A client still writing when the gateway closes with a DISCONNECT (Paho's test
+    client answers a PUBREC with a PUBREL after 0x93) can finish its writes and read
+    the reason: the gateway half-closes and reads on until the client closes, instead
+    of closing a socket that the next write would reset (a write error on the client,
+    before it has read why)."""
+    srv, _pipeline = server
+    client = await connect(srv, "eager")
+    for pid in (1, 2, 3):  # the fixture's receive maximum is 2: the third is one too many
+        publish(client, pid)
+    await until(lambda: not srv.connections or all(
+        c.session.closing for c in srv.connections))
+    await asyncio.sleep(0.05)  # the close has reached the sockets
+    for _ in range(2):  # what a client does next, not knowing yet
+        client.send(p.Pingreq())
+        await client.writer.drain()
+        await asyncio.sleep(0.2)  # time for a reset to come back, if there is one
+    got = await client.recv()
+    assert isinstance(got, p.Disconnect) and got.reason_code == 0x93
+    assert await client.recv() is None  # then the end of the stream
+    client.writer.close()

@@ -29,6 +29,10 @@ class PartitionedKafka:
             return
         self.queues[self.partition(record)].append((record, callback))
 
+    def produce_many(self, records: list[Record], callback: Callback) -> None:
+        for record in records:
+            self.produce(record, callback)
+
     def queued(self) -> int:
         return sum(len(q) for q in self.queues)
 

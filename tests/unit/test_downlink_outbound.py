@@ -230,3 +230,25 @@ def test_watermark_is_the_lowest_unfinished_offset_whatever_the_ack_order(
         assert tracker.committable() == {TP: min(unfinished, default=len(fanout))}
         if i < len(holds):
             holds[i].release()
+
+
+def test_adopted_offsets_hold_the_watermark_below_what_was_consumed() -> None:
+    tracker = OffsetTracker()
+    for offset in range(10, 20):
+        tracker.fanned_out(tracker.consumed("p", offset))
+    assert tracker.committable() == {"p": 20}
+    taken = [tracker.adopt("p", offset, 0) for offset in (12, 11, 15)]
+    assert tracker.committable() == {"p": 11}  # lower than before: Kafka takes it
+    taken[1].release()
+    assert tracker.committable() == {"p": 12}
+    taken[0].release()
+    assert tracker.committable() == {"p": 15}
+    taken[2].release()
+    assert tracker.committable() == {"p": 20}
+    # A partition not consumed here yet: never past where this worker starts it.
+    held = tracker.adopt("q", 7, 3)
+    assert tracker.committable()["q"] == 3
+    held.release()
+    assert tracker.committable()["q"] == 3
+    tracker.fanned_out(tracker.consumed("q", 3))
+    assert tracker.committable()["q"] == 4

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
+from gateway.downlink.outbound import Outgoing
 from gateway.downlink.record import ConsumedRecord
 from gateway.downlink.service import Downlink
 from gateway.downlink.subscriptions import Options, parse_filter
@@ -64,3 +67,144 @@ def test_persistent_subscriptions_come_back_offline_from_the_state_file(
 
     asyncio.run(save())
     assert asyncio.run(load()) == (1, ["cmd/+ 1 7"], 1)  # the record waits for it offline
+
+
+# --- a session moving to another worker (give / take; the registry carries the bytes) ----
+
+def _value(offset: int) -> ConsumedRecord:
+    return ConsumedRecord(topic="commands", partition=0, offset=offset, key=b"dev-1",
+                          value=str(offset).encode())
+
+
+class _Consumer:
+    """What the handover reads of a DownlinkConsumer: where fan-out started, commits."""
+
+    cluster = "default"
+
+    def __init__(self) -> None:
+        self.fanout_start = {("commands", 0): 0}
+        self.commits: list[dict[tuple[str, int], int]] = []
+
+    def commit(self, offsets: dict[tuple[str, int], int]) -> None:
+        self.commits.append(dict(offsets))
+
+
+def _worker(rules: DownlinkRules) -> Downlink:
+    service = Downlink(lambda: rules)
+    service.consumers.append(_Consumer())  # type: ignore[arg-type]
+    return service
+
+
+def _session(cid: str) -> Any:
+    return SimpleNamespace(client_id=cid, version=4, client_receive_maximum=65535,
+                           expiry_interval=300)
+
+
+def _subscribe(service: Downlink, cid: str) -> None:
+    service.trie.subscribe(cid, parse_filter("cmd/+"), Options(1), None)
+    service._changed(cid, 300)
+    service._flow(_session(cid))
+
+
+def _queued(service: Downlink, cid: str) -> list[bytes]:
+    flow = service.flows[cid]
+    return [m.payload for m in [*flow.inflight.values(), *flow.queue]]
+
+
+@pytest.mark.parametrize(("a_has", "b_has"), [(2, 4), (3, 1)])
+def test_a_session_taken_over_gets_each_record_once_in_order(
+        rules: DownlinkRules, a_has: int, b_has: int) -> None:
+    """Old owner A and new owner B each consumed a different part of the partition when
+    B asked: A lets go once it is where B was; B keeps what it fans out meanwhile and
+    skips what A had queued.  Offsets: A no longer holds them, B does."""
+    async def run() -> None:
+        a, b = _worker(rules), _worker(rules)
+        a.hold_after_handover = 0.05
+        _subscribe(a, "dev")
+        a.on_batch([_value(n) for n in range(a_has)], lambda _r: False)
+        b.on_batch([_value(n) for n in range(b_has)], lambda _r: False)
+        want = b.begin_take("dev")
+        assert want == [["default", "commands", 0, b_has]]
+        b.on_batch([_value(b_has)], lambda _r: False)  # meanwhile: kept for "dev"
+        given: list[bytes | None] = []
+        a.give("dev", want, given.append)
+        if a_has < b_has:
+            assert given == []  # A waits for its consumer to reach B's position
+            a.on_batch([_value(n) for n in range(a_has, b_has)], lambda _r: False)
+        assert len(given) == 1 and given[0] is not None
+        assert "dev" not in a.flows and not a.trie.subscriptions("dev")
+        assert a.committable("default") == {("commands", 0): 0}  # until B has committed
+        for _ in range(500):
+            if a.committable("default") != {("commands", 0): 0}:
+                break
+            await asyncio.sleep(0.01)
+        assert a.committable("default") == {("commands", 0): max(a_has, b_has)}
+        b.take(_session("dev"), given[0])
+        b.on_batch([_value(n) for n in range(b_has + 1, 6)], lambda _r: False)
+        assert _queued(b, "dev") == [str(n).encode() for n in range(6)]
+        assert b.committable("default") == {("commands", 0): 0}  # below what B consumed
+        flow = b.flows["dev"]
+        for message in flow.pull():
+            flow.on_puback(message.packet_id)
+        assert b.committable("default") == {("commands", 0): 6}
+
+    asyncio.run(run())
+
+
+def test_a_restart_finds_sessions_in_the_other_workers_state_files(tmp_path: Path) -> None:
+    from gateway.downlink.service import other_sessions
+
+    (tmp_path / "downlink-sessions-w0.json").write_text(
+        '{"mine": {"expiry": 300, "until": null, "subs": []}}')
+    (tmp_path / "downlink-sessions-w1.json").write_text(
+        '{"there": {"expiry": 300, "until": null, "subs": []},'
+        ' "gone": {"expiry": 1, "until": 1.0, "subs": []}}')
+    (tmp_path / "downlink-sessions-w2.json").write_text("not json")
+    (tmp_path / "downlink-sessions-w3.json").write_text(
+        '{"worker-gone": {"expiry": 300, "until": null, "subs": []}}')
+    assert other_sessions(tmp_path, 0, 3) == {"there": 1}
+
+
+def test_drops_of_an_ended_session_stay_counted(rules: DownlinkRules) -> None:
+    async def run() -> tuple[int, int]:
+        service = Downlink(lambda: rules, queue_limit=2)
+        _subscribe(service, "slow")
+        service.on_batch([_value(n) for n in range(5)], lambda _r: False)
+        before = service.dropped
+        service._end("slow")
+        return before, service.dropped
+
+    assert asyncio.run(run()) == (3, 3)
+
+
+def test_a_subscribe_served_before_the_session_arrived_is_kept(rules: DownlinkRules) -> None:
+    """A SUBSCRIBE pipelined behind the CONNECT reaches the new owner first: its
+    subscription stays, the old owner's queue goes before what it queued."""
+    async def run() -> tuple[list[str], list[bytes]]:
+        a, b = _worker(rules), _worker(rules)
+        _subscribe(a, "dev")
+        a.on_batch([_value(0), _value(1)], lambda _r: False)
+        b.trie.subscribe("dev", parse_filter("cmd/#"), Options(1), None)
+        b._flow(_session("dev")).enqueue(Outgoing("cmd/x", b"retained", 1))
+        given: list[bytes | None] = []
+        a.give("dev", None, given.append)
+        b.take(_session("dev"), given[0])
+        return (sorted(s.filter.text for s in b.trie.subscriptions("dev")),
+                _queued(b, "dev"))
+
+    assert asyncio.run(run()) == (["cmd/#", "cmd/+"], [b"0", b"1", b"retained"])
+
+
+def test_a_client_back_before_the_old_owner_let_go_keeps_its_session(
+        rules: DownlinkRules) -> None:
+    async def run() -> tuple[list[bytes | None], list[bytes]]:
+        a = _worker(rules)
+        _subscribe(a, "dev")
+        a.on_batch([_value(0)], lambda _r: False)
+        given: list[bytes | None] = []
+        a.give("dev", [["default", "commands", 0, 5]], given.append)  # A is behind: waits
+        a.begin_take("dev")  # the client is back on A meanwhile
+        a.take(_session("dev"), None)  # the other worker had nothing for it
+        return given, _queued(a, "dev")
+
+    assert asyncio.run(run()) == ([None], [b"0"])

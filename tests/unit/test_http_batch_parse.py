@@ -13,8 +13,9 @@ from gateway.auth import ANONYMOUS
 from gateway.errors import NotAuthorized
 from gateway.model import Message, Outcome
 from gateway.sources.http_auth import Caller
-from gateway.sources.http_batch import parse_batch
+from gateway.sources.http_batch import _status, parse_batch, produce_batch
 from gateway.sources.http_common import MalformedBatch, TooManyRecords, publish_all
+from tests.support.pipelines import PublishMany
 
 pytestmark = pytest.mark.unit
 
@@ -65,7 +66,7 @@ def test_array_bounds() -> None:
         parse_batch(b'{"topic": "in/a"}', "application/json", CALLER, 10)
 
 
-class Pipeline:
+class Pipeline(PublishMany):
     """Keeps each on_done to resolve later; refuses topics under ``no/`` at once."""
 
     def __init__(self) -> None:
@@ -110,3 +111,20 @@ async def test_publish_all_without_waiting_and_after_the_client_left() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     pipeline.waiting[0][1](Outcome(ok=True))  # the record's fate still arrives: no error
+
+
+async def test_a_bad_topic_is_refused_wherever_it_is_in_the_batch() -> None:
+    """Each record's topic is checked (a topic repeated from the record before is
+    known good), an empty one too, even first."""
+    pipeline = Pipeline()
+    messages = [_msg(""), _msg("a"), _msg("a"), _msg("a/+"), _msg("a/+"), _msg("")]
+    task = asyncio.ensure_future(produce_batch(pipeline, messages))  # type: ignore[arg-type]
+    await asyncio.sleep(0)
+    for _, on_done in pipeline.waiting:
+        on_done(Outcome(ok=True))
+    status, body, _ = await task
+    assert status == 207
+    results = body["results"]
+    assert isinstance(results, list)
+    assert [_status(r) for r in results] == [400, 200, 200, 400, 400, 400]
+    assert [m.topic for m, _ in pipeline.waiting] == ["a", "a"]

@@ -222,7 +222,7 @@ def test_downlink_queue_full_drops_and_depth_follow_the_flows() -> None:
 
     flows = {"a": OutboundFlow(queue_limit=2), "b": OutboundFlow(queue_limit=2)}
     downlink = SimpleNamespace(records=0, skipped=0, queued=0, sent=0, too_large=0,
-                               flows=flows, links={"a": object()}, trie=[],
+                               dropped_ended=0, flows=flows, links={"a": object()}, trie=[],
                                tracker=OffsetTracker(), consumers=[])
     app = SimpleNamespace(worker_id=0, sinks={}, mqtt=SimpleNamespace(
         lifecycle=None, downlink=downlink))
@@ -239,7 +239,7 @@ def test_downlink_queue_full_drops_and_depth_follow_the_flows() -> None:
     assert _value("lastmile_downlink_queue_messages", state="waiting") == 2
     assert _value("lastmile_downlink_clients", state="online") == 1
     assert _value("lastmile_downlink_clients", state="offline") == 1
-    del flows["a"]  # its session ended
+    downlink.dropped_ended += flows.pop("a").dropped  # its session ended (Downlink._end)
     pump._downlink()
     push("b", 4)  # 2 dropped
     pump._downlink()

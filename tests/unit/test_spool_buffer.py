@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -253,6 +254,86 @@ async def test_unknown_cluster_fails_the_ack_and_spools_nothing(tmp_path: Path, 
     assert "no Kafka cluster named 'nope'" in str(outcomes[0].error)
     assert sink.pending == [] and buf.spool.next_seq == 0 and buf.mem_bytes == 0
     await buf.close(1.0)
+
+
+async def test_write_ahead_does_not_read_back_a_batch_whose_durable_callback_is_coming(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer thread marks a batch written before its callback reaches the loop; a
+    replayer woken in between (a Kafka report, a tick) must wait for the callback's
+    in-memory records, not read the batch back from disk."""
+    sink = FakeSink()
+    buf = make(tmp_path, sink, mode="write-ahead")
+    reads: list[int] = []
+    read = buf.spool.read
+
+    def counted(cursor: int, max_records: int) -> Any:
+        reads.append(cursor)
+        return read(cursor, max_records)
+
+    monkeypatch.setattr(buf.spool, "read", counted)
+    post = buf.spool._post
+    loop = asyncio.get_running_loop()
+
+    def late(callback: Any, *args: object) -> None:
+        if callback == buf._on_durable:  # the replayer runs first, the callback after it
+            loop.call_soon_threadsafe(buf.replayer.wake)
+            loop.call_soon_threadsafe(loop.call_later, 0.02, callback, *args)
+        else:
+            post(callback, *args)
+
+    monkeypatch.setattr(buf.spool, "_post", late)
+    await buf.start()
+    client = Client(buf)
+    for i in range(100):
+        client.send(b"%d" % i)
+        if i % 10 == 9:
+            await until(lambda n=i + 1: len(client.acked()) == n)  # type: ignore[misc]
+    await until(lambda: len(sink.pending) == 100)
+    assert reads == []  # every batch came from memory
+    sink.deliver()
+    assert sink.log == [b"%d" % i for i in range(100)]
+    await buf.close(2.0)
+
+
+async def test_write_ahead_catches_up_with_memory_after_one_disk_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replayer sent to the disk once (here: one refused offer) takes the batches
+    that became durable during that read from memory afterwards, instead of reading
+    every later batch back while the traffic lasts."""
+    sink = FakeSink()
+    buf = make(tmp_path, sink, mode="write-ahead")
+    reads: list[int] = []
+    read = buf.spool.read
+
+    def slow(cursor: int, max_records: int) -> Any:
+        reads.append(cursor)
+        got = read(cursor, max_records)
+        time.sleep(0.05)  # a read behind a busy disk or GIL: more batches are written
+        return got
+
+    monkeypatch.setattr(buf.spool, "read", slow)
+    offer = buf.replayer.offer
+    refused: list[int] = []
+
+    def refuse_first(records: list[Any]) -> bool:
+        if not refused:
+            refused.append(records[0][0])
+            return False
+        return offer(records)
+
+    monkeypatch.setattr(buf.replayer, "offer", refuse_first)
+    await buf.start()
+    client = Client(buf)
+    for i in range(300):
+        client.send(b"%d" % i)
+        if i % 5 == 4:
+            await until(lambda n=i + 1: len(client.acked()) == n)  # type: ignore[misc]
+            await asyncio.sleep(0.005)
+    await until(lambda: len(sink.pending) == 300)
+    assert reads == [0]  # one read for the refused batch, memory from then on
+    sink.deliver()
+    assert sink.log == [b"%d" % i for i in range(300)]  # in order, no gap, no duplicate
+    await buf.close(2.0)
 
 
 async def test_write_ahead_replays_from_memory_then_from_disk_when_behind(
