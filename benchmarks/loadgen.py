@@ -119,6 +119,8 @@ def _connect_summary(s: Settings, conn: list[dict]) -> dict[str, object]:
         "connect_rate": round(ok / wall, 1) if wall > 0 else None,
         "connect_latency_ms": summarize(lat, 0.001),
         "workers_reporting": len(conn),
+        # the load generator's own CPU for the connects (all its processes)
+        "loadgen_cpu_s": round(sum(r.get("cpu_s", 0.0) for r in conn), 3),
     }
 
 

@@ -320,7 +320,7 @@ class SharedSessions(SessionStore):
                  positions: list[Any] | None = None) -> None:
         """Another worker took ``client_id``: end our connection, write what we hold."""
         server = self.server
-        conn = server.registry.pop(client_id, None) if server is not None else None
+        conn = server.unregister(client_id) if server is not None else None
         if conn is not None:
             if conn.held:
                 conn.abort()  # it never got its CONNACK: the client simply retries

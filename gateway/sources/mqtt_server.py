@@ -62,7 +62,7 @@ import sqlite3
 import ssl as ssl_module
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -143,6 +143,7 @@ class MqttServer:
         self._admitted: list[tuple[MqttConnection, Identity, Credentials]] = []
         self._admit_scheduled = False
         self._admit_retries = 0  # turns the registry's lock was busy for the waiting batch
+        self._claims_at = float("-inf")  # the loop's time of the last claim transaction
         # Peer host -> (when its last refusal was logged, refusals not logged since).
         self._refusals_logged: dict[str, tuple[float, int]] = {}
         self.limits = limits or MqttLimits()
@@ -152,7 +153,12 @@ class MqttServer:
         self.store: SessionStore = (
             shared if shared is not None else SessionStore(self.limits.max_sessions))
         self.store.on_evict = self._session_evicted
-        self.connections: set[MqttConnection] = set()
+        self.registry: dict[str, MqttConnection] = {}  # client id -> live connection
+        # Live connections the registry does not name: before their CONNECT is accepted,
+        # or taken over and closing.  With the registry's, that is every live one
+        # (``connections``): one hash-table entry per connected client, not two.
+        self._unnamed: set[MqttConnection] = set()
+        self.connections = LiveConnections(self)
         self.refused_connections = 0  # over limits.max_connections
         # Connections refused by a connect limit, by its name: "connect_rate" (CONNACK 0x9F
         # or a close), "per_source" (closed unread).
@@ -170,7 +176,6 @@ class MqttServer:
         self.lingering: dict[Any, asyncio.TimerHandle] = {}
         # Connections ended by a per-connection bound, by its name (Disconnected.limit).
         self.limit_closes: dict[str, int] = {}
-        self.registry: dict[str, MqttConnection] = {}  # client id -> live connection
         self._servers: list[asyncio.Server] = []
         self._sweep_interval = sweep_interval
         self._sweeper: asyncio.Task[None] | None = None
@@ -340,6 +345,14 @@ class MqttServer:
             self.log.debug("mqtt_session_evicted", client_id=client_id, qos2_ids=qos2_ids,
                            retained=self.store.retained, evicted=self.store.evicted)
 
+    def unregister(self, client_id: str) -> MqttConnection | None:
+        """Take ``client_id``'s connection out of the registry (another worker took the
+        client over); it stays live (``connections``) until it closes."""
+        conn = self.registry.pop(client_id, None)
+        if conn is not None:
+            self._unnamed.add(conn)
+        return conn
+
     def _on_flow(self, paused: bool) -> None:
         for conn in self.connections:
             conn.update_reading()
@@ -409,7 +422,14 @@ class MqttServer:
         self._admitted.append((conn, identity, creds))
         if not self._admit_scheduled:
             self._admit_scheduled = True
-            asyncio.get_running_loop().call_soon(self._admit_turn)
+            # At most one claim transaction per ADMIT_COALESCE_S: a lone CONNECT goes at
+            # once, a storm's wait for the next one and share it (fewer, larger batches).
+            loop = asyncio.get_running_loop()
+            wait = self._claims_at + ADMIT_COALESCE_S - loop.time()
+            if wait > 0:
+                loop.call_later(wait, self._admit_turn)
+            else:
+                loop.call_soon(self._admit_turn)
 
     def _admit_turn(self) -> None:
         """Claim the client ids of this turn's admitted CONNECTs in one registry
@@ -431,6 +451,7 @@ class MqttServer:
         loop = asyncio.get_running_loop()
         now = loop.time()
         if shared is not None:
+            self._claims_at = now
             wait = self._admit_retries >= ADMIT_MAX_RETRIES
             try:
                 if not shared.claim_many([(conn.session.client_id, conn.session.clean_start)
@@ -526,10 +547,44 @@ class MqttServer:
                                   seconds=interval)
 
 
+class LiveConnections:
+    """Every live connection of a server: those its client-id registry names and the
+    others (``MqttServer._unnamed``).  Iterating takes a snapshot."""
+
+    __slots__ = ("_server",)
+
+    def __init__(self, server: MqttServer) -> None:
+        self._server = server
+
+    def add(self, conn: MqttConnection) -> None:
+        self._server._unnamed.add(conn)
+
+    def discard(self, conn: MqttConnection) -> None:
+        server = self._server
+        server._unnamed.discard(conn)
+        client_id = conn.session.client_id
+        if server.registry.get(client_id) is conn:
+            del server.registry[client_id]
+
+    def __contains__(self, conn: object) -> bool:
+        server = self._server
+        if conn in server._unnamed:
+            return True
+        return (isinstance(conn, MqttConnection)
+                and server.registry.get(conn.session.client_id) is conn)
+
+    def __iter__(self) -> Iterator[MqttConnection]:
+        server = self._server
+        return iter([*server._unnamed, *server.registry.values()])
+
+    def __len__(self) -> int:
+        return len(self._server._unnamed) + len(self._server.registry)
+
+
 class MqttConnection(asyncio.Protocol):
     # Kept small: one per device. Shared things (limits, pipeline) live on the server.
-    __slots__ = ("_reading", "_waiting", "_write_paused", "held", "latency", "server",
-                 "session", "source", "transport")
+    __slots__ = ("_reading", "_waiting", "held", "latency", "server", "session", "source",
+                 "transport")
 
     def __init__(self, server: MqttServer, latency: Latency | None = None) -> None:
         self.server = server
@@ -543,7 +598,6 @@ class MqttConnection(asyncio.Protocol):
         self._reading = True
         # First bytes received while waiting for a turn (server.admit_connect), else None.
         self._waiting: bytearray | None = None
-        self._write_paused = False  # the transport's buffer is above its high-water mark
         # CONNACK and what follows wait while another worker gives the client id up.
         self.held = False
         # The source address counted in server.per_source (only when that limit is on).
@@ -649,14 +703,13 @@ class MqttConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         server = self.server
-        server.connections.discard(self)
+        server.connections.discard(self)  # and its registry entry
         if server.lingering:
             timer = server.lingering.pop(self.transport, None)
             if timer is not None:
                 timer.cancel()
         self._waiting = None  # server.connects_waiting skips it
-        if self._write_paused:
-            self._write_paused = False
+        if server.write_paused:
             server.write_paused.pop(self, None)
         source = self.source
         if source is not None:
@@ -669,8 +722,6 @@ class MqttConnection(asyncio.Protocol):
         task = server.auth_tasks.pop(self, None)
         if task is not None:
             task.cancel()  # its verdict has nobody to go to
-        if server.registry.get(self.session.client_id) is self:
-            del server.registry[self.session.client_id]
         try:
             self.handle_events(self.session.connection_lost(asyncio.get_running_loop().time()))
             if server.downlink is not None:
@@ -706,16 +757,14 @@ class MqttConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         """The transport holds more unread output than limits.max_write_buffer_bytes:
         stop reading (no new answers are asked for) and start the slow-reader clock."""
-        if not self._write_paused:
-            self._write_paused = True
-            self.server.write_paused[self] = asyncio.get_running_loop().time()
+        paused = self.server.write_paused  # those above the mark: no flag of our own
+        if self not in paused:
+            paused[self] = asyncio.get_running_loop().time()
             self.update_reading()
 
     def resume_writing(self) -> None:
         """The client read its output down to the low-water mark: read again."""
-        if self._write_paused:
-            self._write_paused = False
-            self.server.write_paused.pop(self, None)
+        if self.server.write_paused.pop(self, None) is not None:
             self.update_reading()
             if self.server.downlink is not None:
                 self.server.downlink.writable(self)
@@ -755,7 +804,8 @@ class MqttConnection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         session = self.session
-        want = not self.held and not self._write_paused and self._waiting is None and (
+        paused = self.server.write_paused
+        want = not self.held and self._waiting is None and not (paused and self in paused) and (
             session.state is not AWAIT_AUTH or session.buffered < AUTH_HOLD_BYTES
         ) and not self.server.pipeline.flow.paused and (
             session.pending < self.server.limits.receive_maximum
@@ -888,7 +938,9 @@ class MqttConnection(asyncio.Protocol):
         registry = self.server.registry
         old = registry.get(event.client_id)
         registry[event.client_id] = self
+        self.server._unnamed.discard(self)  # live through the registry now
         if old is not None and old is not self:
+            self.server._unnamed.add(old)  # live until it closes
             if old.held:
                 old.abort()  # it never got its CONNACK
             else:
@@ -938,6 +990,11 @@ LINGER_S = 2.0
 # try again this much later, at most this many times before waiting for the lock.
 ADMIT_RETRY_S = 0.001
 ADMIT_MAX_RETRIES = 50
+# With workers > 1, claim transactions are this far apart at least (MqttServer.admit_later):
+# each costs ~25-50 µs of CPU whether it claims 1 id or 4 (another worker's writes in
+# between invalidate SQLite's page cache), so a storm's CONNACKs wait up to this much
+# longer and cost about half the registry CPU (docs/performance.md, section 6).
+ADMIT_COALESCE_S = 0.002
 # Ends that are routine for a fleet of devices: connection lost (0x80), server shutting
 # down (0x8B), keep alive timeout (0x8D), session taken over (0x8E).
 _ROUTINE = frozenset({0x80, 0x8B, 0x8D, 0x8E})

@@ -321,3 +321,49 @@ async def test_connects_wait_for_a_busy_registry_without_blocking_the_loop(
     finally:
         other.close()
         await srv.close(0.1)
+
+
+async def test_connects_in_quick_succession_share_one_claim_transaction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 15: claim transactions are at least ADMIT_COALESCE_S apart per worker, so
+    CONNECTs read in separate turns soon after a claim wait for the next transaction
+    and share it (each costs about the same for 1 id or 8); a lone CONNECT is claimed
+    in a transaction of its own.  (A window of 2 s here, so the box's speed does not
+    decide which CONNECTs fall into it.)"""
+    from gateway.auth.check import Authenticator
+    from gateway.config.schema import Auth
+    from gateway.sources import mqtt_server
+
+    monkeypatch.setattr(mqtt_server, "ADMIT_COALESCE_S", 2.0)
+    mqtt_registry_db.create(tmp_path)
+    now = asyncio.get_running_loop().time()
+    shared = mqtt_registry.SharedSessions(str(tmp_path), 0, LIMITS, now)
+    srv = MqttServer(FakePipeline(), LIMITS, sweep_interval=0.1, shared=shared,
+                     auth=Authenticator(Auth(allow_anonymous=True)))
+    await srv.start("127.0.0.1", 0)
+    statements: list[str] = []
+    try:
+        shared.db.db.set_trace_callback(statements.append)
+        first = await connect(srv, "lone", present=False)
+        assert [q for q in statements if q.startswith("INSERT OR REPLACE INTO clients")]
+        assert statements.count("COMMIT") == 1
+        statements.clear()
+        clients = []
+        for i in range(5):  # one CONNECT per turn of the loop, within the window
+            reader, writer = await asyncio.open_connection("127.0.0.1", srv.ports[0])
+            client = Client(reader, writer, 5)
+            client.send(p.Connect(protocol_level=5, client_id=f"soon-{i}"))
+            clients.append(client)
+            await asyncio.sleep(0.01)
+        for client in clients:
+            connack = await client.recv(10)
+            assert isinstance(connack, p.Connack) and connack.reason_code == 0
+        shared.db.db.set_trace_callback(None)
+        claims = [q for q in statements if q.startswith("INSERT OR REPLACE INTO clients")]
+        assert len(claims) == 5
+        assert statements.count("COMMIT") == 1, statements
+        for client in [first, *clients]:
+            client.writer.close()
+    finally:
+        await srv.close(0.1)

@@ -171,6 +171,30 @@ async def test_takeover_disconnects_the_first_connection(server: Any) -> None:
     assert len(srv.registry) == 1
 
 
+async def test_connections_are_every_live_one_with_one_entry_each(server: Any) -> None:
+    """``connections`` is the registry's connected clients and the others (no CONNECT
+    yet, or taken over and closing), each once: what the sweep, the flow and the
+    max_connections bound go through."""
+    srv, _ = server
+    _reader, writer = await asyncio.open_connection("127.0.0.1", srv.ports[0])
+    await until(lambda: len(srv.connections) == 1)
+    (waiting,) = srv.connections  # no CONNECT yet: not in the registry
+    assert waiting.session.client_id == "" and not srv.registry
+    first = await connect(srv, "same")
+    assert len(srv.connections) == 2 and srv.registry["same"] in srv.connections
+    old = srv.registry["same"]
+    second = await connect(srv, "same")  # takes "same" over: the old one closes
+    assert old is not srv.registry["same"]
+    got = await first.recv()
+    assert isinstance(got, p.Disconnect) and got.reason_code == 0x8E
+    await until(lambda: old not in srv.connections)
+    assert len(srv.connections) == 2 and set(srv.connections) == {waiting, srv.registry["same"]}
+    writer.close()
+    await until(lambda: len(srv.connections) == 1)
+    assert list(srv.connections) == [srv.registry["same"]]
+    second.writer.close()
+
+
 async def test_a_crash_costs_one_connection_not_the_listener(server: Any) -> None:
     srv, pipeline = server
     client = await connect(srv, "crash")

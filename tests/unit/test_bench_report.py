@@ -67,6 +67,10 @@ def test_plans_are_bounded() -> None:
         assert idle["connections"] / idle["source-ips"] <= 20_000
         assert plan.idle_connections / plan.gateway_workers <= 15_000
         for sc in plan.scenarios[1:]:
+            if sc.mode == "connect":  # as many as one Mosquitto process can hold
+                assert sc.args["connections"] < 20_000 and sc.workers
+                assert sc.args["connections"] / sc.args["procs"] <= 15_000
+                continue
             assert sc.args["connections"] == 100 and sc.args["payload-size"] == 100
             assert sc.args["duration"] <= 15
 
@@ -167,3 +171,28 @@ def test_throughput_target_met_and_not_measured() -> None:
     # Nothing measured at all still renders, saying so.
     md = report.markdown(_data(None))
     assert "| bare producer alone (delivered) | not measured |" in md
+
+
+def test_full_plans_connect_rate_is_where_both_accept_every_client() -> None:
+    """The full plan's `connect` scenario (a client count one Mosquitto process can
+    hold) gives the connect-rate target, not the 40,000 idle run where Mosquitto
+    resets half of its clients; the quick plan has no such scenario and no such rows."""
+    def conn(rate: float, connected: int, requested: int) -> dict:
+        return {"mode": "connect", "error_count": 0, "server_cpu_us_per_connect": 40,
+                "loadgen_cpu_us_per_connect": 150,
+                "connect": {"connected": connected, "requested": requested,
+                            "connect_rate": rate, "connect_latency_ms": {"p99": 30.0}}}
+
+    data = _data({"status": "measured", "results": {
+        "idle": conn(5_000.0, 40_000, 40_000), "connect": conn(3_000.0, 19_000, 19_000)}})
+    data["plan"] = report.plan_dict(make_plan(quick=False))
+    data["quick"] = False
+    data["mosquitto"]["results"].update(
+        idle=conn(6_000.0, 19_993, 40_000), connect=conn(6_000.0, 19_000, 19_000))
+    md = report.markdown(data)
+    assert "| connect | connections accepted (higher is better) | 19,000 | 19,000 | 1.00x |" in md
+    assert "| connect | server CPU µs per connect (lower is better) | 40 | 40 | 1.00x |" in md
+    assert "| connect rate >= 1.0x Mosquitto | 0.50x | **not met** |" in md
+    assert "Lastmile with 2 workers" in md
+    quick = report.markdown(_data(None))
+    assert "| connect |" not in quick

@@ -120,13 +120,14 @@ def _check_response_topic(topic: str) -> None:
 
 
 class _Setup:
-    """What every session of one server shares: its store, how it names a client that
-    sent no client id, and whether a CONNECT waits for a verdict."""
+    """What every session of one server shares: its limits, its store, how it names a
+    client that sent no client id, and whether a CONNECT waits for a verdict."""
 
-    __slots__ = ("authenticate", "new_client_id", "store")
+    __slots__ = ("authenticate", "limits", "new_client_id", "store")
 
-    def __init__(self, store: SessionStore, new_client_id: Callable[[], str],
-                 authenticate: bool) -> None:
+    def __init__(self, limits: MqttLimits, store: SessionStore,
+                 new_client_id: Callable[[], str], authenticate: bool) -> None:
+        self.limits = limits
         self.store = store
         self.new_client_id = new_client_id
         self.authenticate = authenticate
@@ -135,15 +136,15 @@ class _Setup:
 _last_setup: _Setup | None = None
 
 
-def _setup_for(store: SessionStore, new_client_id: Callable[[], str],
+def _setup_for(limits: MqttLimits, store: SessionStore, new_client_id: Callable[[], str],
                authenticate: bool) -> _Setup:
     """The ``_Setup`` of the previous session if it is the same (a server makes all of
     its sessions alike), else a new one: one object per server, not one slot each."""
     global _last_setup
     last = _last_setup
     if (last is None or last.store is not store or last.new_client_id is not new_client_id
-            or last.authenticate is not authenticate):
-        last = _last_setup = _Setup(store, new_client_id, authenticate)
+            or last.authenticate is not authenticate or last.limits is not limits):
+        last = _last_setup = _Setup(limits, store, new_client_id, authenticate)
     return last
 
 
@@ -153,8 +154,8 @@ class _ClientExtra:
     caller's clock), the answer to a CONNECT refused before it came (MQTT 5 code), and
     a client's request for no reason strings (Request Problem Information 0)."""
 
-    __slots__ = ("problem_info", "receive_maximum", "refuse_with", "topic_alias_maximum",
-                 "valid_until", "will")
+    __slots__ = ("max_packet_size", "problem_info", "receive_maximum", "refuse_with",
+                 "topic_alias_maximum", "valid_until", "will")
 
     def __init__(self) -> None:
         self.will: p.Will | None = None
@@ -163,6 +164,7 @@ class _ClientExtra:
         self.valid_until = NO_DEADLINE
         self.refuse_with = 0
         self.problem_info = True
+        self.max_packet_size = 0  # the client's MQTT 5 Maximum Packet Size; 0: no limit
 
 
 class MqttSession:
@@ -175,8 +177,8 @@ class MqttSession:
 
     __slots__ = (
         "_alias_bytes", "_aliases", "_buf", "_client", "_connect", "_events", "_expiry",
-        "_extra", "_grace", "_inflight", "_limits", "_order", "_out", "_partial_until",
-        "_setup", "client_id", "client_max_packet_size",
+        "_extra", "_grace", "_inflight", "_order", "_out", "_partial_until",
+        "_setup", "client_id",
         "context", "identity", "last_received", "pending", "state", "username", "version",
     )
 
@@ -189,10 +191,9 @@ class MqttSession:
         *,
         authenticate: bool = False,
     ) -> None:
-        self._limits = limits
-        # The store, the client id maker and whether a CONNECT waits for ``authenticated``
-        # (the module docstring): the same for every session of a server, so one object.
-        self._setup = _setup_for(store, new_client_id, authenticate)
+        # The limits, the store, the client id maker and whether a CONNECT waits for
+        # ``authenticated``: the same for every session of a server, so one object.
+        self._setup = _setup_for(limits, store, new_client_id, authenticate)
         self._connect: tuple[p.Connect, str | None] | None = None  # (CONNECT, assigned id)
         self.identity: Identity | None = None  # the verdict that let the client in
         # Created on first use and dropped when empty (see the class docstring).
@@ -216,7 +217,6 @@ class MqttSession:
         self._extra: _ClientExtra | None = None
         self.last_received = now
         self.pending = 0  # tokens of any QoS not answered yet (the server's inflight bound)
-        self.client_max_packet_size = 0  # 0: no limit
         self.context: object = None  # the I/O layer's connection object
 
     def _extras(self) -> _ClientExtra:
@@ -244,6 +244,12 @@ class MqttSession:
         """Whether reason strings may be sent (MQTT 5 Request Problem Information)."""
         extra = self._extra
         return extra.problem_info if extra is not None else True
+
+    @property
+    def client_max_packet_size(self) -> int:
+        """The client's MQTT 5 Maximum Packet Size (0: no limit)."""
+        extra = self._extra
+        return extra.max_packet_size if extra is not None else 0
 
     @property
     def client_receive_maximum(self) -> int:
@@ -278,7 +284,7 @@ class MqttSession:
         if paused:
             self._partial_until = NO_DEADLINE
         elif self._buf is not None and self.state is not AWAIT_AUTH:
-            self._partial_until = now + self._limits.partial_packet_timeout
+            self._partial_until = now + self._setup.limits.partial_packet_timeout
 
     @property
     def clean_start(self) -> bool:
@@ -363,7 +369,7 @@ class MqttSession:
         try:
             while True:
                 version = self.version
-                packets, used = decode_packets(src, version, self._limits.max_packet_size)
+                packets, used = decode_packets(src, version, self._setup.limits.max_packet_size)
                 for packet in packets:
                     completed = True
                     self._handle(packet, now)
@@ -386,7 +392,7 @@ class MqttSession:
                 elif completed or buf is None:
                     # The clock of an incomplete packet starts with its first byte
                     # (limits.partial_packet_timeout; the sweep checks it).
-                    self._partial_until = now + self._limits.partial_packet_timeout
+                    self._partial_until = now + self._setup.limits.partial_packet_timeout
         except UnsupportedProtocolVersion as exc:
             # [MQTT-3.1.2-2]: 3.1.1 requires return code 0x01; 5.0 leaves the answer
             # open, and a client of an unknown level reads the 3.1.1 form best.
@@ -447,7 +453,7 @@ class MqttSession:
         if self.state is not CLOSED and now >= self._partial_until:
             # A packet started and never finished (a stalled or trickling client): MQTT 5
             # hears 0x8D, the keep alive answer, as no whole packet came in time.
-            message = f"packet incomplete for {self._limits.partial_packet_timeout:g} s"
+            message = f"packet incomplete for {self._setup.limits.partial_packet_timeout:g} s"
             if self.state is CONNECTED:
                 self._fail(0x8D, message, limit="partial_packet")
             else:
@@ -542,7 +548,7 @@ class MqttSession:
         assert client is not None
         if qos == 2 and client.qos2 and pk.packet_id in client.qos2:
             return self._on_duplicate_qos2(client.qos2[pk.packet_id])
-        if qos and self.version == 5 and self._inflight >= self._limits.receive_maximum:
+        if qos and self.version == 5 and self._inflight >= self._setup.limits.receive_maximum:
             raise ProtocolViolation(0x93, "receive maximum exceeded")
         bad_utf8 = props is not None and props.payload_format_indicator == 1 and not is_utf8(
             pk.payload
@@ -567,7 +573,7 @@ class MqttSession:
         self._emit(PublishReceived(token=token, publish=pk, sequence=client.sequence))
 
     def _resolve_alias(self, topic: str, alias: int) -> str:
-        limits = self._limits
+        limits = self._setup.limits
         if not 0 < alias <= limits.topic_alias_maximum:
             raise ProtocolViolation(0x94, f"topic alias {alias} out of range")
         aliases = self._aliases
@@ -655,7 +661,7 @@ class MqttSession:
         if props is not None and props.session_expiry_interval is not None:
             if self._expiry == 0 and props.session_expiry_interval:
                 raise ProtocolError("DISCONNECT sets a session expiry after CONNECT said 0")
-            self._expiry = min(props.session_expiry_interval, self._limits.max_session_expiry)
+            self._expiry = min(props.session_expiry_interval, self._setup.limits.max_session_expiry)
         self._close(pk.reason_code, "client disconnected", will_due=pk.reason_code == 0x04,
                     by_client=True)
 
@@ -681,7 +687,7 @@ class MqttSession:
         if props.authentication_method is not None:
             return self._refuse(0x8C, "enhanced authentication is not supported", level)
         client_id = pk.client_id
-        limit = self._limits.max_client_id_bytes  # docs/sessions.md, "Bounds"
+        limit = self._setup.limits.max_client_id_bytes  # docs/sessions.md, "Bounds"
         if len(client_id) > limit // 4 and len(client_id.encode()) > limit:
             self._setup.store.refused_client_ids += 1
             return self._refuse(0x85 if level == 5 else 0x02, "client id too long", level)
@@ -704,13 +710,14 @@ class MqttSession:
         level = pk.protocol_level
         props = pk.properties or EMPTY
         client_id = self.client_id
-        limits = self._limits
+        limits = self._setup.limits
         if pk.will is not None or props.receive_maximum or props.topic_alias_maximum:
             extra = self._extras()
             extra.will = pk.will
             extra.receive_maximum = props.receive_maximum or 65535
             extra.topic_alias_maximum = props.topic_alias_maximum or 0
-        self.client_max_packet_size = props.maximum_packet_size or 0
+        if props.maximum_packet_size:
+            self._extras().max_packet_size = props.maximum_packet_size
         if props.request_problem_information == 0:
             self._extras().problem_info = False
         keep, server_keep = keep_alive(pk.keep_alive, level, limits)
