@@ -36,6 +36,7 @@ import msgspec
 import structlog
 
 from gateway.auth import Identity
+from gateway.downlink.aliases import TopicAliases
 from gateway.downlink.fanout import expiry_deadline, fan_out
 from gateway.downlink.outbound import (
     QUEUED,
@@ -126,6 +127,8 @@ class Downlink:
         self.tracker = OffsetTracker()
         self.flows: dict[str, OutboundFlow] = {}  # client id -> its outgoing side
         self.links: dict[str, Link] = {}  # client id -> its live connection
+        # Outgoing topic aliases of the live connection (MQTT 5, the client allowed some):
+        self._aliases: dict[str, TopicAliases] = {}
         self._expiries: dict[str, asyncio.TimerHandle] = {}
         self._dirty: set[str] = set()
         self._resume: set[str] = set()  # reconnected: resend what was in flight first
@@ -224,6 +227,7 @@ class Downlink:
         if self._offline_until.pop(cid, None) is not None:
             self._state_dirty = True
         self.links[cid] = link
+        self._aliases.pop(cid, None)  # a new connection: the client knows no alias
         flow = self.flows.get(cid)
         if flow is not None:
             flow.receive_maximum = _window(link.session)
@@ -236,6 +240,7 @@ class Downlink:
         if self.links.get(cid) is not link:
             return  # taken over: the new connection has the client now
         del self.links[cid]
+        self._aliases.pop(cid, None)
         self._resume.discard(cid)
         if expiry <= 0 or (cid not in self.flows and not self.trie.subscriptions(cid)):
             self._end(cid)
@@ -410,6 +415,9 @@ class Downlink:
             return
         version = session.version
         limit = session.client_max_packet_size
+        aliases = self._aliases.get(cid)
+        if aliases is None and version == 5 and session.client_topic_alias_maximum > 0:
+            aliases = self._aliases[cid] = TopicAliases(session.client_topic_alias_maximum)
         if cid in self._resume:
             self._resume.discard(cid)
             chunks = []
@@ -417,7 +425,7 @@ class Downlink:
                 if message.state == "released":
                     chunks.append(encode(p.Pubrel(packet_id=message.packet_id), version))
                 else:
-                    chunks.append(self._encode(message, version))
+                    chunks.append(self._encode(message, version))  # the full topic
             if chunks:
                 transport.write(b"".join(chunks))
         while transport.get_write_buffer_size() < self.write_limit:
@@ -426,7 +434,11 @@ class Downlink:
                 return
             chunks = []
             for message in batch:
-                data = self._encode(message, version)
+                alias, with_topic = (aliases.choose(message.topic) if aliases is not None
+                                     else (0, True))
+                data = self._encode(message, version, alias, with_topic)
+                if limit and len(data) > limit and alias and with_topic:
+                    alias, data = 0, self._encode(message, version)  # 3 bytes less
                 if limit and len(data) > limit:
                     # [MQTT-3.1.2-25]: never send more than the client takes; the message
                     # counts as refused by it.
@@ -436,22 +448,29 @@ class Downlink:
                     elif message.qos == 2:
                         flow.on_pubrec(message.packet_id, 0x95)
                     continue
+                if alias and aliases is not None:
+                    aliases.sent(message.topic, alias)
                 chunks.append(data)
             self.sent += len(chunks)
             if chunks:
                 transport.write(b"".join(chunks))
 
     @staticmethod
-    def _encode(message: Outgoing, version: int) -> bytes:
+    def _encode(message: Outgoing, version: int, alias: int = 0, with_topic: bool = True
+                ) -> bytes:
+        """``message`` as a PUBLISH; with ``alias`` (MQTT 5 topic alias), the topic only
+        when ``with_topic`` (the client does not know the alias's topic yet)."""
         props = message.properties if version == 5 else None
         if version == 5 and message.expires:
             # MQTT 5 3.3.2.3.3: the interval sent is what remains of it.
             remaining = max(1, math.ceil(message.expires - time.monotonic()))
             props = msgspec.structs.replace(props or EMPTY, message_expiry_interval=remaining)
+        if alias:
+            props = msgspec.structs.replace(props or EMPTY, topic_alias=alias)
         return encode(p.Publish(
-            topic=message.topic, payload=message.payload, qos=message.qos,
-            retain=message.retain, dup=message.dup, packet_id=message.packet_id,
-            properties=props,
+            topic=message.topic if with_topic else "", payload=message.payload,
+            qos=message.qos, retain=message.retain, dup=message.dup,
+            packet_id=message.packet_id, properties=props,
         ), version)
 
     # --- sessions moving between workers (workers > 1) ----------------------------
@@ -530,6 +549,7 @@ class Downlink:
             old.timer.cancel()
             old.done(None)  # a newer claim: the older one gets nothing
         self.links.pop(client_id, None)  # its connection is being ended
+        self._aliases.pop(client_id, None)
         self._resume.discard(client_id)
         if client_id not in self.flows and not self.trie.subscriptions(client_id):
             done(None)

@@ -69,7 +69,7 @@ class Subscriber:
     """A paho client whose messages land in a queue."""
 
     def __init__(self, port: int, protocol: int, client_id: str | None = None,
-                 clean: bool = True) -> None:
+                 clean: bool = True, topic_alias_maximum: int = 0) -> None:
         self.messages: queue.Queue[Any] = queue.Queue()
         self.granted: queue.Queue[list[int]] = queue.Queue()
         self.client = paho.Client(paho.CallbackAPIVersion.VERSION2,
@@ -79,11 +79,14 @@ class Subscriber:
         self.client.on_subscribe = lambda _c, _u, _mid, codes, _props: self.granted.put(
             [c.value for c in codes])
         props = None
-        if protocol == paho.MQTTv5 and not clean:
+        if protocol == paho.MQTTv5 and (not clean or topic_alias_maximum):
             from paho.mqtt.packettypes import PacketTypes
             from paho.mqtt.properties import Properties
             props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = 300
+            if not clean:
+                props.SessionExpiryInterval = 300
+            if topic_alias_maximum:
+                props.TopicAliasMaximum = topic_alias_maximum
         kwargs: dict[str, Any] = {}
         if protocol == paho.MQTTv5:
             kwargs = {"clean_start": clean, "properties": props}
@@ -214,14 +217,17 @@ def test_slow_subscriber_does_not_delay_another(
 
 
 class RawClient:
-    """A 3.1.1 client on a socket, acknowledging only when told to."""
+    """A client on a socket (3.1.1 unless ``version`` 5), acknowledging only when told to."""
 
-    def __init__(self, port: int, client_id: str, clean: bool) -> None:
+    def __init__(self, port: int, client_id: str, clean: bool, version: int = 4,
+                 properties: Any = None) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=20)
         self.buf = b""
+        self.version = version
         self.early: list[Any] = []  # decoded, not yet asked for
         self.sock.sendall(encode(p.Connect(client_id=client_id, keep_alive=0,
-                                           clean_start=clean), 4))
+                                           clean_start=clean, protocol_level=version,
+                                           properties=properties), version))
         assert isinstance(self.read(1)[0], p.Connack)
 
     def close(self) -> None:
@@ -231,7 +237,7 @@ class RawClient:
         """The next ``count`` packets; any that came with them wait for the next read."""
         got = self.early
         while len(got) < count:
-            packets, used = decode_packets(self.buf, 4, 1 << 20)
+            packets, used = decode_packets(self.buf, self.version, 1 << 20)
             self.buf = self.buf[used:]
             got += packets
             if len(got) < count:
@@ -242,7 +248,7 @@ class RawClient:
         return got[:count]
 
     def send(self, packet: Any) -> None:
-        self.sock.sendall(encode(packet, 4))
+        self.sock.sendall(encode(packet, self.version))
 
 
 def test_restart_loses_no_unacknowledged_command(
@@ -636,3 +642,84 @@ def test_every_worker_serves_its_subscribers(
         finally:
             for client in clients.values():
                 client.sock.close()
+
+
+def test_outgoing_topic_aliases_on_the_wire(
+        gateway: Any, broker: Broker, topics: tuple[str, str]) -> None:
+    """MQTT 5 client with Topic Alias Maximum 1: the first PUBLISH of a topic has topic and
+    alias, the next ones the alias only; a new topic takes the alias over with its topic;
+    a reconnect starts with none (the resent message has its full topic); a client that
+    announced no maximum gets no alias."""
+    from gateway.protocols.mqtt.properties import Properties
+
+    _, port = gateway
+    cid = unique("alias")
+    keep = Properties(topic_alias_maximum=1, session_expiry_interval=300)
+    client = RawClient(port, cid, clean=True, version=5, properties=keep)
+    plain = RawClient(port, unique("noalias"), clean=True, version=5)
+    try:
+        for c in (client, plain):
+            c.send(p.Subscribe(packet_id=1, subscriptions=[p.Subscription("cmd/+", 1)]))
+            assert c.read(1)[0].reason_codes == [1]
+
+        def wire(c: RawClient, key: str, value: bytes) -> tuple[str, int | None, bytes]:
+            produce(broker, topics[0], key, value)
+            got = c.read(1)[0]
+            assert isinstance(got, p.Publish)
+            if c is client and value != b"unacked":
+                c.send(p.Puback(packet_id=got.packet_id))
+            alias = got.properties.topic_alias if got.properties is not None else None
+            return got.topic, alias, got.payload
+
+        assert wire(client, "a", b"1") == ("cmd/a", 1, b"1")
+        assert wire(client, "a", b"2") == ("", 1, b"2")
+        assert wire(client, "b", b"3") == ("cmd/b", 1, b"3")  # the only alias, taken over
+        assert wire(client, "b", b"4") == ("", 1, b"4")
+        produce(broker, topics[0], "b", b"unacked")
+        got = client.read(1)[0]
+        assert (got.topic, got.properties.topic_alias, got.payload) == ("", 1, b"unacked")
+        client.close()
+        again = RawClient(port, cid, clean=False, version=5, properties=keep)
+        client = again
+        resent = again.read(1)[0]
+        assert (resent.topic, resent.dup, resent.payload) == ("cmd/b", True, b"unacked")
+        assert resent.properties is None or resent.properties.topic_alias is None
+        again.send(p.Puback(packet_id=resent.packet_id))
+        assert wire(again, "b", b"5") == ("cmd/b", 1, b"5")  # the new connection knew none
+        seen = plain.read(6)
+        assert [(pk.topic, pk.payload) for pk in seen] == [
+            (f"cmd/{k}", v) for k, v in (("a", b"1"), ("a", b"2"), ("b", b"3"), ("b", b"4"),
+                                         ("b", b"unacked"), ("b", b"5"))]
+        assert all(pk.properties is None or pk.properties.topic_alias is None for pk in seen)
+    finally:
+        client.close()
+        plain.close()
+
+
+def test_paho_v5_subscriber_gets_aliases_it_can_resolve(
+        gateway: Any, broker: Broker, topics: tuple[str, str]) -> None:
+    """paho-mqtt 2.2 hands aliased PUBLISHes to on_message as they are (empty topic, the
+    alias in the properties): resolved here as a client would, every topic comes out right
+    and no alias exceeds the maximum the client announced."""
+    _, port = gateway
+    sub = Subscriber(port, paho.MQTTv5, topic_alias_maximum=2)
+    try:
+        assert sub.subscribe("cmd/#", 1) == [1]
+        keys = ["k1", "k1", "k2", "k1", "k3", "k2", "k3", "k3", "k1"]
+        known: dict[int, str] = {}
+        resolved = []
+        aliased = 0
+        for n, key in enumerate(keys):
+            produce(broker, topics[0], key, str(n).encode())  # one at a time: in order
+            msg = sub.next()
+            alias = getattr(msg.properties, "TopicAlias", None)
+            assert alias is not None and 1 <= alias <= 2
+            if msg.topic:
+                known[alias] = msg.topic
+            else:
+                aliased += 1
+            resolved.append((known[alias], msg.payload))
+        assert resolved == [(f"cmd/{k}", str(n).encode()) for n, k in enumerate(keys)]
+        assert aliased >= 3  # k1 twice in a row, k3 three times in a row
+    finally:
+        sub.close()
