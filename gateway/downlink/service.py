@@ -791,6 +791,13 @@ class DownlinkConsumer:
         # Where fan-out starts per partition: the committed position, else 0 (beginning).
         self.fanout_start: dict[tuple[str, int], int] = {}
         self._to_commit: list[Any] | None = None  # positions for the poll thread to commit
+        # Kafka-side lag, kept by the poll thread (the only user of the consumer): per
+        # (topic, partition), the records between what it read and the high watermark
+        # librdkafka last saw (cached, no request); replaced whole, read by the metrics.
+        self.lag: dict[tuple[str, int], int] = {}
+        self._read: dict[tuple[str, int], int | None] = {}  # next offset; None: the start
+        self._assigned: list[Any] = []
+        self._next_lag = 0.0
         self.consumed = 0
         self.errors = 0
 
@@ -844,6 +851,9 @@ class DownlinkConsumer:
                 start.append(TopicPartition(tp.topic, tp.partition,
                                             OFFSET_BEGINNING if position is None else position))
         consumer.incremental_assign(start)
+        for tp in start:
+            self._read[(tp.topic, tp.partition)] = tp.offset if tp.offset >= 0 else None
+        self._assigned = [*self._assigned, *start]
         log.info("downlink_assigned", cluster=self.cluster, partitions=len(start),
                  committed={f"{t}:{p}": o for (t, p), o in self._committed.items()})
 
@@ -853,6 +863,7 @@ class DownlinkConsumer:
         while self._running:
             if self._to_commit is not None:
                 self._commit_now()
+            self._measure_lag()
             if self.missing and time.monotonic() >= next_check:
                 next_check = time.monotonic() + 5.0
                 with contextlib.suppress(Exception):
@@ -868,12 +879,14 @@ class DownlinkConsumer:
                     time.sleep(0.5)
                 continue
             batch: list[ConsumedRecord] = []
+            read = self._read
             for msg in messages:
                 err = msg.error()
                 if err is not None:
                     self.errors += 1
                     log.warning("downlink_consume_error", cluster=self.cluster, error=str(err))
                     continue
+                read[(msg.topic(), msg.partition())] = msg.offset() + 1
                 batch.append(ConsumedRecord(
                     topic=msg.topic(), partition=msg.partition(), offset=msg.offset(),
                     key=msg.key(), value=msg.value(), headers=tuple(msg.headers() or ()),
@@ -884,12 +897,32 @@ class DownlinkConsumer:
             self.consumed += len(batch)
             # At most max_batches wait for the loop: a busy loop slows the consumer down.
             while self._running and not self._batches.acquire(timeout=0.5):
-                pass
+                self._measure_lag()  # behind: that is when the lag matters
             assert self._loop is not None
             try:
                 self._loop.call_soon_threadsafe(self._hand, batch)
             except RuntimeError:  # pragma: no cover - the loop closed at shutdown
                 return
+
+    def _measure_lag(self, every: float = 1.0) -> None:
+        """On the poll thread, at most once per ``every`` seconds: ``lag`` from librdkafka's
+        cached watermarks (a partition whose high watermark is not known yet is left out)."""
+        now = time.monotonic()
+        if now < self._next_lag:
+            return
+        self._next_lag = now + every
+        lag: dict[tuple[str, int], int] = {}
+        for tp in self._assigned:
+            key = (tp.topic, tp.partition)
+            try:
+                low, high = self._consumer.get_watermark_offsets(tp, cached=True)
+            except Exception:  # pragma: no cover - closed under us at shutdown
+                continue
+            if high < 0:
+                continue
+            at = self._read.get(key)
+            lag[key] = max(0, high - (at if at is not None else max(low, 0)))
+        self.lag = lag
 
     def _hand(self, batch: list[ConsumedRecord]) -> None:
         try:

@@ -7,6 +7,7 @@ subscribers (3.1.1 and 5.0) receive from records a Kafka producer writes.
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import socket
 import time
@@ -723,3 +724,97 @@ def test_paho_v5_subscriber_gets_aliases_it_can_resolve(
         assert aliased >= 3  # k1 twice in a row, k3 three times in a row
     finally:
         sub.close()
+
+
+def test_consumer_lag_measured_while_behind_then_zero(
+        broker: Broker, rules_dir: Path) -> None:
+    """A real consumer against tansu, the loop held (it takes no batch, so the poll thread
+    stops reading): records produced meanwhile show as lag, in /metrics' gauge too; once
+    the loop runs again the consumer reads them and the lag is 0."""
+    from types import SimpleNamespace
+
+    from prometheus_client import REGISTRY
+
+    from gateway.downlink.service import Downlink, DownlinkConsumer, consumer_settings
+    from gateway.observability.metrics import Pump
+    from gateway.routing import load_rules
+
+    commands = unique("lag")
+    broker.create_topic(commands, 1)
+    downlink_rules(rules_dir, commands, unique("unused"))
+    rules = load_rules(rules_dir).downlink
+    producer = Producer({"bootstrap.servers": broker.bootstrap})
+
+    def put(n: int) -> None:
+        for i in range(n):
+            producer.produce(commands, value=str(i).encode(), key=b"dev-1")
+        assert producer.flush(10) == 0
+
+    def gauge() -> float | None:
+        return REGISTRY.get_sample_value("lastmile_downlink_consumer_lag", {
+            "cluster": "default", "topic": commands, "partition": "0"})
+
+    async def main() -> None:
+        service = Downlink(lambda: rules)
+        consumer = DownlinkConsumer(
+            "default", consumer_settings(broker.bootstrap, {}, unique("lastmile-lag")),
+            frozenset({commands}), frozenset(), service.on_batch, max_batches=1)
+        service.consumers.append(consumer)
+        pump = Pump(SimpleNamespace(worker_id=0, sinks={}, mqtt=SimpleNamespace(  # type: ignore[arg-type]
+            lifecycle=None, downlink=service)))
+        await consumer.start()
+        try:
+            # The loop is held from here: batch 1 waits for it, batch 2 for the semaphore.
+            put(1)
+            wait_until(lambda: consumer.consumed == 1, what="the first batch read")
+            put(1)
+            wait_until(lambda: consumer.consumed == 2, what="the second batch read")
+            put(5)
+            wait_until(lambda: consumer.lag.get((commands, 0)) == 5, what="lag 5")
+            pump._downlink()
+            assert gauge() == 5
+            assert service.records == 0  # nothing handed to the loop yet
+            await wait_async(lambda: service.records == 7 and consumer.lag.get((commands, 0))
+                             == 0)
+            pump._downlink()
+            assert gauge() == 0
+        finally:
+            await consumer.close({})
+
+    asyncio.run(main())
+
+
+async def wait_async(check: Any, timeout: float = 30) -> None:
+    """``wait_until`` for a condition the event loop must run to reach."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+def test_consumer_lag_in_metrics_after_records_written_before_start(
+        gateway_factory: Any, broker: Broker, topics: tuple[str, str]) -> None:
+    """Records written before the gateway starts are read at its start: /metrics has the
+    lag of each partition of the downlink topics, 0 once they are read."""
+    import re
+    import urllib.request
+
+    commands = topics[0]
+    for n in range(6):
+        produce(broker, commands, f"dev-{n}", b"early")
+    proc, ports = gateway_factory()
+    with running(proc, ("127.0.0.1", ports["mqtt"])):
+        url = f"http://127.0.0.1:{ports['metrics']}/metrics"
+
+        def lags() -> dict[str, float] | None:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                text = resp.read().decode()
+            found = {m[0]: float(m[1]) for m in re.findall(
+                rf'^lastmile_downlink_consumer_lag{{[^}}]*partition="(\d)",topic="{commands}"'
+                r'[^}]*} (\S+)$', text, re.MULTILINE)}
+            read = re.search(r'^lastmile_downlink_records_total{cluster="default"} (\S+)$',
+                             text, re.MULTILINE)
+            done = read is not None and float(read[1]) >= 6
+            return found if done and len(found) == 2 and not any(found.values()) else None
+
+        assert wait_until(lags, what="both partitions at lag 0") == {"0": 0.0, "1": 0.0}
