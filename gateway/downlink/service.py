@@ -48,7 +48,7 @@ from gateway.downlink.outbound import (
 )
 from gateway.downlink.record import ConsumedRecord
 from gateway.downlink.retained import Retained, RetainedStore
-from gateway.downlink.subscribe import handle_subscribe, handle_unsubscribe
+from gateway.downlink.subscribe import Wants, handle_subscribe, handle_unsubscribe, retained_for
 from gateway.downlink.subscriptions import FilterRefused, SubscriptionTrie, parse_filter
 from gateway.protocols.mqtt import packets as p
 from gateway.protocols.mqtt.encode import encode
@@ -135,6 +135,11 @@ class Downlink:
         self._pump_scheduled = False
         self._full_logged: set[str] = set()  # clients whose full queue was logged
         self.consumers: list[DownlinkConsumer] = []
+        # Subscriptions made while a replay refills the retained store: their retained
+        # messages wait for its end (client id, what it wants, protocol version, _seq then).
+        self._deferred: list[tuple[str, Wants, int, int]] = []
+        self._seq = 0  # live records fanned out while some wait
+        self._live_at: dict[str, int] = {}  # MQTT topic -> _seq of its last live message
         # Sessions moving between workers (workers > 1, docs/downlink.md):
         self._giving: dict[str, _Giving] = {}  # leaving: waiting for our positions
         self._taking: dict[str, _Taking] = {}  # arriving: records fanned out meanwhile
@@ -178,9 +183,13 @@ class Downlink:
         max_size = session.client_max_packet_size or None
         if isinstance(packet, p.Subscribe):
             identity = session.identity or Identity(method="anonymous", name=session.username)
+            replaying = self.replaying
             answer = handle_subscribe(packet, version, cid, identity, self.rules(), self.trie,
-                                      self.retained, max_packet_size=max_size)
+                                      None if replaying else self.retained,
+                                      max_packet_size=max_size)
             self.refused_filters += sum(1 for code in answer.codes if code >= 0x80)
+            if replaying:  # the retained store is not complete yet: at the replay's end
+                self._deferred.extend((cid, wants, version, self._seq) for wants in answer.wants)
             if any(code < 0x80 for code in answer.codes):
                 self._changed(cid, session.expiry_interval)
                 flow = self._flow(session)
@@ -206,6 +215,32 @@ class Downlink:
             return None
         self._mark(cid)
         return b""
+
+    @property
+    def replaying(self) -> bool:
+        """Whether a consumer still re-reads records to refill the retained store."""
+        return any(consumer.replaying for consumer in self.consumers)
+
+    def replayed(self) -> None:
+        """A consumer's replay ended: once all have, the subscriptions made meanwhile get
+        the retained messages of their filters (newest per topic, once), except those of
+        topics they got a live message on since (newer than any retained one)."""
+        if self.replaying or not self._deferred:
+            return
+        # The same filter subscribed again meanwhile: once, as of the last SUBSCRIBE.
+        deferred = {(cid, w.filter): (cid, w, v, since) for cid, w, v, since in self._deferred}
+        self._deferred = []
+        live_at, self._live_at = self._live_at, {}
+        log.info("downlink_retained_after_replay", subscriptions=len(deferred))
+        for cid, wants, version, since in deferred.values():
+            flow = self.flows.get(cid)
+            if flow is None or not any(sub.filter.text == wants.filter
+                                       for sub in self.trie.subscriptions(cid)):
+                continue  # ended or unsubscribed meanwhile
+            for message in retained_for(self.retained, wants, version):
+                if live_at.get(message.topic, -1) <= since:
+                    flow.enqueue(message)
+            self._mark(cid)
 
     def _flow(self, session: MqttSession) -> OutboundFlow:
         flow = self.flows.get(session.client_id)
@@ -360,6 +395,10 @@ class Downlink:
                             expiry_deadline(delivery.expiry, record.timestamp)))
                 continue
             self.records += 1
+            if self._deferred:  # subscriptions wait for retained messages: note the topic
+                self._seq += 1
+                for delivery in rules.route(record)[0]:
+                    self._live_at[delivery.topic] = self._seq
             flows.at = ((record.cluster, record.topic, record.partition), record.offset)
             try:
                 result = fan_out(record, rules, self.trie, flows, self.tracker, self.retained,
@@ -781,6 +820,11 @@ class DownlinkConsumer:
         self.retained_topics = retained_topics
         self.deliver = deliver
         self.replay_until: dict[tuple[str, int], int] = {}
+        # Partitions whose replay (records before the committed position) the loop has not
+        # finished: on the loop; ``_replay_left`` is the poll thread's view of them.
+        self.replaying: set[tuple[str, int]] = set()
+        self._replay_left: dict[tuple[str, int], int] = {}
+        self.replayed: Callable[[], None] = lambda: None  # the loop finished every replay
         self.missing: set[str] = set(topics)  # no partitions seen yet
         self._consumer: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -843,13 +887,22 @@ class DownlinkConsumer:
             position = tp.offset if tp.offset >= 0 else None
             if position is not None:
                 self._committed[key] = position
-            self.fanout_start[key] = position or 0
             if tp.topic in self.retained_topics:
-                self.replay_until[key] = position or 0
+                if position is None:
+                    # First start: what the topic holds now is history, replayed into the
+                    # retained store (not fanned out as live messages to early subscribers).
+                    position = self._high_watermark(tp)
+                self.fanout_start[key] = position
+                self.replay_until[key] = position
+                if position:
+                    self._replay_left[key] = position
                 start.append(TopicPartition(tp.topic, tp.partition, OFFSET_BEGINNING))
             else:
+                self.fanout_start[key] = position or 0
                 start.append(TopicPartition(tp.topic, tp.partition,
                                             OFFSET_BEGINNING if position is None else position))
+        if self._replay_left:
+            self._tell_loop(self._replay_begun, set(self._replay_left))
         consumer.incremental_assign(start)
         for tp in start:
             self._read[(tp.topic, tp.partition)] = tp.offset if tp.offset >= 0 else None
@@ -857,13 +910,23 @@ class DownlinkConsumer:
         log.info("downlink_assigned", cluster=self.cluster, partitions=len(start),
                  committed={f"{t}:{p}": o for (t, p), o in self._committed.items()})
 
+    def _high_watermark(self, tp: Any) -> int:
+        from confluent_kafka import KafkaException
+
+        try:
+            return max(0, int(self._consumer.get_watermark_offsets(tp, timeout=10)[1]))
+        except KafkaException as exc:
+            log.warning("downlink_watermark_failed", cluster=self.cluster, topic=tp.topic,
+                        partition=tp.partition, error=str(exc))
+            return 0
+
     def _poll_forever(self) -> None:
         consumer = self._consumer
         next_check = time.monotonic() + 5.0
         while self._running:
             if self._to_commit is not None:
                 self._commit_now()
-            self._measure_lag()
+            self._measure_lag(handed=True)
             if self.missing and time.monotonic() >= next_check:
                 next_check = time.monotonic() + 5.0
                 with contextlib.suppress(Exception):
@@ -894,19 +957,52 @@ class DownlinkConsumer:
                 ))
             if not batch:
                 continue
+            done = self._replays_reached(batch) if self._replay_left else None
             self.consumed += len(batch)
             # At most max_batches wait for the loop: a busy loop slows the consumer down.
             while self._running and not self._batches.acquire(timeout=0.5):
                 self._measure_lag()  # behind: that is when the lag matters
             assert self._loop is not None
             try:
-                self._loop.call_soon_threadsafe(self._hand, batch)
+                self._loop.call_soon_threadsafe(self._hand, batch, done)
             except RuntimeError:  # pragma: no cover - the loop closed at shutdown
                 return
 
-    def _measure_lag(self, every: float = 1.0) -> None:
+    def _tell_loop(self, callback: Callable[..., None], *args: Any) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop closed at shutdown
+            self._loop.call_soon_threadsafe(callback, *args)
+
+    def _replays_reached(self, batch: list[ConsumedRecord]) -> set[tuple[str, int]] | None:
+        """Poll thread: the partitions whose replay ends with ``batch`` (a record at or past
+        the last one before the committed position)."""
+        done = None
+        left = self._replay_left
+        for record in batch:
+            key = (record.topic, record.partition)
+            until = left.get(key)
+            if until is not None and record.offset >= until - 1:
+                del left[key]
+                done = done or set()
+                done.add(key)
+        return done
+
+    def _replay_begun(self, keys: set[tuple[str, int]]) -> None:
+        self.replaying |= keys
+
+    def _replay_ended(self, keys: set[tuple[str, int]]) -> None:
+        if self.replaying and keys & self.replaying:
+            self.replaying -= keys
+            if not self.replaying:
+                log.info("downlink_replay_done", cluster=self.cluster)
+                self.replayed()
+
+    def _measure_lag(self, every: float = 1.0, handed: bool = False) -> None:
         """On the poll thread, at most once per ``every`` seconds: ``lag`` from librdkafka's
-        cached watermarks (a partition whose high watermark is not known yet is left out)."""
+        cached watermarks (a partition whose high watermark is not known yet is left out).
+        With ``handed`` (every record read is on its way to the loop), a partition still
+        replaying with no lag has nothing more to replay (compaction removed its last
+        records before the committed position)."""
         now = time.monotonic()
         if now < self._next_lag:
             return
@@ -923,10 +1019,19 @@ class DownlinkConsumer:
             at = self._read.get(key)
             lag[key] = max(0, high - (at if at is not None else max(low, 0)))
         self.lag = lag
+        if handed and self._replay_left:
+            done = {key for key in self._replay_left if lag.get(key) == 0}
+            if done:
+                for key in done:
+                    del self._replay_left[key]
+                self._tell_loop(self._replay_ended, done)
 
-    def _hand(self, batch: list[ConsumedRecord]) -> None:
+    def _hand(self, batch: list[ConsumedRecord], done: set[tuple[str, int]] | None = None
+              ) -> None:
         try:
             self.deliver(batch, self.replay)
+            if done:
+                self._replay_ended(done)
         except Exception:
             log.exception("downlink_batch_error", cluster=self.cluster)
         finally:
@@ -1036,6 +1141,7 @@ async def start_downlink(
                 cluster, consumer_settings(bootstrap.get(cluster) or cfg.bootstrap_servers,
                                            cfg.producer, group),
                 table.kafka_topics(cluster), retained, service.on_batch)
+            consumer.replayed = service.replayed
             service.consumers.append(consumer)
             await consumer.start()
     except BaseException:

@@ -818,3 +818,50 @@ def test_consumer_lag_in_metrics_after_records_written_before_start(
             return found if done and len(found) == 2 and not any(found.values()) else None
 
         assert wait_until(lags, what="both partitions at lag 0") == {"0": 0.0, "1": 0.0}
+
+
+def test_subscribe_during_the_retained_replay_gets_every_topic_newest_once(
+        gateway_factory: Any, broker: Broker, topics: tuple[str, str]) -> None:
+    """Many retained records in Kafka (several per topic, some deleted); a subscriber
+    that subscribes as soon as the gateway listens gets each topic's newest value once,
+    retained, and a live message after them: at a first start (the topic's history) and
+    after a restart (the replay up to the committed position)."""
+    config = topics[1]
+    keys = 1500
+    producer = Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 50})
+    for round_ in range(2):
+        for k in range(keys):
+            producer.produce(config, key=f"d{k}".encode(),
+                             value=f"v{round_}-{k}-".encode().ljust(2000, b"x"))
+    for k in range(0, keys, 10):
+        producer.produce(config, key=f"d{k}".encode(), value=b"")  # deleted
+    assert producer.flush(30) == 0
+    # tansu answers a ListOffsets (latest) with the last batch's base offset + 1: a last
+    # batch of one record makes it the partition's true end.
+    producer.produce(config, key=b"last", value=b"last")
+    assert producer.flush(30) == 0
+    want = {f"cfg/d{k}": f"v1-{k}-".encode().ljust(2000, b"x") for k in range(keys) if k % 10}
+    want["cfg/last"] = b"last"
+
+    for start in range(2):  # a first start, then a restart (the committed position)
+        proc, ports = gateway_factory(limits__downlink_queue=4 * keys)  # all of them queue
+        with running(proc, ("127.0.0.1", ports["mqtt"])):
+            client = RawClient(ports["mqtt"], unique("early"), clean=True)
+            try:
+                client.send(p.Subscribe(packet_id=1,
+                                        subscriptions=[p.Subscription("cfg/#", 1)]))
+                assert client.read(1)[0].reason_codes == [1]
+                got: list[tuple[str, bytes, bool]] = []
+                while len(got) < len(want):
+                    pk = client.read(1)[0]
+                    client.send(p.Puback(packet_id=pk.packet_id))
+                    got.append((pk.topic, pk.payload, pk.retain))
+                assert sorted(got) == sorted((t, v, True) for t, v in want.items())
+                produce(broker, config, f"live-{start}", b"live")
+                pk = client.read(1)[0]  # nothing else came before it
+                assert (pk.topic, pk.payload, pk.retain) == (f"cfg/live-{start}", b"live", False)
+                client.send(p.Puback(packet_id=pk.packet_id))
+                want[f"cfg/live-{start}"] = b"live"
+            finally:
+                client.close()
+            assert proc.stop() == 0
