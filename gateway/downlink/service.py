@@ -864,6 +864,7 @@ class DownlinkConsumer:
         from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
 
         consumer = self._consumer
+        at_start = not self._running
         wanted: list[Any] = []
         for topic in sorted(self.missing):
             try:
@@ -888,10 +889,12 @@ class DownlinkConsumer:
             if position is not None:
                 self._committed[key] = position
             if tp.topic in self.retained_topics:
-                if position is None:
+                if position is None and at_start:
                     # First start: what the topic holds now is history, replayed into the
                     # retained store (not fanned out as live messages to early subscribers).
+                    # A topic that appears later is new: all of it is fanned out.
                     position = self._high_watermark(tp)
+                position = position or 0
                 self.fanout_start[key] = position
                 self.replay_until[key] = position
                 if position:
