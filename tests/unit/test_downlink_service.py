@@ -256,3 +256,44 @@ def test_a_subscription_during_the_replay_gets_the_newest_retained_at_its_end(
     assert at_once == []
     assert queued[0] == ("cfg/b", b"b-live", False)  # live, before the replay's end
     assert sorted(queued[1:]) == [("cfg/a", b"a1", True), ("cfg/d", b"d0", True)]
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.data = b""
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def test_a_publish_that_fits_only_without_the_alias_goes_without_it(
+        rules: DownlinkRules) -> None:
+    """Maximum Packet Size: topic + alias would be 3 bytes over, the topic alone fits; the
+    alias is not taken (the next PUBLISH of that topic still carries it in full)."""
+    from gateway.protocols.mqtt import packets as p
+    from gateway.protocols.mqtt.codec import decode_packets, encode
+
+    topic, payload = "cmd/dev-1", b"x" * 20
+    plain = len(encode(p.Publish(topic=topic, payload=payload, qos=0), 5))
+    session = SimpleNamespace(client_id="dev", version=5, client_max_packet_size=plain,
+                              client_topic_alias_maximum=4, client_receive_maximum=65535,
+                              closing=False, expiry_interval=0)
+    link = SimpleNamespace(session=session, transport=_Transport(), held=False)
+    service = Downlink(lambda: rules)
+    flow = service._flow(session)  # type: ignore[arg-type]
+    service.links["dev"] = link  # type: ignore[assignment]
+    flow.enqueue(Outgoing(topic, payload, 0, False))
+    service._pump("dev", link)  # type: ignore[arg-type]
+    session.client_max_packet_size = 0
+    flow.enqueue(Outgoing(topic, payload, 0, False))
+    flow.enqueue(Outgoing(topic, payload, 0, False))
+    service._pump("dev", link)  # type: ignore[arg-type]
+    sent, _ = decode_packets(link.transport.data, 5, 1 << 20)
+    assert [(pk.topic, pk.properties and pk.properties.topic_alias) for pk in sent] == [
+        (topic, None), (topic, 1), ("", 1)]
