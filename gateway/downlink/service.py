@@ -36,6 +36,7 @@ import msgspec
 import structlog
 
 from gateway.auth import Identity
+from gateway.downlink.aliases import TopicAliases
 from gateway.downlink.fanout import expiry_deadline, fan_out
 from gateway.downlink.outbound import (
     QUEUED,
@@ -47,7 +48,7 @@ from gateway.downlink.outbound import (
 )
 from gateway.downlink.record import ConsumedRecord
 from gateway.downlink.retained import Retained, RetainedStore
-from gateway.downlink.subscribe import handle_subscribe, handle_unsubscribe
+from gateway.downlink.subscribe import Wants, handle_subscribe, handle_unsubscribe, retained_for
 from gateway.downlink.subscriptions import FilterRefused, SubscriptionTrie, parse_filter
 from gateway.protocols.mqtt import packets as p
 from gateway.protocols.mqtt.encode import encode
@@ -126,12 +127,19 @@ class Downlink:
         self.tracker = OffsetTracker()
         self.flows: dict[str, OutboundFlow] = {}  # client id -> its outgoing side
         self.links: dict[str, Link] = {}  # client id -> its live connection
+        # Outgoing topic aliases of the live connection (MQTT 5, the client allowed some):
+        self._aliases: dict[str, TopicAliases] = {}
         self._expiries: dict[str, asyncio.TimerHandle] = {}
         self._dirty: set[str] = set()
         self._resume: set[str] = set()  # reconnected: resend what was in flight first
         self._pump_scheduled = False
         self._full_logged: set[str] = set()  # clients whose full queue was logged
         self.consumers: list[DownlinkConsumer] = []
+        # Subscriptions made while a replay refills the retained store: their retained
+        # messages wait for its end (client id, what it wants, protocol version, _seq then).
+        self._deferred: list[tuple[str, Wants, int, int]] = []
+        self._seq = 0  # live records fanned out while some wait
+        self._live_at: dict[str, int] = {}  # MQTT topic -> _seq of its last live message
         # Sessions moving between workers (workers > 1, docs/downlink.md):
         self._giving: dict[str, _Giving] = {}  # leaving: waiting for our positions
         self._taking: dict[str, _Taking] = {}  # arriving: records fanned out meanwhile
@@ -175,9 +183,13 @@ class Downlink:
         max_size = session.client_max_packet_size or None
         if isinstance(packet, p.Subscribe):
             identity = session.identity or Identity(method="anonymous", name=session.username)
+            replaying = self.replaying
             answer = handle_subscribe(packet, version, cid, identity, self.rules(), self.trie,
-                                      self.retained, max_packet_size=max_size)
+                                      None if replaying else self.retained,
+                                      max_packet_size=max_size)
             self.refused_filters += sum(1 for code in answer.codes if code >= 0x80)
+            if replaying:  # the retained store is not complete yet: at the replay's end
+                self._deferred.extend((cid, wants, version, self._seq) for wants in answer.wants)
             if any(code < 0x80 for code in answer.codes):
                 self._changed(cid, session.expiry_interval)
                 flow = self._flow(session)
@@ -204,6 +216,32 @@ class Downlink:
         self._mark(cid)
         return b""
 
+    @property
+    def replaying(self) -> bool:
+        """Whether a consumer still re-reads records to refill the retained store."""
+        return any(consumer.replaying for consumer in self.consumers)
+
+    def replayed(self) -> None:
+        """A consumer's replay ended: once all have, the subscriptions made meanwhile get
+        the retained messages of their filters (newest per topic, once), except those of
+        topics they got a live message on since (newer than any retained one)."""
+        if self.replaying or not self._deferred:
+            return
+        # The same filter subscribed again meanwhile: once, as of the last SUBSCRIBE.
+        deferred = {(cid, w.filter): (cid, w, v, since) for cid, w, v, since in self._deferred}
+        self._deferred = []
+        live_at, self._live_at = self._live_at, {}
+        log.info("downlink_retained_after_replay", subscriptions=len(deferred))
+        for cid, wants, version, since in deferred.values():
+            flow = self.flows.get(cid)
+            if flow is None or not any(sub.filter.text == wants.filter
+                                       for sub in self.trie.subscriptions(cid)):
+                continue  # ended or unsubscribed meanwhile
+            for message in retained_for(self.retained, wants, version):
+                if live_at.get(message.topic, -1) <= since:
+                    flow.enqueue(message)
+            self._mark(cid)
+
     def _flow(self, session: MqttSession) -> OutboundFlow:
         flow = self.flows.get(session.client_id)
         if flow is None:
@@ -224,6 +262,7 @@ class Downlink:
         if self._offline_until.pop(cid, None) is not None:
             self._state_dirty = True
         self.links[cid] = link
+        self._aliases.pop(cid, None)  # a new connection: the client knows no alias
         flow = self.flows.get(cid)
         if flow is not None:
             flow.receive_maximum = _window(link.session)
@@ -236,6 +275,7 @@ class Downlink:
         if self.links.get(cid) is not link:
             return  # taken over: the new connection has the client now
         del self.links[cid]
+        self._aliases.pop(cid, None)
         self._resume.discard(cid)
         if expiry <= 0 or (cid not in self.flows and not self.trie.subscriptions(cid)):
             self._end(cid)
@@ -355,6 +395,10 @@ class Downlink:
                             expiry_deadline(delivery.expiry, record.timestamp)))
                 continue
             self.records += 1
+            if self._deferred:  # subscriptions wait for retained messages: note the topic
+                self._seq += 1
+                for delivery in rules.route(record)[0]:
+                    self._live_at[delivery.topic] = self._seq
             flows.at = ((record.cluster, record.topic, record.partition), record.offset)
             try:
                 result = fan_out(record, rules, self.trie, flows, self.tracker, self.retained,
@@ -410,6 +454,9 @@ class Downlink:
             return
         version = session.version
         limit = session.client_max_packet_size
+        aliases = self._aliases.get(cid)
+        if aliases is None and version == 5 and session.client_topic_alias_maximum > 0:
+            aliases = self._aliases[cid] = TopicAliases(session.client_topic_alias_maximum)
         if cid in self._resume:
             self._resume.discard(cid)
             chunks = []
@@ -417,7 +464,7 @@ class Downlink:
                 if message.state == "released":
                     chunks.append(encode(p.Pubrel(packet_id=message.packet_id), version))
                 else:
-                    chunks.append(self._encode(message, version))
+                    chunks.append(self._encode(message, version))  # the full topic
             if chunks:
                 transport.write(b"".join(chunks))
         while transport.get_write_buffer_size() < self.write_limit:
@@ -426,7 +473,11 @@ class Downlink:
                 return
             chunks = []
             for message in batch:
-                data = self._encode(message, version)
+                alias, with_topic = (aliases.choose(message.topic) if aliases is not None
+                                     else (0, True))
+                data = self._encode(message, version, alias, with_topic)
+                if limit and len(data) > limit and alias and with_topic:
+                    alias, data = 0, self._encode(message, version)  # 3 bytes less
                 if limit and len(data) > limit:
                     # [MQTT-3.1.2-25]: never send more than the client takes; the message
                     # counts as refused by it.
@@ -436,22 +487,29 @@ class Downlink:
                     elif message.qos == 2:
                         flow.on_pubrec(message.packet_id, 0x95)
                     continue
+                if alias and aliases is not None:
+                    aliases.sent(message.topic, alias)
                 chunks.append(data)
             self.sent += len(chunks)
             if chunks:
                 transport.write(b"".join(chunks))
 
     @staticmethod
-    def _encode(message: Outgoing, version: int) -> bytes:
+    def _encode(message: Outgoing, version: int, alias: int = 0, with_topic: bool = True
+                ) -> bytes:
+        """``message`` as a PUBLISH; with ``alias`` (MQTT 5 topic alias), the topic only
+        when ``with_topic`` (the client does not know the alias's topic yet)."""
         props = message.properties if version == 5 else None
         if version == 5 and message.expires:
             # MQTT 5 3.3.2.3.3: the interval sent is what remains of it.
             remaining = max(1, math.ceil(message.expires - time.monotonic()))
             props = msgspec.structs.replace(props or EMPTY, message_expiry_interval=remaining)
+        if alias:
+            props = msgspec.structs.replace(props or EMPTY, topic_alias=alias)
         return encode(p.Publish(
-            topic=message.topic, payload=message.payload, qos=message.qos,
-            retain=message.retain, dup=message.dup, packet_id=message.packet_id,
-            properties=props,
+            topic=message.topic if with_topic else "", payload=message.payload,
+            qos=message.qos, retain=message.retain, dup=message.dup,
+            packet_id=message.packet_id, properties=props,
         ), version)
 
     # --- sessions moving between workers (workers > 1) ----------------------------
@@ -530,6 +588,7 @@ class Downlink:
             old.timer.cancel()
             old.done(None)  # a newer claim: the older one gets nothing
         self.links.pop(client_id, None)  # its connection is being ended
+        self._aliases.pop(client_id, None)
         self._resume.discard(client_id)
         if client_id not in self.flows and not self.trie.subscriptions(client_id):
             done(None)
@@ -761,6 +820,11 @@ class DownlinkConsumer:
         self.retained_topics = retained_topics
         self.deliver = deliver
         self.replay_until: dict[tuple[str, int], int] = {}
+        # Partitions whose replay (records before the committed position) the loop has not
+        # finished: on the loop; ``_replay_left`` is the poll thread's view of them.
+        self.replaying: set[tuple[str, int]] = set()
+        self._replay_left: dict[tuple[str, int], int] = {}
+        self.replayed: Callable[[], None] = lambda: None  # the loop finished every replay
         self.missing: set[str] = set(topics)  # no partitions seen yet
         self._consumer: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -771,6 +835,13 @@ class DownlinkConsumer:
         # Where fan-out starts per partition: the committed position, else 0 (beginning).
         self.fanout_start: dict[tuple[str, int], int] = {}
         self._to_commit: list[Any] | None = None  # positions for the poll thread to commit
+        # Kafka-side lag, kept by the poll thread (the only user of the consumer): per
+        # (topic, partition), the records between what it read and the high watermark
+        # librdkafka last saw (cached, no request); replaced whole, read by the metrics.
+        self.lag: dict[tuple[str, int], int] = {}
+        self._read: dict[tuple[str, int], int | None] = {}  # next offset; None: the start
+        self._assigned: list[Any] = []
+        self._next_lag = 0.0
         self.consumed = 0
         self.errors = 0
 
@@ -793,6 +864,7 @@ class DownlinkConsumer:
         from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
 
         consumer = self._consumer
+        at_start = not self._running
         wanted: list[Any] = []
         for topic in sorted(self.missing):
             try:
@@ -816,16 +888,40 @@ class DownlinkConsumer:
             position = tp.offset if tp.offset >= 0 else None
             if position is not None:
                 self._committed[key] = position
-            self.fanout_start[key] = position or 0
             if tp.topic in self.retained_topics:
-                self.replay_until[key] = position or 0
+                if position is None and at_start:
+                    # First start: what the topic holds now is history, replayed into the
+                    # retained store (not fanned out as live messages to early subscribers).
+                    # A topic that appears later is new: all of it is fanned out.
+                    position = self._high_watermark(tp)
+                position = position or 0
+                self.fanout_start[key] = position
+                self.replay_until[key] = position
+                if position:
+                    self._replay_left[key] = position
                 start.append(TopicPartition(tp.topic, tp.partition, OFFSET_BEGINNING))
             else:
+                self.fanout_start[key] = position or 0
                 start.append(TopicPartition(tp.topic, tp.partition,
                                             OFFSET_BEGINNING if position is None else position))
+        if self._replay_left:
+            self._tell_loop(self._replay_begun, set(self._replay_left))
         consumer.incremental_assign(start)
+        for tp in start:
+            self._read[(tp.topic, tp.partition)] = tp.offset if tp.offset >= 0 else None
+        self._assigned = [*self._assigned, *start]
         log.info("downlink_assigned", cluster=self.cluster, partitions=len(start),
                  committed={f"{t}:{p}": o for (t, p), o in self._committed.items()})
+
+    def _high_watermark(self, tp: Any) -> int:
+        from confluent_kafka import KafkaException
+
+        try:
+            return max(0, int(self._consumer.get_watermark_offsets(tp, timeout=10)[1]))
+        except KafkaException as exc:
+            log.warning("downlink_watermark_failed", cluster=self.cluster, topic=tp.topic,
+                        partition=tp.partition, error=str(exc))
+            return 0
 
     def _poll_forever(self) -> None:
         consumer = self._consumer
@@ -833,6 +929,7 @@ class DownlinkConsumer:
         while self._running:
             if self._to_commit is not None:
                 self._commit_now()
+            self._measure_lag(handed=True)
             if self.missing and time.monotonic() >= next_check:
                 next_check = time.monotonic() + 5.0
                 with contextlib.suppress(Exception):
@@ -848,12 +945,14 @@ class DownlinkConsumer:
                     time.sleep(0.5)
                 continue
             batch: list[ConsumedRecord] = []
+            read = self._read
             for msg in messages:
                 err = msg.error()
                 if err is not None:
                     self.errors += 1
                     log.warning("downlink_consume_error", cluster=self.cluster, error=str(err))
                     continue
+                read[(msg.topic(), msg.partition())] = msg.offset() + 1
                 batch.append(ConsumedRecord(
                     topic=msg.topic(), partition=msg.partition(), offset=msg.offset(),
                     key=msg.key(), value=msg.value(), headers=tuple(msg.headers() or ()),
@@ -861,19 +960,81 @@ class DownlinkConsumer:
                 ))
             if not batch:
                 continue
+            done = self._replays_reached(batch) if self._replay_left else None
             self.consumed += len(batch)
             # At most max_batches wait for the loop: a busy loop slows the consumer down.
             while self._running and not self._batches.acquire(timeout=0.5):
-                pass
+                self._measure_lag()  # behind: that is when the lag matters
             assert self._loop is not None
             try:
-                self._loop.call_soon_threadsafe(self._hand, batch)
+                self._loop.call_soon_threadsafe(self._hand, batch, done)
             except RuntimeError:  # pragma: no cover - the loop closed at shutdown
                 return
 
-    def _hand(self, batch: list[ConsumedRecord]) -> None:
+    def _tell_loop(self, callback: Callable[..., None], *args: Any) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop closed at shutdown
+            self._loop.call_soon_threadsafe(callback, *args)
+
+    def _replays_reached(self, batch: list[ConsumedRecord]) -> set[tuple[str, int]] | None:
+        """Poll thread: the partitions whose replay ends with ``batch`` (a record at or past
+        the last one before the committed position)."""
+        done = None
+        left = self._replay_left
+        for record in batch:
+            key = (record.topic, record.partition)
+            until = left.get(key)
+            if until is not None and record.offset >= until - 1:
+                del left[key]
+                done = done or set()
+                done.add(key)
+        return done
+
+    def _replay_begun(self, keys: set[tuple[str, int]]) -> None:
+        self.replaying |= keys
+
+    def _replay_ended(self, keys: set[tuple[str, int]]) -> None:
+        if self.replaying and keys & self.replaying:
+            self.replaying -= keys
+            if not self.replaying:
+                log.info("downlink_replay_done", cluster=self.cluster)
+                self.replayed()
+
+    def _measure_lag(self, every: float = 1.0, handed: bool = False) -> None:
+        """On the poll thread, at most once per ``every`` seconds: ``lag`` from librdkafka's
+        cached watermarks (a partition whose high watermark is not known yet is left out).
+        With ``handed`` (every record read is on its way to the loop), a partition still
+        replaying with no lag has nothing more to replay (compaction removed its last
+        records before the committed position)."""
+        now = time.monotonic()
+        if now < self._next_lag:
+            return
+        self._next_lag = now + every
+        lag: dict[tuple[str, int], int] = {}
+        for tp in self._assigned:
+            key = (tp.topic, tp.partition)
+            try:
+                low, high = self._consumer.get_watermark_offsets(tp, cached=True)
+            except Exception:  # pragma: no cover - closed under us at shutdown
+                continue
+            if high < 0:
+                continue
+            at = self._read.get(key)
+            lag[key] = max(0, high - (at if at is not None else max(low, 0)))
+        self.lag = lag
+        if handed and self._replay_left:
+            done = {key for key in self._replay_left if lag.get(key) == 0}
+            if done:
+                for key in done:
+                    del self._replay_left[key]
+                self._tell_loop(self._replay_ended, done)
+
+    def _hand(self, batch: list[ConsumedRecord], done: set[tuple[str, int]] | None = None
+              ) -> None:
         try:
             self.deliver(batch, self.replay)
+            if done:
+                self._replay_ended(done)
         except Exception:
             log.exception("downlink_batch_error", cluster=self.cluster)
         finally:
@@ -983,6 +1144,7 @@ async def start_downlink(
                 cluster, consumer_settings(bootstrap.get(cluster) or cfg.bootstrap_servers,
                                            cfg.producer, group),
                 table.kafka_topics(cluster), retained, service.on_batch)
+            consumer.replayed = service.replayed
             service.consumers.append(consumer)
             await consumer.start()
     except BaseException:

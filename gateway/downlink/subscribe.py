@@ -34,11 +34,36 @@ from gateway.protocols.mqtt.subscribe_codec import (
 from gateway.routing.downlink import DownlinkRules
 
 
+class Wants(NamedTuple):
+    """A granted subscription that gets the retained messages its filter matches."""
+
+    filter: str
+    levels: tuple[str, ...]
+    qos: int
+    identifier: int | None
+
+
 class Answer(NamedTuple):
     reply: bytes  # SUBACK / UNSUBACK to write
     codes: tuple[int, ...]  # one per filter (MQTT 5 codes; 3.1.1 gets them mapped)
     reasons: tuple[str, ...]  # why each refused filter was refused ("" when granted)
     retained: tuple[Outgoing, ...]  # retained messages to queue after the reply
+    wants: tuple[Wants, ...] = ()  # the subscriptions that get retained messages
+
+
+def retained_for(store: RetainedStore, wants: Wants, version: int) -> list[Outgoing]:
+    """The retained messages ``wants`` gets from ``store`` now (unexpired ones)."""
+    out: list[Outgoing] = []
+    now = time.monotonic()
+    for message in store.match(wants.levels):
+        if message.expires and message.expires <= now:
+            continue  # expired while retained (MQTT 5 message expiry)
+        props = message.properties
+        if version == p.MQTT5 and wants.identifier is not None:
+            props = with_identifiers(props, [wants.identifier])
+        out.append(Outgoing(message.topic, message.payload, min(message.qos, wants.qos),
+                            True, properties=props, expires=message.expires))
+    return out
 
 
 def handle_subscribe(
@@ -50,6 +75,7 @@ def handle_subscribe(
     codes: list[int] = []
     reasons: list[str] = []
     out: list[Outgoing] = []
+    wanted: list[Wants] = []
     for text, options in request.entries:
         try:
             topic_filter = parse_filter(text, shared=shared)
@@ -65,19 +91,14 @@ def handle_subscribe(
         existed = trie.subscribe(client_id, topic_filter, options, request.identifier)
         codes.append(min(options.qos, grant.max_qos))
         reasons.append("")
-        if retained is None or not sends_retained(topic_filter, options, existed):
+        if not sends_retained(topic_filter, options, existed):
             continue
-        now = time.monotonic()
-        for message in retained.match(topic_filter.levels):
-            if message.expires and message.expires <= now:
-                continue  # expired while retained (MQTT 5 message expiry)
-            props = message.properties
-            if version == p.MQTT5 and request.identifier is not None:
-                props = with_identifiers(props, [request.identifier])
-            out.append(Outgoing(message.topic, message.payload, min(message.qos, options.qos),
-                                True, properties=props, expires=message.expires))
+        wants = Wants(text, tuple(topic_filter.levels), options.qos, request.identifier)
+        wanted.append(wants)
+        if retained is not None:
+            out.extend(retained_for(retained, wants, version))
     reply = encode_suback(request.packet_id, codes, version, max_packet_size=max_packet_size)
-    return Answer(reply, tuple(codes), tuple(reasons), tuple(out))
+    return Answer(reply, tuple(codes), tuple(reasons), tuple(out), tuple(wanted))
 
 
 def handle_unsubscribe(

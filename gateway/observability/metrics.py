@@ -253,6 +253,11 @@ DOWNLINK_COMMITTED = Gauge("lastmile_downlink_committed_offsets",
                            "Sum of the committed downlink positions over the partitions "
                            "(rate(): records committed per second), by cluster; the highest "
                            "worker's", ["cluster"], multiprocess_mode="livemax")
+DOWNLINK_LAG = Gauge("lastmile_downlink_consumer_lag",
+                     "Records in a downlink partition past what the worker's consumer has "
+                     "read (librdkafka's cached high watermark), by cluster, topic and "
+                     "partition; the most behind worker's", ["cluster", "topic", "partition"],
+                     multiprocess_mode="livemax")
 WILLS_PUBLISHED = Counter("lastmile_wills_published",
                           "Will messages published through the uplink rules")
 PRESENCE_SENT = Counter("lastmile_presence_events", "Presence records handed to the buffer")
@@ -561,6 +566,8 @@ class Pump:
             self._delta(DOWNLINK_CONSUME_ERRORS, (cluster,), consumer.errors)
             DOWNLINK_UNCOMMITTED.labels(cluster).set(held.get(cluster, 0))
             DOWNLINK_COMMITTED.labels(cluster).set(sum(consumer._committed.values()))
+            for (topic, partition), behind in consumer.lag.items():
+                DOWNLINK_LAG.labels(cluster, topic, str(partition)).set(behind)
 
     def _auth(self) -> None:
         auth = self.app.auth

@@ -7,6 +7,7 @@ subscribers (3.1.1 and 5.0) receive from records a Kafka producer writes.
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import socket
 import time
@@ -69,7 +70,7 @@ class Subscriber:
     """A paho client whose messages land in a queue."""
 
     def __init__(self, port: int, protocol: int, client_id: str | None = None,
-                 clean: bool = True) -> None:
+                 clean: bool = True, topic_alias_maximum: int = 0) -> None:
         self.messages: queue.Queue[Any] = queue.Queue()
         self.granted: queue.Queue[list[int]] = queue.Queue()
         self.client = paho.Client(paho.CallbackAPIVersion.VERSION2,
@@ -79,11 +80,14 @@ class Subscriber:
         self.client.on_subscribe = lambda _c, _u, _mid, codes, _props: self.granted.put(
             [c.value for c in codes])
         props = None
-        if protocol == paho.MQTTv5 and not clean:
+        if protocol == paho.MQTTv5 and (not clean or topic_alias_maximum):
             from paho.mqtt.packettypes import PacketTypes
             from paho.mqtt.properties import Properties
             props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = 300
+            if not clean:
+                props.SessionExpiryInterval = 300
+            if topic_alias_maximum:
+                props.TopicAliasMaximum = topic_alias_maximum
         kwargs: dict[str, Any] = {}
         if protocol == paho.MQTTv5:
             kwargs = {"clean_start": clean, "properties": props}
@@ -214,14 +218,17 @@ def test_slow_subscriber_does_not_delay_another(
 
 
 class RawClient:
-    """A 3.1.1 client on a socket, acknowledging only when told to."""
+    """A client on a socket (3.1.1 unless ``version`` 5), acknowledging only when told to."""
 
-    def __init__(self, port: int, client_id: str, clean: bool) -> None:
+    def __init__(self, port: int, client_id: str, clean: bool, version: int = 4,
+                 properties: Any = None) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=20)
         self.buf = b""
+        self.version = version
         self.early: list[Any] = []  # decoded, not yet asked for
         self.sock.sendall(encode(p.Connect(client_id=client_id, keep_alive=0,
-                                           clean_start=clean), 4))
+                                           clean_start=clean, protocol_level=version,
+                                           properties=properties), version))
         assert isinstance(self.read(1)[0], p.Connack)
 
     def close(self) -> None:
@@ -231,7 +238,7 @@ class RawClient:
         """The next ``count`` packets; any that came with them wait for the next read."""
         got = self.early
         while len(got) < count:
-            packets, used = decode_packets(self.buf, 4, 1 << 20)
+            packets, used = decode_packets(self.buf, self.version, 1 << 20)
             self.buf = self.buf[used:]
             got += packets
             if len(got) < count:
@@ -242,7 +249,7 @@ class RawClient:
         return got[:count]
 
     def send(self, packet: Any) -> None:
-        self.sock.sendall(encode(packet, 4))
+        self.sock.sendall(encode(packet, self.version))
 
 
 def test_restart_loses_no_unacknowledged_command(
@@ -636,3 +643,225 @@ def test_every_worker_serves_its_subscribers(
         finally:
             for client in clients.values():
                 client.sock.close()
+
+
+def test_outgoing_topic_aliases_on_the_wire(
+        gateway: Any, broker: Broker, topics: tuple[str, str]) -> None:
+    """MQTT 5 client with Topic Alias Maximum 1: the first PUBLISH of a topic has topic and
+    alias, the next ones the alias only; a new topic takes the alias over with its topic;
+    a reconnect starts with none (the resent message has its full topic); a client that
+    announced no maximum gets no alias."""
+    from gateway.protocols.mqtt.properties import Properties
+
+    _, port = gateway
+    cid = unique("alias")
+    keep = Properties(topic_alias_maximum=1, session_expiry_interval=300)
+    client = RawClient(port, cid, clean=True, version=5, properties=keep)
+    plain = RawClient(port, unique("noalias"), clean=True, version=5)
+    try:
+        for c in (client, plain):
+            c.send(p.Subscribe(packet_id=1, subscriptions=[p.Subscription("cmd/+", 1)]))
+            assert c.read(1)[0].reason_codes == [1]
+
+        def wire(c: RawClient, key: str, value: bytes) -> tuple[str, int | None, bytes]:
+            produce(broker, topics[0], key, value)
+            got = c.read(1)[0]
+            assert isinstance(got, p.Publish)
+            if c is client and value != b"unacked":
+                c.send(p.Puback(packet_id=got.packet_id))
+            alias = got.properties.topic_alias if got.properties is not None else None
+            return got.topic, alias, got.payload
+
+        assert wire(client, "a", b"1") == ("cmd/a", 1, b"1")
+        assert wire(client, "a", b"2") == ("", 1, b"2")
+        assert wire(client, "b", b"3") == ("cmd/b", 1, b"3")  # the only alias, taken over
+        assert wire(client, "b", b"4") == ("", 1, b"4")
+        produce(broker, topics[0], "b", b"unacked")
+        got = client.read(1)[0]
+        assert (got.topic, got.properties.topic_alias, got.payload) == ("", 1, b"unacked")
+        client.close()
+        again = RawClient(port, cid, clean=False, version=5, properties=keep)
+        client = again
+        resent = again.read(1)[0]
+        assert (resent.topic, resent.dup, resent.payload) == ("cmd/b", True, b"unacked")
+        assert resent.properties is None or resent.properties.topic_alias is None
+        again.send(p.Puback(packet_id=resent.packet_id))
+        assert wire(again, "b", b"5") == ("cmd/b", 1, b"5")  # the new connection knew none
+        seen = plain.read(6)
+        assert [(pk.topic, pk.payload) for pk in seen] == [
+            (f"cmd/{k}", v) for k, v in (("a", b"1"), ("a", b"2"), ("b", b"3"), ("b", b"4"),
+                                         ("b", b"unacked"), ("b", b"5"))]
+        assert all(pk.properties is None or pk.properties.topic_alias is None for pk in seen)
+    finally:
+        client.close()
+        plain.close()
+
+
+def test_paho_v5_subscriber_gets_aliases_it_can_resolve(
+        gateway: Any, broker: Broker, topics: tuple[str, str]) -> None:
+    """paho-mqtt 2.2 hands aliased PUBLISHes to on_message as they are (empty topic, the
+    alias in the properties): resolved here as a client would, every topic comes out right
+    and no alias exceeds the maximum the client announced."""
+    _, port = gateway
+    sub = Subscriber(port, paho.MQTTv5, topic_alias_maximum=2)
+    try:
+        assert sub.subscribe("cmd/#", 1) == [1]
+        keys = ["k1", "k1", "k2", "k1", "k3", "k2", "k3", "k3", "k1"]
+        known: dict[int, str] = {}
+        resolved = []
+        aliased = 0
+        for n, key in enumerate(keys):
+            produce(broker, topics[0], key, str(n).encode())  # one at a time: in order
+            msg = sub.next()
+            alias = getattr(msg.properties, "TopicAlias", None)
+            assert alias is not None and 1 <= alias <= 2
+            if msg.topic:
+                known[alias] = msg.topic
+            else:
+                aliased += 1
+            resolved.append((known[alias], msg.payload))
+        assert resolved == [(f"cmd/{k}", str(n).encode()) for n, k in enumerate(keys)]
+        assert aliased >= 3  # k1 twice in a row, k3 three times in a row
+    finally:
+        sub.close()
+
+
+def test_consumer_lag_measured_while_behind_then_zero(
+        broker: Broker, rules_dir: Path) -> None:
+    """A real consumer against tansu, the loop held (it takes no batch, so the poll thread
+    stops reading): records produced meanwhile show as lag, in /metrics' gauge too; once
+    the loop runs again the consumer reads them and the lag is 0."""
+    from types import SimpleNamespace
+
+    from prometheus_client import REGISTRY
+
+    from gateway.downlink.service import Downlink, DownlinkConsumer, consumer_settings
+    from gateway.observability.metrics import Pump
+    from gateway.routing import load_rules
+
+    commands = unique("lag")
+    broker.create_topic(commands, 1)
+    downlink_rules(rules_dir, commands, unique("unused"))
+    rules = load_rules(rules_dir).downlink
+    producer = Producer({"bootstrap.servers": broker.bootstrap})
+
+    def put(n: int) -> None:
+        for i in range(n):
+            producer.produce(commands, value=str(i).encode(), key=b"dev-1")
+        assert producer.flush(10) == 0
+
+    def gauge() -> float | None:
+        return REGISTRY.get_sample_value("lastmile_downlink_consumer_lag", {
+            "cluster": "default", "topic": commands, "partition": "0"})
+
+    async def main() -> None:
+        service = Downlink(lambda: rules)
+        consumer = DownlinkConsumer(
+            "default", consumer_settings(broker.bootstrap, {}, unique("lastmile-lag")),
+            frozenset({commands}), frozenset(), service.on_batch, max_batches=1)
+        service.consumers.append(consumer)
+        pump = Pump(SimpleNamespace(worker_id=0, sinks={}, mqtt=SimpleNamespace(  # type: ignore[arg-type]
+            lifecycle=None, downlink=service)))
+        await consumer.start()
+        try:
+            # The loop is held from here: batch 1 waits for it, batch 2 for the semaphore.
+            put(1)
+            wait_until(lambda: consumer.consumed == 1, what="the first batch read")
+            put(1)
+            wait_until(lambda: consumer.consumed == 2, what="the second batch read")
+            put(5)
+            wait_until(lambda: consumer.lag.get((commands, 0)) == 5, what="lag 5")
+            pump._downlink()
+            assert gauge() == 5
+            assert service.records == 0  # nothing handed to the loop yet
+            await wait_async(lambda: service.records == 7 and consumer.lag.get((commands, 0))
+                             == 0)
+            pump._downlink()
+            assert gauge() == 0
+        finally:
+            await consumer.close({})
+
+    asyncio.run(main())
+
+
+async def wait_async(check: Any, timeout: float = 30) -> None:
+    """``wait_until`` for a condition the event loop must run to reach."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+def test_consumer_lag_in_metrics_after_records_written_before_start(
+        gateway_factory: Any, broker: Broker, topics: tuple[str, str]) -> None:
+    """Records written before the gateway starts are read at its start: /metrics has the
+    lag of each partition of the downlink topics, 0 once they are read."""
+    import re
+    import urllib.request
+
+    commands = topics[0]
+    for n in range(6):
+        produce(broker, commands, f"dev-{n}", b"early")
+    proc, ports = gateway_factory()
+    with running(proc, ("127.0.0.1", ports["mqtt"])):
+        url = f"http://127.0.0.1:{ports['metrics']}/metrics"
+
+        def lags() -> dict[str, float] | None:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                text = resp.read().decode()
+            found = {m[0]: float(m[1]) for m in re.findall(
+                rf'^lastmile_downlink_consumer_lag{{[^}}]*partition="(\d)",topic="{commands}"'
+                r'[^}]*} (\S+)$', text, re.MULTILINE)}
+            read = re.search(r'^lastmile_downlink_records_total{cluster="default"} (\S+)$',
+                             text, re.MULTILINE)
+            done = read is not None and float(read[1]) >= 6
+            return found if done and len(found) == 2 and not any(found.values()) else None
+
+        assert wait_until(lags, what="both partitions at lag 0") == {"0": 0.0, "1": 0.0}
+
+
+def test_subscribe_during_the_retained_replay_gets_every_topic_newest_once(
+        gateway_factory: Any, broker: Broker, topics: tuple[str, str]) -> None:
+    """Many retained records in Kafka (several per topic, some deleted); a subscriber
+    that subscribes as soon as the gateway listens gets each topic's newest value once,
+    retained, and a live message after them: at a first start (the topic's history) and
+    after a restart (the replay up to the committed position)."""
+    config = topics[1]
+    keys = 1500
+    producer = Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 50})
+    for round_ in range(2):
+        for k in range(keys):
+            producer.produce(config, key=f"d{k}".encode(),
+                             value=f"v{round_}-{k}-".encode().ljust(2000, b"x"))
+    for k in range(0, keys, 10):
+        producer.produce(config, key=f"d{k}".encode(), value=b"")  # deleted
+    assert producer.flush(30) == 0
+    # tansu answers a ListOffsets (latest) with the last batch's base offset + 1: a last
+    # batch of one record makes it the partition's true end.
+    producer.produce(config, key=b"last", value=b"last")
+    assert producer.flush(30) == 0
+    want = {f"cfg/d{k}": f"v1-{k}-".encode().ljust(2000, b"x") for k in range(keys) if k % 10}
+    want["cfg/last"] = b"last"
+
+    for start in range(2):  # a first start, then a restart (the committed position)
+        proc, ports = gateway_factory(limits__downlink_queue=4 * keys)  # all of them queue
+        with running(proc, ("127.0.0.1", ports["mqtt"])):
+            client = RawClient(ports["mqtt"], unique("early"), clean=True)
+            try:
+                client.send(p.Subscribe(packet_id=1,
+                                        subscriptions=[p.Subscription("cfg/#", 1)]))
+                assert client.read(1)[0].reason_codes == [1]
+                got: list[tuple[str, bytes, bool]] = []
+                while len(got) < len(want):
+                    pk = client.read(1)[0]
+                    client.send(p.Puback(packet_id=pk.packet_id))
+                    got.append((pk.topic, pk.payload, pk.retain))
+                assert sorted(got) == sorted((t, v, True) for t, v in want.items())
+                produce(broker, config, f"live-{start}", b"live")
+                pk = client.read(1)[0]  # nothing else came before it
+                assert (pk.topic, pk.payload, pk.retain) == (f"cfg/live-{start}", b"live", False)
+                client.send(p.Puback(packet_id=pk.packet_id))
+                want[f"cfg/live-{start}"] = b"live"
+            finally:
+                client.close()
+            assert proc.stop() == 0

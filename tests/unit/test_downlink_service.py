@@ -208,3 +208,92 @@ def test_a_client_back_before_the_old_owner_let_go_keeps_its_session(
         return given, _queued(a, "dev")
 
     assert asyncio.run(run()) == ([None], [b"0"])
+
+
+# --- subscriptions made while the replay refills the retained store ---------------------
+
+RETAINED_RULES = """\
+downlink:
+  - {name: config, kafka: {topic: config}, mqtt: {topic: "cfg/{key}", qos: 1, retain: true}}
+"""
+
+
+def _cfg(offset: int, key: str, value: bytes) -> ConsumedRecord:
+    return ConsumedRecord(topic="config", partition=0, offset=offset, key=key.encode(),
+                          value=value)
+
+
+def test_a_subscription_during_the_replay_gets_the_newest_retained_at_its_end(
+        tmp_path: Path) -> None:
+    """Subscribed while the replay runs: nothing retained at once; at the replay's end the
+    newest message of every topic once, except a topic that got a live message meanwhile
+    (the client has something newer); a filter subscribed twice gets them once."""
+    from gateway.protocols.mqtt import packets as p
+
+    (tmp_path / "60-downlink.yaml").write_text(RETAINED_RULES)
+    rules = load_rules(tmp_path).downlink
+
+    async def run() -> tuple[list[tuple[str, bytes, bool]], list[tuple[str, bytes, bool]]]:
+        service = Downlink(lambda: rules)
+        consumer = SimpleNamespace(replaying={("config", 0)})
+        service.consumers.append(consumer)  # type: ignore[arg-type]
+        session = SimpleNamespace(client_id="dev", version=5, client_receive_maximum=65535,
+                                  client_max_packet_size=0, identity=None, username=None,
+                                  expiry_interval=0)
+        replay = lambda r: r.offset < 6  # noqa: E731 - the committed position is 6
+        service.on_batch([_cfg(0, "a", b"a0"), _cfg(1, "b", b"b0")], replay)
+        sub = p.Subscribe(packet_id=1, subscriptions=[p.Subscription("cfg/+", 1)])
+        service.packet(session, sub)  # type: ignore[arg-type]
+        service.packet(session, sub)  # type: ignore[arg-type]
+        at_once = [(m.topic, m.payload, m.retain) for m in service.flows["dev"].queue]
+        service.on_batch([_cfg(2, "a", b"a1"), _cfg(3, "c", b"c0"), _cfg(4, "c", b""),
+                          _cfg(5, "d", b"d0"), _cfg(6, "b", b"b-live")], replay)
+        consumer.replaying.clear()
+        service.replayed()
+        return at_once, [(m.topic, m.payload, m.retain) for m in service.flows["dev"].queue]
+
+    at_once, queued = asyncio.run(run())
+    assert at_once == []
+    assert queued[0] == ("cfg/b", b"b-live", False)  # live, before the replay's end
+    assert sorted(queued[1:]) == [("cfg/a", b"a1", True), ("cfg/d", b"d0", True)]
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.data = b""
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def test_a_publish_that_fits_only_without_the_alias_goes_without_it(
+        rules: DownlinkRules) -> None:
+    """Maximum Packet Size: topic + alias would be 3 bytes over, the topic alone fits; the
+    alias is not taken (the next PUBLISH of that topic still carries it in full)."""
+    from gateway.protocols.mqtt import packets as p
+    from gateway.protocols.mqtt.codec import decode_packets, encode
+
+    topic, payload = "cmd/dev-1", b"x" * 20
+    plain = len(encode(p.Publish(topic=topic, payload=payload, qos=0), 5))
+    session = SimpleNamespace(client_id="dev", version=5, client_max_packet_size=plain,
+                              client_topic_alias_maximum=4, client_receive_maximum=65535,
+                              closing=False, expiry_interval=0)
+    link = SimpleNamespace(session=session, transport=_Transport(), held=False)
+    service = Downlink(lambda: rules)
+    flow = service._flow(session)  # type: ignore[arg-type]
+    service.links["dev"] = link  # type: ignore[assignment]
+    flow.enqueue(Outgoing(topic, payload, 0, False))
+    service._pump("dev", link)  # type: ignore[arg-type]
+    session.client_max_packet_size = 0
+    flow.enqueue(Outgoing(topic, payload, 0, False))
+    flow.enqueue(Outgoing(topic, payload, 0, False))
+    service._pump("dev", link)  # type: ignore[arg-type]
+    sent, _ = decode_packets(link.transport.data, 5, 1 << 20)
+    assert [(pk.topic, pk.properties and pk.properties.topic_alias) for pk in sent] == [
+        (topic, None), (topic, 1), ("", 1)]
