@@ -865,3 +865,25 @@ def test_subscribe_during_the_retained_replay_gets_every_topic_newest_once(
             finally:
                 client.close()
             assert proc.stop() == 0
+
+
+def test_connack_says_subscriptions_are_served(gateway: Any) -> None:
+    """With downlink rules an MQTT 5 CONNACK must not tell the client that wildcard,
+    identified or shared subscriptions are unavailable (absent means available,
+    MQTT 5 3.2.2.3.11-13): a compliant client would believe it and not use them."""
+    from gateway.protocols.mqtt.properties import Properties
+
+    _proc, port = gateway
+    sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+    try:
+        sock.sendall(encode(p.Connect(client_id=unique("caps"), protocol_level=5,
+                                      properties=Properties()), 5))
+        packets, _ = decode_packets(sock.recv(4096), 5, 1 << 20)
+    finally:
+        sock.close()
+    connack = packets[0]
+    assert isinstance(connack, p.Connack) and connack.reason_code == 0
+    props = connack.properties or Properties()
+    assert props.wildcard_subscription_available in (None, 1)
+    assert props.subscription_identifier_available in (None, 1)
+    assert props.shared_subscription_available in (None, 1)

@@ -49,10 +49,17 @@ def session_expiry(pk: p.Connect, limits: MqttLimits) -> int:
 
 
 def connack_properties(
-    pk: p.Connect, limits: MqttLimits, assigned: str | None, server_keep: int | None, expiry: int
+    pk: p.Connect, limits: MqttLimits, assigned: str | None, server_keep: int | None, expiry: int,
+    subscriptions: bool = False,
 ) -> Properties:
-    """MQTT 5 CONNACK properties: what the server grants and what it does not offer."""
+    """MQTT 5 CONNACK properties: what the server grants and what it does not offer.
+
+    ``subscriptions``: the downlink serves SUBSCRIBE (wildcards, identifiers and
+    shared subscriptions included), so the three "not available" flags are left out
+    (absent means available).
+    """
     asked = (pk.properties or EMPTY).session_expiry_interval
+    unavailable = None if subscriptions else 0
     return Properties(
         assigned_client_identifier=assigned,
         server_keep_alive=server_keep,
@@ -61,7 +68,7 @@ def connack_properties(
         maximum_packet_size=limits.max_packet_size,
         # Only said when we keep the state for less than the client asked.
         session_expiry_interval=expiry if asked is not None and asked != expiry else None,
-        wildcard_subscription_available=0,
-        subscription_identifier_available=0,
-        shared_subscription_available=0,
+        wildcard_subscription_available=unavailable,
+        subscription_identifier_available=unavailable,
+        shared_subscription_available=unavailable,
     )

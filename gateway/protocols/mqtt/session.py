@@ -729,7 +729,9 @@ class MqttSession:
         self._downlink(pk)  # a clean start ends the client's subscriptions (before any SUBSCRIBE)
         self.state = CONNECTED
         if level == 5:
-            connack_props = connack_properties(pk, limits, assigned, server_keep, self._expiry)
+            served = getattr(self.context, "downlink", None) is not None
+            connack_props = connack_properties(pk, limits, assigned, server_keep, self._expiry,
+                                               served)
             self._send(p.Connack(session_present=present, properties=connack_props))
         else:
             self._write(_CONNACK_V4[present])
