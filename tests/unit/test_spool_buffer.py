@@ -256,6 +256,24 @@ async def test_unknown_cluster_fails_the_ack_and_spools_nothing(tmp_path: Path, 
     await buf.close(1.0)
 
 
+def count_reads(buf: SpoolBuffer, monkeypatch: pytest.MonkeyPatch,
+                slow: float = 0.0) -> list[int]:
+    """The cursor of every disk read of ``buf``'s replayer, in order; with ``slow``, each
+    read takes that much longer after reading (more batches are written meanwhile)."""
+    reads: list[int] = []
+    read = buf.spool.read
+
+    def counted(cursor: int, max_records: int) -> Any:
+        reads.append(cursor)
+        got = read(cursor, max_records)
+        if slow:
+            time.sleep(slow)
+        return got
+
+    monkeypatch.setattr(buf.spool, "read", counted)
+    return reads
+
+
 async def test_write_ahead_does_not_read_back_a_batch_whose_durable_callback_is_coming(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The writer thread marks a batch written before its callback reaches the loop; a
@@ -263,14 +281,7 @@ async def test_write_ahead_does_not_read_back_a_batch_whose_durable_callback_is_
     in-memory records, not read the batch back from disk."""
     sink = FakeSink()
     buf = make(tmp_path, sink, mode="write-ahead")
-    reads: list[int] = []
-    read = buf.spool.read
-
-    def counted(cursor: int, max_records: int) -> Any:
-        reads.append(cursor)
-        return read(cursor, max_records)
-
-    monkeypatch.setattr(buf.spool, "read", counted)
+    reads = count_reads(buf, monkeypatch)
     post = buf.spool._post
     loop = asyncio.get_running_loop()
 
@@ -302,16 +313,7 @@ async def test_write_ahead_catches_up_with_memory_after_one_disk_read(
     every later batch back while the traffic lasts."""
     sink = FakeSink()
     buf = make(tmp_path, sink, mode="write-ahead")
-    reads: list[int] = []
-    read = buf.spool.read
-
-    def slow(cursor: int, max_records: int) -> Any:
-        reads.append(cursor)
-        got = read(cursor, max_records)
-        time.sleep(0.05)  # a read behind a busy disk or GIL: more batches are written
-        return got
-
-    monkeypatch.setattr(buf.spool, "read", slow)
+    reads = count_reads(buf, monkeypatch, slow=0.05)  # a read behind a busy disk or GIL
     offer = buf.replayer.offer
     refused: list[int] = []
 
@@ -342,14 +344,7 @@ async def test_write_ahead_replays_from_memory_then_from_disk_when_behind(
     it cannot (here: told so), the disk read picks up exactly where memory stopped."""
     sink = FakeSink()
     buf = make(tmp_path, sink, mode="write-ahead")
-    reads: list[int] = []
-    read = buf.spool.read
-
-    def counted(cursor: int, max_records: int) -> Any:
-        reads.append(cursor)
-        return read(cursor, max_records)
-
-    monkeypatch.setattr(buf.spool, "read", counted)
+    reads = count_reads(buf, monkeypatch)
     await buf.start()
     client = Client(buf)
     for i in range(200):
