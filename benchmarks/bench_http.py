@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.stats import cpu_seconds, summarize
+from benchmarks.stats import collapsed_stacks, cpu_seconds, summarize
 from tests.helpers import Broker, GatewayProcess, free_port, running, wait_port, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -293,14 +293,8 @@ def pyspy_stages(raw: Path, seconds: float, cpu_us_per_record: float) -> str:
     (process CPU time, steadier than samples / records on a shared box)."""
     counts = dict.fromkeys((name for name, _ in STAGES), 0)
     samples = 0
-    for line in raw.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack:
-            continue
-        n = int(count)
+    for frames, n in collapsed_stacks(raw):
         samples += n
-        # "Class.func (file.py:123)" -> "Class.func (file.py)", as pyspy_top does.
-        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
         for name, patterns in STAGES:
             if any(p in f for p in patterns for f in frames):
                 counts[name] += n

@@ -42,7 +42,7 @@ from typing import Any
 
 import yaml
 
-from benchmarks.stats import cpu_seconds, rss_bytes, tree_rss
+from benchmarks.stats import collapsed_stacks, cpu_seconds, rss_bytes, tree_rss
 from gateway.auth.passwd import hash_password
 from tests.helpers import Broker, free_port, wait_port
 
@@ -246,14 +246,8 @@ def pyspy_top(raw: Path, limit: int = 25) -> str:
     own: collections.Counter[str] = collections.Counter()
     total: collections.Counter[str] = collections.Counter()
     samples = 0
-    for line in raw.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack:
-            continue
-        n = int(count)
+    for frames, n in collapsed_stacks(raw):
         samples += n
-        # "func (file.py:123)" -> "func (file.py)": one row per function, not per line.
-        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
         own[frames[-1]] += n
         for f in set(frames):
             total[f] += n

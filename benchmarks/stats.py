@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import resource
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 
 def percentile(sorted_values: Sequence[float], p: float) -> float | None:
@@ -107,3 +109,12 @@ def box_busy_seconds() -> float:
         ticks = [int(x) for x in f.readline().split()[1:9]]
     user, nice, system, _idle, _iowait, irq, softirq, steal = ticks
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def collapsed_stacks(raw: Path) -> Iterator[tuple[list[str], int]]:
+    """py-spy's collapsed stacks: (frames, samples) per line, each frame as
+    "func (file.py)" (line numbers dropped: one entry per function, not per line)."""
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack:
+            yield [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")], int(count)
