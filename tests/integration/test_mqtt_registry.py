@@ -27,6 +27,21 @@ pytestmark = pytest.mark.integration
 LIMITS = MqttLimits(receive_maximum=16)
 
 
+
+async def anonymous_worker_0(tmp_path: Path) -> tuple[Any, MqttServer, float]:
+    """Worker 0 of a fresh registry: its shared sessions, a started server allowing
+    anonymous clients, and the loop's time at the start."""
+    from gateway.auth.check import Authenticator
+    from gateway.config.schema import Auth
+
+    mqtt_registry_db.create(tmp_path)
+    now = asyncio.get_running_loop().time()
+    shared = mqtt_registry.SharedSessions(str(tmp_path), 0, LIMITS, now)
+    srv = MqttServer(FakePipeline(), LIMITS, sweep_interval=0.1, shared=shared,
+                     auth=Authenticator(Auth(allow_anonymous=True)))
+    await srv.start("127.0.0.1", 0)
+    return shared, srv, now
+
 @pytest.fixture
 async def workers(tmp_path: Path) -> AsyncIterator[list[tuple[MqttServer, FakePipeline]]]:
     mqtt_registry_db.create(tmp_path)
@@ -283,15 +298,8 @@ async def test_connects_wait_for_a_busy_registry_without_blocking_the_loop(
     admitted wait (no CONNACK) and its loop keeps running (it does not sleep in the
     lock's retry loop); once the lock is free they are claimed together, in one
     transaction, and answered."""
-    from gateway.auth.check import Authenticator
-    from gateway.config.schema import Auth
 
-    mqtt_registry_db.create(tmp_path)
-    now = asyncio.get_running_loop().time()
-    shared = mqtt_registry.SharedSessions(str(tmp_path), 0, LIMITS, now)
-    srv = MqttServer(FakePipeline(), LIMITS, sweep_interval=0.1, shared=shared,
-                     auth=Authenticator(Auth(allow_anonymous=True)))
-    await srv.start("127.0.0.1", 0)
+    shared, srv, now = await anonymous_worker_0(tmp_path)
     other = mqtt_registry_db.RegistryDb(tmp_path, 1, now)  # the other worker
     try:
         statements: list[str] = []
@@ -331,17 +339,10 @@ async def test_connects_in_quick_succession_share_one_claim_transaction(
     and share it (each costs about the same for 1 id or 8); a lone CONNECT is claimed
     in a transaction of its own.  (A window of 2 s here, so the box's speed does not
     decide which CONNECTs fall into it.)"""
-    from gateway.auth.check import Authenticator
-    from gateway.config.schema import Auth
     from gateway.sources import mqtt_server
 
     monkeypatch.setattr(mqtt_server, "ADMIT_COALESCE_S", 2.0)
-    mqtt_registry_db.create(tmp_path)
-    now = asyncio.get_running_loop().time()
-    shared = mqtt_registry.SharedSessions(str(tmp_path), 0, LIMITS, now)
-    srv = MqttServer(FakePipeline(), LIMITS, sweep_interval=0.1, shared=shared,
-                     auth=Authenticator(Auth(allow_anonymous=True)))
-    await srv.start("127.0.0.1", 0)
+    shared, srv, _now = await anonymous_worker_0(tmp_path)
     statements: list[str] = []
     try:
         shared.db.db.set_trace_callback(statements.append)
