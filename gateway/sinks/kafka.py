@@ -319,50 +319,30 @@ class KafkaSink:
         if self._backlog:
             self._backlog.append((record, callback))
             return
-        self._produce_one(record, callback)
+        produced_at = _monotonic()
+        if self._produce_one(record, callback, produced_at):
+            self._produced(produced_at)
 
     def produce_many(self, records: list[Record], callback: DeliveryCallback) -> None:
-        """``produce`` for each record, in order, as one call (an HTTP batch).
-
-        One clock read and one poll-timer check for all of them; ``callback``
-        runs once per record, exactly as for ``produce``.  A record librdkafka
-        does not take at once goes the way ``produce`` sends it (backlog,
-        or refused alone), and so does every record after it.
-        """
-        producer = self._producer
-        if self._retiring or self._backlog or producer is None:
+        """``produce`` of each record, in order (an HTTP batch), with one clock read and
+        one poll check for all; ``callback`` runs once per record, as for ``produce``."""
+        if self._retiring or self._backlog:
             for record in records:
                 self.produce(record, callback)
             return
-        reports = self._reports
         produced_at = _monotonic()
-        produce = producer.produce
-        handed = 0
         for index, record in enumerate(records):
-            def on_delivery(err: Any, msg: Any, record: Record = record) -> None:
-                reports.append((record, callback, err, msg, produced_at))
-
-            partition = record.partition
-            headers: Any = record.headers or None
-            try:
-                if headers:
-                    _check_header_names(headers)
-                produce(record.topic, record.value, record.key,
-                        -1 if partition is None else partition,
-                        on_delivery=on_delivery, headers=headers)
-            except Exception:  # the rare path: produce() decides (backlog, or a refusal)
-                for rest in records[index:]:
-                    self.produce(rest, callback)
+            if not self._produce_one(record, callback, produced_at):  # librdkafka is full
+                self._backlog.extend((rest, callback) for rest in records[index + 1:])
                 break
-            handed += 1
-        self._handed += handed
-        if handed:
-            self._produced(produced_at)
+        self._produced(produced_at)
 
-    def _produce_one(self, record: Record, callback: DeliveryCallback) -> bool:
+    def _produce_one(self, record: Record, callback: DeliveryCallback,
+                     produced_at: float) -> bool:
+        """Hand ``record`` to librdkafka (or fail it alone); False: its queue is full and
+        the record went to the backlog."""
         assert self._producer is not None
         reports = self._reports
-        produced_at = _monotonic()
 
         def on_delivery(err: Any, msg: Any) -> None:
             # Runs inside poll() (on the loop) or flush(); that same thread takes the batch.
@@ -392,7 +372,6 @@ class KafkaSink:
                 retriable=False, kafka_code="invalid_record"))
             return True
         self._handed += 1
-        self._produced(produced_at)
         return True
 
     def _produced(self, produced_at: float) -> None:
@@ -403,12 +382,14 @@ class KafkaSink:
             self._poll_now()
 
     def _drain_backlog(self) -> None:
+        produced_at = _monotonic()
         while self._backlog:
             record, callback = self._backlog.popleft()
-            if not self._produce_one(record, callback):
+            if not self._produce_one(record, callback, produced_at):
                 # Put it back at the front: order matters.
                 self._backlog.appendleft(self._backlog.pop())
-                return
+                break
+        self._produced(produced_at)
 
     # --- delivery reports --------------------------------------------------------
 
